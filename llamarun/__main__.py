@@ -1,0 +1,3 @@
+from llamarun.cli import main
+
+main()
