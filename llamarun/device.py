@@ -1,0 +1,84 @@
+"""Device and dtype resolution: the only module that looks at device types."""
+
+from __future__ import annotations
+
+import torch
+
+from llamarun.errors import InvalidArgumentError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda:N' is checked against the machine."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InvalidArgumentError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device {spec!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"device {spec!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif device.type != "cpu":
+        raise InvalidArgumentError(f"device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (float16 where bf16 is unsupported); float32 on CPU, where bf16 GEMV is slow."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' -> default_dtype(device); else one of float32, bfloat16, float16."""
+    if isinstance(spec, torch.dtype):
+        if spec not in _DTYPES.values():
+            raise InvalidArgumentError(f"dtype {spec} is not supported")
+        return spec
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return default_dtype(device)
+    if spec not in _DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {spec!r} (use auto, float32, bfloat16 or float16)")
+    return _DTYPES[spec]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on `device` (for timing); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def peak_device_memory(device: torch.device) -> int | None:
+    """Peak bytes allocated on a CUDA device since the last reset; None on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def reset_peak_device_memory(device: torch.device) -> None:
+    """Reset the CUDA peak-memory counter; a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

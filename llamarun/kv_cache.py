@@ -1,0 +1,34 @@
+"""KVCache: keys and values for every position, allocated once and written in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Per-layer cache of shape (max_batch_size, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_heads, S, head_dim) at positions input_pos (S,); return the caches."""
+        bsz = k.shape[0]
+        k_out = self.k_cache[:bsz]
+        v_out = self.v_cache[:bsz]
+        k_out.index_copy_(2, input_pos, k)
+        v_out.index_copy_(2, input_pos, v)
+        return k_out, v_out
+
+    def reset(self) -> None:
+        """Zero the cache (a new conversation)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()

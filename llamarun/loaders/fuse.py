@@ -1,0 +1,126 @@
+"""From a layout-neutral RawCheckpoint to the fused state dict the model knows.
+
+Every loader (Meta, HF, GGUF) produces Meta-named, unfused tensors in Meta's RoPE layout; the
+checks, the dtype/device conversion and the Q/K/V and gate/up fusion happen here, tensor by
+tensor, so that peak memory stays near one copy of the model in the target dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llamarun.config import ModelArgs
+from llamarun.errors import CheckpointError
+
+
+@dataclass
+class RawCheckpoint:
+    """A checkpoint opened lazily: its config and a getter for each Meta-named tensor."""
+
+    args: ModelArgs
+    layout: str  # "meta" | "hf" | "gguf"
+    path: Path
+    names: set[str]  # Meta names present, unfused (e.g. layers.0.attention.wq.weight)
+    get: Callable[[str], torch.Tensor]  # name -> tensor on CPU, any float dtype, Meta layout
+    where: Callable[[str], str]  # name -> the file that holds it, for error messages
+    extra: dict[str, object] = field(default_factory=dict)  # layout-specific metadata
+
+
+LAYER_TENSORS = (
+    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+    "attention_norm.weight", "ffn_norm.weight",
+)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shape of every unfused Meta-named tensor for `args` (output.weight included)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer = {
+        "attention.wq.weight": (q, args.dim),
+        "attention.wk.weight": (kv, args.dim),
+        "attention.wv.weight": (kv, args.dim),
+        "attention.wo.weight": (args.dim, q),
+        "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+        "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+        "feed_forward.w3.weight": (args.hidden_dim, args.dim),
+        "attention_norm.weight": (args.dim,),
+        "ffn_norm.weight": (args.dim,),
+    }
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (args.vocab_size, args.dim),
+        "norm.weight": (args.dim,),
+        "output.weight": (args.vocab_size, args.dim),
+    }
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def resolve_tied(raw: RawCheckpoint) -> RawCheckpoint:
+    """Mark the embeddings as tied when the checkpoint has no separate output.weight."""
+    if "output.weight" not in raw.names and not raw.args.tie_embeddings:
+        raw.args = raw.args.replace(tie_embeddings=True)
+    return raw
+
+
+def check_names(raw: RawCheckpoint) -> None:
+    """Raise CheckpointError for a missing or unexpected tensor, naming file and tensor."""
+    expected = expected_shapes(raw.args)
+    if raw.args.tie_embeddings:
+        expected.pop("output.weight")
+    missing = sorted(set(expected) - raw.names, key=_natural)
+    if missing:
+        raise CheckpointError(f"{raw.path}: tensor {missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(raw.names - set(expected) - {"output.weight"}, key=_natural)
+    if unexpected:
+        name = unexpected[0]
+        raise CheckpointError(f"{raw.where(name)}: unexpected tensor {name} "
+                              f"(not part of a Llama model with {raw.args.n_layers} layers)")
+
+
+def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Read, check, convert and fuse every tensor into the model's state dict."""
+    check_names(raw)
+    shapes = expected_shapes(raw.args)
+
+    def get(name: str) -> torch.Tensor:
+        t = raw.get(name)
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(f"{raw.where(name)}: tensor {name} has shape {tuple(t.shape)}, "
+                                  f"expected {shapes[name]} from the config")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{raw.where(name)}: tensor {name} has dtype {t.dtype}, "
+                                  "expected floating point")
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    sd: dict[str, torch.Tensor] = {
+        "tok_embeddings.weight": get("tok_embeddings.weight"),
+        "norm.weight": get("norm.weight"),
+    }
+    if raw.args.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    else:
+        sd["output.weight"] = get("output.weight")
+    for i in range(raw.args.n_layers):
+        p = f"layers.{i}."
+        sd[p + "attention.wqkv.weight"] = torch.cat(
+            [get(p + "attention.wq.weight"), get(p + "attention.wk.weight"),
+             get(p + "attention.wv.weight")])
+        sd[p + "attention.wo.weight"] = get(p + "attention.wo.weight")
+        sd[p + "feed_forward.w13.weight"] = torch.cat(
+            [get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")])
+        sd[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
+        sd[p + "attention_norm.weight"] = get(p + "attention_norm.weight")
+        sd[p + "ffn_norm.weight"] = get(p + "ffn_norm.weight")
+    return sd
+
+
+def _natural(name: str) -> tuple[object, ...]:
+    return tuple(int(s) if s.isdigit() else s for s in name.split("."))

@@ -1,0 +1,115 @@
+"""Official Meta folders: params.json + consolidated.NN.pth model-parallel shards."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from llamarun.config import ModelArgs, read_json
+from llamarun.errors import CheckpointError
+from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
+
+_SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
+# Buffers that Meta's checkpoints carry but that are not weights.
+_IGNORED = {"rope.freqs"}
+
+
+def is_meta_folder(path: Path) -> bool:
+    """True when `path` holds params.json and at least one consolidated.NN.pth."""
+    return (path / "params.json").is_file() and any(path.glob("consolidated.*.pth"))
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """consolidated.00.pth ... in order; a gap in the numbering is an error."""
+    found = sorted((int(m.group(1)), p) for p in folder.glob("consolidated.*.pth")
+                   if (m := _SHARD.search(p.name)))
+    if not found:
+        raise CheckpointError(f"{folder}: no consolidated.NN.pth shard found")
+    for expected, (index, path) in enumerate(found):
+        if index != expected:
+            raise CheckpointError(f"{folder}: shard consolidated.{expected:02d}.pth is missing "
+                                  f"(found {path.name})")
+    return [p for _, p in found]
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or non-weight pickles
+        raise CheckpointError(f"{path}: cannot read checkpoint shard ({_first_line(e)})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def merge_shards(name: str, parts: list[torch.Tensor], expected: tuple[int, ...],
+                 where: str) -> torch.Tensor:
+    """Join one tensor's model-parallel pieces, choosing the split from their shapes.
+
+    A piece the size of the whole tensor is replicated (norms); otherwise the one dimension
+    in which the pieces are smaller is the split one: dim 0 for column-parallel weights
+    (wq, wk, wv, w1, w3, output, Llama 3's vocab-parallel embedding), dim 1 for row-parallel
+    ones (wo, w2, Llama 2's embedding). When there are more shards than KV heads, wk/wv pieces
+    repeat and each distinct piece is kept once.
+    """
+    first = tuple(parts[0].shape)
+    if any(tuple(p.shape) != first for p in parts):
+        raise CheckpointError(f"{where}: tensor {name} has different shapes across shards")
+    if first == expected or len(parts) == 1:
+        return parts[0]
+    if len(first) != len(expected):
+        raise CheckpointError(f"{where}: tensor {name} has shape {first}, expected {expected}")
+    split = [d for d in range(len(first)) if first[d] != expected[d]]
+    if len(split) != 1:
+        raise CheckpointError(f"{where}: tensor {name} shard shape {first} does not divide "
+                              f"the expected shape {expected}")
+    dim = split[0]
+    total = first[dim] * len(parts)
+    if total != expected[dim]:
+        if total % expected[dim] or expected[dim] % first[dim]:
+            raise CheckpointError(f"{where}: tensor {name}: {len(parts)} shards of {first} do not "
+                                  f"make {expected}")
+        parts = parts[:: total // expected[dim]]  # replicated KV heads
+    return torch.cat(parts, dim=dim)
+
+
+def _infer_vocab(shards: list[dict[str, torch.Tensor]], dim: int, folder: Path) -> int:
+    emb = [s.get("tok_embeddings.weight") for s in shards]
+    if any(e is None or e.dim() != 2 for e in emb):
+        raise CheckpointError(f"{folder}: tensor tok_embeddings.weight is missing")
+    rows, cols = emb[0].shape
+    return rows if cols * len(emb) == dim and cols != dim else rows * len(emb)
+
+
+def read_meta(folder: Path) -> RawCheckpoint:
+    """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint."""
+    params = read_json(folder / "params.json")
+    files = shard_files(folder)
+    shards = [_load_shard(p) for p in files]
+    vocab = None
+    if int(params.get("vocab_size", -1)) <= 0:
+        vocab = _infer_vocab(shards, int(params.get("dim", 0)), folder)
+    args = ModelArgs.from_params(params, source=str(folder / "params.json"), vocab_size=vocab)
+    names: set[str] = set()
+    for path, shard in zip(files, shards):
+        keys = set(shard) - _IGNORED
+        if names and keys != names:
+            odd = sorted(keys ^ names)[0]
+            raise CheckpointError(f"{path}: tensor {odd} is not in every shard")
+        names = keys
+    shapes = expected_shapes(args)
+    label = str(files[0]) if len(files) == 1 else f"{folder}/consolidated.*.pth"
+
+    def get(name: str) -> torch.Tensor:
+        parts = [s[name] for s in shards]
+        return merge_shards(name, parts, shapes[name], label)
+
+    return RawCheckpoint(args=args, layout="meta", path=folder, names=names, get=get,
+                         where=lambda name: label, extra={"n_shards": len(files)})

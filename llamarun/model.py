@@ -1,0 +1,154 @@
+"""The Llama transformer with fused QKV and gate/up projections. No I/O and no sampling here."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamarun.config import ModelArgs
+from llamarun.kv_cache import KVCache
+from llamarun.rope import apply_rope, rope_cache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with one fused Q/K/V projection and SDPA."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
+                mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q_size = self.n_heads * self.head_dim
+        kv_size = self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), freqs)
+        k = apply_rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, head_dim)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with one fused gate/up projection (w13) and the down projection (w2)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and feed-forward with residual connections."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
+                mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama model. Call setup_caches() before forward()."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        self.register_buffer("freqs", torch.empty(0), persistent=False)
+        self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
+                     use_kv_cache: bool = True) -> None:
+        """Allocate the RoPE table and (once) a KV cache per layer for the given sizes."""
+        weight = self.output.weight
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        a = self.args
+        self.freqs = rope_cache(max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
+                                device=weight.device)
+        self.positions = torch.arange(max_seq_len, device=weight.device)
+        for layer in self.layers:
+            layer.attention.kv_cache = None  # free the old cache before allocating the new one
+            if use_kv_cache:
+                layer.attention.kv_cache = KVCache(
+                    max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim,
+                    dtype=weight.dtype, device=weight.device)
+
+    def reset_caches(self) -> None:
+        """Zero every layer's KV cache."""
+        for layer in self.layers:
+            if layer.attention.kv_cache is not None:
+                layer.attention.kv_cache.reset()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
+                output_idx: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """Logits for tokens (B, S) at positions input_pos (S,).
+
+        output_idx selects the sequence positions whose logits are computed (all when None);
+        kv_len, a Python int >= input_pos.max() + 1, limits attention to the first kv_len cache
+        slots (a speed hint for eager decoding; None attends over the whole static cache).
+        Without a KV cache, input_pos must start at 0 (plain causal attention).
+        """
+        if self.freqs.numel() == 0:
+            raise RuntimeError("call setup_caches() before forward()")
+        cached = self.layers[0].attention.kv_cache is not None
+        freqs = self.freqs[input_pos]  # (S, head_dim // 2, 2)
+        mask = None
+        if cached:
+            keys = self.positions if kv_len is None else self.positions[:kv_len]
+            mask = keys[None, :] <= input_pos[:, None]  # (S, kv_len): causal over cache slots
+        h = self.tok_embeddings(tokens)  # (B, S, dim)
+        for layer in self.layers:
+            h = layer(h, freqs, input_pos, mask, kv_len)
+        if output_idx is not None:
+            h = h[:, output_idx]
+        return self.output(self.norm(h)).float()  # (B, len(output_idx) or S, vocab)
