@@ -1,5 +1,6 @@
 """llamarun: run Meta Llama checkpoints (Meta, Hugging Face, GGUF) on CPU and CUDA."""
 
+from llamarun.config import ModelArgs, RopeScaling
 from llamarun.errors import (
     CheckpointError,
     ConfigError,
@@ -8,10 +9,15 @@ from llamarun.errors import (
     PromptTooLongError,
     TokenizerError,
 )
+from llamarun.loaders import Checkpoint, load_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
+    "ModelArgs",
+    "RopeScaling",
+    "load_checkpoint",
     "CheckpointError",
     "ConfigError",
     "InvalidArgumentError",
