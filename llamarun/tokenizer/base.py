@@ -1,0 +1,71 @@
+"""The tokenizer interface shared by the SentencePiece, tiktoken, Hugging Face and GGUF implementations."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from llamarun.errors import TokenizerError
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, with the special ids generation and chat formatting need."""
+
+    kind: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    stop_ids: frozenset[int]
+    add_bos: bool
+    # A Jinja chat template that came with the tokenizer itself (HF tokenizer_config, GGUF metadata).
+    chat_template: str | None = None
+    # Where the tokenizer was loaded from, for messages.
+    source: str = ""
+
+    @abstractmethod
+    def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
+        """Encode `text`; special-token text inside it is encoded as plain text, never as special ids."""
+
+    @abstractmethod
+    def encode_with_special(self, text: str) -> list[int]:
+        """Encode `text` turning special-token text into special ids; never adds BOS or EOS itself."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids exactly as the reference library does (what it skips is documented per class)."""
+
+    @abstractmethod
+    def token_bytes(self, id: int) -> bytes:
+        """Raw bytes the token contributes in the middle of a text (SentencePiece's `▁` is a space)."""
+
+    @abstractmethod
+    def piece(self, id: int) -> str:
+        """Human-readable piece for display (`llamarun tokenize`)."""
+
+    @abstractmethod
+    def special_id(self, text: str) -> int | None:
+        """Id of the special token spelled `text` (e.g. "<|eot_id|>"), or None."""
+
+    def is_byte_run_token(self, id: int) -> bool:
+        """Whether the token joins a byte run that the decoder resolves as a whole (HF ByteFallback)."""
+        return False
+
+    def _with_bos_eos(self, ids: list[int], *, bos: bool, eos: bool) -> list[int]:
+        if bos:
+            if self.bos_id is None:
+                raise TokenizerError(f"tokenizer {self.source or self.kind} has no BOS token")
+            ids = [self.bos_id, *ids]
+        if eos:
+            if self.eos_id is None:
+                raise TokenizerError(f"tokenizer {self.source or self.kind} has no EOS token")
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is out of range for vocabulary size {self.vocab_size}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, source={self.source!r})"

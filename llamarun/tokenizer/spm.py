@@ -1,0 +1,93 @@
+"""SentencePiece `tokenizer.model` (Llama 1, Llama 2, Code Llama, llama2.c models) through `sentencepiece`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from llamarun.errors import TokenizerError
+from llamarun.tokenizer.base import Tokenizer
+
+_SPACE = "\u2581"  # SentencePiece's whitespace symbol
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model; `decode` is `SentencePieceProcessor.decode`, which drops control ids (<s>, </s>)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path, *, extra_stop_ids: Iterable[int] = ()) -> None:
+        self.source = str(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"cannot read SentencePiece model {path}: {e}") from e
+        self.vocab_size = self._sp.vocab_size()
+        self.bos_id = _id_or_none(self._sp.bos_id())
+        self.eos_id = _id_or_none(self._sp.eos_id())
+        self.pad_id = _id_or_none(self._sp.pad_id())
+        stops = {i for i in extra_stop_ids if 0 <= i < self.vocab_size}
+        if self.eos_id is not None:
+            stops.add(self.eos_id)
+        self.stop_ids = frozenset(stops)
+        self.add_bos = True
+        # Control and user-defined pieces ("<s>", "</s>", ...) are the special-token texts.
+        self._specials = {
+            self._sp.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if self._sp.is_control(i) or self._sp.is_unknown(i)
+        }
+        self._specials_longest_first = sorted(self._specials, key=len, reverse=True)
+        self._unk_surface = self._sp.decode([self._sp.unk_id()]).encode() if self._sp.unk_id() >= 0 else b""
+
+    def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
+        """Encode as `sp.encode` (which never treats "<s>" in text as a control token)."""
+        return self._with_bos_eos(self._sp.encode(text), bos=bos, eos=eos)
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Split on control-piece texts ("<s>", "</s>"), encode the segments in between."""
+        ids: list[int] = []
+        start = 0
+        pos = 0
+        while pos < len(text):
+            match = next((s for s in self._specials_longest_first if text.startswith(s, pos)), None)
+            if match is None:
+                pos += 1
+                continue
+            if pos > start:
+                ids.extend(self._sp.encode(text[start:pos]))
+            ids.append(self._specials[match])
+            pos += len(match)
+            start = pos
+        if start < len(text):
+            ids.extend(self._sp.encode(text[start:]))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode with SentencePiece: control ids give "", invalid byte runs give one U+FFFD per byte."""
+        self._check_ids(ids)
+        return self._sp.decode(list(ids))
+
+    def token_bytes(self, id: int) -> bytes:
+        """Bytes of the piece with `▁` as a space, kept even at the start of text; control ids give b""."""
+        if self._sp.is_control(id):
+            return b""
+        if self._sp.is_unknown(id):
+            return self._unk_surface
+        if self._sp.is_byte(id):
+            return bytes([int(self._sp.id_to_piece(id)[3:5], 16)])
+        return self._sp.id_to_piece(id).replace(_SPACE, " ").encode()
+
+    def piece(self, id: int) -> str:
+        """The SentencePiece piece, e.g. "▁Hello" or "<0xE2>"."""
+        return self._sp.id_to_piece(id)
+
+    def special_id(self, text: str) -> int | None:
+        """Id of a control piece such as "<s>" or "</s>"."""
+        return self._specials.get(text)
+
+
+def _id_or_none(i: int) -> int | None:
+    return i if i >= 0 else None

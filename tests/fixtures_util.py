@@ -1,0 +1,37 @@
+"""Locate the shared real-file fixtures (tokenizers, stories260K) without copying them into the repo.
+
+The folder is `$LLAMARUN_FIXTURES` if set, else `<repo>/../shared/fixtures`. When it is missing the
+calling test is skipped, unless `LLAMARUN_REQUIRE_FIXTURES=1`, in which case it fails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _missing(message: str) -> None:
+    if os.environ.get("LLAMARUN_REQUIRE_FIXTURES") == "1":
+        pytest.fail(f"{message} (LLAMARUN_REQUIRE_FIXTURES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+def fixtures_dir() -> Path:
+    """Return the fixtures folder, skipping (or failing if required) the calling test when absent."""
+    env = os.environ.get("LLAMARUN_FIXTURES")
+    path = Path(env) if env else _REPO.parent / "shared" / "fixtures"
+    if not path.is_dir():
+        _missing(f"fixtures folder not found: {path} (set LLAMARUN_FIXTURES)")
+    return path
+
+
+def require_fixture(*parts: str) -> Path:
+    """Return `fixtures_dir() / parts...`, skipping (or failing if required) when that path is absent."""
+    path = fixtures_dir().joinpath(*parts)
+    if not path.exists():
+        _missing(f"fixture not found: {path}")
+    return path
