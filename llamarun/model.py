@@ -141,6 +141,9 @@ class Transformer(nn.Module):
         if self.freqs.numel() == 0:
             raise RuntimeError("call setup_caches() before forward()")
         cached = self.layers[0].attention.kv_cache is not None
+        if cached and tokens.shape[0] > self.max_batch_size:
+            raise ValueError(f"batch of {tokens.shape[0]} exceeds the KV cache's max batch size "
+                             f"{self.max_batch_size} (see setup_caches)")
         freqs = self.freqs[input_pos]  # (S, head_dim // 2, 2)
         mask = None
         if cached:
