@@ -1,0 +1,134 @@
+"""Sampling as pure functions over logits: penalties, temperature, top-k, top-p, min-p, draws.
+
+Nothing here reads a tensor back to the host: `sample` returns a device tensor, so a decode loop
+only synchronises when it needs the token id (to stream it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llamarun.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token. temperature 0 is greedy (argmax); 0/1.0/0.0 disable top_k/top_p/min_p."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens seen in the last repeat_last_n
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at (0 = the whole context)
+    seed: int | None = None  # None draws a fresh seed per run
+
+    def __post_init__(self) -> None:
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise InvalidArgumentError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not _finite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise InvalidArgumentError(
+                f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
+        if (isinstance(self.repeat_last_n, bool) or not isinstance(self.repeat_last_n, int)
+                or self.repeat_last_n < 0):
+            raise InvalidArgumentError(f"repeat_last_n must be an integer >= 0, got {self.repeat_last_n}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        """Always the most likely token (deterministic, no filters)."""
+        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether sampling reduces to argmax."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: divide positive (multiply negative) logits of tokens in `recent`.
+
+    logits (..., vocab) float; recent (n,) long token ids, duplicates allowed.
+    """
+    if penalty == 1.0 or recent.numel() == 0:
+        return logits
+    index = recent.expand(*logits.shape[:-1], recent.shape[-1])  # (..., n)
+    seen = logits.gather(-1, index)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, index, seen)  # duplicates write the same value
+
+
+def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> torch.Tensor:
+    """Probabilities (..., vocab) after temperature, then top-k, top-p and min-p filtering.
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p; min-p drops tokens
+    less likely than min_p times the most likely one. Each filter renormalises before the next.
+    """
+    if temperature <= 0:
+        raise InvalidArgumentError("logits_to_probs needs temperature > 0 (use argmax for greedy)")
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # never drops the first token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if min_p > 0.0:
+        threshold = min_p * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def multinomial(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (..., vocab) without a host sync: argmax(p / Exponential(1))."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           *, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token id(s) (...,) long for logits (..., vocab), on the logits' device.
+
+    recent holds the ids the repetition penalty looks at; generator is required unless greedy.
+    """
+    if recent is not None:
+        logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
+    if params.is_greedy:
+        return torch.argmax(logits, dim=-1)
+    if generator is None:
+        raise InvalidArgumentError("sampling with temperature > 0 needs a torch.Generator")
+    probs = logits_to_probs(logits, temperature=params.temperature, top_k=params.top_k,
+                            top_p=params.top_p, min_p=params.min_p)
+    return multinomial(probs, generator)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on `device`, seeded with `seed` or, when None, from fresh OS entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,149 @@
+"""Sampling functions against hand-computed distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llamarun.errors import InvalidArgumentError
+from llamarun.sampling import (
+    SamplingParams,
+    apply_repeat_penalty,
+    logits_to_probs,
+    make_generator,
+    multinomial,
+    sample,
+)
+
+P = [0.5, 0.25, 0.15, 0.1]
+LOGITS = torch.tensor(P).log()
+
+
+def close(t: torch.Tensor, expected: list[float]) -> None:
+    assert torch.allclose(t, torch.tensor(expected), atol=1e-6), t.tolist()
+
+
+def test_temperature_one_is_softmax() -> None:
+    close(logits_to_probs(LOGITS, temperature=1.0), P)
+
+
+def test_temperature_two_takes_square_roots() -> None:
+    roots = [math.sqrt(p) for p in P]
+    close(logits_to_probs(LOGITS, temperature=2.0), [r / sum(roots) for r in roots])
+
+
+def test_low_temperature_sharpens() -> None:
+    probs = logits_to_probs(LOGITS, temperature=0.5)  # p^2 normalised
+    squares = [p * p for p in P]
+    close(probs, [s / sum(squares) for s in squares])
+
+
+def test_top_k() -> None:
+    close(logits_to_probs(LOGITS, temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0])
+    close(logits_to_probs(LOGITS, temperature=1.0, top_k=1), [1.0, 0.0, 0.0, 0.0])
+    close(logits_to_probs(LOGITS, temperature=1.0, top_k=10), P)  # k >= vocab: no-op
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, 1), (0.5, 1), (0.7, 2), (0.75, 2), (0.76, 3),
+                                         (0.95, 4), (1.0, 4)])
+def test_top_p_keeps_smallest_set_reaching_mass(top_p: float, kept: int) -> None:
+    mass = sum(P[:kept])
+    expected = [p / mass if i < kept else 0.0 for i, p in enumerate(P)]
+    close(logits_to_probs(LOGITS, temperature=1.0, top_p=top_p), expected)
+
+
+def test_top_p_with_unsorted_logits() -> None:
+    perm = [2, 0, 3, 1]
+    probs = logits_to_probs(LOGITS[perm], temperature=1.0, top_p=0.7)
+    close(probs, [0, 2 / 3, 0, 1 / 3])
+
+
+def test_min_p() -> None:
+    # threshold = 0.4 * 0.5 = 0.2: keeps 0.5 and 0.25
+    close(logits_to_probs(LOGITS, temperature=1.0, min_p=0.4), [2 / 3, 1 / 3, 0, 0])
+    # threshold = 0.19 * 0.5 = 0.095: keeps everything
+    close(logits_to_probs(LOGITS, temperature=1.0, min_p=0.19), P)
+    close(logits_to_probs(LOGITS, temperature=1.0, min_p=1.0), [1.0, 0.0, 0.0, 0.0])
+
+
+def test_filters_compose_in_order() -> None:
+    # top_k=3 -> [.5,.25,.15]/.9; top_p=0.8: masses before .0,.556,.833 -> keep 2 -> [2/3,1/3]
+    close(logits_to_probs(LOGITS, temperature=1.0, top_k=3, top_p=0.8), [2 / 3, 1 / 3, 0, 0])
+
+
+def test_batched_rows_are_independent() -> None:
+    logits = torch.stack([LOGITS, LOGITS.flip(0)])
+    probs = logits_to_probs(logits, temperature=1.0, top_k=2)
+    close(probs[0], [2 / 3, 1 / 3, 0, 0])
+    close(probs[1], [0, 0, 1 / 3, 2 / 3])
+
+
+def test_repeat_penalty() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = apply_repeat_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
+    close(out, [1.0, -2.0, 0.5, 3.0])
+    close(logits, [2.0, -1.0, 0.5, 3.0])  # pure: input untouched
+    assert apply_repeat_penalty(logits, torch.tensor([0]), 1.0) is logits
+
+
+def test_repeat_penalty_changes_greedy_choice() -> None:
+    logits = torch.tensor([3.0, 2.0, 0.0])
+    assert sample(logits, SamplingParams.greedy()).item() == 0
+    params = SamplingParams(temperature=0.0, repeat_penalty=2.0)
+    assert sample(logits, params, recent=torch.tensor([0])).item() == 1
+
+
+def test_greedy_is_argmax_and_needs_no_generator() -> None:
+    logits = torch.tensor([[0.1, 5.0, 0.2], [3.0, 1.0, 2.0]])
+    assert sample(logits, SamplingParams.greedy()).tolist() == [1, 0]
+    assert SamplingParams(temperature=0.7, top_k=1).is_greedy
+
+
+def test_multinomial_frequencies_match_probabilities() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).expand(40000, 4)
+    draws = multinomial(probs, make_generator(torch.device("cpu"), 0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015), freq.tolist()
+
+
+def test_sample_follows_filtered_distribution() -> None:
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=0.7, min_p=0.0)
+    draws = sample(LOGITS.expand(30000, 4), params, make_generator(torch.device("cpu"), 1))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015), freq.tolist()
+
+
+def test_seed_reproduces_and_differs() -> None:
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    logits = torch.zeros(64, 100)
+
+    def run(seed: int) -> list[int]:
+        return sample(logits, params, make_generator(torch.device("cpu"), seed)).tolist()
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_sampling_without_generator_is_an_error() -> None:
+    with pytest.raises(InvalidArgumentError):
+        sample(LOGITS, SamplingParams(temperature=1.0))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": float("inf")},
+    {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": -0.2},
+    {"top_k": -1}, {"top_k": 2.5},
+    {"min_p": -0.1}, {"min_p": 1.1},
+    {"repeat_penalty": 0.0}, {"repeat_penalty": -1.0},
+    {"repeat_last_n": -1}, {"seed": -3},
+])
+def test_invalid_params_raise(kwargs: dict[str, float]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        SamplingParams(**kwargs)
+
+
+def test_valid_edges_accepted() -> None:
+    SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
+    SamplingParams(min_p=1.0, top_p=1e-6)
