@@ -1,0 +1,376 @@
+"""GGUF files (llama.cpp's format): Llama metadata into ModelArgs, tensors dequantized lazily.
+
+The header is parsed here with the `gguf` package's constants (its GGUFReader builds a numpy
+view per string, about 3 s for a 49K-token vocabulary); the tensor data stays in a private
+mmap and each tensor is dequantized on request by `gguf.quants`, llama.cpp's own reference.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+from gguf.constants import GGUFValueType
+from gguf.quants import dequantize
+
+from llamarun.config import ModelArgs, RopeScaling
+from llamarun.errors import CheckpointError, ConfigError
+from llamarun.loaders.fuse import RawCheckpoint
+from llamarun.rope import rope_frequencies
+
+SUPPORTED_TYPES = frozenset({
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+})
+
+_SCALARS: dict[int, tuple[str, int]] = {  # value type -> (struct code, size)
+    GGUFValueType.UINT8: ("B", 1), GGUFValueType.INT8: ("b", 1),
+    GGUFValueType.UINT16: ("H", 2), GGUFValueType.INT16: ("h", 2),
+    GGUFValueType.UINT32: ("I", 4), GGUFValueType.INT32: ("i", 4),
+    GGUFValueType.FLOAT32: ("f", 4), GGUFValueType.BOOL: ("?", 1),
+    GGUFValueType.UINT64: ("Q", 8), GGUFValueType.INT64: ("q", 8),
+    GGUFValueType.FLOAT64: ("d", 8),
+}
+_NP_SCALARS: dict[int, str] = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_TOP_MAP = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 scaling, stored as per-frequency divisors
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor lies in the file, with its shape in PyTorch order (rows last-but-one)."""
+
+    name: str
+    qtype: int  # a GGMLQuantizationType value (kept an int: files may hold types we don't know)
+    shape: tuple[int, ...]  # reversed GGUF dims: (out_features, in_features) for a matrix
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        """The ggml type's name (Q4_K, F16, ...) or 'type N' for an unknown one."""
+        try:
+            return GGMLQuantizationType(self.qtype).name
+        except ValueError:
+            return f"type {self.qtype}"
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF header: metadata, tensor table, and the file mapped copy-on-write."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]  # strings as str, string arrays as list[str], numeric arrays as numpy
+    tensors: dict[str, GGUFTensorInfo]
+    data: np.ndarray | None  # uint8 view of the whole file (None when opened for metadata only)
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """The raw bytes of a tensor, as a uint8 view of the mapped file."""
+        assert self.data is not None, "opened with tensors=False"
+        info = self.tensors[name]
+        return self.data[info.offset:info.offset + info.nbytes]
+
+
+class _Cursor:
+    """Sequential little-endian reads from a buffer, raising CheckpointError past the end."""
+
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+        self.size = len(buf)
+
+    def scalar(self, code: str, size: int) -> Any:
+        if self.pos + size > self.size:
+            raise CheckpointError(f"{self.path}: truncated GGUF header")
+        (value,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def u32(self) -> int:
+        return int(self.scalar("I", 4))
+
+    def u64(self) -> int:
+        return int(self.scalar("Q", 8))
+
+    def string(self) -> str:
+        n = self.u64()
+        if self.pos + n > self.size:
+            raise CheckpointError(f"{self.path}: truncated GGUF header")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.scalar(*_SCALARS[vtype])
+        if vtype == GGUFValueType.ARRAY:
+            etype, count = self.u32(), self.u64()
+            if etype == GGUFValueType.STRING:
+                return [self.string() for _ in range(count)]
+            if etype in _NP_SCALARS:
+                dt = np.dtype(_NP_SCALARS[etype])
+                end = self.pos + count * dt.itemsize
+                if end > self.size:
+                    raise CheckpointError(f"{self.path}: truncated GGUF header (metadata {key})")
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos).copy()
+                self.pos = end
+                return arr
+            if etype == GGUFValueType.ARRAY:
+                return [self.value(GGUFValueType.ARRAY, key) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: metadata {key} has unknown GGUF value type {vtype}")
+
+
+def read_gguf_file(path: Path, *, tensors: bool = True) -> GGUFFile:
+    """Parse a GGUF header; with tensors=True also map the file for tensor_bytes()."""
+    try:
+        with path.open("rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if tensors else mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
+        raise CheckpointError(f"{path}: cannot map GGUF file ({e})") from None
+    cur = _Cursor(mm, path)
+    if len(mm) < 8 or mm[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    cur.pos = 4
+    version = cur.u32()
+    if version not in (2, 3):
+        hint = " (big-endian files are not supported)" if version & 0xFFFF == 0 else ""
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported{hint}")
+    n_tensors, n_kv = cur.u64(), cur.u64()
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.u32(), key)
+    infos: list[tuple[str, int, tuple[int, ...], int]] = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.u32()
+        if n_dims > 8:
+            raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions")
+        dims = tuple(cur.u64() for _ in range(n_dims))
+        infos.append((name, cur.u32(), tuple(reversed(dims)), cur.u64()))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: general.alignment {alignment} is not a power of two")
+    data_start = -(-cur.pos // alignment) * alignment
+    table: dict[str, GGUFTensorInfo] = {}
+    for name, qtype, shape, offset in infos:
+        nbytes = _nbytes(path, name, qtype, shape)
+        start = data_start + offset
+        if nbytes is not None and start + nbytes > len(mm):
+            raise CheckpointError(f"{path}: tensor {name} extends past the end of the file "
+                                  "(truncated download?)")
+        table[name] = GGUFTensorInfo(name, qtype, shape, start, nbytes or 0)
+    data = np.frombuffer(mm, dtype=np.uint8) if tensors else None
+    if not tensors:
+        mm.close()
+    return GGUFFile(path=path, version=version, metadata=metadata, tensors=table, data=data)
+
+
+def _nbytes(path: Path, name: str, qtype: int, shape: tuple[int, ...]) -> int | None:
+    try:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        return None  # an unknown type: reported when the tensor is read
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    cols = shape[-1] if shape else 1
+    if cols % block:
+        raise CheckpointError(f"{path}: tensor {name} has rows of {cols} values, not a multiple "
+                              f"of the {GGMLQuantizationType(qtype).name} block size {block}")
+    return n * (cols // block) * type_size
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The metadata key/value pairs of a GGUF file (tensor data is not mapped)."""
+    return read_gguf_file(path, tensors=False).metadata
+
+
+def dequantize_tensor(file: GGUFFile, name: str) -> torch.Tensor:
+    """One tensor as a CPU torch tensor: F32/F16/BF16 as stored (mmap views), the rest float32."""
+    info = file.tensors[name]
+    if info.qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(sorted(GGMLQuantizationType(t).name for t in SUPPORTED_TYPES))
+        raise CheckpointError(f"{file.path}: tensor {name} has type {info.type_name}, which "
+                              f"llamarun does not support (supported: {supported})")
+    raw = file.tensor_bytes(name)
+    qtype = GGMLQuantizationType(info.qtype)
+    if qtype == GGMLQuantizationType.F32:
+        return torch.from_numpy(raw.view(np.float32).reshape(info.shape))
+    if qtype == GGMLQuantizationType.F16:
+        return torch.from_numpy(raw.view(np.float16).reshape(info.shape))
+    if qtype == GGMLQuantizationType.BF16:
+        return torch.from_numpy(raw.view(np.int16).reshape(info.shape)).view(torch.bfloat16)
+    rows = raw.reshape(-1, raw.size // max(1, int(np.prod(info.shape[:-1]))))
+    try:
+        values = dequantize(rows, qtype)
+    except Exception as e:  # the gguf package raises several types on malformed blocks
+        raise CheckpointError(f"{file.path}: cannot dequantize tensor {name} ({info.type_name}: "
+                              f"{e})") from None
+    return torch.from_numpy(values.reshape(info.shape))
+
+
+def meta_name(gguf_name: str) -> str:
+    """The Meta name for a llama.cpp tensor name (unknown names are returned unchanged)."""
+    if gguf_name in _TOP_MAP:
+        return _TOP_MAP[gguf_name]
+    m = _LAYER.match(gguf_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    return gguf_name
+
+
+def model_args(file: GGUFFile) -> ModelArgs:
+    """ModelArgs from the `llama.*` metadata of a GGUF file."""
+    md, src = file.metadata, str(file.path)
+    arch = md.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{src}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    def get(key: str, default: Any = None, *, required: bool = False) -> Any:
+        value = md.get(f"llama.{key}", default)
+        if value is None and required:
+            raise ConfigError(f"{src}: metadata key llama.{key} is missing")
+        if isinstance(value, (np.ndarray, list)):
+            raise ConfigError(f"{src}: metadata llama.{key} is an array (per-layer sizes are "
+                              "not supported)")
+        return value
+
+    if get("expert_count", 0):
+        raise ConfigError(f"{src}: llama.expert_count={get('expert_count')} (mixture of experts) "
+                          "is not supported")
+    dim = int(get("embedding_length", required=True))
+    n_heads = int(get("attention.head_count", required=True))
+    head_dim = int(get("attention.key_length", 0) or (dim // n_heads if n_heads else 0))
+    rot = get("rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ConfigError(f"{src}: llama.rope.dimension_count {rot} differs from the head size "
+                          f"{head_dim} (partial rotary embeddings are not supported)")
+    vocab = get("vocab_size")
+    if vocab is None:
+        tokens = md.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens)
+        elif "token_embd.weight" in file.tensors:
+            vocab = file.tensors["token_embd.weight"].shape[0]
+        else:
+            raise ConfigError(f"{src}: cannot tell the vocabulary size (no llama.vocab_size)")
+    theta = float(get("rope.freq_base", 10000.0))
+    scaling = _rope_scaling(file, head_dim, theta)
+    try:
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(get("block_count", required=True)),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", 0) or n_heads),
+            vocab_size=int(vocab),
+            hidden_dim=int(get("feed_forward_length", required=True)),
+            head_dim=head_dim,
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_embeddings="output.weight" not in file.tensors,
+            max_seq_len=int(get("context_length", 2048)),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def _rope_scaling(file: GGUFFile, head_dim: int, theta: float) -> RopeScaling | None:
+    md, src = file.metadata, str(file.path)
+    kind = str(md.get("llama.rope.scaling.type", "none"))
+    factor = float(md.get("llama.rope.scaling.factor", 0.0) or md.get("llama.rope.scale_linear", 0.0))
+    if ROPE_FREQS in file.tensors:
+        return _llama3_scaling(file, head_dim, theta)
+    if kind == "none" and factor in (0.0, 1.0):
+        return None
+    if kind in ("linear", "none") and factor > 0:
+        return None if factor == 1.0 else RopeScaling(rope_type="linear", factor=factor)
+    raise ConfigError(f"{src}: llama.rope.scaling.type {kind!r} is not supported "
+                      "(supported: none, linear, and Llama 3.1 rope_freqs)")
+
+
+def _llama3_scaling(file: GGUFFile, head_dim: int, theta: float) -> RopeScaling:
+    """Recover Llama 3.1 scaling from llama.cpp's rope_freqs tensor (divisor per frequency)."""
+    src = str(file.path)
+    divisors = dequantize_tensor(file, ROPE_FREQS).double().flatten()
+    if divisors.numel() != head_dim // 2:
+        raise ConfigError(f"{src}: tensor {ROPE_FREQS} has {divisors.numel()} values, "
+                          f"expected {head_dim // 2}")
+    orig = int(file.metadata.get("llama.rope.scaling.original_context_length", 8192))
+    scaling = RopeScaling(rope_type="llama3", factor=float(divisors.max()), low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=orig)
+    base = rope_frequencies(head_dim, theta, None).double()
+    want = base / divisors
+    if not torch.allclose(rope_frequencies(head_dim, theta, scaling).double(), want, rtol=1e-4):
+        raise ConfigError(f"{src}: tensor {ROPE_FREQS} does not match Llama 3.1 RoPE scaling "
+                          "(low_freq_factor 1, high_freq_factor 4)")
+    return scaling
+
+
+def read_gguf(path: Path) -> RawCheckpoint:
+    """Open a GGUF file lazily and describe it as a RawCheckpoint in Meta's layout."""
+    file = read_gguf_file(path)
+    args = model_args(file)
+    to_gguf: dict[str, str] = {}
+    for gguf_name in file.tensors:
+        if gguf_name != ROPE_FREQS:
+            to_gguf[meta_name(gguf_name)] = gguf_name
+
+    # llama.cpp's converter stores q/k rows in Meta's interleaved RoPE order (it undoes HF's
+    # permutation; transformers re-applies it when loading a GGUF), so no row shuffle is needed.
+    def get(name: str) -> torch.Tensor:
+        return dequantize_tensor(file, to_gguf[name])
+
+    def where(name: str) -> str:
+        return f"{path} ({to_gguf[name]})" if name in to_gguf else str(path)
+
+    md = file.metadata
+    extra: dict[str, object] = {
+        "gguf_version": file.version,
+        "name": md.get("general.name"),
+        "file_type": md.get("general.file_type"),
+        "tensor_types": sorted({file.tensors[n].type_name for n in to_gguf.values()}),
+        "chat_template": md.get("tokenizer.chat_template"),
+        "tokenizer_model": md.get("tokenizer.ggml.model"),
+        "tokenizer_pre": md.get("tokenizer.ggml.pre"),
+    }
+    return RawCheckpoint(args=args, layout="gguf", path=path, names=set(to_gguf), get=get,
+                         where=where, extra=extra)
