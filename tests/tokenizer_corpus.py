@@ -1,8 +1,12 @@
-"""A seeded corpus of varied strings for comparing tokenizers with their references."""
+"""A seeded corpus of varied strings for comparing tokenizers with their references, plus HF test folders."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
 
 # Hand-written tricky cases: whitespace edges, special-token text in user input, byte-fallback material.
 TRICKY: list[str] = [
@@ -136,3 +140,101 @@ def build_corpus(n: int = 1000, seed: int = 1234) -> list[str]:
 
 
 CORPUS: list[str] = build_corpus()
+
+
+# ---- Hugging Face test folders built from the shared fixtures (written under tmp_path, never into the repo) ----
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+CHATML_TEMPLATE = (  # SmolLM2-Instruct's template
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA2_TEMPLATE = (  # meta-llama/Llama-2-7b-chat-hf
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+FEATURES_TEMPLATE = (  # exercises tojson (ensure_ascii=False), namespace, loop controls, trim/lstrip blocks
+    "{%- set ns = namespace(n=0) -%}\n"
+    "{{ bos_token }}\n"
+    "{% for m in messages %}\n"
+    "    {% if m['role'] == 'skip' %}{% continue %}{% endif %}\n"
+    "    {% set ns.n = ns.n + 1 %}\n"
+    "<{{ m['role'] }} n={{ ns.n }}>{{ m | tojson }}</{{ m['role'] }}>\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def make_hf_folder(
+    dest: Path,
+    source: Path,
+    *,
+    chat_template: str | None = None,
+    extra_special: Sequence[str] = (),
+    eos_token: str = "</s>",
+) -> Path:
+    """Copy stories260K/hf's tokenizer files to `dest` so transformers loads tokenizer.json verbatim."""
+    import tokenizers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    if extra_special:
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in extra_special])
+    tok.save(str(dest / "tokenizer.json"))
+    cfg = json.loads((source / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5 would otherwise rebuild a Llama pipeline
+    cfg["eos_token"] = eos_token
+    cfg.pop("added_tokens_decoder", None)
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    shutil.copy(source / "generation_config.json", dest / "generation_config.json")
+    return dest
+
+
+def make_llama3_hf_folder(dest: Path, fixtures: Path, *, chat_template: str | None = LLAMA3_TEMPLATE) -> Path:
+    """A Llama-3-Instruct-like HF folder: tokenizer.json converted from Meta's tiktoken file by transformers."""
+    import tokenizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    spec = json.loads((fixtures / "llama3-tokenizer" / "special_tokens.json").read_text())
+    names = [name for name, _ in spec["conventions"]["llama3.1+"]["special_tokens"]]
+    tok = TikTokenConverter(
+        vocab_file=str(fixtures / "llama3-tokenizer" / "tokenizer.model"), pattern=spec["pat_str"], extra_special_tokens=names
+    ).converted()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(  # what Meta's HF repos ship
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", 128000)]
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dest / "tokenizer.json"))
+    cfg: dict[str, object] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    gen = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    (dest / "generation_config.json").write_text(json.dumps(gen))
+    return dest

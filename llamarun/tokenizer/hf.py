@@ -61,7 +61,8 @@ class HFTokenizer(Tokenizer):
     ) -> None:
         self._tok = tok
         # A copy that treats special-token text in user input as plain text (transformers' split_special_tokens).
-        self._plain = tokenizers.Tokenizer.from_str(tok.to_str())
+        serialized = tok.to_str()
+        self._plain = tokenizers.Tokenizer.from_str(serialized)
         self._plain.encode_special_tokens = True
         self.kind = kind
         self.source = source
@@ -76,8 +77,7 @@ class HFTokenizer(Tokenizer):
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
-        decoder = json.loads(tok.to_str()).get("decoder")
-        types = _decoder_types(decoder)
+        types = _decoder_types(json.loads(serialized).get("decoder"))
         self._byte_level = "ByteLevel" in types
         self._byte_fallback = "ByteFallback" in types
 
