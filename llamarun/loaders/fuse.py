@@ -90,7 +90,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
     check_names(raw)
     shapes = expected_shapes(raw.args)
 
-    def get(name: str) -> torch.Tensor:
+    def read(name: str) -> torch.Tensor:
         t = raw.get(name)
         if tuple(t.shape) != shapes[name]:
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has shape {tuple(t.shape)}, "
@@ -98,7 +98,22 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
         if not t.is_floating_point():
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has dtype {t.dtype}, "
                                   "expected floating point")
-        return t.to(device=device, dtype=dtype).contiguous()
+        return t
+
+    def get(name: str) -> torch.Tensor:
+        return read(name).to(device=device, dtype=dtype).contiguous()
+
+    def fused(*names: str) -> torch.Tensor:
+        # Copy each part straight into its rows of the fused tensor: no converted temporaries.
+        rows = sum(shapes[n][0] for n in names)
+        out = torch.empty((rows, shapes[names[0]][1]), dtype=dtype, device=device)
+        start = 0
+        for n in names:
+            part = read(n)
+            out[start:start + part.shape[0]].copy_(part)
+            start += part.shape[0]
+            del part
+        return out
 
     sd: dict[str, torch.Tensor] = {
         "tok_embeddings.weight": get("tok_embeddings.weight"),
@@ -110,12 +125,11 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
         sd["output.weight"] = get("output.weight")
     for i in range(raw.args.n_layers):
         p = f"layers.{i}."
-        sd[p + "attention.wqkv.weight"] = torch.cat(
-            [get(p + "attention.wq.weight"), get(p + "attention.wk.weight"),
-             get(p + "attention.wv.weight")])
+        sd[p + "attention.wqkv.weight"] = fused(
+            p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight")
         sd[p + "attention.wo.weight"] = get(p + "attention.wo.weight")
-        sd[p + "feed_forward.w13.weight"] = torch.cat(
-            [get(p + "feed_forward.w1.weight"), get(p + "feed_forward.w3.weight")])
+        sd[p + "feed_forward.w13.weight"] = fused(
+            p + "feed_forward.w1.weight", p + "feed_forward.w3.weight")
         sd[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
         sd[p + "attention_norm.weight"] = get(p + "attention_norm.weight")
         sd[p + "ffn_norm.weight"] = get(p + "ffn_norm.weight")
