@@ -61,8 +61,10 @@ class Llama2ChatFormat(ChatFormat):
     def encode_followup(self, history: list[Message], new_messages: list[Message]) -> list[int]:
         """`</s>` closing the cached reply, then each new `<s>[INST] ... [/INST]` turn."""
         _check_followup(history, new_messages)
-        assert self.tokenizer.eos_id is not None
-        return [self.tokenizer.eos_id, *self._encode_turns(new_messages)]
+        eos = self.tokenizer.eos_id
+        if eos is None:
+            raise TokenizerError(f"tokenizer {self.tokenizer.source} has no EOS token to close the Llama 2 turn")
+        return [eos, *self._encode_turns(new_messages)]
 
     def _encode_turns(self, dialog: list[Message]) -> list[int]:
         roles = [m.get("role") for m in dialog]
