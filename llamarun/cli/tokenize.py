@@ -1,0 +1,65 @@
+"""`llamarun tokenize`: show the token ids (and pieces) a model sees for a text or a chat message."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llamarun.cli import app
+from llamarun.errors import InvalidArgumentError, LlamarunError
+from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
+
+
+def _load(model: Path | None, tokenizer_file: Path | None) -> tuple[Tokenizer, Path | None]:
+    """The tokenizer and the folder that may hold a chat template."""
+    if model is not None and tokenizer_file is not None:
+        raise InvalidArgumentError("give --model or --tokenizer, not both")
+    if tokenizer_file is not None:
+        return load_tokenizer(tokenizer_file), tokenizer_file.parent
+    if model is None:
+        from llamarun.resolve import resolve_model
+
+        model = resolve_model(None, env=os.environ, cwd=Path.cwd()).path
+    return load_tokenizer(model), model if model.is_dir() else None
+
+
+def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos: bool) -> list[int]:
+    if chat:
+        fmt: ChatFormat = load_chat_format(tok, fmt_folder)
+        return fmt.encode_dialog([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tok.encode(text, bos=bos and tok.add_bos)
+
+
+@app.command("tokenize")
+def tokenize(
+    text: Annotated[str, typer.Argument(help="Text to tokenize")],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", show_default=False, help="Model folder (Meta or HF) or GGUF file")] = None,
+    tokenizer_file: Annotated[Optional[Path], typer.Option(
+        "--tokenizer", show_default=False,
+        help="A tokenizer file: tokenizer.model (SentencePiece or tiktoken) or tokenizer.json")] = None,
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not add BOS (raw text only)")] = False,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Render TEXT as one user message in the model's chat format")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"ids": [...], "pieces": [...]}')] = False,
+) -> None:
+    """Print the token ids of TEXT with their pieces, exactly as the model will see them."""
+    try:
+        tok, folder = _load(model, tokenizer_file)
+        ids = _ids(tok, folder, text, chat=chat, bos=not no_bos)
+        pieces = [tok.piece(i) for i in ids]
+    except LlamarunError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+        return
+    width = max((len(str(i)) for i in ids), default=1)
+    for i, piece in zip(ids, pieces):
+        # JSON quoting keeps newlines, tabs and spaces visible without mangling non-ASCII text.
+        typer.echo(f"{i:>{width}}  {json.dumps(piece, ensure_ascii=False)}")
+    typer.echo(f"{len(ids)} tokens ({tok.kind}, vocabulary {tok.vocab_size})", err=True)

@@ -1,0 +1,63 @@
+"""`llamarun tokenize` through Typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fixtures_util import require_fixture
+from llamarun.cli import app
+from llamarun.tokenizer import detect_tokenizer_kind
+
+runner = CliRunner()
+
+
+def test_ids_and_pieces() -> None:
+    folder = require_fixture("llama2-tokenizer")
+    result = runner.invoke(app, ["tokenize", "--model", str(folder), "Hello world"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ['    1  "<s>"', '15043  "▁Hello"', ' 3186  "▁world"']
+
+
+def test_json_no_bos() -> None:
+    path = require_fixture("llama3-tokenizer", "tokenizer.model")
+    result = runner.invoke(app, ["tokenize", "--tokenizer", str(path), "--no-bos", "--json", "Hello world\n"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ids"][:2] == [9906, 1917]
+    assert data["pieces"][:2] == ["Hello", " world"]
+    assert len(data["ids"]) == len(data["pieces"])
+
+
+def test_chat_shows_the_rendered_prompt() -> None:
+    path = require_fixture("llama3-tokenizer", "tokenizer.model")
+    result = runner.invoke(app, ["tokenize", "--tokenizer", str(path), "--chat", "--json", "Hi"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ids"] == [128000, 128006, 882, 128007, 271, 13347, 128009, 128006, 78191, 128007, 271]
+
+
+def test_chat_llama2_model_folder() -> None:
+    folder = require_fixture("stories260K", "meta")
+    result = runner.invoke(app, ["tokenize", "-m", str(folder), "--chat", "--json", "Hi"])
+    assert result.exit_code == 0, result.output
+    pieces = json.loads(result.stdout)["pieces"]
+    assert pieces[0] == "<s>" and "".join(pieces[1:]).replace("▁", " ").startswith(" [INST] Hi [/INST]")
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tokenize", "--model", str(tmp_path / "missing"), "x"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: tokenizer file not found: {tmp_path / 'missing'}"]
+    result = runner.invoke(app, ["tokenize", "--model", str(tmp_path), "--tokenizer", str(tmp_path), "x"])
+    assert result.exit_code == 1 and "not both" in result.stderr
+    (tmp_path / "tokenizer.model").write_bytes(b"not a tokenizer")
+    result = runner.invoke(app, ["tokenize", "--model", str(tmp_path), "x"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.output
+
+
+def test_gguf_detected_by_magic(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert detect_tokenizer_kind(path) == "gguf"
