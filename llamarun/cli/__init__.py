@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -13,14 +17,52 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from llamarun import __version__
+
+        typer.echo(f"llamarun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    """Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.
+
+    Every command finds its model the same way: --model PATH, else $LLAMARUN_MODEL, else the single
+    checkpoint under ./checkpoints/, else the embedded default model.
+    """
+
+
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `app`.
-    from llamarun.cli import tokenize  # noqa: F401
+    from llamarun.cli import bench, chat, complete, info  # noqa: F401
+
+    try:
+        importlib.import_module("llamarun.cli.tokenize")
+    except ModuleNotFoundError as e:  # the tokenize command is optional while it is being written
+        if e.name != "llamarun.cli.tokenize":
+            raise
 
 
 _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors are one `error:` line, exit status 2."""
+    if not sys.argv[1:]:
+        app()  # prints the help
+        return
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(prog_name="llamarun", standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # bad flag values, unknown options or commands
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        sys.stderr.write(f"error: {' '.join(message.split())}\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,194 @@
+"""Throughput benchmark: prefill and decode tokens/s, latency percentiles, memory and bandwidth.
+
+Warm-up (and compilation) runs first and is timed apart; it never counts in throughput.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from llamarun.device import (
+    device_name, peak_device_memory, reset_peak_device_memory, synchronize,
+)
+from llamarun.engine import Engine
+from llamarun.errors import InvalidArgumentError
+from llamarun.generate import generate_tokens
+from llamarun.sampling import SamplingParams
+
+_GREEDY = SamplingParams.greedy()
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation over repetitions."""
+
+    mean: float
+    std: float
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        """Summarise `values` (std 0 for a single value)."""
+        vals = tuple(values)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return cls(statistics.fmean(vals), std, vals)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """Prefill of `prompt_tokens` tokens (pp512 style): tok/s and time to first token."""
+
+    prompt_tokens: int
+    tok_s: Stat
+    time_to_first_token_s: Stat
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """Decoding `gen_tokens` tokens (tg128 style) after a one-token prompt."""
+
+    gen_tokens: int
+    tok_s: Stat
+    seconds: Stat  # decode time per repetition: gen_tokens / tok_s
+    time_per_token_p50_s: float  # over every token of every repetition
+    time_per_token_p90_s: float
+    bandwidth_gb_s: float  # weight bytes read per token x mean tok/s
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything `llamarun bench --tokens-per-sec` reports."""
+
+    model: str
+    layout: str
+    n_params: int
+    model_bytes: int  # all weights (a tied embedding once)
+    bytes_per_token: int  # weight bytes read per decoded token (embedding: one row)
+    dtype: str
+    device: str
+    compiled: bool
+    repetitions: int
+    load_s: float
+    warmup_s: float  # warm-up and compilation, not in any throughput
+    prefill: tuple[PrefillStats, ...]
+    decode: DecodeStats
+    peak_rss_bytes: int
+    peak_device_bytes: int | None
+    env: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready data."""
+        return asdict(self)
+
+
+def weight_bytes(engine: Engine) -> tuple[int, int]:
+    """(bytes of all weights, bytes read per decoded token)."""
+    model = engine.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
+    emb = model.tok_embeddings.weight
+    per_token = total
+    if model.output.weight is not emb:  # the lookup reads one row, not the whole table
+        per_token -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total, per_token
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def environment(engine: Engine) -> dict[str, object]:
+    """Versions and settings that make numbers comparable."""
+    from llamarun import __version__
+
+    env: dict[str, object] = {
+        "llamarun": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "device_name": device_name(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+    }
+    if engine.device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _prefill_once(engine: Engine, ids: list[int]) -> float:
+    synchronize(engine.device)
+    start = time.perf_counter()
+    for _ in generate_tokens(engine.model, ids, sampling=_GREEDY, generator=None,
+                             max_new_tokens=1, step=engine.decode_step):
+        pass  # the first token's id on the host ends the prefill
+    return time.perf_counter() - start
+
+
+def _decode_once(engine: Engine, first: int, n: int) -> list[float]:
+    """Per-token seconds of n decode steps after a one-token prefill."""
+    stamps: list[float] = []
+    for _ in generate_tokens(engine.model, [first], sampling=_GREEDY, generator=None,
+                             max_new_tokens=n + 1, step=engine.decode_step,
+                             lookahead=engine.lookahead):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_tokens: int = 128,
+              repetitions: int = 3, seed: int = 0) -> BenchResult:
+    """Benchmark prefill at each prompt length and decoding of gen_tokens, after a warm-up.
+
+    Prompts are random token ids (seeded). The KV cache grows if the lengths need more room.
+    """
+    if not prompt_tokens or min(prompt_tokens) < 1:
+        raise InvalidArgumentError("prompt lengths must be positive integers")
+    if gen_tokens < 1 or repetitions < 1:
+        raise InvalidArgumentError("gen_tokens and repetitions must be at least 1")
+    needed = max(max(prompt_tokens) + 1, gen_tokens + 2)
+    if engine.max_seq_len < needed:
+        engine.model.setup_caches(engine.model.max_batch_size, needed)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.args.vocab_size
+    prompts = {n: torch.randint(vocab, (n,), generator=gen).tolist() for n in prompt_tokens}
+    first = engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else 0
+
+    start = time.perf_counter()
+    for ids in prompts.values():
+        _prefill_once(engine, ids)
+    _decode_once(engine, first, min(4, gen_tokens))
+    warmup_s = time.perf_counter() - start
+
+    reset_peak_device_memory(engine.device)
+    pp_times: dict[int, list[float]] = {n: [] for n in prompt_tokens}
+    tg_tok_s: list[float] = []
+    tg_seconds: list[float] = []
+    per_token: list[float] = []
+    for _ in range(repetitions):
+        for n, ids in prompts.items():
+            pp_times[n].append(_prefill_once(engine, ids))
+        steps = _decode_once(engine, first, gen_tokens)
+        tg_seconds.append(sum(steps))
+        tg_tok_s.append(len(steps) / sum(steps))
+        per_token.extend(steps)
+
+    total, per_tok = weight_bytes(engine)
+    tok_s = Stat.of(tg_tok_s)
+    q = statistics.quantiles(per_token, n=10, method="inclusive") if len(per_token) > 1 else per_token * 9
+    decode = DecodeStats(
+        gen_tokens=gen_tokens, tok_s=tok_s, seconds=Stat.of(tg_seconds),
+        time_per_token_p50_s=statistics.median(per_token), time_per_token_p90_s=q[8],
+        bandwidth_gb_s=per_tok * tok_s.mean / 1e9)
+    prefill = tuple(PrefillStats(n, Stat.of([n / t for t in ts]), Stat.of(ts))
+                    for n, ts in pp_times.items())
+    return BenchResult(
+        model=str(engine.checkpoint.path), layout=engine.checkpoint.layout,
+        n_params=engine.args.n_params, model_bytes=total, bytes_per_token=per_tok,
+        dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
+        compiled=engine.compiled, repetitions=repetitions, load_s=engine.load_s,
+        warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
+        peak_device_bytes=peak_device_memory(engine.device), env=environment(engine))

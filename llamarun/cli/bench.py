@@ -1,0 +1,126 @@
+"""`llamarun bench --tokens-per-sec`: prefill/decode throughput, latency, memory and bandwidth."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llamarun.bench import BenchResult, run_bench
+from llamarun.cli import app, console
+from llamarun.cli.common import (
+    CompileOpt, DeviceOpt, DtypeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, VerboseOpt, cli_errors,
+    load_engine,
+)
+from llamarun.errors import InvalidArgumentError
+
+FORMATS = ("table", "md", "json", "jsonl")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'512,128' -> [512, 128]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--prompt-tokens: expected integers like 512,128, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidArgumentError(f"--prompt-tokens: lengths must be positive, got {text!r}")
+    return values
+
+
+def rows(r: BenchResult) -> list[tuple[str, str]]:
+    """(metric, value) rows shared by the table and Markdown outputs."""
+    def ms(s: float) -> str:
+        return f"{s * 1e3:.2f} ms"
+
+    out = [
+        ("model", f"{r.model} ({r.layout}, {r.n_params / 1e6:.2f} M params, "
+                  f"{r.model_bytes / 2**20:.1f} MiB)"),
+        ("device / dtype", f"{r.env.get('device_name')} ({r.device}), {r.dtype}, "
+                           f"{r.env.get('threads')} threads, {'compiled' if r.compiled else 'eager'}"),
+        ("load", f"{r.load_s:.2f} s"),
+        ("warm-up (and compile)", f"{r.warmup_s:.2f} s"),
+    ]
+    for p in r.prefill:
+        out.append((f"pp{p.prompt_tokens}", f"{p.tok_s.mean:.1f} ± {p.tok_s.std:.1f} tok/s"))
+        out.append((f"time to first token ({p.prompt_tokens} tok)",
+                    f"{ms(p.time_to_first_token_s.mean)} ± {ms(p.time_to_first_token_s.std)}"))
+    d = r.decode
+    out += [
+        (f"tg{d.gen_tokens}", f"{d.tok_s.mean:.1f} ± {d.tok_s.std:.1f} tok/s"),
+        ("time per output token p50 / p90",
+         f"{ms(d.time_per_token_p50_s)} / {ms(d.time_per_token_p90_s)}"),
+        ("memory bandwidth", f"{d.bandwidth_gb_s:.2f} GB/s "
+                             f"({r.bytes_per_token / 2**20:.1f} MiB of weights per token)"),
+        ("peak host RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"),
+    ]
+    if r.peak_device_bytes is not None:
+        out.append(("peak device memory", f"{r.peak_device_bytes / 2**20:.0f} MiB"))
+    out.append(("repetitions", str(r.repetitions)))
+    return out
+
+
+@app.command()
+def bench(
+    tokens_per_sec: Annotated[bool, typer.Option(
+        "--tokens-per-sec", help="Measure prefill and decode throughput (the default benchmark)")] = True,
+    prompt_tokens: Annotated[str, typer.Option(
+        "--prompt-tokens", "-p", help="Prompt length(s) for prefill, comma-separated")] = "512",
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to decode")] = 128,
+    repetitions: Annotated[int, typer.Option(
+        "--repetitions", "-r", help="Measured runs after the warm-up")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Same as --output json")] = False,
+    output: Annotated[str, typer.Option(
+        "--output", "-o", help="table, md, json or jsonl (one line per prompt length)")] = "table",
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_seq_len: MaxSeqLenOpt = None,
+    compile: CompileOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Benchmark tokens/s: pp (prefill) and tg (decode), with warm-up and compile time apart."""
+    console.setup_logging(verbose)
+    with cli_errors(verbose):
+        fmt = "json" if json_out else output
+        if fmt not in FORMATS:
+            raise InvalidArgumentError(f"--output must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if not tokens_per_sec:
+            raise InvalidArgumentError("only --tokens-per-sec is available")
+        lengths = parse_lengths(prompt_tokens)
+        if gen_tokens < 1 or repetitions < 1:
+            raise InvalidArgumentError("--gen-tokens and --repetitions must be at least 1")
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose))
+        if console.err.is_terminal and fmt == "table":
+            with console.err.status("benchmarking (warm-up first)..."):
+                result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
+                                   repetitions=repetitions)
+        else:
+            result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
+                               repetitions=repetitions)
+        render(result, fmt)
+
+
+def render(r: BenchResult, fmt: str) -> None:
+    """Print the result in the chosen format."""
+    if fmt == "json":
+        console.write(json.dumps(r.to_dict()) + "\n")
+    elif fmt == "jsonl":
+        data = r.to_dict()
+        prefill = data.pop("prefill")
+        assert isinstance(prefill, list)
+        for p in prefill:
+            console.write(json.dumps({**data, "prefill": p}) + "\n")
+    elif fmt == "md":
+        lines = ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows(r)]
+        console.write("\n".join(lines) + "\n")
+    else:
+        table = Table(title="llamarun bench", show_header=True)
+        table.add_column("metric", style="bold")
+        table.add_column("value", overflow="fold")
+        for k, v in rows(r):
+            table.add_row(k, v)
+        console.out.print(table, markup=False, highlight=False)

@@ -1,0 +1,111 @@
+"""`llamarun complete`: continue a raw text prompt, streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llamarun.cli import app, console
+from llamarun.cli.common import (
+    CompileOpt, DeviceOpt, DtypeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt, ModelOptions,
+    RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
+    check_max_tokens, cli_errors, load_engine, sampling_params,
+)
+from llamarun.engine import GenerationResult
+from llamarun.errors import InvalidArgumentError
+from llamarun.sampling import SamplingParams
+
+_D = SamplingParams()
+
+
+def read_prompt(prompt: str | None) -> str:
+    """The --prompt text, or stdin for `-` or when stdin is piped (one final newline dropped)."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and sys.stdin.isatty():
+        raise InvalidArgumentError("no prompt: give --prompt TEXT, --prompt - or pipe text on stdin")
+    text = sys.stdin.read()
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def timing_line(r: GenerationResult) -> str:
+    """`prompt: N tok, X tok/s | generation: M tok, Y tok/s`."""
+    return (f"prompt: {r.prompt_tokens} tok, {r.prefill_tok_s:.1f} tok/s | "
+            f"generation: {r.completion_tokens} tok, {r.decode_tok_s:.1f} tok/s")
+
+
+def result_json(r: GenerationResult, *, model: str, load_s: float) -> dict[str, object]:
+    """The --json object: text, finish reason, token counts and timings."""
+    return {
+        "text": r.text,
+        "finish_reason": r.finish_reason,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "token_ids": list(r.token_ids),
+        "model": model,
+        "timings": {
+            "load_s": load_s,
+            "prefill_s": r.prefill_s,
+            "prefill_tok_s": r.prefill_tok_s,
+            "time_to_first_token_s": r.prefill_s,
+            "decode_s": r.decode_s,
+            "decode_tok_s": r.decode_tok_s,
+        },
+    }
+
+
+@app.command()
+def complete(
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", show_default=False,
+        help="Text to continue; `-` (or no flag with piped stdin) reads stdin")] = None,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object (text, finish reason, counts, timings) at the end")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr")] = False,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = _D.temperature,
+    top_k: TopKOpt = _D.top_k,
+    top_p: TopPOpt = _D.top_p,
+    min_p: MinPOpt = _D.min_p,
+    repeat_penalty: RepeatPenaltyOpt = _D.repeat_penalty,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_seq_len: MaxSeqLenOpt = None,
+    compile: CompileOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Continue a raw text prompt (no chat template) and stream the continuation to stdout."""
+    console.setup_logging(verbose)
+    with cli_errors(verbose):
+        params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repeat_penalty=repeat_penalty, seed=seed)
+        check_max_tokens(max_tokens)
+        text = read_prompt(prompt)
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose))
+        gen = engine.complete(text, sampling=params, max_new_tokens=max_tokens, stop=stop or (),
+                              echo=echo and not json_out)
+        try:
+            for chunk in gen:
+                if chunk.text and not json_out:
+                    console.write(chunk.text)
+        finally:
+            gen.close()
+        result = gen.result
+        if json_out:
+            obj = result_json(result, model=str(engine.checkpoint.path), load_s=engine.load_s)
+            if echo:
+                obj["prompt"] = text
+            console.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        else:
+            console.write("\n")
+        if not quiet and not json_out:
+            console.note(timing_line(result))

@@ -1,0 +1,78 @@
+"""`llamarun info`: what the resolved checkpoint is and how it will run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llamarun.cli import app, console
+from llamarun.cli.common import (
+    DeviceOpt, DtypeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, VerboseOpt, cli_errors, load_engine,
+)
+from llamarun.engine import Engine
+
+
+def describe(engine: Engine) -> dict[str, object]:
+    """Checkpoint, layout, config, size, dtype, tokenizer and chat format as plain data."""
+    tok = engine.tokenizer
+    stops = sorted(tok.stop_ids)
+    return {
+        "checkpoint": str(engine.checkpoint.path),
+        "layout": engine.checkpoint.layout,
+        "parameters": engine.args.n_params,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "kv_cache_tokens": engine.max_seq_len,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "add_bos": tok.add_bos,
+        "stop_tokens": {str(i): tok.piece(i) for i in stops},
+        "chat_format": engine.chat_format.name,
+        "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                   for k, v in vars(engine.args).items()},
+    }
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit} ({n:,})"
+    return str(n)
+
+
+@app.command()
+def info(
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_seq_len: MaxSeqLenOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Show the resolved checkpoint, its config, tokenizer, chat format and stop tokens."""
+    console.setup_logging(verbose)
+    with cli_errors(verbose):
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose))
+        data = describe(engine)
+        if json_out:
+            console.write(json.dumps(data, ensure_ascii=False) + "\n")
+            return
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        config = data.pop("config")
+        stops = data.pop("stop_tokens")
+        assert isinstance(config, dict) and isinstance(stops, dict)
+        data["parameters"] = _human(engine.args.n_params)
+        data["stop_tokens"] = ", ".join(f"{i} {p!r}" for i, p in stops.items()) or "none"
+        for key, value in data.items():
+            table.add_row(key.replace("_", " "), str(value))
+        for key, value in config.items():
+            table.add_row(f"config.{key}", str(value))
+        console.out.print(table, markup=False, highlight=False)
