@@ -149,6 +149,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         raise InvalidArgumentError("prompt lengths must be positive integers")
     if gen_tokens < 1 or repetitions < 1:
         raise InvalidArgumentError("gen_tokens and repetitions must be at least 1")
+    engine.claim_cache()
     needed = max(max(prompt_tokens) + 1, gen_tokens + 2)
     if engine.max_seq_len < needed:
         engine.model.setup_caches(engine.model.max_batch_size, needed)

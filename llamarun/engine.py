@@ -116,6 +116,9 @@ class Engine:
         self.load_s = load_s
         # An asynchronous device computes the next step while the host streams the current token.
         self.lookahead = self.device.type == "cuda"
+        # Bumped whenever a new generation writes the KV cache, so a ChatSession can tell that
+        # someone else overwrote the conversation it left there.
+        self.cache_version = 0
         self.decode_step: DecodeStep = self._compiled_step() if compile else eager_step(self.model)
 
     @classmethod
@@ -152,6 +155,7 @@ class Engine:
 
     def warmup(self, *, steps: int = 2) -> float:
         """Run a few decode steps (compiling them when compile=True); return the seconds it took."""
+        self.claim_cache()
         start = time.perf_counter()
         prompt = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
         events = generate_tokens(self.model, prompt, sampling=SamplingParams.greedy(), generator=None,
@@ -159,6 +163,11 @@ class Engine:
         for _ in events:
             pass
         return time.perf_counter() - start
+
+    def claim_cache(self) -> int:
+        """Note that the KV cache is about to be overwritten; return the new cache version."""
+        self.cache_version += 1
+        return self.cache_version
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt (BOS when the tokenizer's settings say so)."""
@@ -207,6 +216,7 @@ class Engine:
         self.check_fits(len(prompt_ids), start_pos)
         sampling = sampling or SamplingParams()
         ids = list(prompt_ids)
+        self.claim_cache()
 
         def chunks(gen: Generation) -> Iterator[TextChunk]:
             return self._stream(gen, ids, start_pos=start_pos, history=history, sampling=sampling,

@@ -38,6 +38,7 @@ class ChatSession:
         self._pending: list[int] = []  # ids of the last reply not yet written to the cache
         self._followup = False  # whether the cache holds dialog[:-1] + the reply (minus _pending)
         self._active: Generation | None = None
+        self._version = -1  # the engine's cache_version when this session last wrote the cache
         self.last_result: GenerationResult | None = None
         self.last_prefill = 0  # tokens prefilled by the last turn
 
@@ -75,6 +76,8 @@ class ChatSession:
         """Add a user message and stream the assistant's reply."""
         self._close_active()
         user: Message = {"role": "user", "content": text}
+        if self.engine.cache_version != self._version:  # another generation used the cache
+            self._cache, self._pending, self._followup = [], [], False
         limit = self.engine.max_seq_len
         reserve = min(max_new_tokens, limit // 4)  # room a reply needs before old turns are dropped
         start, new = self._plan(user)
@@ -109,6 +112,7 @@ class ChatSession:
         gen = self.engine.generate(new, start_pos=start, history=history, sampling=sampling,
                                    max_new_tokens=max_new_tokens, stop=stop, on_done=done)
         gen.dropped_turns = dropped
+        self._version = self.engine.cache_version
         self.last_prefill = len(new)
         self._active = gen
         return gen

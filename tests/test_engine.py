@@ -1,0 +1,152 @@
+"""Engine.complete and ChatSession on the real stories260K model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamarun.engine import Engine
+from llamarun.errors import InvalidArgumentError, PromptTooLongError
+from llamarun.sampling import SamplingParams
+from tests.engine_util import engine, one_thread, stories_meta  # noqa: F401
+
+GREEDY = SamplingParams.greedy()
+PROMPT = "Once upon a time"
+
+
+def test_complete_streams_the_decoded_continuation(engine: Engine) -> None:
+    gen = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=30)
+    chunks = list(gen)
+    r = gen.result
+    assert "".join(c.text for c in chunks) == r.text
+    assert r.text == engine.tokenizer.decode(list(r.token_ids))
+    assert r.text.startswith(", there was a little girl named Lily")
+    assert r.finish_reason == "length" and r.completion_tokens == 30
+    assert r.prompt_tokens == len(engine.encode_prompt(PROMPT)) == 5
+    assert r.prefill_s > 0 and r.decode_s > 0 and r.decode_tok_s > 0
+    assert [c.token_id for c in chunks] == list(r.token_ids)
+
+
+def test_stop_string_is_never_emitted(engine: Engine) -> None:
+    gen = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=30, stop=["Lily"])
+    text = "".join(c.text for c in gen)
+    assert text == ", there was a little girl named "
+    assert gen.result.finish_reason == "stop" and gen.result.text == text
+
+
+def test_stop_id_ends_generation(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=10)
+    full = [c.token_id for c in ids]
+    monkeypatch.setattr(engine.tokenizer, "stop_ids", frozenset({full[4]}))
+    gen = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=10)
+    list(gen)
+    r = gen.result
+    assert r.finish_reason == "stop" and list(r.token_ids) == full[:4] and r.completion_tokens == 5
+    assert r.cached_tokens == 4
+
+
+def test_context_finish_and_too_long_prompt(one_thread: None) -> None:
+    small = Engine.load(stories_meta(), device="cpu", max_seq_len=12)
+    gen = small.complete(PROMPT, sampling=GREEDY, max_new_tokens=100)
+    list(gen)
+    assert gen.result.finish_reason == "context" and gen.result.completion_tokens == 12 - 5
+    with pytest.raises(PromptTooLongError):
+        small.complete("Once upon a time there was a girl named Lily who", max_new_tokens=5)
+
+
+def test_seed_reproduces_sampled_text(engine: Engine) -> None:
+    def run(seed: int) -> str:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        gen = engine.complete(PROMPT, sampling=params, max_new_tokens=40)
+        return "".join(c.text for c in gen)
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_echo_and_close(engine: Engine) -> None:
+    gen = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20, echo=True)
+    first = next(gen)
+    assert first.text == PROMPT and first.token_id is None
+    with pytest.raises(RuntimeError):
+        gen.result
+    next(gen)
+    gen.close()
+    assert gen.result.finish_reason == "cancelled" and gen.result.completion_tokens == 1
+
+
+def test_bad_arguments(engine: Engine) -> None:
+    with pytest.raises(InvalidArgumentError):
+        engine.complete(PROMPT, max_new_tokens=0)
+
+
+def test_chat_second_turn_prefills_only_new_tokens(engine: Engine) -> None:
+    session = engine.chat(system="You tell stories.")
+    g1 = session.send("Hi", sampling=GREEDY, max_new_tokens=12)
+    list(g1)
+    first_prompt = engine.chat_format.encode_dialog(
+        [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Hi"}])
+    assert g1.prompt_tokens == len(first_prompt)
+    history = session.dialog
+    followup = engine.chat_format.encode_followup(history, [{"role": "user", "content": "More"}])
+    pending = g1.result.completion_tokens - g1.result.cached_tokens - (
+        1 if g1.result.finish_reason == "stop" else 0)
+    g2 = session.send("More", sampling=GREEDY, max_new_tokens=12)
+    reply2 = [c.token_id for c in g2 if c.token_id is not None]
+    assert g2.prompt_tokens == len(followup) + pending
+    assert session.last_prefill == g2.prompt_tokens
+    # The cached conversation gives the same reply as prefilling everything from scratch.
+    cached_all = first_prompt + list(g1.result.token_ids) + followup
+    fresh = engine.generate(cached_all, sampling=GREEDY, max_new_tokens=12)
+    assert [c.token_id for c in fresh if c.token_id is not None] == reply2
+    assert session.context_used == len(cached_all) + len(reply2)
+
+
+def test_chat_drops_oldest_turns_when_full(one_thread: None) -> None:
+    small = Engine.load(stories_meta(), device="cpu", max_seq_len=96)
+    session = small.chat(system="Be brief.")
+    dropped = 0
+    for i in range(6):
+        gen = session.send(f"Tell me story number {i}", sampling=GREEDY, max_new_tokens=16)
+        list(gen)
+        dropped += gen.dropped_turns
+        assert session.context_used <= small.max_seq_len
+        assert gen.result.finish_reason in ("length", "stop")
+    assert dropped > 0
+    assert session.dialog[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[-2]["content"] == "Tell me story number 5"
+    assert len(session.messages) < 12
+
+
+def test_chat_clear_and_cancel(engine: Engine) -> None:
+    session = engine.chat()
+    gen = session.send("Hello", sampling=GREEDY, max_new_tokens=30)
+    next(gen)
+    next(gen)
+    gen.close()  # Ctrl-C in the CLI
+    assert gen.result.finish_reason == "cancelled"
+    g2 = session.send("Again", sampling=GREEDY, max_new_tokens=5)
+    list(g2)
+    assert len(session.messages) == 4
+    session.clear()
+    g3 = session.send("Hello", sampling=GREEDY, max_new_tokens=5)
+    list(g3)
+    # The cache still starts with the first turn's prompt: only the rest is prefilled again.
+    dialog = engine.chat_format.encode_dialog([{"role": "user", "content": "Hello"}])
+    assert g3.prompt_tokens == 1
+    fresh = engine.generate(dialog, sampling=GREEDY, max_new_tokens=5)
+    list(fresh)
+    assert fresh.result.token_ids == g3.result.token_ids
+    g4 = session.send("Hi", sampling=GREEDY, max_new_tokens=5)  # `fresh` overwrote the cache
+    list(g4)
+    assert g4.prompt_tokens == len(engine.chat_format.encode_dialog(session.dialog[:-1]))
+    session.clear()
+    unstarted = session.send("Ignored", sampling=GREEDY, max_new_tokens=5)
+    session.set_system("New rules")  # closes the unstarted reply and forgets its message
+    assert not unstarted.done and session.messages == []
+    list(session.send("Go", sampling=GREEDY, max_new_tokens=5))
+    assert session.dialog[0]["content"] == "New rules" and len(session.messages) == 2
+
+
+def test_warmup_runs(engine: Engine) -> None:
+    assert engine.warmup() > 0
+    assert isinstance(engine.model.positions, torch.Tensor)
