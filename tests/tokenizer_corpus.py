@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 # Hand-written tricky cases: whitespace edges, special-token text in user input, byte-fallback material.
@@ -211,8 +212,9 @@ def make_hf_folder(
     return dest
 
 
-def make_llama3_hf_folder(dest: Path, fixtures: Path, *, chat_template: str | None = LLAMA3_TEMPLATE) -> Path:
-    """A Llama-3-Instruct-like HF folder: tokenizer.json converted from Meta's tiktoken file by transformers."""
+@lru_cache(maxsize=2)
+def _llama3_tokenizer_json(fixtures: Path) -> str:
+    """tokenizer.json text converted from Meta's tiktoken file by transformers (cached: ~2 s per conversion)."""
     import tokenizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -224,8 +226,13 @@ def make_llama3_hf_folder(dest: Path, fixtures: Path, *, chat_template: str | No
     tok.post_processor = tokenizers.processors.TemplateProcessing(  # what Meta's HF repos ship
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", 128000)]
     )
+    return tok.to_str()
+
+
+def make_llama3_hf_folder(dest: Path, fixtures: Path, *, chat_template: str | None = LLAMA3_TEMPLATE) -> Path:
+    """A Llama-3-Instruct-like HF folder: tokenizer.json converted from Meta's tiktoken file by transformers."""
     dest.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer.json").write_text(_llama3_tokenizer_json(fixtures), encoding="utf-8")
     cfg: dict[str, object] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",

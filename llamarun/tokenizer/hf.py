@@ -60,10 +60,8 @@ class HFTokenizer(Tokenizer):
         pad_id: int | None = None,
     ) -> None:
         self._tok = tok
-        # A copy that treats special-token text in user input as plain text (transformers' split_special_tokens).
-        serialized = tok.to_str()
-        self._plain = tokenizers.Tokenizer.from_str(serialized)
-        self._plain.encode_special_tokens = True
+        # Built on first need: a copy that encodes special-token text as plain text (split_special_tokens).
+        self._plain: tokenizers.Tokenizer | None = None
         self.kind = kind
         self.source = source
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -76,8 +74,10 @@ class HFTokenizer(Tokenizer):
         self.stop_ids = frozenset(stops)
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self._added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
-        types = _decoder_types(json.loads(serialized).get("decoder"))
+        added = tok.get_added_tokens_decoder()
+        self._added = {t.content: i for i, t in added.items()}
+        self._special_texts = [t.content for t in added.values() if t.special]
+        types = _decoder_types(json.loads(tok.decoder.__getstate__())) if tok.decoder is not None else set()
         self._byte_level = "ByteLevel" in types
         self._byte_fallback = "ByteFallback" in types
 
@@ -128,8 +128,13 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
         """Encode without the post-processor; special-token text stays text; BOS/EOS only when asked."""
-        ids = self._plain.encode(text, add_special_tokens=False).ids
-        return self._with_bos_eos(ids, bos=bos, eos=eos)
+        tok = self._tok
+        if any(special in text for special in self._special_texts):
+            if self._plain is None:
+                self._plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+                self._plain.encode_special_tokens = True
+            tok = self._plain
+        return self._with_bos_eos(tok.encode(text, add_special_tokens=False).ids, bos=bos, eos=eos)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Encode with added/special tokens recognised, without the post-processor (no BOS)."""
