@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sentencepiece as spm
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
 from fixtures_util import fixtures_dir, require_fixture
 from llamarun.errors import InvalidArgumentError, TokenizerError
@@ -17,7 +19,6 @@ from tokenizer_corpus import (
     CHATML_TEMPLATE,
     FEATURES_TEMPLATE,
     LLAMA2_TEMPLATE,
-    LLAMA3_TEMPLATE,
     make_hf_folder,
     make_llama3_hf_folder,
 )
@@ -105,10 +106,6 @@ def test_llama2_rejects_bad_roles(llama2: Any) -> None:
 @pytest.fixture(scope="module")
 def llama3() -> tuple[Tokenizer, tiktoken.Encoding]:
     tok = load_tokenizer(require_fixture("llama3-tokenizer"))
-    from tiktoken.load import load_tiktoken_bpe
-
-    import json
-
     spec = json.loads(require_fixture("llama3-tokenizer", "special_tokens.json").read_text())
     ref = tiktoken.Encoding(
         name="ref",
