@@ -1,0 +1,95 @@
+"""`llamarun chat` driven by a script on stdin (one message per line)."""
+
+from __future__ import annotations
+
+import re
+
+from typer.testing import CliRunner
+
+from llamarun.cli import app
+from llamarun.engine import Engine
+from llamarun.sampling import SamplingParams
+from tests.engine_util import engine, one_thread, run_cli, stories_meta  # noqa: F401
+
+GREEDY = SamplingParams.greedy()
+
+
+def chat(script: str, *args: str):  # noqa: ANN201 (typer's Result)
+    return CliRunner().invoke(app, ["chat", "-m", str(stories_meta()), "-t", "0", "-n", "12", *args],
+                              input=script, env={"LLAMARUN_MODEL": None})
+
+
+def replies(engine: Engine, messages: list[str], *, system: str | None = None) -> tuple[list[str], list[int]]:
+    session = engine.chat(system=system)
+    texts, prefills = [], []
+    for m in messages:
+        gen = session.send(m, sampling=GREEDY, max_new_tokens=12)
+        texts.append("".join(c.text for c in gen))
+        prefills.append(gen.prompt_tokens)
+    return texts, prefills
+
+
+def test_two_turns_and_incremental_prefill(engine: Engine) -> None:
+    r = chat("Hi there\n/stats\nTell me a story\n/stats\n")
+    assert r.exit_code == 0, r.output
+    texts, prefills = replies(engine, ["Hi there", "Tell me a story"])
+    assert r.stdout == "".join(t + "\n" for t in texts)
+    counts = [int(n) for n in re.findall(r"prefilled (\d+) tok", r.stderr)]
+    assert counts == prefills
+    first_prompt = engine.chat_format.encode_dialog([{"role": "user", "content": "Hi there"}])
+    assert counts[0] == len(first_prompt)
+    whole = engine.chat_format.encode_dialog([
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": texts[0]},
+        {"role": "user", "content": "Tell me a story"}])
+    assert counts[1] <= len(whole) - len(first_prompt)  # only the new turn, not the whole dialog
+    used = [int(n) for n in re.findall(r"context: (\d+) of 512", r.stderr)]
+    assert used[1] > used[0] > 0
+
+
+def test_clear_system_and_set(engine: Engine) -> None:
+    script = "\n".join([
+        "Hi", "/set temperature 0.9", "/set top_p 2", "/set seed 7", "/set bogus 1",
+        "/set temperature 0", "/system You are a pirate.", "Hi", "/clear", "Hi", "/nope", "/exit",
+        "never sent",
+    ]) + "\n"
+    r = chat(script)
+    assert r.exit_code == 0, r.output
+    plain, _ = replies(engine, ["Hi"])
+    pirate, _ = replies(engine, ["Hi", "Hi"], system="You are a pirate.")
+    fresh, _ = replies(engine, ["Hi"], system="You are a pirate.")
+    # /system keeps the history and re-encodes it; /clear starts over with the system prompt
+    assert r.stdout == plain[0] + "\n" + pirate[1] + "\n" + fresh[0] + "\n"
+    assert "temperature = 0.9" in r.stderr and "seed = 7" in r.stderr
+    assert "error: top_p: top_p must be in (0, 1]" in r.stderr
+    assert "error: usage: /set NAME VALUE" in r.stderr
+    assert "error: unknown command /nope" in r.stderr
+    assert "system prompt set" in r.stderr and "new conversation" in r.stderr
+
+
+def test_multiline_message(engine: Engine) -> None:
+    r = chat('"""\nOnce upon a time\nthere was a cat\n"""\n')
+    texts, _ = replies(engine, ["Once upon a time\nthere was a cat"])
+    assert r.exit_code == 0 and r.stdout == texts[0] + "\n"
+
+
+def test_overflow_drops_oldest_turn() -> None:
+    script = "".join(f"Tell me story number {i}\n" for i in range(6)) + "/stats\n"
+    r = chat(script, "--max-seq-len", "96", "--system", "Be brief.", "-n", "16")
+    assert r.exit_code == 0, r.output
+    assert "dropped the 1 oldest turn(s) to fit the context" in r.stderr
+    assert len(r.stdout.strip().splitlines()) >= 6
+    used = int(re.findall(r"context: (\d+) of 96", r.stderr)[-1])
+    assert used <= 96
+
+
+def test_message_too_long_for_context_is_reported() -> None:
+    r = chat("Once upon a time there was a little girl named Lily who loved to play\nHi\n",
+             "--max-seq-len", "24")
+    assert r.exit_code == 0 and r.stdout.count("\n") == 1
+    assert r.stderr.count("error: the message needs") == 1
+
+
+def test_scripted_subprocess() -> None:
+    r = run_cli("chat", "-m", str(stories_meta()), "-t", "0", "-n", "8", input="Hi\nHello\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) >= 2 and "Traceback" not in r.stderr
