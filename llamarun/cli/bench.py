@@ -110,7 +110,7 @@ def render(r: BenchResult, fmt: str) -> None:
     elif fmt == "jsonl":
         data = r.to_dict()
         prefill = data.pop("prefill")
-        assert isinstance(prefill, list)
+        assert isinstance(prefill, (list, tuple))
         for p in prefill:
             console.write(json.dumps({**data, "prefill": p}) + "\n")
     elif fmt == "md":

@@ -1,0 +1,72 @@
+"""`llamarun bench --tokens-per-sec` on stories260K: every field present, positive and consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llamarun.bench import run_bench
+from llamarun.cli import app
+from llamarun.engine import Engine
+from tests.engine_util import engine, one_thread, stories_meta  # noqa: F401
+
+
+def invoke(*args: str):  # noqa: ANN201 (typer's Result)
+    return CliRunner().invoke(app, ["bench", "-m", str(stories_meta()), *args],
+                              env={"LLAMARUN_MODEL": None})
+
+
+def test_bench_json_fields(one_thread: None) -> None:
+    r = invoke("--tokens-per-sec", "--prompt-tokens", "64,32", "--gen-tokens", "16", "-r", "2",
+               "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["repetitions"] == 2 and d["compiled"] is False
+    for key in ("load_s", "warmup_s", "n_params", "model_bytes", "bytes_per_token",
+                "peak_rss_bytes"):
+        assert d[key] > 0, key
+    assert d["n_params"] == 292_800 and d["model_bytes"] == 4 * d["n_params"]
+    # untied embedding: a decoded token reads one of its 512 rows
+    assert d["bytes_per_token"] == d["model_bytes"] - 511 * 64 * 4
+    assert d["peak_device_bytes"] is None
+    assert [p["prompt_tokens"] for p in d["prefill"]] == [64, 32]
+    for p in d["prefill"]:
+        assert len(p["tok_s"]["values"]) == 2 and p["tok_s"]["mean"] > 0
+        for tok_s, secs in zip(p["tok_s"]["values"], p["time_to_first_token_s"]["values"]):
+            assert tok_s * secs == pytest.approx(p["prompt_tokens"])
+    dec = d["decode"]
+    assert dec["gen_tokens"] == 16
+    for tok_s, secs in zip(dec["tok_s"]["values"], dec["seconds"]["values"]):
+        assert tok_s * secs == pytest.approx(16)
+    assert 0 < dec["time_per_token_p50_s"] <= dec["time_per_token_p90_s"]
+    assert dec["bandwidth_gb_s"] == pytest.approx(d["bytes_per_token"] * dec["tok_s"]["mean"] / 1e9)
+    env = d["env"]
+    for key in ("torch", "llamarun", "device_name", "dtype", "threads", "python"):
+        assert env[key], key
+    assert env["dtype"] == d["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("fmt", ["md", "jsonl", "table"])
+def test_bench_other_formats(fmt: str, one_thread: None) -> None:
+    r = invoke("-p", "16,8", "-g", "4", "-r", "1", "--output", fmt)
+    assert r.exit_code == 0, r.output
+    if fmt == "jsonl":
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [x["prefill"]["prompt_tokens"] for x in lines] == [16, 8]
+    elif fmt == "md":
+        assert r.stdout.startswith("| metric | value |") and "| pp16 |" in r.stdout
+    else:
+        assert "tg4" in r.stdout and "pp8" in r.stdout
+
+
+def test_bench_bad_values() -> None:
+    for args in (["-p", "12,x"], ["-p", "0"], ["-g", "0"], ["-o", "xml"]):
+        r = invoke(*args)
+        assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_run_bench_grows_the_cache(engine: Engine) -> None:
+    result = run_bench(engine, prompt_tokens=(600,), gen_tokens=2, repetitions=1)
+    assert engine.max_seq_len >= 601 and result.prefill[0].prompt_tokens == 600
