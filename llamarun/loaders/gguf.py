@@ -257,6 +257,11 @@ def meta_name(gguf_name: str) -> str:
     return gguf_name
 
 
+def _decimal(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(value)))
+
+
 def model_args(file: GGUFFile) -> ModelArgs:
     """ModelArgs from the `llama.*` metadata of a GGUF file."""
     md, src = file.metadata, str(file.path)
@@ -292,7 +297,7 @@ def model_args(file: GGUFFile) -> ModelArgs:
             vocab = file.tensors["token_embd.weight"].shape[0]
         else:
             raise ConfigError(f"{src}: cannot tell the vocabulary size (no llama.vocab_size)")
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = _decimal(get("rope.freq_base", 10000.0))
     scaling = _rope_scaling(file, head_dim, theta)
     try:
         return ModelArgs(
@@ -303,7 +308,7 @@ def model_args(file: GGUFFile) -> ModelArgs:
             vocab_size=int(vocab),
             hidden_dim=int(get("feed_forward_length", required=True)),
             head_dim=head_dim,
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in file.tensors,
@@ -316,7 +321,7 @@ def model_args(file: GGUFFile) -> ModelArgs:
 def _rope_scaling(file: GGUFFile, head_dim: int, theta: float) -> RopeScaling | None:
     md, src = file.metadata, str(file.path)
     kind = str(md.get("llama.rope.scaling.type", "none"))
-    factor = float(md.get("llama.rope.scaling.factor", 0.0) or md.get("llama.rope.scale_linear", 0.0))
+    factor = _decimal(md.get("llama.rope.scaling.factor", 0.0) or md.get("llama.rope.scale_linear", 0.0))
     if ROPE_FREQS in file.tensors:
         return _llama3_scaling(file, head_dim, theta)
     if kind == "none" and factor in (0.0, 1.0):
