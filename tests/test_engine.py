@@ -150,3 +150,17 @@ def test_chat_clear_and_cancel(engine: Engine) -> None:
 def test_warmup_runs(engine: Engine) -> None:
     assert engine.warmup() > 0
     assert isinstance(engine.model.positions, torch.Tensor)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(engine: Engine) -> None:
+    compiled = Engine(engine.checkpoint, engine.tokenizer, engine.chat_format, compile=True)
+    try:
+        assert compiled.warmup() > 0  # compiles (cached by inductor after the first run)
+        gen = compiled.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
+        list(gen)
+        eager = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
+        list(eager)
+        assert gen.result.token_ids == eager.result.token_ids
+    finally:
+        torch._dynamo.reset()
