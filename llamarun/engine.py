@@ -181,17 +181,9 @@ class Engine:
         if not ids:
             raise InvalidArgumentError("the prompt is empty and the tokenizer adds no BOS token")
         self.check_fits(len(ids))
-        gen = self.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop,
-                            logprobs=logprobs)
-        if echo and isinstance(prompt, str):
-            first = TextChunk(prompt, None)
-            inner = gen._it
-
-            def with_echo() -> Iterator[TextChunk]:
-                yield first
-                yield from inner
-            gen._it = with_echo()
-        return gen
+        return self.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop,
+                             logprobs=logprobs,
+                             echo=prompt if echo and isinstance(prompt, str) else "")
 
     def check_fits(self, n_tokens: int, start_pos: int = 0) -> None:
         """Raise PromptTooLongError unless n_tokens at start_pos leave room to generate."""
@@ -209,8 +201,12 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], *, start_pos: int = 0,
                  history: Sequence[int] = (), sampling: SamplingParams | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (), logprobs: bool = False,
+                 echo: str = "",
                  on_done: Callable[[GenerationResult], None] | None = None) -> Generation:
-        """Prefill prompt_ids at start_pos (after `history`, already cached) and stream the reply."""
+        """Prefill prompt_ids at start_pos (after `history`, already cached) and stream the reply.
+
+        A non-empty `echo` is yielded first, as a chunk with no token.
+        """
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.check_fits(len(prompt_ids), start_pos)
@@ -220,12 +216,13 @@ class Engine:
 
         def chunks(gen: Generation) -> Iterator[TextChunk]:
             return self._stream(gen, ids, start_pos=start_pos, history=history, sampling=sampling,
-                                max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs)
+                                max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs,
+                                echo=echo)
         return Generation(chunks, prompt_tokens=len(ids), on_done=on_done)
 
     def _stream(self, gen: Generation, prompt_ids: list[int], *, start_pos: int,
                 history: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
-                stop: Sequence[str], logprobs: bool) -> Iterator[TextChunk]:
+                stop: Sequence[str], logprobs: bool, echo: str) -> Iterator[TextChunk]:
         budget = min(max_new_tokens, self.max_seq_len - start_pos - len(prompt_ids))
         decoder = StreamDecoder(self.tokenizer, stop_strings=stop)
         generator = None if sampling.is_greedy else make_generator(self.device, sampling.seed)
@@ -240,6 +237,9 @@ class Engine:
                                  step=self.decode_step, history=history, logprobs=logprobs,
                                  lookahead=self.lookahead)
         try:
+            if echo:
+                yield TextChunk(echo, None)
+                start = first = last = time.perf_counter()
             for event in events:
                 last = time.perf_counter()
                 if n_events == 0:

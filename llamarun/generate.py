@@ -98,21 +98,33 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], *, start_pos: int
         earlier = torch.tensor(list(history)[-window:], dtype=torch.long, device=device)
         recent = torch.cat([earlier, prompt_t])[-window:]
 
+    # On an asynchronous device, read each token back through pinned memory and an event, so the
+    # read waits for that token only and not for the step queued after it.
+    readback = None
+    if lookahead and not prompt_t.is_cpu:
+        readback = (torch.empty(2, dtype=torch.float64, pin_memory=True), torch.Event(device=device))
+
     logits = prefill(model, prompt_t, start_pos)
     input_pos = torch.tensor([pos], dtype=torch.long, device=device)
     for i in range(budget):
         token = sample(logits, sampling, generator, recent=recent if use_penalty else None)
-        logprob = torch.log_softmax(logits, dim=-1)[token] if logprobs else None
+        values = token.double().view(1)  # (1,) or (2,) with the log-probability
+        if logprobs:
+            values = torch.cat([values, torch.log_softmax(logits, dim=-1)[token].double().view(1)])
+        if readback is not None:
+            buf, ready = readback
+            buf[:values.shape[0]].copy_(values, non_blocking=True)
+            ready.record()
         more = i + 1 < budget
         if lookahead and more:
             logits = step(token.view(1, 1), input_pos, pos)
             input_pos += 1
-        if logprob is not None:
-            tok_id, lp = torch.stack([token.double(), logprob.double()]).tolist()
-            event = TokenEvent(int(tok_id), pos, lp)
+        if readback is not None:
+            readback[1].synchronize()
+            host = readback[0][:values.shape[0]].tolist()
         else:
-            event = TokenEvent(int(token.item()), pos)  # the one sync per token streaming needs
-        yield event
+            host = values.tolist()  # the one sync per token that streaming needs
+        yield TokenEvent(int(host[0]), pos, host[1] if logprobs else None)
         if not more:
             return
         if use_penalty:
