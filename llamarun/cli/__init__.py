@@ -10,7 +10,9 @@ import typer
 
 app = typer.Typer(
     name="llamarun",
-    help="Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.",
+    help="Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.\n\n"
+         "Every command finds its model the same way: --model PATH, else $LLAMARUN_MODEL, else the "
+         "single checkpoint under ./checkpoints/, else the embedded default model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,11 +32,7 @@ def _root(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
 ) -> None:
-    """Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.
-
-    Every command finds its model the same way: --model PATH, else $LLAMARUN_MODEL, else the single
-    checkpoint under ./checkpoints/, else the embedded default model.
-    """
+    """Global options (the help text is the app's)."""
 
 
 def _register() -> None:

@@ -24,8 +24,8 @@ SAMPLING_PANEL = "Sampling"
 
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", show_default=False, rich_help_panel=MODEL_PANEL,
-    help=f"Meta or HF checkpoint folder, or a GGUF file [default: ${ENV_VAR}, the single "
-         "checkpoint under ./checkpoints/, else the embedded default model]")]
+    help=f"Meta or HF checkpoint folder, or a GGUF file (default: ${ENV_VAR}, else the single "
+         "checkpoint under ./checkpoints/, else the embedded default model)")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N")]
 DtypeOpt = Annotated[str, typer.Option(
@@ -33,7 +33,7 @@ DtypeOpt = Annotated[str, typer.Option(
     help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")]
 MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
     "--max-seq-len", show_default=False, rich_help_panel=MODEL_PANEL,
-    help="KV cache length in tokens [default: the model's context, at most 4096]")]
+    help="KV cache length in tokens (default: the model's context, at most 4096)")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", rich_help_panel=MODEL_PANEL,
     help="torch.compile the decode step (slow first start; see `llamarun bench`)")]
