@@ -107,7 +107,8 @@ def load_engine(opts: ModelOptions) -> Engine:
     columns = (SpinnerColumn(), TextColumn("loading {task.description}"), BarColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console.err, transient=True) as progress:
-        progress.add_task(resolved.path.name, total=None)  # the loader reports no steps: a pulse
+        # The loader reports no steps, so the bar pulses.
+        progress.add_task(f"{resolved.path.parent.name}/{resolved.path.name}", total=None)
         return load()
 
 
