@@ -37,7 +37,7 @@ def kv_bucket(pos: int, max_seq_len: int) -> int:
 
 def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, *,
             chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Write tokens (S,) at positions start_pos.. into the cache; return the last position's logits (vocab,)."""
+    """Write tokens (S,) at start_pos.. into the cache; return the last position's logits (vocab,)."""
     n = tokens.shape[0]
     if n == 0:
         raise ValueError("prefill needs at least one token")
