@@ -326,7 +326,12 @@ def test_smollm2_greedy_matches_transformers(prompt, smollm2, ours_smollm2, hf_s
     from llamarun.tokenizer.gguf import load_gguf_tokenizer
 
     ids = load_gguf_tokenizer(smollm2).encode_with_special(prompt)
-    ours, steps = greedy(ours_smollm2.model, ids, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps of a 135M model: 2 threads were ~4x slower on 2 cores
+    try:
+        ours, steps = greedy(ours_smollm2.model, ids, 32)
+    finally:
+        torch.set_num_threads(threads)
     # transformers' greedy continuation equals ours iff, fed our tokens, its argmax at every step
     # is our next token: one forward pass checks all 32 steps (and their logits).
     with torch.inference_mode():
