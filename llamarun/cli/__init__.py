@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Annotated
 
@@ -37,13 +36,7 @@ def _root(
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `app`.
-    from llamarun.cli import bench, chat, complete, info  # noqa: F401
-
-    try:
-        importlib.import_module("llamarun.cli.tokenize")
-    except ModuleNotFoundError as e:  # the tokenize command is optional while it is being written
-        if e.name != "llamarun.cli.tokenize":
-            raise
+    from llamarun.cli import bench, chat, complete, info, tokenize  # noqa: F401
 
 
 _register()
