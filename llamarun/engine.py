@@ -124,12 +124,17 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto",
              dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
-             compile: bool = False, chat_template: str | None = None) -> Engine:
-        """Load a Meta/HF folder or GGUF file, its tokenizer and its chat format."""
+             compile: bool = False, chat_template: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Engine:
+        """Load a Meta/HF folder or GGUF file, its tokenizer and its chat format.
+
+        progress(done, total) is called while the weights are converted.
+        """
         if max_seq_len is not None and max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be at least 2, got {max_seq_len}")
         start = time.perf_counter()
-        ckpt = load_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        ckpt = load_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                               progress=progress)
         source = ckpt.path
         tokenizer = load_tokenizer(source)
         folder = source if source.is_dir() else None

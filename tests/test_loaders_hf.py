@@ -175,3 +175,10 @@ def test_shard_gap_and_mismatched_shards(tmp_path, sd):
 def _params() -> dict:
     return {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
             "multiple_of": 64, "ffn_dim_multiplier": 0.75, "norm_eps": 1e-5}
+
+
+def test_progress_reports_each_layer(tmp_path, sd):
+    calls = []
+    load_checkpoint(write_hf_folder(tmp_path / "p", ARGS, sd), device="cpu",
+                    progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, ARGS.n_layers + 1) for i in range(1, ARGS.n_layers + 2)]

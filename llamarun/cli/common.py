@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +96,9 @@ def load_engine(opts: ModelOptions) -> Engine:
     if resolved.source == "default":
         console.note(f"using the embedded default model {resolved.path} (choose another with --model)")
 
-    def load() -> Engine:
+    def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=opts.device, dtype=opts.dtype,
-                           max_seq_len=opts.max_seq_len, compile=opts.compile)
+                           max_seq_len=opts.max_seq_len, compile=opts.compile, progress=progress)
 
     if not console.err.is_terminal:
         return load()
@@ -106,10 +106,9 @@ def load_engine(opts: ModelOptions) -> Engine:
 
     columns = (SpinnerColumn(), TextColumn("loading {task.description}"), BarColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=console.err, transient=True) as progress:
-        # The loader reports no steps, so the bar pulses.
-        progress.add_task(f"{resolved.path.parent.name}/{resolved.path.name}", total=None)
-        return load()
+    with Progress(*columns, console=console.err, transient=True) as bar:
+        task = bar.add_task(f"{resolved.path.parent.name}/{resolved.path.name}", total=None)
+        return load(lambda done, total: bar.update(task, completed=done, total=total))
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 from llamarun.config import ModelArgs
 from llamarun.device import resolve_device, resolve_dtype
 from llamarun.errors import CheckpointError
-from llamarun.loaders.fuse import RawCheckpoint, build_state_dict, resolve_tied
+from llamarun.loaders.fuse import Progress, RawCheckpoint, build_state_dict, resolve_tied
 from llamarun.loaders.hf import is_hf_folder, read_hf
 from llamarun.loaders.meta import is_meta_folder, read_meta
 from llamarun.model import Transformer
@@ -81,15 +81,16 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
                     dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
-                    max_batch_size: int = 1) -> Checkpoint:
+                    max_batch_size: int = 1, progress: Progress | None = None) -> Checkpoint:
     """Load a checkpoint into a Transformer on `device` in `dtype`, with its KV cache set up.
 
     max_seq_len is the KV cache length: by default the model's context, capped at 4096.
+    progress(done, total) is called as layers are converted (for a progress bar).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     raw = read_checkpoint(path)
-    sd = build_state_dict(raw, dtype=dt, device=dev)
+    sd = build_state_dict(raw, dtype=dt, device=dev, progress=progress)
     with torch.device("meta"):
         model = Transformer(raw.args)
     model.load_state_dict(sd, strict=True, assign=True)

@@ -84,9 +84,15 @@ def check_names(raw: RawCheckpoint) -> None:
                               f"(not part of a Llama model with {raw.args.n_layers} layers)")
 
 
-def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Read, check, convert and fuse every tensor into the model's state dict."""
+Progress = Callable[[int, int], None]  # (steps done, total steps)
+
+
+def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.device,
+                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Read, check, convert and fuse every tensor into the model's state dict.
+
+    progress, if given, is called after the embeddings and after each layer.
+    """
     check_names(raw)
     shapes = expected_shapes(raw.args)
 
@@ -123,6 +129,9 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
         sd["output.weight"] = sd["tok_embeddings.weight"]
     else:
         sd["output.weight"] = get("output.weight")
+    total = raw.args.n_layers + 1
+    if progress is not None:
+        progress(1, total)
     for i in range(raw.args.n_layers):
         p = f"layers.{i}."
         sd[p + "attention.wqkv.weight"] = fused(
@@ -133,6 +142,8 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype,
         sd[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
         sd[p + "attention_norm.weight"] = get(p + "attention_norm.weight")
         sd[p + "ffn_norm.weight"] = get(p + "ffn_norm.weight")
+        if progress is not None:
+            progress(i + 2, total)
     return sd
 
 
