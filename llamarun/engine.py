@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
-from llamarun.generate import DecodeStep, decode_one_token, eager_step, generate_tokens
+from llamarun.generate import DecodeStep, decode_one_token, eager_step, generate_tokens, kv_bucket
 from llamarun.loaders import Checkpoint, load_checkpoint
 from llamarun.sampling import SamplingParams, make_generator
 from llamarun.tokenizer import ChatFormat, StreamDecoder, Tokenizer, load_chat_format, load_tokenizer
@@ -149,12 +149,14 @@ class Engine:
 
     def _compiled_step(self) -> DecodeStep:
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        # dynamic=True: one graph serves every kv_len bucket (attention over the used part of the
+        # cache only), instead of a recompile per bucket or attention over the whole cache.
+        compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=True)
         model = self.model
         clone = self.device.type == "cuda"  # CUDA graphs reuse their output buffers
 
         def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
-            logits = compiled(model, token, input_pos)  # static shapes: attends the whole cache
+            logits = compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
             return logits.clone() if clone else logits
         return step
 

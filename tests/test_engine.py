@@ -162,5 +162,14 @@ def test_compiled_decode_matches_eager(engine: Engine) -> None:
         eager = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
         list(eager)
         assert gen.result.token_ids == eager.result.token_ids
+        # Across a KV bucket boundary (256): the same graph serves the longer attention span.
+        ids = engine.encode_prompt(PROMPT)
+        long_prompt = (ids * (250 // len(ids) + 1))[:250]
+        gen = compiled.complete(long_prompt, sampling=GREEDY, max_new_tokens=12)
+        list(gen)
+        eager = engine.complete(long_prompt, sampling=GREEDY, max_new_tokens=12)
+        list(eager)
+        assert gen.result.token_ids == eager.result.token_ids
+        assert gen.result.completion_tokens == 12
     finally:
         torch._dynamo.reset()

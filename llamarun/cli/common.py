@@ -36,7 +36,8 @@ MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
     help="KV cache length in tokens (default: the model's context, at most 4096)")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", rich_help_panel=MODEL_PANEL,
-    help="torch.compile the decode step (slow first start; see `llamarun bench`)")]
+    help="torch.compile the decode step: much faster decoding after a one-time compile "
+         "(about a minute on CPU, cached for later runs)")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Debug logging, and tracebacks on errors")]
 
