@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from llamarun.device import (
-    device_name, peak_device_memory, reset_peak_device_memory, synchronize,
+    device_name, peak_device_memory, reset_peak_device_memory, runtime_version, synchronize,
 )
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError
@@ -115,8 +115,9 @@ def environment(engine: Engine) -> dict[str, object]:
         "platform": platform.platform(), "device_name": device_name(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
     }
-    if engine.device.type == "cuda":
-        env["cuda"] = torch.version.cuda
+    cuda = runtime_version(engine.device)
+    if cuda is not None:
+        env["cuda"] = cuda
     return env
 
 

@@ -82,3 +82,18 @@ def reset_peak_device_memory(device: torch.device) -> None:
     """Reset the CUDA peak-memory counter; a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_async(device: torch.device) -> bool:
+    """Whether kernels run asynchronously to the host (CUDA), so a loop can queue work ahead."""
+    return device.type == "cuda"
+
+
+def compile_mode(device: torch.device) -> str:
+    """torch.compile mode for the decode step: CUDA graphs on CUDA, plain inductor elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def runtime_version(device: torch.device) -> str | None:
+    """The CUDA runtime version torch was built with, for a CUDA device; None otherwise."""
+    return torch.version.cuda if device.type == "cuda" else None

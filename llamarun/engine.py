@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llamarun.device import compile_mode, is_async
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import DecodeStep, decode_one_token, eager_step, generate_tokens, kv_bucket
 from llamarun.loaders import Checkpoint, load_checkpoint
@@ -115,7 +116,7 @@ class Engine:
         self.compiled = compile
         self.load_s = load_s
         # An asynchronous device computes the next step while the host streams the current token.
-        self.lookahead = self.device.type == "cuda"
+        self.lookahead = is_async(self.device)
         # Bumped whenever a new generation writes the KV cache, so a ChatSession can tell that
         # someone else overwrote the conversation it left there.
         self.cache_version = 0
@@ -148,12 +149,12 @@ class Engine:
         return self.model.max_seq_len
 
     def _compiled_step(self) -> DecodeStep:
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        mode = compile_mode(self.device)
         # dynamic=True: one graph serves every kv_len bucket (attention over the used part of the
         # cache only), instead of a recompile per bucket or attention over the whole cache.
         compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=True)
         model = self.model
-        clone = self.device.type == "cuda"  # CUDA graphs reuse their output buffers
+        clone = mode == "reduce-overhead"  # CUDA graphs reuse their output buffers
 
         def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
             logits = compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
