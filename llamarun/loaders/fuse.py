@@ -30,11 +30,7 @@ class RawCheckpoint:
     extra: dict[str, object] = field(default_factory=dict)  # layout-specific metadata
 
 
-LAYER_TENSORS = (
-    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
-    "attention_norm.weight", "ffn_norm.weight",
-)
+_ALIGN = 64  # bytes
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -107,7 +103,13 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         return t
 
     def get(name: str) -> torch.Tensor:
-        return read(name).to(device=device, dtype=dtype).contiguous()
+        t = read(name).to(device=device, dtype=dtype)
+        # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever its
+        # data happened to be; matmul kernels run measurably slower on weights that are not
+        # 64-byte aligned, which a fresh allocation is.
+        if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
 
     def fused(*names: str) -> torch.Tensor:
         # Copy each part straight into its rows of the fused tensor: no converted temporaries.
