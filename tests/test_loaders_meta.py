@@ -124,3 +124,21 @@ def test_meta_params_json_without_max_seq_len_and_with_extra_keys(tmp_path, meta
     ck = load_checkpoint(folder, device="cpu", dtype="float32", max_seq_len=32)
     assert isinstance(ck.args, ModelArgs) and ck.args.hidden_dim == 172
     assert ck.model.max_seq_len == 32
+
+
+def test_meta_scaled_rope_factor_from_hf_config_beside_original_folder(tmp_path, meta_sd):
+    # HF repos of Llama 3.x ship Meta's files in original/ next to a config.json that records
+    # the real factor (32 for 3.2); Meta's params.json says only use_scaled_rope.
+    params = json.loads((require_fixture("stories260K", "meta", "params.json")).read_text())
+    params["use_scaled_rope"] = True
+    folder = write_meta_folder(tmp_path / "repo" / "original", params, [meta_sd])
+    assert load_checkpoint(folder, device="cpu").args.rope_scaling.factor == 8.0  # Meta's default
+    hf = json.loads(require_fixture("stories260K", "hf", "config.json").read_text())
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (tmp_path / "repo" / "config.json").write_text(json.dumps(hf))
+    scaling = load_checkpoint(folder, device="cpu").args.rope_scaling
+    assert scaling.factor == 32.0 and scaling.original_max_position_embeddings == 8192
+    params["rope_scaling_factor"] = 16.0  # recorded in params.json: that wins
+    (folder / "params.json").write_text(json.dumps(params))
+    assert load_checkpoint(folder, device="cpu").args.rope_scaling.factor == 16.0

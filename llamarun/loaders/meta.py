@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 from llamarun.config import ModelArgs, read_json
-from llamarun.errors import CheckpointError
+from llamarun.errors import CheckpointError, ConfigError
 from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
+
+log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
 # Buffers that Meta's checkpoints carry but that are not weights.
@@ -88,6 +91,27 @@ def _infer_vocab(shards: list[dict[str, torch.Tensor]], dim: int, folder: Path) 
     return rows if cols * len(emb) == dim and cols != dim else rows * len(emb)
 
 
+def _scaling_from_hf_sibling(folder: Path, args: ModelArgs) -> ModelArgs:
+    """Take the RoPE scaling from the HF config.json beside an `original/` Meta folder.
+
+    Meta's params.json says only `use_scaled_rope`; its reference code then assumes factor 8,
+    which is right for 3.1 but not for 3.2 (32). HF repositories ship the Meta files in
+    `original/` next to a config.json that records the real factor.
+    """
+    cfg_path = folder.parent / "config.json"
+    if cfg_path.is_file():
+        try:
+            hf = ModelArgs.from_hf_config(read_json(cfg_path), source=str(cfg_path))
+        except ConfigError:
+            hf = None
+        if hf is not None and hf.rope_scaling is not None and hf.dim == args.dim:
+            return args.replace(rope_scaling=hf.rope_scaling)
+    log.warning("%s: use_scaled_rope without rope_scaling_factor; assuming Meta's factor %g "
+                "(Llama 3.1). A Llama 3.2 folder needs \"rope_scaling_factor\": 32 in params.json",
+                folder / "params.json", args.rope_scaling.factor)
+    return args
+
+
 def read_meta(folder: Path) -> RawCheckpoint:
     """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint."""
     params = read_json(folder / "params.json")
@@ -97,6 +121,8 @@ def read_meta(folder: Path) -> RawCheckpoint:
     if int(params.get("vocab_size", -1)) <= 0:
         vocab = _infer_vocab(shards, int(params.get("dim", 0)), folder)
     args = ModelArgs.from_params(params, source=str(folder / "params.json"), vocab_size=vocab)
+    if args.rope_scaling is not None and "rope_scaling_factor" not in params:
+        args = _scaling_from_hf_sibling(folder, args)
     names: set[str] = set()
     for path, shard in zip(files, shards):
         keys = set(shard) - _IGNORED
