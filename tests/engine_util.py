@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llamarun.engine import Engine
-from tests.fixtures_util import require_fixture
+from fixtures_util import require_fixture
 
 REPO = Path(__file__).resolve().parent.parent
 

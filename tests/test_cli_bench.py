@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from llamarun.bench import run_bench
 from llamarun.cli import app
 from llamarun.engine import Engine
-from tests.engine_util import engine, one_thread, stories_meta  # noqa: F401
+from engine_util import engine, one_thread, stories_meta  # noqa: F401
 
 
 def invoke(*args: str):  # noqa: ANN201 (typer's Result)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from llamarun.cli import app
 from llamarun.engine import Engine
 from llamarun.sampling import SamplingParams
-from tests.engine_util import engine, one_thread, run_cli, stories_meta  # noqa: F401
+from engine_util import engine, one_thread, run_cli, stories_meta  # noqa: F401
 
 GREEDY = SamplingParams.greedy()
 

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from llamarun.cli import app
-from tests.engine_util import one_thread, stories_meta  # noqa: F401
+from engine_util import one_thread, stories_meta  # noqa: F401
 
 
 def test_info_table(one_thread: None) -> None:

@@ -8,7 +8,7 @@ import torch
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.sampling import SamplingParams
-from tests.engine_util import engine, one_thread, stories_meta  # noqa: F401
+from engine_util import engine, one_thread, stories_meta  # noqa: F401
 
 GREEDY = SamplingParams.greedy()
 PROMPT = "Once upon a time"

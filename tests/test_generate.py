@@ -7,7 +7,7 @@ import torch
 from llamarun.engine import Engine
 from llamarun.generate import generate_tokens, kv_bucket, prefill
 from llamarun.sampling import SamplingParams, make_generator
-from tests.engine_util import engine, one_thread  # noqa: F401
+from engine_util import engine, one_thread  # noqa: F401
 
 GREEDY = SamplingParams.greedy()
 PROMPT = [1, 403, 407, 261, 378]  # <s> Once upon a time

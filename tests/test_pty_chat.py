@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.engine_util import REPO, stories_meta
+from engine_util import REPO, stories_meta
 
 pexpect = pytest.importorskip("pexpect")
 

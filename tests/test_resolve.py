@@ -9,7 +9,7 @@ import pytest
 
 from llamarun.errors import CheckpointError
 from llamarun.resolve import resolve_model
-from tests.fixtures_util import require_fixture
+from fixtures_util import require_fixture
 
 
 def no_default() -> tuple[Path | None, str]:
