@@ -92,7 +92,8 @@ def bench(
         lengths = parse_lengths(prompt_tokens)
         if gen_tokens < 1 or repetitions < 1:
             raise InvalidArgumentError("--gen-tokens and --repetitions must be at least 1")
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose))
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose),
+                             warm_up=False)  # run_bench times the warm-up itself
         if console.err.is_terminal and fmt == "table":
             with console.err.status("benchmarking (warm-up first)..."):
                 result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,

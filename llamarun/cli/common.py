@@ -89,8 +89,21 @@ def check_max_tokens(n: int) -> None:
         raise InvalidArgumentError(f"--max-tokens must be at least 1, got {n}")
 
 
-def load_engine(opts: ModelOptions) -> Engine:
-    """Resolve the model (flag, environment, ./checkpoints, default) and load it."""
+def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
+    """Resolve the model (flag, environment, ./checkpoints, default) and load it.
+
+    With --compile the decode step is compiled here (unless warm_up is False), with a note,
+    rather than as a long pause in the middle of the first reply.
+    """
+    engine = _load(opts)
+    if opts.compile and warm_up:
+        console.note("compiling the decode step (about a minute the first time, "
+                     "seconds once cached)...")
+        engine.warmup()
+    return engine
+
+
+def _load(opts: ModelOptions) -> Engine:
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise InvalidArgumentError(f"--max-seq-len must be at least 2, got {opts.max_seq_len}")
     resolved = resolve_model(opts.model, env=os.environ, cwd=Path.cwd())
