@@ -11,6 +11,7 @@ from safetensors import safe_open
 from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError
 from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
+from llamarun.loaders.torch_file import first_line, load_state_dict_file
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
@@ -85,17 +86,12 @@ class _Files:
                     self._st[path] = handle
                     keys = list(handle.keys())
                 else:
-                    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                    if not isinstance(sd, dict):
-                        raise CheckpointError(f"{path}: not a state dict")
-                    self._bin[path] = sd
-                    keys = list(sd)
+                    self._bin[path] = load_state_dict_file(path)
+                    keys = list(self._bin[path])
             except CheckpointError:
                 raise
-            except Exception as e:  # corrupt headers raise several library-specific types
-                raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-                                      ) from None
+            except Exception as e:  # corrupt safetensors headers raise library-specific types
+                raise CheckpointError(f"{path}: cannot read weights ({first_line(e)})") from None
             for key in keys:
                 self.location[key] = path
 

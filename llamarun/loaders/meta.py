@@ -11,6 +11,7 @@ import torch
 from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError, ConfigError
 from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
+from llamarun.loaders.torch_file import load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,6 @@ def shard_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{folder}: shard consolidated.{expected:02d}.pth is missing "
                                   f"(found {path.name})")
     return [p for _, p in found]
-
-
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or non-weight pickles
-        raise CheckpointError(f"{path}: cannot read checkpoint shard ({_first_line(e)})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return sd
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def merge_shards(name: str, parts: list[torch.Tensor], expected: tuple[int, ...],
@@ -116,7 +102,7 @@ def read_meta(folder: Path) -> RawCheckpoint:
     """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint."""
     params = read_json(folder / "params.json")
     files = shard_files(folder)
-    shards = [_load_shard(p) for p in files]
+    shards = [load_state_dict_file(p) for p in files]
     vocab = None
     if int(params.get("vocab_size", -1)) <= 0:
         vocab = _infer_vocab(shards, int(params.get("dim", 0)), folder)
