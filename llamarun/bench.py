@@ -92,7 +92,14 @@ class BenchResult:
 def weight_bytes(engine: Engine) -> tuple[int, int]:
     """(bytes of all weights, bytes read per decoded token)."""
     model = engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
+    seen: set[int] = set()  # a tied embedding is counted once
+    total = 0
+    # Quantized weights and their scales are buffers; the KV cache and RoPE tables are not weights.
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "kv_cache" in name or name in ("freqs", "positions") or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
     emb = model.tok_embeddings.weight
     per_token = total
     if model.output.weight is not emb:  # the lookup reads one row, not the whole table

@@ -35,22 +35,37 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA (float16 where bf16 is unsupported); float32 on CPU, where bf16 GEMV is slow."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from its features."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def default_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype `auto` means for weights stored as `stored` (None: quantized or unknown).
+
+    CUDA: bfloat16 (float16 where bf16 is unsupported). CPU: bfloat16 where the processor has
+    native bf16 (half the bytes to stream per token, and faster kernels there); elsewhere float32,
+    except that 16-bit checkpoints stay 16-bit (auto never inflates a checkpoint).
+    """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu_has_fast_bf16() or stored in (torch.bfloat16, torch.float16):
+        return torch.bfloat16
     return torch.float32
 
 
-def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> default_dtype(device); else one of float32, bfloat16, float16."""
+def resolve_dtype(spec: str | torch.dtype, device: torch.device,
+                  stored: torch.dtype | None = None) -> torch.dtype:
+    """'auto' -> default_dtype(device, stored); else one of float32, bfloat16, float16."""
     if isinstance(spec, torch.dtype):
         if spec not in _DTYPES.values():
             raise InvalidArgumentError(f"dtype {spec} is not supported")
         return spec
     spec = spec.strip().lower()
     if spec == "auto":
-        return default_dtype(device)
+        return default_dtype(device, stored)
     if spec not in _DTYPES:
         raise InvalidArgumentError(f"unknown dtype {spec!r} (use auto, float32, bfloat16 or float16)")
     return _DTYPES[spec]
@@ -97,3 +112,9 @@ def compile_mode(device: torch.device) -> str:
 def runtime_version(device: torch.device) -> str | None:
     """The CUDA runtime version torch was built with, for a CUDA device; None otherwise."""
     return torch.version.cuda if device.type == "cuda" else None
+
+
+def quant_kernels(device: torch.device) -> tuple[bool, bool]:
+    """Whether PyTorch's weight-only int8 and int4 kernels serve this device (CPU builds have both)."""
+    cpu = device.type == "cpu"
+    return cpu, cpu

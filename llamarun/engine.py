@@ -125,17 +125,19 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto",
              dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
-             compile: bool = False, chat_template: str | None = None,
+             compile: bool = False, chat_template: str | None = None, quantize: str = "auto",
+             group_size: int = 32,
              progress: Callable[[int, int], None] | None = None) -> Engine:
         """Load a Meta/HF folder or GGUF file, its tokenizer and its chat format.
 
-        progress(done, total) is called while the weights are converted.
+        quantize and group_size are as in loaders.load_checkpoint; progress(done, total) is
+        called while the weights are converted.
         """
         if max_seq_len is not None and max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be at least 2, got {max_seq_len}")
         start = time.perf_counter()
         ckpt = load_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                               progress=progress)
+                               quantize=quantize, group_size=group_size, progress=progress)
         source = ckpt.path
         tokenizer = load_tokenizer(source)
         folder = source if source.is_dir() else None
@@ -284,6 +286,8 @@ class Engine:
 
 
 def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         max_seq_len: int | None = None, compile: bool = False) -> Engine:
+         max_seq_len: int | None = None, compile: bool = False, quantize: str = "auto",
+         group_size: int = 32) -> Engine:
     """Load a model for generation (see Engine.load)."""
-    return Engine.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile)
+    return Engine.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile,
+                       quantize=quantize, group_size=group_size)

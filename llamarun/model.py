@@ -126,7 +126,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
         """Allocate the RoPE table and (once) a KV cache per layer for the given sizes."""
-        weight = self.output.weight
+        weight = self.norm.weight  # dense in the model's dtype, whatever the projections are
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         a = self.args

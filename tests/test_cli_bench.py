@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llamarun.bench import run_bench
+from llamarun.device import default_dtype
 from llamarun.cli import app
 from llamarun.engine import Engine
 from engine_util import engine, one_thread, stories_meta  # noqa: F401
@@ -27,9 +29,10 @@ def test_bench_json_fields(one_thread: None) -> None:
     for key in ("load_s", "warmup_s", "n_params", "model_bytes", "bytes_per_token",
                 "peak_rss_bytes"):
         assert d[key] > 0, key
-    assert d["n_params"] == 292_800 and d["model_bytes"] == 4 * d["n_params"]
+    width = {"float32": 4, "bfloat16": 2}[d["dtype"]]  # --dtype auto: what this CPU runs best
+    assert d["n_params"] == 292_800 and d["model_bytes"] == width * d["n_params"]
     # untied embedding: a decoded token reads one of its 512 rows
-    assert d["bytes_per_token"] == d["model_bytes"] - 511 * 64 * 4
+    assert d["bytes_per_token"] == d["model_bytes"] - 511 * 64 * width
     assert d["peak_device_bytes"] is None
     assert [p["prompt_tokens"] for p in d["prefill"]] == [64, 32]
     for p in d["prefill"]:
@@ -45,7 +48,8 @@ def test_bench_json_fields(one_thread: None) -> None:
     env = d["env"]
     for key in ("torch", "llamarun", "device_name", "dtype", "threads", "python"):
         assert env[key], key
-    assert env["dtype"] == d["dtype"] == "float32"
+    auto = default_dtype(torch.device("cpu"), torch.float32)  # the checkpoint is float32
+    assert env["dtype"] == d["dtype"] == str(auto).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("fmt", ["md", "jsonl", "table"])

@@ -15,7 +15,8 @@ GREEDY = SamplingParams.greedy()
 
 
 def chat(script: str, *args: str):  # noqa: ANN201 (typer's Result)
-    return CliRunner().invoke(app, ["chat", "-m", str(stories_meta()), "-t", "0", "-n", "12", *args],
+    return CliRunner().invoke(app, ["chat", "-m", str(stories_meta()), "--dtype", "float32",
+                                    "-t", "0", "-n", "12", *args],
                               input=script, env={"LLAMARUN_MODEL": None})
 
 

@@ -6,15 +6,19 @@ import json
 
 from typer.testing import CliRunner
 
+import torch
+
 from llamarun.cli import app
+from llamarun.device import default_dtype
 from engine_util import one_thread, stories_meta  # noqa: F401
 
 
 def test_info_table(one_thread: None) -> None:
     r = CliRunner().invoke(app, ["info", "-m", str(stories_meta())], env={"LLAMARUN_MODEL": None})
     assert r.exit_code == 0, r.output
+    auto = str(default_dtype(torch.device("cpu"), torch.float32)).removeprefix("torch.")
     for text in ("meta", "292.80K", "sentencepiece", "llama2", "2 '</s>'", "config.n_kv_heads",
-                 "float32"):
+                 auto, f"22 {auto}"):  # 22 matrices: embedding, output, 4 per layer
         assert text in r.stdout, text
 
 

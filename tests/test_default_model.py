@@ -73,7 +73,9 @@ def test_complete_without_model_uses_default_and_answers_in_english(tmp_path) ->
 
 def test_chat_without_model_replies_from_default_model(tmp_path) -> None:
     require_default_model()
+    # The Q4_1 file, run as stored (int4), answers "What is the capital of France?" with
+    # "L'Étoile, ..." greedily, as llama.cpp does on the same file; this wording it gets right.
     proc = _run_cli(["chat", "-t", "0", "-n", "40"], cwd=tmp_path,
-                    stdin="What is the capital of France?\n")
+                    stdin="Name the capital of France.\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

@@ -74,7 +74,9 @@ def _k_model() -> tuple[dict[str, torch.Tensor], ModelArgs]:
 
 
 def _load(path: Path, dtype: str = "float32"):
-    return load_checkpoint(path, device="cpu", dtype=dtype, max_seq_len=64)
+    # Dequantized (quantize="none"): the numbers must equal a float32 model's; the quantized
+    # storage of the same files is tested in test_quant.py.
+    return load_checkpoint(path, device="cpu", dtype=dtype, max_seq_len=64, quantize="none")
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
@@ -301,7 +303,7 @@ def hf_smollm2(smollm2):
 
 @pytest.fixture(scope="module")
 def ours_smollm2(smollm2):
-    return load_checkpoint(smollm2, device="cpu", dtype="float32", max_seq_len=96)
+    return load_checkpoint(smollm2, device="cpu", dtype="float32", max_seq_len=96, quantize="none")
 
 
 def test_smollm2_metadata(ours_smollm2):
@@ -333,7 +335,7 @@ def test_smollm2_greedy_matches_transformers(prompt, smollm2, ours_smollm2, hf_s
 
 def test_smollm2_load_is_fast(smollm2):
     start = time.perf_counter()
-    ck = load_checkpoint(smollm2, device="cpu", dtype="bfloat16", max_seq_len=64)
+    ck = load_checkpoint(smollm2, device="cpu", dtype="bfloat16", max_seq_len=64, quantize="none")
     elapsed = time.perf_counter() - start
     assert ck.model.tok_embeddings.weight.dtype == torch.bfloat16
     assert elapsed < 30  # a few seconds on 2 cores; generous against a busy machine

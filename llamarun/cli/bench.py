@@ -11,8 +11,8 @@ from rich.table import Table
 from llamarun.bench import BenchResult, run_bench
 from llamarun.cli import app, console
 from llamarun.cli.common import (
-    CompileOpt, DeviceOpt, DtypeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, VerboseOpt, cli_errors,
-    load_engine,
+    CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions,
+    QuantizeOpt, VerboseOpt, cli_errors, load_engine,
 )
 from llamarun.errors import InvalidArgumentError
 
@@ -77,6 +77,8 @@ def bench(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
     compile: CompileOpt = False,
     verbose: VerboseOpt = False,
@@ -92,7 +94,7 @@ def bench(
         lengths = parse_lengths(prompt_tokens)
         if gen_tokens < 1 or repetitions < 1:
             raise InvalidArgumentError("--gen-tokens and --repetitions must be at least 1")
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose),
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size),
                              warm_up=False)  # run_bench times the warm-up itself
         if console.err.is_terminal and fmt == "table":
             with console.err.status("benchmarking (warm-up first)..."):

@@ -11,9 +11,9 @@ import typer
 
 from llamarun.cli import app, console
 from llamarun.cli.common import (
-    CompileOpt, DeviceOpt, DtypeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt, ModelOptions,
-    RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
-    check_max_tokens, cli_errors, load_engine, sampling_params,
+    CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
+    ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
+    TopPOpt, VerboseOpt, check_max_tokens, cli_errors, load_engine, sampling_params,
 )
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.sampling import SamplingParams
@@ -189,6 +189,8 @@ def chat(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
     compile: CompileOpt = False,
     verbose: VerboseOpt = False,
@@ -202,7 +204,7 @@ def chat(
         params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                  repeat_penalty=repeat_penalty, seed=seed)
         check_max_tokens(max_tokens)
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose))
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size))
         interactive = sys.stdin.isatty()
         if interactive:
             try:

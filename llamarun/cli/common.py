@@ -15,6 +15,7 @@ import typer
 from llamarun.cli import console
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, LlamarunError
+from llamarun.loaders import check_quantize
 from llamarun.resolve import ENV_VAR, resolve_model
 from llamarun.sampling import SamplingParams
 
@@ -30,7 +31,14 @@ DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", rich_help_panel=MODEL_PANEL,
-    help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")]
+    help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and on CPUs with native "
+         "bf16, else float32 (16-bit checkpoints stay 16-bit)")]
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", rich_help_panel=MODEL_PANEL,
+    help="Weight storage: auto (keep a GGUF's quantized tensors quantized, dense ones dense), "
+         "none (dequantize everything into --dtype), int8 (per channel) or int4 (groupwise)")]
+GroupSizeOpt = Annotated[int, typer.Option(
+    "--group-size", rich_help_panel=MODEL_PANEL, help="int4 group size: 32, 64 or 128")]
 MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
     "--max-seq-len", show_default=False, rich_help_panel=MODEL_PANEL,
     help="KV cache length in tokens (default: the model's context, at most 4096)")]
@@ -74,6 +82,8 @@ class ModelOptions:
     max_seq_len: int | None = None
     compile: bool = False
     verbose: bool = False
+    quantize: str = "auto"
+    group_size: int = 32
 
 
 def sampling_params(*, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -106,13 +116,15 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
 def _load(opts: ModelOptions) -> Engine:
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise InvalidArgumentError(f"--max-seq-len must be at least 2, got {opts.max_seq_len}")
+    check_quantize(opts.quantize, opts.group_size)
     resolved = resolve_model(opts.model, env=os.environ, cwd=Path.cwd())
     if resolved.source == "default":
         console.note(f"using the embedded default model {resolved.path} (choose another with --model)")
 
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=opts.device, dtype=opts.dtype,
-                           max_seq_len=opts.max_seq_len, compile=opts.compile, progress=progress)
+                           max_seq_len=opts.max_seq_len, compile=opts.compile,
+                           quantize=opts.quantize, group_size=opts.group_size, progress=progress)
 
     if not console.err.is_terminal:
         return load()

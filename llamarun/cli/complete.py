@@ -10,9 +10,9 @@ import typer
 
 from llamarun.cli import app, console
 from llamarun.cli.common import (
-    CompileOpt, DeviceOpt, DtypeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt, ModelOptions,
-    RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
-    check_max_tokens, cli_errors, load_engine, sampling_params,
+    CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
+    ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
+    TopPOpt, VerboseOpt, check_max_tokens, cli_errors, load_engine, sampling_params,
 )
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
@@ -79,6 +79,8 @@ def complete(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
     compile: CompileOpt = False,
     verbose: VerboseOpt = False,
@@ -90,7 +92,7 @@ def complete(
                                  repeat_penalty=repeat_penalty, seed=seed)
         check_max_tokens(max_tokens)
         text = read_prompt(prompt)
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose))
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size))
         gen = engine.complete(text, sampling=params, max_new_tokens=max_tokens, stop=stop or (),
                               echo=echo and not json_out)
         try:

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from llamarun.cli import app, console
 from llamarun.cli.common import (
-    DeviceOpt, DtypeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, VerboseOpt, cli_errors, load_engine,
+    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
+    VerboseOpt, cli_errors, load_engine,
 )
 from llamarun.engine import Engine
 
@@ -26,6 +27,8 @@ def describe(engine: Engine) -> dict[str, object]:
         "parameters": engine.args.n_params,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "weights": engine.checkpoint.format_counts(),
+        "stored_as": _stored_as(engine),
         "kv_cache_tokens": engine.max_seq_len,
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
@@ -37,6 +40,20 @@ def describe(engine: Engine) -> dict[str, object]:
         "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                    for k, v in vars(engine.args).items()},
     }
+
+
+def _stored_as(engine: Engine) -> dict[str, str]:
+    """Each matrix: how the file stored it -> what it became (e.g. "Q4_1 -> int4 (group 32)")."""
+    from llamarun.loaders.fuse import linear_sources
+
+    ckpt = engine.checkpoint
+    out = {}
+    for name, sources in linear_sources(ckpt.args).items():
+        fmt = ckpt.formats[name]
+        became = str(ckpt.dtype).removeprefix("torch.") if fmt.kind == "dense" else str(fmt)
+        stored = "+".join(sorted({ckpt.raw.stored_type(s) for s in sources}))
+        out[name] = f"{stored} -> {became}"
+    return out
 
 
 def _human(n: int) -> str:
@@ -52,13 +69,15 @@ def info(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Show the resolved checkpoint, its config, tokenizer, chat format and stop tokens."""
     console.setup_logging(verbose)
     with cli_errors(verbose):
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose))
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size))
         data = describe(engine)
         if json_out:
             console.write(json.dumps(data, ensure_ascii=False) + "\n")
@@ -68,6 +87,10 @@ def info(
         table.add_column(overflow="fold")
         config = data.pop("config")
         stops = data.pop("stop_tokens")
+        data.pop("stored_as")  # per tensor: --json only
+        weights = data.pop("weights")
+        assert isinstance(weights, dict)
+        data["weights"] = ", ".join(f"{n} {fmt}" for fmt, n in weights.items())
         assert isinstance(config, dict) and isinstance(stops, dict)
         data["parameters"] = _human(engine.args.n_params)
         data["stop_tokens"] = ", ".join(f"{i} {p!r}" for i, p in stops.items()) or "none"

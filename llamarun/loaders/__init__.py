@@ -10,11 +10,15 @@ import torch
 
 from llamarun.config import ModelArgs
 from llamarun.device import resolve_device, resolve_dtype
-from llamarun.errors import CheckpointError
-from llamarun.loaders.fuse import Progress, RawCheckpoint, build_state_dict, resolve_tied
+from llamarun.errors import CheckpointError, InvalidArgumentError
+from llamarun.loaders.fuse import (
+    QUANTIZE_MODES, Progress, RawCheckpoint, build_state_dict, check_names, plan_formats,
+    resolve_tied,
+)
 from llamarun.loaders.hf import is_hf_folder, read_hf
 from llamarun.loaders.meta import is_meta_folder, read_meta
 from llamarun.model import Transformer
+from llamarun.quant import INT4_GROUP_SIZES, WeightFormat, swap_modules
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,17 @@ class Checkpoint:
     device: torch.device
     dtype: torch.dtype
     raw: RawCheckpoint
+    formats: dict[str, WeightFormat]  # how each matrix is stored (dense, int8, int4)
+
+    def format_counts(self) -> dict[str, int]:
+        """How many matrices are stored in each format ("bfloat16", "int8", "int4 (group 32)")."""
+        counts: dict[str, int] = {}
+        for name, fmt in self.formats.items():
+            if name == "output.weight" and self.args.tie_embeddings:
+                continue
+            label = str(self.dtype).removeprefix("torch.") if fmt.kind == "dense" else str(fmt)
+            counts[label] = counts.get(label, 0) + 1
+        return counts
 
 
 def _is_gguf_file(path: Path) -> bool:
@@ -79,26 +94,55 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     return resolve_tied(raw)
 
 
+def check_quantize(quantize: str, group_size: int) -> None:
+    """Raise InvalidArgumentError for an unknown quantize mode or int4 group size."""
+    if quantize not in QUANTIZE_MODES:
+        raise InvalidArgumentError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, "
+                                   f"got {quantize!r}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise InvalidArgumentError(f"--group-size must be one of "
+                                   f"{', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
+
+
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
                     dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
-                    max_batch_size: int = 1, progress: Progress | None = None) -> Checkpoint:
+                    max_batch_size: int = 1, quantize: str = "auto", group_size: int = 32,
+                    progress: Progress | None = None) -> Checkpoint:
     """Load a checkpoint into a Transformer on `device` in `dtype`, with its KV cache set up.
 
-    max_seq_len is the KV cache length: by default the model's context, capped at 4096.
-    progress(done, total) is called as layers are converted (for a progress bar).
+    dtype "auto" picks what the device runs well without inflating the checkpoint (see
+    device.default_dtype). quantize: "auto" keeps a GGUF's quantized tensors quantized, "none"
+    dequantizes everything into dtype, "int8"/"int4" quantize every projection at load (int4 in
+    groups of group_size). max_seq_len is the KV cache length: by default the model's context,
+    capped at 4096. progress(done, total) is called as layers are converted (for a progress bar).
     """
+    check_quantize(quantize, group_size)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     raw = read_checkpoint(path)
-    sd = build_state_dict(raw, dtype=dt, device=dev, progress=progress)
+    check_names(raw)
+    formats = plan_formats(raw, quantize, group_size)
+    dt = resolve_dtype(dtype, dev, stored=_stored_dtype(raw, formats))
+    sd = build_state_dict(raw, dtype=dt, device=dev, formats=formats, progress=progress)
     with torch.device("meta"):
         model = Transformer(raw.args)
+        swap_modules(model, formats, device=dev, dtype=dt)
     model.load_state_dict(sd, strict=True, assign=True)
-    if raw.args.tie_embeddings:
+    if raw.args.tie_embeddings and formats["output.weight"].kind == "dense":
         model.output.weight = model.tok_embeddings.weight
     model.eval().requires_grad_(False)
     seq = max_seq_len or min(raw.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model.setup_caches(max_batch_size, seq)
     log.debug("loaded %s checkpoint %s (%s, %s)", raw.layout, raw.path, dev, dt)
     return Checkpoint(model=model, args=raw.args, layout=raw.layout, path=raw.path, device=dev,
-                      dtype=dt, raw=raw)
+                      dtype=dt, raw=raw, formats=formats)
+
+
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_dtype(raw: RawCheckpoint, formats: dict[str, WeightFormat]) -> torch.dtype | None:
+    """The float dtype the checkpoint's dense projections are stored in (None if quantized)."""
+    name = "layers.0.attention.wqkv.weight"
+    if raw.args.n_layers == 0 or formats[name].kind != "dense":
+        return None
+    return _FLOAT_TYPES.get(raw.stored_type("layers.0.attention.wq.weight"))

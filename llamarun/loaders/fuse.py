@@ -15,6 +15,10 @@ import torch
 
 from llamarun.config import ModelArgs
 from llamarun.errors import CheckpointError
+from llamarun.quant import (
+    DENSE, INT8, Int4Parts, Int8Embedding, Int8Parts, WeightFormat, cat_int4, module_state,
+    quantize_int4, quantize_int8,
+)
 
 
 @dataclass
@@ -28,6 +32,20 @@ class RawCheckpoint:
     get: Callable[[str], torch.Tensor]  # name -> tensor on CPU, any float dtype, Meta layout
     where: Callable[[str], str]  # name -> the file that holds it, for error messages
     extra: dict[str, object] = field(default_factory=dict)  # layout-specific metadata
+    # name -> how the file stores it ("F32", "BF16", "Q4_K", ...); None: read from the tensor
+    types: Callable[[str], str] | None = None
+    # name -> the tensor's exact int4 (group 32) form, or None where it has none (GGUF Q4 types)
+    int4: Callable[[str], Int4Parts | None] | None = None
+    int4_types: frozenset[str] = frozenset()  # stored types that int4() converts exactly
+
+    def stored_type(self, name: str) -> str:
+        """How the checkpoint stores tensor `name`: "F32", "F16", "BF16" or a GGUF type name."""
+        if self.types is not None:
+            return self.types(name)
+        return _TYPE_NAMES.get(self.get(name).dtype, str(self.get(name).dtype))
+
+
+_TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 _ALIGN = 64  # bytes
@@ -82,15 +100,85 @@ def check_names(raw: RawCheckpoint) -> None:
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 
+DENSE_TYPES = frozenset({"F32", "F16", "BF16"})  # stored types that are plain floats
+QUANTIZE_MODES = ("auto", "none", "int8", "int4")
+
+# Each weight of the model and the checkpoint tensors it is built from (rows stacked in order).
+_LAYER_SOURCES = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "attention.wo.weight": ("attention.wo.weight",),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+    "feed_forward.w2.weight": ("feed_forward.w2.weight",),
+}
+
+
+def linear_sources(args: ModelArgs) -> dict[str, tuple[str, ...]]:
+    """Model weight name -> checkpoint tensors, for every matrix (embedding and output included)."""
+    out: dict[str, tuple[str, ...]] = {"tok_embeddings.weight": ("tok_embeddings.weight",)}
+    out["output.weight"] = ("tok_embeddings.weight" if args.tie_embeddings else "output.weight",)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        out.update({p + k: tuple(p + s for s in v) for k, v in _LAYER_SOURCES.items()})
+    return out
+
+
+def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether an (out, in) matrix can be stored as int4: whole groups, rows in tiles of 16."""
+    return in_features % group_size == 0 and out_features % 16 == 0
+
+
+def plan_formats(raw: RawCheckpoint, quantize: str = "auto",
+                 group_size: int = 32) -> dict[str, WeightFormat]:
+    """Decide how each matrix of the model is stored.
+
+    "auto" keeps what the checkpoint has: dense tensors stay dense; GGUF Q4_0/Q4_1/Q4_K become
+    int4 in groups of 32 (the same numbers), other quantized types per-row int8. "none" makes
+    everything dense; "int8"/"int4" quantize every projection (int4 in groups of group_size, the
+    output layer int8) and store the embedding as int8. A fused weight whose parts differ takes the
+    wider format; a tied output shares the embedding's. A matrix int4 cannot hold (see
+    int4_fits) becomes int8.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    shapes = expected_shapes(raw.args)
+    int4 = WeightFormat("int4", group_size)
+    formats: dict[str, WeightFormat] = {}
+    for name, sources in linear_sources(raw.args).items():
+        out_features = sum(shapes[s][0] for s in sources)
+        in_features = shapes[sources[0]][1]
+        matrix = name not in ("tok_embeddings.weight", "output.weight")
+        if quantize == "none" or (quantize == "auto" and raw.types is None):
+            fmt = DENSE  # Meta and HF checkpoints are dense
+        elif quantize in ("int8", "int4"):
+            fits = matrix and int4_fits(out_features, in_features, group_size)
+            fmt = int4 if quantize == "int4" and fits else INT8
+        else:
+            types = {raw.stored_type(s) for s in sources}
+            if types <= DENSE_TYPES:
+                fmt = DENSE
+            elif (types <= raw.int4_types and name != "tok_embeddings.weight"
+                  and int4_fits(out_features, in_features, 32)):
+                fmt = WeightFormat("int4", 32)
+            else:
+                fmt = INT8
+        formats[name] = fmt
+    if raw.args.tie_embeddings:
+        formats["output.weight"] = formats["tok_embeddings.weight"]
+    return formats
+
 
 def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.device,
+                     formats: dict[str, WeightFormat] | None = None,
                      progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Read, check, convert and fuse every tensor into the model's state dict.
 
+    `formats` (from plan_formats; all dense when None) says how each matrix is stored.
     progress, if given, is called after the embeddings and after each layer.
     """
     check_names(raw)
     shapes = expected_shapes(raw.args)
+    sources = linear_sources(raw.args)
+    formats = formats or {}
 
     def read(name: str) -> torch.Tensor:
         t = raw.get(name)
@@ -102,16 +190,15 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
                                   "expected floating point")
         return t
 
-    def get(name: str) -> torch.Tensor:
-        t = read(name).to(device=device, dtype=dtype)
-        # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever its
-        # data happened to be; matmul kernels run measurably slower on weights that are not
-        # 64-byte aligned, which a fresh allocation is.
-        if not t.is_contiguous() or t.data_ptr() % _ALIGN:
-            t = t.clone(memory_format=torch.contiguous_format)
-        return t
-
-    def fused(*names: str) -> torch.Tensor:
+    def dense(*names: str) -> torch.Tensor:
+        if len(names) == 1:
+            t = read(names[0]).to(device=device, dtype=dtype)
+            # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever
+            # its data happened to be; matmul kernels run measurably slower on weights that are
+            # not 64-byte aligned, which a fresh allocation is.
+            if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+                t = t.clone(memory_format=torch.contiguous_format)
+            return t
         # Copy each part straight into its rows of the fused tensor: no converted temporaries.
         rows = sum(shapes[n][0] for n in names)
         out = torch.empty((rows, shapes[names[0]][1]), dtype=dtype, device=device)
@@ -123,27 +210,53 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             del part
         return out
 
-    sd: dict[str, torch.Tensor] = {
-        "tok_embeddings.weight": get("tok_embeddings.weight"),
-        "norm.weight": get("norm.weight"),
-    }
-    if raw.args.tie_embeddings:
+    def int4_parts(name: str, group_size: int) -> Int4Parts:
+        exact = raw.int4(name) if group_size == 32 and raw.int4 is not None else None
+        if exact is not None:
+            if tuple(exact.q.shape) != shapes[name]:
+                read(name)  # raises the shape error
+            return exact
+        return quantize_int4(read(name), group_size)
+
+    def add(name: str) -> None:
+        """Put the model weight `name` (and its scales, when quantized) into sd."""
+        parts = sources[name]
+        fmt = formats.get(name, DENSE)
+        prefix = name.removesuffix("weight")
+        if fmt.kind == "dense":
+            sd[name] = dense(*parts)
+            return
+        if fmt.kind == "int8":
+            q = quantize_int8(torch.cat([read(n).float() for n in parts]))
+        else:
+            q = cat_int4([int4_parts(n, fmt.group_size) for n in parts])
+        if name == "tok_embeddings.weight":
+            state = Int8Embedding.state(q, device=device)
+        else:
+            state = module_state(fmt, q, device=device, dtype=dtype)
+        sd.update({prefix + k: v for k, v in state.items()})
+
+    sd: dict[str, torch.Tensor] = {}
+    add("tok_embeddings.weight")
+    sd["norm.weight"] = dense("norm.weight")
+    tied_fmt = formats.get("tok_embeddings.weight", DENSE)
+    if raw.args.tie_embeddings and tied_fmt.kind == "dense":
         sd["output.weight"] = sd["tok_embeddings.weight"]
+    elif raw.args.tie_embeddings:  # the same int8 rows; the scales in the product's dtype
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+        int8 = Int8Parts(sd["tok_embeddings.weight"], sd["tok_embeddings.scales"])
+        sd["output.scales"] = module_state(INT8, int8, device=device, dtype=dtype)["scales"]
     else:
-        sd["output.weight"] = get("output.weight")
+        add("output.weight")
     total = raw.args.n_layers + 1
     if progress is not None:
         progress(1, total)
     for i in range(raw.args.n_layers):
         p = f"layers.{i}."
-        sd[p + "attention.wqkv.weight"] = fused(
-            p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight")
-        sd[p + "attention.wo.weight"] = get(p + "attention.wo.weight")
-        sd[p + "feed_forward.w13.weight"] = fused(
-            p + "feed_forward.w1.weight", p + "feed_forward.w3.weight")
-        sd[p + "feed_forward.w2.weight"] = get(p + "feed_forward.w2.weight")
-        sd[p + "attention_norm.weight"] = get(p + "attention_norm.weight")
-        sd[p + "ffn_norm.weight"] = get(p + "ffn_norm.weight")
+        for key in _LAYER_SOURCES:
+            add(p + key)
+        sd[p + "attention_norm.weight"] = dense(p + "attention_norm.weight")
+        sd[p + "ffn_norm.weight"] = dense(p + "ffn_norm.weight")
         if progress is not None:
             progress(i + 2, total)
     return sd

@@ -27,6 +27,7 @@ from gguf.quants import dequantize
 from llamarun.config import ModelArgs, RopeScaling
 from llamarun.errors import CheckpointError, ConfigError
 from llamarun.loaders.fuse import RawCheckpoint
+from llamarun.quant import GGUF_INT4_TYPES, Int4Parts, gguf_int4
 from llamarun.rope import rope_frequencies
 
 SUPPORTED_TYPES = frozenset({
@@ -381,5 +382,15 @@ def read_gguf(path: Path) -> RawCheckpoint:
         "tokenizer_model": md.get("tokenizer.ggml.model"),
         "tokenizer_pre": md.get("tokenizer.ggml.pre"),
     }
+    def stored(name: str) -> str:
+        return file.tensors[to_gguf[name]].type_name
+
+    def int4(name: str) -> Int4Parts | None:
+        info = file.tensors[to_gguf[name]]
+        if info.qtype not in GGUF_INT4_TYPES or len(info.shape) != 2:
+            return None
+        return gguf_int4(file.tensor_bytes(info.name), info.qtype, (info.shape[0], info.shape[1]))
+
     return RawCheckpoint(args=args, layout="gguf", path=path, names=set(to_gguf), get=get,
-                         where=where, extra=extra)
+                         where=where, extra=extra, types=stored, int4=int4,
+                         int4_types=frozenset(GGMLQuantizationType(t).name for t in GGUF_INT4_TYPES))
