@@ -36,7 +36,7 @@ def _root(
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `app`.
-    from llamarun.cli import bench, chat, complete, info, tokenize  # noqa: F401
+    from llamarun.cli import bench, chat, complete, info, perplexity, tokenize  # noqa: F401
 
 
 _register()

@@ -1,0 +1,111 @@
+"""`llamarun perplexity`: sliding-window perplexity of the model on a text file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llamarun.cli import app, console
+from llamarun.cli.common import (
+    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
+    VerboseOpt, cli_errors, load_engine,
+)
+from llamarun.errors import InvalidArgumentError
+from llamarun.perplexity import PerplexityResult, default_text, perplexity
+
+DEFAULT_CTX = 512
+
+
+def read_text(file: str | None) -> str:
+    """The text of FILE, stdin for `-`, or the built-in default text when omitted."""
+    if file is None:
+        return default_text()
+    if file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read {file}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(
+            f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def summary(r: PerplexityResult) -> str:
+    """`perplexity 12.345  (N tokens in W windows of ctx C, stride S; T tok/s)`."""
+    windows = "window" if r.n_windows == 1 else "windows"
+    return (f"perplexity {r.perplexity:.3f}  ({r.n_tokens_scored} tokens in {r.n_windows} "
+            f"{windows} of ctx {r.ctx}, stride {r.stride}; {r.tokens_per_s:.1f} tok/s)")
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress(done, total) callback for a bar on stderr; None when stderr is no terminal."""
+    if not console.err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress("perplexity", *columns, console=console.err, transient=True) as bar:
+        task = bar.add_task("perplexity", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command(name="perplexity")
+def perplexity_cmd(
+    file: Annotated[Optional[str], typer.Argument(
+        metavar="FILE|-", show_default=False,
+        help="UTF-8 text file; `-` reads stdin (default: the Python docs' pydoc topics)")] = None,
+    ctx: Annotated[Optional[int], typer.Option(
+        "--ctx", show_default=False,
+        help=f"Tokens per window (default {DEFAULT_CTX}; at most the KV cache length)")] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        "--stride", show_default=False,
+        help="Tokens between window starts (default: ctx / 2)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", "-n", show_default=False,
+        help="Use only the first N tokens of the text (default: all)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
+    max_seq_len: MaxSeqLenOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Perplexity of the model on a text, scored in overlapping windows of --ctx tokens."""
+    console.setup_logging(verbose)
+    with cli_errors(verbose):
+        if ctx is not None and ctx < 2:
+            raise InvalidArgumentError(f"--ctx must be at least 2, got {ctx}")
+        if max_tokens is not None and max_tokens < 2:
+            raise InvalidArgumentError(f"--max-tokens must be at least 2, got {max_tokens}")
+        text = read_text(file)
+        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose,
+                                          quantize, group_size))
+        window = min(ctx or DEFAULT_CTX, engine.max_seq_len)
+        if ctx is not None and ctx > window:
+            console.note(f"--ctx {ctx} exceeds the KV cache of {window} tokens: using {window} "
+                         "(raise --max-seq-len for longer windows)")
+        ids = engine.tokenizer.encode(text, bos=engine.tokenizer.add_bos)
+        if len(ids) < 2:
+            raise InvalidArgumentError(
+                f"the text has {len(ids)} tokens: perplexity needs at least 2")
+        with _progress_bar() as progress:
+            result = perplexity(engine.model, ids, ctx=window, stride=stride, max_tokens=max_tokens,
+                                progress=progress)
+        if json_out:
+            data = {**dataclasses.asdict(result), "model": str(engine.checkpoint.path),
+                    "dtype": str(engine.dtype).removeprefix("torch.")}
+            console.write(json.dumps(data) + "\n")
+        else:
+            console.write(summary(result) + "\n")
