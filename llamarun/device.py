@@ -71,6 +71,16 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device,
     return _DTYPES[spec]
 
 
+def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the KV cache and of attention for a model computing in `dtype`.
+
+    CPU attention kernels are several times slower in 16-bit than in float32 (measured: 113 vs
+    18 us for one query over 256 cached positions), so on CPU the cache and attention are float32;
+    elsewhere they follow the model.
+    """
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on `device` (for timing); a no-op on CPU."""
     if device.type == "cuda":
@@ -104,9 +114,17 @@ def is_async(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def compile_mode(device: torch.device) -> str:
-    """torch.compile mode for the decode step: CUDA graphs on CUDA, plain inductor elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else "default"
+def uses_cuda_graphs(device: torch.device) -> bool:
+    """Whether the compiled decode step records CUDA graphs (it does on CUDA)."""
+    return device.type == "cuda"
+
+
+def compile_options(device: torch.device) -> dict[str, object]:
+    """Inductor options for the decode step: CUDA graphs on CUDA; on CPU a C++ wrapper around
+    the generated kernels (about 1.5 ms a token less Python for a 30-layer model)."""
+    if uses_cuda_graphs(device):
+        return {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
+    return {"cpp_wrapper": True}
 
 
 def runtime_version(device: torch.device) -> str | None:

@@ -57,15 +57,18 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, *,
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
-                     kv_len: int | None = None) -> torch.Tensor:
-    """Logits (vocab,) after feeding token (1, 1) at input_pos (1,); kv_len as in Transformer.forward."""
-    return model(token, input_pos, kv_len=kv_len)[0, -1]
+                     kv_len: int | None = None, kv_exact: bool = False) -> torch.Tensor:
+    """Logits (vocab,) after feeding token (1, 1) at input_pos (1,); kv_* as in Transformer.forward."""
+    return model(token, input_pos, kv_len=kv_len, kv_exact=kv_exact)[0, -1]
 
 
 def eager_step(model: Transformer) -> DecodeStep:
-    """A DecodeStep running the model eagerly, attending only over the used part of the cache."""
+    """A DecodeStep running the model eagerly, attending over exactly the used part of the cache.
+
+    (Eager shapes may change every step; a compiled step attends over KV_BUCKET-rounded lengths.)
+    """
     def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
-        return decode_one_token(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
+        return decode_one_token(model, token, input_pos, pos + 1, kv_exact=True)
     return step
 
 

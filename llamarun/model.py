@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamarun.config import ModelArgs
+from llamarun.device import attention_dtype
 from llamarun.kv_cache import KVCache
 from llamarun.rope import apply_rope, rope_cache
 
@@ -60,12 +61,15 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(bsz, seqlen, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(k.view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs)
+        qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        # One rotation for the query and key heads together: half the small ops of two.
+        qk = apply_rope(qk.view(bsz, seqlen, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, head_dim)
         if self.kv_cache is not None:
+            dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -74,7 +78,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -138,7 +142,7 @@ class Transformer(nn.Module):
             if use_kv_cache:
                 layer.attention.kv_cache = KVCache(
                     max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim,
-                    dtype=weight.dtype, device=weight.device)
+                    dtype=attention_dtype(weight.device, weight.dtype), device=weight.device)
 
     def reset_caches(self) -> None:
         """Zero every layer's KV cache."""
@@ -147,13 +151,16 @@ class Transformer(nn.Module):
                 layer.attention.kv_cache.reset()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
-                output_idx: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+                output_idx: torch.Tensor | None = None, kv_len: int | None = None,
+                kv_exact: bool = False) -> torch.Tensor:
         """Logits for tokens (B, S) at positions input_pos (S,).
 
         output_idx selects the sequence positions whose logits are computed (all when None);
         kv_len, a Python int >= input_pos.max() + 1, limits attention to the first kv_len cache
         slots (a speed hint for eager decoding; None attends over the whole static cache).
-        Without a KV cache, input_pos must start at 0 (plain causal attention).
+        kv_exact says that S == 1 and kv_len == input_pos[0] + 1: every attended slot is in the
+        past, so no mask is built. Without a KV cache, input_pos must start at 0 (plain causal
+        attention).
         """
         if self.freqs.numel() == 0:
             raise RuntimeError("call setup_caches() before forward()")
@@ -163,7 +170,7 @@ class Transformer(nn.Module):
                              f"{self.max_batch_size} (see setup_caches)")
         freqs = self.freqs[input_pos]  # (S, head_dim // 2, 2)
         mask = None
-        if cached:
+        if cached and not (kv_exact and tokens.shape[1] == 1 and kv_len is not None):
             keys = self.positions if kv_len is None else self.positions[:kv_len]
             mask = keys[None, :] <= input_pos[:, None]  # (S, kv_len): causal over cache slots
         h = self.tok_embeddings(tokens)  # (B, S, dim)

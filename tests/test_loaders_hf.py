@@ -10,6 +10,7 @@ import torch
 
 from llamarun.config import ModelArgs
 from llamarun.errors import CheckpointError, ConfigError
+from llamarun.device import attention_dtype
 from llamarun.loaders import detect_layout, load_checkpoint
 from model_util import (meta_to_hf, random_meta_state_dict, rel_err, split_meta,
                         transformers_model, write_hf_folder, write_meta_folder)
@@ -74,7 +75,8 @@ def test_missing_lm_head_means_tied_embeddings(tmp_path):
 def test_half_dtypes_are_close_to_float32(tmp_path, sd, reference, dtype):
     ck = load_checkpoint(write_hf_folder(tmp_path / "h", ARGS, sd), device="cpu", dtype=dtype)
     assert ck.model.tok_embeddings.weight.dtype == dtype
-    assert ck.model.layers[0].attention.kv_cache.k_cache.dtype == dtype
+    # The cache (and attention) run in float32 on CPU, where 16-bit attention is slow.
+    assert ck.model.layers[0].attention.kv_cache.k_cache.dtype == attention_dtype(ck.device, dtype)
     assert rel_err(run(ck), reference) <= 5e-2
 
 

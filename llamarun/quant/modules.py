@@ -47,7 +47,7 @@ class Int8Linear(nn.Module):
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_token(x):
+        if _one_token(x) and not self.kernel:
             return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         rows = x.shape[:-1].numel()
         if self.kernel and rows < DENSE_ROWS:
