@@ -7,6 +7,9 @@ yields `TextChunk`s and, once exhausted or closed, holds a `GenerationResult`.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamarun.device import compile_mode, is_async
+from llamarun.device import compile_options, is_async, synchronize, uses_cuda_graphs
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import DecodeStep, decode_one_token, eager_step, generate_tokens, kv_bucket
 from llamarun.loaders import Checkpoint, load_checkpoint
@@ -120,6 +123,10 @@ class Engine:
         # Bumped whenever a new generation writes the KV cache, so a ChatSession can tell that
         # someone else overwrote the conversation it left there.
         self.cache_version = 0
+        self._compiled_ready = False
+        self._compile_thread: threading.Thread | None = None
+        self._build_compiled: Callable[[], None] = lambda: None
+        self.compile_error: Exception | None = None
         self.decode_step: DecodeStep = self._compiled_step() if compile else eager_step(self.model)
 
     @classmethod
@@ -151,28 +158,110 @@ class Engine:
         return self.model.max_seq_len
 
     def _compiled_step(self) -> DecodeStep:
-        mode = compile_mode(self.device)
-        # dynamic=True: one graph serves every kv_len bucket (attention over the used part of the
-        # cache only), instead of a recompile per bucket or attention over the whole cache.
-        compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=True)
+        cuda_graphs = uses_cuda_graphs(self.device)
+        set_compile_cache()
+        # dynamic=True: one graph serves every attention length. Without CUDA graphs each step
+        # attends over exactly the used part of the cache; CUDA graphs record one graph per
+        # shape, so there the length is rounded up to a KV_BUCKET and masked.
+        # The model's modules never change after loading: checking them before every step (about
+        # 1 ms a token for a 30-layer model on CPU) buys nothing.
+        options = {**compile_options(self.device),
+                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=True, options=options)
         model = self.model
-        clone = mode == "reduce-overhead"  # CUDA graphs reuse their output buffers
+        eager = eager_step(model)
 
         def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
-            logits = compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
-            return logits.clone() if clone else logits
+            if not self._compiled_ready:
+                return eager(token, input_pos, pos)
+            if cuda_graphs:  # CUDA graphs reuse their output buffers: keep a copy
+                return compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len)).clone()
+            return compiled(model, token, input_pos, pos + 1, True)
+
+        def build() -> None:
+            # One step on a scratch slot near the end of the cache: a real step compiles the
+            # graph; the slot is overwritten before any query can attend to it.
+            pos = model.max_seq_len - 2
+            with torch.inference_mode():  # inputs made as generate_tokens makes them: no recompile
+                token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+                input_pos = torch.tensor([pos], dtype=torch.long, device=self.device)
+                if cuda_graphs:
+                    compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
+                else:
+                    compiled(model, token, input_pos, pos + 1, True)
+            synchronize(self.device)
+            self._compiled_ready = True
+
+        self._build_compiled = build
         return step
 
     def warmup(self, *, steps: int = 2) -> float:
-        """Run a few decode steps (compiling them when compile=True); return the seconds it took."""
+        """Compile the decode step (when compile=True) and run a few steps; return the seconds."""
         self.claim_cache()
         start = time.perf_counter()
+        self.wait_compiled()
         prompt = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
         events = generate_tokens(self.model, prompt, sampling=SamplingParams.greedy(), generator=None,
                                  max_new_tokens=steps + 1, step=self.decode_step)
         for _ in events:
             pass
         return time.perf_counter() - start
+
+    def compile_in_background(self) -> bool:
+        """Start compiling the decode step in a thread; steps run eagerly until it is ready.
+
+        Returns False (and does nothing) when compile=False, the step is ready or compiling, or
+        the device records CUDA graphs (captured in the foreground by warmup()).
+        """
+        if (not self.compiled or self._compiled_ready or self._compile_thread is not None
+                or not self.compiles_in_background):
+            return False
+
+        def run() -> None:
+            # The compile is mostly Python: make it yield the interpreter lock and the CPU to
+            # the thread that decodes, so replies go on at near eager speed meanwhile.
+            _lower_thread_priority()
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, 0.0005))
+            try:
+                self._build_compiled()
+            except Exception as e:  # a failed compile leaves the eager step in place
+                self.compile_error = e
+                log.warning("compiling the decode step failed; decoding stays eager (%s)",
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+            finally:
+                sys.setswitchinterval(interval)
+
+        self._compile_thread = threading.Thread(target=run, name="llamarun-compile", daemon=True)
+        self._compile_thread.start()
+        return True
+
+    @property
+    def compiles_in_background(self) -> bool:
+        """Whether compile_in_background() can work here (not where CUDA graphs are recorded,
+        which happens in the foreground, nor for a cache too short for the scratch step)."""
+        return not uses_cuda_graphs(self.device) and self.max_seq_len >= 4
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compile is still running."""
+        return self._compile_thread is not None and self._compile_thread.is_alive()
+
+    @property
+    def compiled_ready(self) -> bool:
+        """Whether decode steps now run the compiled graph."""
+        return self._compiled_ready
+
+    def wait_compiled(self) -> None:
+        """Block until the compiled step is ready (compiling it here if nobody started it)."""
+        if not self.compiled or self._compiled_ready:
+            return
+        if self._compile_thread is not None:
+            self._compile_thread.join()
+            if self.compile_error is not None:
+                raise self.compile_error
+            return
+        self._build_compiled()
 
     def claim_cache(self) -> int:
         """Note that the KV cache is about to be overwritten; return the new cache version."""
@@ -283,6 +372,21 @@ class Engine:
                 completion_tokens=n_events, token_ids=tuple(ids), cached_tokens=cached,
                 prefill_s=(first - start) if n_events else time.perf_counter() - start,
                 decode_s=last - first))
+
+
+def _lower_thread_priority() -> None:
+    """Give the calling thread (and the compiler processes it starts) the lowest CPU priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+    except (AttributeError, OSError):
+        pass
+
+
+def set_compile_cache() -> None:
+    """Keep inductor's compiled artefacts in the user's cache folder rather than /tmp, so that a
+    later start reuses them (a TORCHINDUCTOR_CACHE_DIR set by the user wins)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(base) / "llamarun" / "inductor"))
 
 
 def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",

@@ -9,6 +9,10 @@ import torch
 
 # Two cores: keep torch from oversubscribing when several tests spawn subprocesses.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The CLI compiles the decode step in the background by default: a compile running under every
+# CLI test (in this process and in subprocesses) would slow them all. Tests of the compiled
+# paths ask for it explicitly.
+os.environ["LLAMARUN_COMPILE"] = "0"
 
 
 def pytest_configure(config: pytest.Config) -> None:

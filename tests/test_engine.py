@@ -173,3 +173,29 @@ def test_compiled_decode_matches_eager(engine: Engine) -> None:
         assert gen.result.completion_tokens == 12
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_background_compile_switches_without_changing_tokens(one_thread: None) -> None:
+    """Replies start eagerly while the step compiles in a thread, then run compiled: same tokens.
+
+    The model is stored int8 (kernel and fallback products both inside the compiled graph).
+    """
+    eager = Engine.load(stories_meta(), device="cpu", dtype="float32", quantize="int8")
+    compiled = Engine(eager.checkpoint, eager.tokenizer, eager.chat_format, compile=True)
+    try:
+        assert compiled.compiles_in_background and compiled.compile_in_background()
+        during = compiled.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
+        list(during)  # runs while the compile is under way (or just done)
+        compiled.wait_compiled()
+        assert compiled.compiled_ready and not compiled.compiling
+        expect = eager.complete(PROMPT, sampling=GREEDY, max_new_tokens=40)
+        list(expect)
+        assert during.result.token_ids == expect.result.token_ids[:20]
+        # Every later position runs the one graph: a recompile would raise here.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            after = compiled.complete(PROMPT, sampling=GREEDY, max_new_tokens=40)
+            list(after)
+        assert after.result.token_ids == expect.result.token_ids
+    finally:
+        torch._dynamo.reset()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -56,4 +58,11 @@ def main() -> None:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         sys.stderr.write(f"error: {' '.join(message.split())}\n")
         sys.exit(getattr(e, "exit_code", 2))
-    sys.exit(rv if isinstance(rv, int) else 0)
+    code = rv if isinstance(rv, int) else 0
+    if any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
+        # A background compile is still running: do not wait for it, and do not let interpreter
+        # shutdown tear down its threads and compiler processes under it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -80,7 +80,7 @@ def bench(
     quantize: QuantizeOpt = "auto",
     group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Benchmark tokens/s: pp (prefill) and tg (decode), with warm-up and compile time apart."""

@@ -192,7 +192,7 @@ def chat(
     quantize: QuantizeOpt = "auto",
     group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat with the model in its chat format; history stays in the KV cache.

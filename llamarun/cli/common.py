@@ -20,6 +20,7 @@ from llamarun.resolve import ENV_VAR, resolve_model
 from llamarun.sampling import SamplingParams
 
 _DEFAULTS = SamplingParams()
+COMPILE_ENV_VAR = "LLAMARUN_COMPILE"
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"
 
@@ -42,10 +43,12 @@ GroupSizeOpt = Annotated[int, typer.Option(
 MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
     "--max-seq-len", show_default=False, rich_help_panel=MODEL_PANEL,
     help="KV cache length in tokens (default: the model's context, at most 4096)")]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile/--no-compile", rich_help_panel=MODEL_PANEL,
-    help="torch.compile the decode step: much faster decoding after a one-time compile "
-         "(about a minute on CPU, cached for later runs)")]
+CompileOpt = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", envvar=COMPILE_ENV_VAR, show_default=False,
+    rich_help_panel=MODEL_PANEL,
+    help="torch.compile the decode step. Default: on CPU, compile in the background while "
+         "replies start at once, and switch when ready (cached for later runs); --compile: "
+         "compile before the first reply (CUDA graphs on CUDA); --no-compile: never")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Debug logging, and tracebacks on errors")]
 
@@ -80,7 +83,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_seq_len: int | None = None
-    compile: bool = False
+    compile: bool | None = None  # None: in the background where that works, else not
     verbose: bool = False
     quantize: str = "auto"
     group_size: int = 32
@@ -103,13 +106,16 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
     """Resolve the model (flag, environment, ./checkpoints, default) and load it.
 
     With --compile the decode step is compiled here (unless warm_up is False), with a note,
-    rather than as a long pause in the middle of the first reply.
+    rather than as a long pause in the middle of the first reply. By default it is compiled in
+    a background thread where the device allows it (replies run eagerly until it is ready).
     """
     engine = _load(opts)
     if opts.compile and warm_up:
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
         engine.warmup()
+    elif opts.compile is None and warm_up:
+        engine.compile_in_background()
     return engine
 
 
@@ -123,7 +129,7 @@ def _load(opts: ModelOptions) -> Engine:
 
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=opts.device, dtype=opts.dtype,
-                           max_seq_len=opts.max_seq_len, compile=opts.compile,
+                           max_seq_len=opts.max_seq_len, compile=opts.compile is not False,
                            quantize=opts.quantize, group_size=opts.group_size, progress=progress)
 
     if not console.err.is_terminal:

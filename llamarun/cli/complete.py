@@ -82,7 +82,7 @@ def complete(
     quantize: QuantizeOpt = "auto",
     group_size: GroupSizeOpt = 32,
     max_seq_len: MaxSeqLenOpt = None,
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Continue a raw text prompt (no chat template) and stream the continuation to stdout."""

@@ -1,0 +1,120 @@
+"""Short CUDA decode bench: eager, compiled (CUDA graphs), int8 and int4, on two model shapes.
+
+Random weights in the shapes that matter (SmolLM2-135M, Llama-3.2-1B), written once as bfloat16
+HF folders, so the bench needs no download; the tokenizer is stories260K's (ids only matter).
+Prints one table. Called by benchmarks/gpu_check.sh; runs on CPU too (slowly) for a dry run.
+
+    python benchmarks/gpu_bench.py [--device cuda] [--shapes smollm2,1b] [--gen-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llamarun.bench import run_bench
+from llamarun.config import ModelArgs
+from llamarun.engine import Engine
+from llamarun.loaders import load_checkpoint
+from llamarun.loaders.fuse import expected_shapes
+from llamarun.tokenizer import load_chat_format, load_tokenizer
+
+SHAPES = {
+    "smollm2": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                         hidden_dim=1536, head_dim=64, rope_theta=100000.0, max_seq_len=2048,
+                         tie_embeddings=True),
+    "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                    hidden_dim=8192, head_dim=64, rope_theta=500000.0, max_seq_len=2048,
+                    tie_embeddings=True),
+}
+_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def write_random_hf(folder: Path, args: ModelArgs) -> Path:
+    """A random bfloat16 HF folder of this shape (q/k layout does not matter for speed)."""
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, shape in expected_shapes(args).items():
+        if name == "output.weight":
+            continue  # tied
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            hf = f"model.layers.{i}.{_HF[rest]}"
+        else:
+            hf = _HF[name]
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
+        sd[hf] = t.to(torch.bfloat16)
+    save_file(sd, str(folder / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+              "intermediate_size": args.hidden_dim, "vocab_size": args.vocab_size,
+              "head_dim": args.head_dim, "rope_theta": args.rope_theta, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": True,
+              "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shapes", default="smollm2,1b")
+    ap.add_argument("--tokenizer", type=Path, required=True,
+                    help="a tokenizer folder (stories260K's)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llamarun-gpu")
+    a = ap.parse_args()
+    tok = load_tokenizer(a.tokenizer)
+    chat = load_chat_format(tok, None)
+    variants = [("eager", "none", False), ("compiled", "none", True),
+                ("int8", "int8", False), ("int4", "int4", False), ("int4 compiled", "int4", True)]
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
+    print(f"device {name}, torch {torch.__version__}, pp{a.prompt_tokens} tg{a.gen_tokens}, "
+          f"best of {a.reps}")
+    print(f"{'shape':8} {'variant':14} {'dtype':9} {'pp tok/s':>9} {'tg tok/s':>9} {'GB/s':>7} "
+          f"{'warmup s':>9} {'peak MiB':>9}")
+    for shape in a.shapes.split(","):
+        folder = write_random_hf(a.workdir / shape, SHAPES[shape])
+        for label, quantize, compiled in variants:
+            try:
+                start = time.perf_counter()
+                ck = load_checkpoint(folder, device=a.device, quantize=quantize,
+                                     max_seq_len=a.prompt_tokens + a.gen_tokens + 16)
+                engine = Engine(ck, tok, chat, compile=compiled,
+                                load_s=time.perf_counter() - start)
+                r = run_bench(engine, prompt_tokens=[a.prompt_tokens], gen_tokens=a.gen_tokens,
+                              repetitions=a.reps)
+                peak = (r.peak_device_bytes or r.peak_rss_bytes) / 2**20
+                print(f"{shape:8} {label:14} {r.dtype:9} {max(r.prefill[0].tok_s.values):9.0f} "
+                      f"{max(r.decode.tok_s.values):9.1f} {r.decode.bandwidth_gb_s:7.0f} "
+                      f"{r.warmup_s:9.1f} {peak:9.0f}", flush=True)
+            except Exception as e:  # one failing variant must not hide the others
+                print(f"{shape:8} {label:14} error: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            finally:
+                torch._dynamo.reset()
+                engine = ck = None  # noqa: F841 (free the GPU memory before the next variant)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
