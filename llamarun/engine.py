@@ -21,7 +21,7 @@ import torch
 from llamarun.device import compile_options, is_async, synchronize, uses_cuda_graphs
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import DecodeStep, decode_one_token, eager_step, generate_tokens, kv_bucket
-from llamarun.loaders import Checkpoint, load_checkpoint
+from llamarun.loaders import Checkpoint, detect_layout, load_checkpoint
 from llamarun.sampling import SamplingParams, make_generator
 from llamarun.tokenizer import ChatFormat, StreamDecoder, Tokenizer, load_chat_format, load_tokenizer
 
@@ -143,10 +143,12 @@ class Engine:
         if max_seq_len is not None and max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be at least 2, got {max_seq_len}")
         start = time.perf_counter()
-        ckpt = load_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                               quantize=quantize, group_size=group_size, progress=progress)
-        source = ckpt.path
+        _, source = detect_layout(Path(path))
+        # The tokenizer first: its build-time temporaries are gone before the weights arrive
+        # (a lower peak), and a broken tokenizer fails before gigabytes are read.
         tokenizer = load_tokenizer(source)
+        ckpt = load_checkpoint(source, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                               quantize=quantize, group_size=group_size, progress=progress)
         folder = source if source.is_dir() else None
         chat_format = load_chat_format(tokenizer, folder, chat_template=chat_template)
         return cls(ckpt, tokenizer, chat_format, compile=compile,

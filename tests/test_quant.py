@@ -191,3 +191,20 @@ def test_bad_quantize_flags_are_one_line(flags: list[str], message: str) -> None
 def test_gguf_int4_rejects_other_types() -> None:
     with pytest.raises(ValueError):
         gguf_int4(np.zeros(34, np.uint8), int(QT.Q8_0), (1, 32))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.F16], ids=lambda q: q.name)
+def test_row_blocks_read_the_same_numbers_as_whole_tensors(qtype: QT, tmp_path) -> None:
+    # Large quantized embeddings are converted a block of rows at a time (bounded memory).
+    from llamarun.loaders.fuse import _int8_by_rows
+    from llamarun.loaders.gguf import read_gguf
+
+    sd, args = _k_model()
+    path = write_llama_gguf(tmp_path / "k.gguf", sd, args, tensor_types(sd, qtype))
+    raw = read_gguf(path)
+    name = "tok_embeddings.weight"
+    whole = raw.get(name).float()
+    assert torch.equal(raw.get_rows(name, 17, 200).float(), whole[17:200])
+    by_rows = _int8_by_rows(raw, name, tuple(whole.shape))
+    once = quantize_int8(whole)
+    assert torch.equal(by_rows.q, once.q) and torch.equal(by_rows.scale, once.scale)

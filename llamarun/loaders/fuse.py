@@ -37,6 +37,10 @@ class RawCheckpoint:
     # name -> the tensor's exact int4 (group 32) form, or None where it has none (GGUF Q4 types)
     int4: Callable[[str], Int4Parts | None] | None = None
     int4_types: frozenset[str] = frozenset()  # stored types that int4() converts exactly
+    # name -> drop the file pages behind a tensor that has been copied out (GGUF mmaps)
+    release: Callable[[str], None] | None = None
+    # (name, start, stop) -> rows start:stop of a tensor, read without the rest (GGUF)
+    get_rows: Callable[[str, int, int], torch.Tensor] | None = None
 
     def stored_type(self, name: str) -> str:
         """How the checkpoint stores tensor `name`: "F32", "F16", "BF16" or a GGUF type name."""
@@ -190,14 +194,23 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
                                   "expected floating point")
         return t
 
+    def copied(*names: str) -> None:
+        """The tensors `names` are copied out: their file pages may go."""
+        if raw.release is not None:
+            for n in names:
+                raw.release(n)
+
     def dense(*names: str) -> torch.Tensor:
         if len(names) == 1:
-            t = read(names[0]).to(device=device, dtype=dtype)
+            src = read(names[0])
+            t = src.to(device=device, dtype=dtype)
             # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever
             # its data happened to be; matmul kernels run measurably slower on weights that are
             # not 64-byte aligned, which a fresh allocation is.
             if not t.is_contiguous() or t.data_ptr() % _ALIGN:
                 t = t.clone(memory_format=torch.contiguous_format)
+            if t.data_ptr() != src.data_ptr():
+                copied(names[0])
             return t
         # Copy each part straight into its rows of the fused tensor: no converted temporaries.
         rows = sum(shapes[n][0] for n in names)
@@ -208,6 +221,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             out[start:start + part.shape[0]].copy_(part)
             start += part.shape[0]
             del part
+        copied(*names)
         return out
 
     def int4_parts(name: str, group_size: int) -> Int4Parts:
@@ -227,9 +241,15 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             sd[name] = dense(*parts)
             return
         if fmt.kind == "int8":
-            q = quantize_int8(torch.cat([read(n).float() for n in parts]))
+            if len(parts) == 1 and raw.get_rows is not None:
+                q = _int8_by_rows(raw, parts[0], shapes[parts[0]])
+            else:
+                whole = read(parts[0]) if len(parts) == 1 else torch.cat([read(n) for n in parts])
+                q = quantize_int8(whole)  # row by row in float32
+                del whole
         else:
             q = cat_int4([int4_parts(n, fmt.group_size) for n in parts])
+        copied(*parts)
         if name == "tok_embeddings.weight":
             state = Int8Embedding.state(q, device=device)
         else:
@@ -257,9 +277,39 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             add(p + key)
         sd[p + "attention_norm.weight"] = dense(p + "attention_norm.weight")
         sd[p + "ffn_norm.weight"] = dense(p + "ffn_norm.weight")
+        trim_heap()
         if progress is not None:
             progress(i + 2, total)
     return sd
+
+
+def _int8_by_rows(raw: RawCheckpoint, name: str, shape: tuple[int, ...]) -> Int8Parts:
+    """Per-row int8 of a tensor read a block of rows at a time (a large quantized embedding
+    never exists whole in float32)."""
+    assert raw.get_rows is not None
+    n, k = shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty(n)
+    step = max(1, (16 << 20) // (4 * k))  # ~16 MB of float32 at a time
+    for i in range(0, n, step):
+        block = raw.get_rows(name, i, min(n, i + step))
+        if block.shape != (min(n, i + step) - i, k):
+            raise CheckpointError(f"{raw.where(name)}: tensor {name} has rows of shape "
+                                  f"{tuple(block.shape[1:])}, expected ({k},)")
+        part = quantize_int8(block)
+        q[i:i + step], scale[i:i + step] = part.q, part.scale
+    return Int8Parts(q, scale)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps freed conversion temporaries,
+    which would otherwise add up to more than the weights); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _natural(name: str) -> tuple[object, ...]:

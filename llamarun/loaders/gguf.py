@@ -7,6 +7,7 @@ mmap and each tensor is dequantized on request by `gguf.quants`, llama.cpp's own
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import re
 import struct
@@ -100,6 +101,22 @@ class GGUFFile:
     metadata: dict[str, Any]  # strings as str, string arrays as list[str], numeric arrays as numpy
     tensors: dict[str, GGUFTensorInfo]
     data: np.ndarray | None  # uint8 view of the whole file (None when opened for metadata only)
+    mm: mmap.mmap | None = None
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor that has been copied out (they leave the RSS; the
+        file stays mapped and would be read again if the tensor were)."""
+        if self.mm is None or not hasattr(self.mm, "madvise"):
+            return
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page  # whole pages inside the tensor only
+        end = (info.offset + info.nbytes) // page * page
+        if end > start:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of a tensor, as a uint8 view of the mapped file."""
@@ -205,7 +222,8 @@ def read_gguf_file(path: Path, *, tensors: bool = True) -> GGUFFile:
     data = np.frombuffer(mm, dtype=np.uint8) if tensors else None
     if not tensors:
         mm.close()
-    return GGUFFile(path=path, version=version, metadata=metadata, tensors=table, data=data)
+    return GGUFFile(path=path, version=version, metadata=metadata, tensors=table, data=data,
+                    mm=mm if tensors else None)
 
 
 def _nbytes(path: Path, name: str, qtype: int, shape: tuple[int, ...]) -> int | None:
@@ -228,14 +246,23 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
     return read_gguf_file(path, tensors=False).metadata
 
 
-def dequantize_tensor(file: GGUFFile, name: str) -> torch.Tensor:
-    """One tensor as a CPU torch tensor: F32/F16/BF16 as stored (mmap views), the rest float32."""
+def dequantize_tensor(file: GGUFFile, name: str, rows: slice | None = None) -> torch.Tensor:
+    """One tensor (or a slice of its rows) as a CPU torch tensor: F32/F16/BF16 as stored (mmap
+    views), the rest float32."""
     info = file.tensors[name]
+    if rows is not None:
+        n_rows = info.shape[0] if len(info.shape) > 1 else 1
+        start, stop, _ = rows.indices(n_rows)
+        row_bytes = info.nbytes // max(1, n_rows)
+        info = dataclasses.replace(info, shape=(max(0, stop - start), *info.shape[1:]),
+                                   offset=info.offset + start * row_bytes,
+                                   nbytes=max(0, stop - start) * row_bytes)
     if info.qtype not in SUPPORTED_TYPES:
         supported = ", ".join(sorted(GGMLQuantizationType(t).name for t in SUPPORTED_TYPES))
         raise CheckpointError(f"{file.path}: tensor {name} has type {info.type_name}, which "
                               f"llamarun does not support (supported: {supported})")
-    raw = file.tensor_bytes(name)
+    assert file.data is not None, "opened with tensors=False"
+    raw = file.data[info.offset:info.offset + info.nbytes]
     qtype = GGMLQuantizationType(info.qtype)
     if qtype == GGMLQuantizationType.F32:
         return torch.from_numpy(raw.view(np.float32).reshape(info.shape))
@@ -244,12 +271,15 @@ def dequantize_tensor(file: GGUFFile, name: str) -> torch.Tensor:
     if qtype == GGMLQuantizationType.BF16:
         return torch.from_numpy(raw.view(np.int16).reshape(info.shape)).view(torch.bfloat16)
     rows = raw.reshape(-1, raw.size // max(1, int(np.prod(info.shape[:-1]))))
+    out = np.empty((rows.shape[0], info.shape[-1] if info.shape else 1), dtype=np.float32)
+    step = max(1, (8 << 20) // max(1, out.shape[1] * 4))  # ~8 MB of output at a time
     try:
-        values = dequantize(rows, qtype)
+        for i in range(0, rows.shape[0], step):  # in chunks: gguf.quants makes temporaries
+            out[i:i + step] = dequantize(rows[i:i + step], qtype)
     except Exception as e:  # the gguf package raises several types on malformed blocks
         raise CheckpointError(f"{file.path}: cannot dequantize tensor {name} ({info.type_name}: "
                               f"{e})") from None
-    return torch.from_numpy(values.reshape(info.shape))
+    return torch.from_numpy(out.reshape(info.shape))
 
 
 def meta_name(gguf_name: str) -> str:
@@ -393,4 +423,7 @@ def read_gguf(path: Path) -> RawCheckpoint:
 
     return RawCheckpoint(args=args, layout="gguf", path=path, names=set(to_gguf), get=get,
                          where=where, extra=extra, types=stored, int4=int4,
+                         release=lambda name: file.release(to_gguf[name]),
+                         get_rows=lambda name, a, b: dequantize_tensor(file, to_gguf[name],
+                                                                       slice(a, b)),
                          int4_types=frozenset(GGMLQuantizationType(t).name for t in GGUF_INT4_TYPES))

@@ -54,11 +54,18 @@ class Int4Parts:
         return self.q.shape[1] // self.scale.shape[1]
 
 
+_CHUNK_ROWS = 4096  # rows converted at once: bounds the float32 temporaries
+
+
 def quantize_int8(w: torch.Tensor) -> Int8Parts:
     """Symmetric per-row int8 of a (N, K) float weight."""
-    wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
-    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], _CHUNK_ROWS):
+        wf = w[i:i + _CHUNK_ROWS].float()
+        s = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (rows,)
+        q[i:i + _CHUNK_ROWS] = torch.round(wf / s[:, None]).clamp_(-127, 127)
+        scale[i:i + _CHUNK_ROWS] = s
     return Int8Parts(q, scale)
 
 
