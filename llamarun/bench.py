@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -108,7 +109,17 @@ def weight_bytes(engine: Engine) -> tuple[int, int]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process."""
+    """Peak resident set size of this process image.
+
+    Linux's VmHWM where there is one: ru_maxrss carries a forking parent's peak across exec, so a
+    process started from a large one would report at least the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

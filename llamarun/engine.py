@@ -167,8 +167,10 @@ class Engine:
         # shape, so there the length is rounded up to a KV_BUCKET and masked.
         # The model's modules never change after loading: checking them before every step (about
         # 1 ms a token for a 30-layer model on CPU) buys nothing.
-        options = {**compile_options(self.device),
-                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = compile_options(self.device)
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        if skip_module_guards is not None:  # torch >= 2.7
+            options["guard_filter_fn"] = skip_module_guards
         compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=True, options=options)
         model = self.model
         eager = eager_step(model)
