@@ -16,7 +16,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from llamarun.config import ModelArgs
-from llamarun.loaders.fuse import RawCheckpoint, build_state_dict
+from llamarun.loaders.fuse import RawCheckpoint, build_state_dict, expected_shapes
 from llamarun.model import Transformer
 
 QK_K = 256
@@ -285,3 +285,20 @@ def greedy(model: Transformer, ids: list[int], n: int) -> tuple[list[int], list[
         logits = model(torch.tensor([[nxt]]), torch.tensor([pos]), kv_len=pos + 1)[0, -1]
         pos += 1
     return out, steps
+
+
+def k_quant_model() -> tuple[dict[str, torch.Tensor], ModelArgs]:
+    """A small random Llama whose every matrix row is a multiple of 256 (K-quant super-blocks).
+
+    stories260K (dim 64, FFN 172) has no such row, so llama.cpp itself could not K-quantize it.
+    """
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=512,
+                     head_dim=64, rope_theta=10000.0, max_seq_len=128)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, shape in expected_shapes(args).items():
+        if len(shape) == 1:
+            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[name] = torch.randn(shape, generator=g) / shape[1] ** 0.5
+    return sd, args

@@ -13,6 +13,7 @@ from gguf.constants import GGMLQuantizationType as QT
 
 from fixtures_util import require_fixture, require_default_model
 from gguf_util import (
+    k_quant_model,
     full_logits,
     greedy,
     model_from_meta,
@@ -54,25 +55,6 @@ def stories_ref(stories) -> torch.Tensor:
     return full_logits(model_from_meta(sd, args), STORY_IDS)
 
 
-def _k_model() -> tuple[dict[str, torch.Tensor], ModelArgs]:
-    """A small random Llama whose every matrix row is a multiple of 256 (K-quant super-blocks).
-
-    stories260K (dim 64, FFN 172) has no such row, so llama.cpp itself could not K-quantize it.
-    """
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=512,
-                     head_dim=64, rope_theta=10000.0, max_seq_len=128)
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    from llamarun.loaders.fuse import expected_shapes
-
-    for name, shape in expected_shapes(args).items():
-        if len(shape) == 1:
-            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            sd[name] = torch.randn(shape, generator=g) / shape[1] ** 0.5
-    return sd, args
-
-
 def _load(path: Path, dtype: str = "float32"):
     # Dequantized (quantize="none"): the numbers must equal a float32 model's; the quantized
     # storage of the same files is tested in test_quant.py.
@@ -102,7 +84,7 @@ def test_stories_gguf_in_each_type_matches_float32_model(qtype, stories, stories
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
 def test_k_quant_gguf_matches_float32_model(qtype, tmp_path):
-    sd, args = _k_model()
+    sd, args = k_quant_model()
     types = tensor_types(sd, qtype)
     assert all(t == qtype for k, t in types.items() if sd[k].dim() == 2)
     path = write_llama_gguf(tmp_path / f"k.{qtype.name}.gguf", sd, args, types)
@@ -173,7 +155,7 @@ def test_metadata_into_model_args(stories, tmp_path):
 
 
 def test_llama31_rope_freqs_tensor_becomes_llama3_scaling(tmp_path):
-    sd, args = _k_model()
+    sd, args = k_quant_model()
     args = args.replace(rope_theta=500000.0)
     want = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=64)
@@ -199,7 +181,7 @@ def test_other_architecture_is_a_clear_error(stories, tmp_path):
 
 
 def test_unsupported_tensor_type_is_a_clear_error(tmp_path):
-    sd, args = _k_model()
+    sd, args = k_quant_model()
     types = tensor_types(sd, QT.F16)
     path = tmp_path / "q2k.gguf"
 

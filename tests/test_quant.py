@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 
 import llamarun.device as device_mod
 from fixtures_util import require_default_model, require_fixture
-from gguf_util import full_logits, model_from_meta, quantize, roundtrip, tensor_types, write_llama_gguf
+from gguf_util import (
+    full_logits, k_quant_model, model_from_meta, quantize, roundtrip, tensor_types,
+    write_llama_gguf,
+)
 from llamarun.cli import app
-from llamarun.config import ModelArgs
 from llamarun.loaders import load_checkpoint
-from llamarun.loaders.fuse import expected_shapes
 from llamarun.quant import (
     Int4Linear, Int4Parts, Int8Linear, Int8Parts, dequantize_int4, dequantize_int8, gguf_int4,
     quantize_int4, quantize_int8,
@@ -74,25 +75,11 @@ def test_quantized_linear_computes_the_dequantized_product(kernel: bool, kind: s
     assert _rel(module.dense(torch.float32), ref_w) < (1e-2 if kernel else 1e-6)
 
 
-def _k_model() -> tuple[dict[str, torch.Tensor], ModelArgs]:
-    """A small random Llama whose matrices all fit K-quant super-blocks and int4 tiles."""
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=512,
-                     head_dim=64, rope_theta=10000.0, max_seq_len=128)
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for name, shape in expected_shapes(args).items():
-        if len(shape) == 1:
-            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            sd[name] = torch.randn(shape, generator=g) / shape[1] ** 0.5
-    return sd, args
-
-
 @pytest.mark.parametrize("qtype,expect", [(QT.Q4_K, "int4 (group 32)"), (QT.Q4_0, "int4 (group 32)"),
                                           (QT.Q8_0, "int8"), (QT.Q6_K, "int8"), (QT.BF16, "bfloat16")],
                          ids=lambda v: getattr(v, "name", v))
 def test_gguf_tensors_stay_quantized(qtype: QT, expect: str, tmp_path) -> None:
-    sd, args = _k_model()
+    sd, args = k_quant_model()
     types = tensor_types(sd, qtype)
     path = write_llama_gguf(tmp_path / f"k.{qtype.name}.gguf", sd, args, types)
     ck = load_checkpoint(path, device="cpu", dtype="bfloat16", max_seq_len=64)
@@ -199,7 +186,7 @@ def test_row_blocks_read_the_same_numbers_as_whole_tensors(qtype: QT, tmp_path) 
     from llamarun.loaders.fuse import _int8_by_rows
     from llamarun.loaders.gguf import read_gguf
 
-    sd, args = _k_model()
+    sd, args = k_quant_model()
     path = write_llama_gguf(tmp_path / "k.gguf", sd, args, tensor_types(sd, qtype))
     raw = read_gguf(path)
     name = "tok_embeddings.weight"
