@@ -114,6 +114,30 @@ def is_async(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+# From this many rows on, a product is a GEMM (prefill) rather than a GEMV (decode): quantized
+# weights are then dequantized once for a dense GEMM, which beats the weight-only kernels there.
+DENSE_ROWS = 16
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for many rows (prefill) with the fastest dense kernel of the device.
+
+    On CPU, float32 goes through oneDNN rather than the BLAS `F.linear` calls: measured 2.2-2.8x
+    faster for prefill-sized products on an AMD EPYC (MKL picks slow paths on AMD processors), and
+    the same numbers to float32 rounding. Everything else is `F.linear`.
+    """
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and _onednn_linear_available()):
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight)
+
+
 def uses_cuda_graphs(device: torch.device) -> bool:
     """Whether the compiled decode step records CUDA graphs (it does on CUDA)."""
     return device.type == "cuda"

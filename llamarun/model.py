@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamarun.config import ModelArgs
-from llamarun.device import attention_dtype
+from llamarun.device import DENSE_ROWS, attention_dtype, linear
 from llamarun.kv_cache import KVCache
 from llamarun.rope import apply_rope, rope_cache
 
@@ -24,9 +24,10 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        rows = x.shape[:-1].numel()
+        if torch.compiler.is_compiling() and rows == 1:
             return (x.unsqueeze(-2) * self.weight).sum(-1)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight) if rows >= DENSE_ROWS else F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):

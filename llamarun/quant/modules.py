@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamarun.device import quant_kernels
+from llamarun.device import DENSE_ROWS, linear, quant_kernels
 from llamarun.quant.formats import Int4Parts, Int8Parts, WeightFormat
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU weight-only kernels
-# From this many rows on, dequantizing the weight once and running a dense GEMM beats the
-# weight-only kernels, which are written for a few rows (decode).
-DENSE_ROWS = 16
 
 
 def _one_token(x: torch.Tensor) -> bool:
@@ -54,7 +51,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.scales)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dense(x.dtype))
+        return linear(x, self.dense(x.dtype))
 
 
 class Int4Linear(nn.Module):
