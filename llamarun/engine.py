@@ -175,12 +175,13 @@ class Engine:
         model = self.model
         eager = eager_step(model)
 
-        def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
-            if not self._compiled_ready:
-                return eager(token, input_pos, pos)
+        def run(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
             if cuda_graphs:  # CUDA graphs reuse their output buffers: keep a copy
                 return compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len)).clone()
             return compiled(model, token, input_pos, pos + 1, True)
+
+        def step(token: torch.Tensor, input_pos: torch.Tensor, pos: int) -> torch.Tensor:
+            return run(token, input_pos, pos) if self._compiled_ready else eager(token, input_pos, pos)
 
         def build() -> None:
             # One step on a scratch slot near the end of the cache: a real step compiles the
@@ -189,10 +190,7 @@ class Engine:
             with torch.inference_mode():  # inputs made as generate_tokens makes them: no recompile
                 token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
                 input_pos = torch.tensor([pos], dtype=torch.long, device=self.device)
-                if cuda_graphs:
-                    compiled(model, token, input_pos, kv_bucket(pos, model.max_seq_len))
-                else:
-                    compiled(model, token, input_pos, pos + 1, True)
+                run(token, input_pos, pos)
             synchronize(self.device)
             self._compiled_ready = True
 

@@ -49,10 +49,8 @@ def _stored_as(engine: Engine) -> dict[str, str]:
     ckpt = engine.checkpoint
     out = {}
     for name, sources in linear_sources(ckpt.args).items():
-        fmt = ckpt.formats[name]
-        became = str(ckpt.dtype).removeprefix("torch.") if fmt.kind == "dense" else str(fmt)
         stored = "+".join(sorted({ckpt.raw.stored_type(s) for s in sources}))
-        out[name] = f"{stored} -> {became}"
+        out[name] = f"{stored} -> {ckpt.storage(name)}"
     return out
 
 

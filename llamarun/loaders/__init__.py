@@ -12,7 +12,7 @@ from llamarun.config import ModelArgs
 from llamarun.device import resolve_device, resolve_dtype
 from llamarun.errors import CheckpointError, InvalidArgumentError
 from llamarun.loaders.fuse import (
-    QUANTIZE_MODES, Progress, RawCheckpoint, build_state_dict, check_names, plan_formats,
+    FLOAT_TYPES, QUANTIZE_MODES, Progress, RawCheckpoint, build_state_dict, check_names, plan_formats,
     resolve_tied,
 )
 from llamarun.loaders.hf import is_hf_folder, read_hf
@@ -38,13 +38,18 @@ class Checkpoint:
     raw: RawCheckpoint
     formats: dict[str, WeightFormat]  # how each matrix is stored (dense, int8, int4)
 
+    def storage(self, name: str) -> str:
+        """How matrix `name` is held: its dtype when dense, else "int8" / "int4 (group 32)"."""
+        fmt = self.formats[name]
+        return str(self.dtype).removeprefix("torch.") if fmt.kind == "dense" else str(fmt)
+
     def format_counts(self) -> dict[str, int]:
         """How many matrices are stored in each format ("bfloat16", "int8", "int4 (group 32)")."""
         counts: dict[str, int] = {}
-        for name, fmt in self.formats.items():
+        for name in self.formats:
             if name == "output.weight" and self.args.tie_embeddings:
                 continue
-            label = str(self.dtype).removeprefix("torch.") if fmt.kind == "dense" else str(fmt)
+            label = self.storage(name)
             counts[label] = counts.get(label, 0) + 1
         return counts
 
@@ -137,12 +142,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
                       dtype=dt, raw=raw, formats=formats)
 
 
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def _stored_dtype(raw: RawCheckpoint, formats: dict[str, WeightFormat]) -> torch.dtype | None:
     """The float dtype the checkpoint's dense projections are stored in (None if quantized)."""
     name = "layers.0.attention.wqkv.weight"
     if raw.args.n_layers == 0 or formats[name].kind != "dense":
         return None
-    return _FLOAT_TYPES.get(raw.stored_type("layers.0.attention.wq.weight"))
+    return FLOAT_TYPES.get(raw.stored_type("layers.0.attention.wq.weight"))

@@ -46,10 +46,12 @@ class RawCheckpoint:
         """How the checkpoint stores tensor `name`: "F32", "F16", "BF16" or a GGUF type name."""
         if self.types is not None:
             return self.types(name)
-        return _TYPE_NAMES.get(self.get(name).dtype, str(self.get(name).dtype))
+        dtype = self.get(name).dtype
+        return _TYPE_NAMES.get(dtype, str(dtype))
 
 
-_TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored types
+_TYPE_NAMES = {dtype: name for name, dtype in FLOAT_TYPES.items()}
 
 
 _ALIGN = 64  # bytes
@@ -104,7 +106,6 @@ def check_names(raw: RawCheckpoint) -> None:
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 
-DENSE_TYPES = frozenset({"F32", "F16", "BF16"})  # stored types that are plain floats
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
 
 # Each weight of the model and the checkpoint tensors it is built from (rows stacked in order).
@@ -158,7 +159,7 @@ def plan_formats(raw: RawCheckpoint, quantize: str = "auto",
             fmt = int4 if quantize == "int4" and fits else INT8
         else:
             types = {raw.stored_type(s) for s in sources}
-            if types <= DENSE_TYPES:
+            if types <= FLOAT_TYPES.keys():
                 fmt = DENSE
             elif (types <= raw.int4_types and name != "tok_embeddings.weight"
                   and int4_fits(out_features, in_features, 32)):
