@@ -94,9 +94,9 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
 
     from llamarun.bench import weight_bytes
     from llamarun.engine import Engine
-    from llamarun.generate import generate_tokens, prefill
     from llamarun.loaders import load_checkpoint
     from llamarun.sampling import SamplingParams, sample
+    from llamarun.slots import Slot
 
     start = time.perf_counter()
     ck = load_checkpoint(path, device="cpu", dtype=dtype, quantize="auto",
@@ -111,22 +111,20 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
         compile_s = time.perf_counter() - start
         if not engine.compiled_ready:
             raise RuntimeError("the decode step did not compile")
-    model = engine.model
     greedy = SamplingParams.greedy()
     ids = prompt_ids(ck.args.vocab_size, max(pp, TG_PROMPT))
-    pp_ids = torch.tensor(ids[:pp])
 
     @torch.inference_mode()
     def first_token() -> tuple[float, float]:
         start = time.perf_counter()
-        logits = prefill(model, pp_ids, 0)
+        logits = engine.decoder.prefill(Slot(0), ids[:pp])
         done = time.perf_counter()  # CPU: the logits are computed when prefill returns
         int(sample(logits, greedy, None).item())
         return pp / (done - start), time.perf_counter() - start
 
     def decode() -> tuple[float]:
-        events = generate_tokens(model, ids[:TG_PROMPT], sampling=greedy, generator=None,
-                                 max_new_tokens=tg + 1, step=engine.decode_step)
+        events = engine.token_events(ids[:TG_PROMPT], max_new_tokens=tg + 1, sampling=greedy,
+                                     reuse=False)
         next(events)  # prefill and the first token are not decode
         start = time.perf_counter()
         n = sum(1 for _ in events)

@@ -21,7 +21,6 @@ from llamarun.device import (
 )
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError
-from llamarun.generate import generate_tokens
 from llamarun.sampling import SamplingParams
 
 _GREEDY = SamplingParams.greedy()
@@ -142,8 +141,7 @@ def environment(engine: Engine) -> dict[str, object]:
 def _prefill_once(engine: Engine, ids: list[int]) -> float:
     synchronize(engine.device)
     start = time.perf_counter()
-    for _ in generate_tokens(engine.model, ids, sampling=_GREEDY, generator=None,
-                             max_new_tokens=1, step=engine.decode_step):
+    for _ in engine.token_events(ids, max_new_tokens=1, reuse=False):
         pass  # the first token's id on the host ends the prefill
     return time.perf_counter() - start
 
@@ -151,9 +149,7 @@ def _prefill_once(engine: Engine, ids: list[int]) -> float:
 def _decode_once(engine: Engine, first: int, n: int) -> list[float]:
     """Per-token seconds of n decode steps after a one-token prefill."""
     stamps: list[float] = []
-    for _ in generate_tokens(engine.model, [first], sampling=_GREEDY, generator=None,
-                             max_new_tokens=n + 1, step=engine.decode_step,
-                             lookahead=engine.lookahead):
+    for _ in engine.token_events([first], max_new_tokens=n + 1, reuse=False):
         stamps.append(time.perf_counter())
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -168,10 +164,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         raise InvalidArgumentError("prompt lengths must be positive integers")
     if gen_tokens < 1 or repetitions < 1:
         raise InvalidArgumentError("gen_tokens and repetitions must be at least 1")
-    engine.claim_cache()
-    needed = max(max(prompt_tokens) + 1, gen_tokens + 2)
-    if engine.max_seq_len < needed:
-        engine.model.setup_caches(engine.model.max_batch_size, needed)
+    engine.ensure_context(max(max(prompt_tokens) + 1, gen_tokens + 2))
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.args.vocab_size
     prompts = {n: torch.randint(vocab, (n,), generator=gen).tolist() for n in prompt_tokens}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamarun.config import ModelArgs
-from llamarun.device import DENSE_ROWS, attention_dtype, linear
+from llamarun.device import attention_dtype, linear
 from llamarun.kv_cache import KVCache
 from llamarun.rope import apply_rope, rope_cache
+from llamarun.slots import SlotPool
 
 
 class Linear(nn.Linear):
@@ -17,7 +21,7 @@ class Linear(nn.Linear):
 
     Inductor turns (x * W).sum(-1) into one fused reduction that streams the weights at memory
     bandwidth; the vendor GEMV it would call instead reaches about half of it on CPU (on GPUs
-    inductor makes the same rewrite itself). Eager mode always uses F.linear.
+    inductor makes the same rewrite itself). Eager mode uses device.linear.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -27,7 +31,21 @@ class Linear(nn.Linear):
         rows = x.shape[:-1].numel()
         if torch.compiler.is_compiling() and rows == 1:
             return (x.unsqueeze(-2) * self.weight).sum(-1)
-        return linear(x, self.weight) if rows >= DENSE_ROWS else F.linear(x, self.weight)
+        return linear(x, self.weight)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """One new token for each of several cache rows (batched decoding).
+
+    rows (B,) long: the KV cache row of each sequence; pos (B,) long: the new token's position in
+    its row; lengths: pos + 1 as Python ints (each row attends over exactly its own past).
+    """
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    row_ids: tuple[int, ...]
+    lengths: tuple[int, ...]
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +76,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_len: int | None, row: int = 0,
+                batch: DecodeRows | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
@@ -68,18 +87,35 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, head_dim)
+        gqa = self.n_heads != self.n_kv_heads
         if self.kv_cache is not None:
             dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+            if batch is not None:
+                y = self._attend_rows(q, k, v, batch)
+                return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
+            k, v = self.kv_cache.update(input_pos, k, v, row=row)  # (B, kv heads, max_seq_len, hd)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        gqa = self.n_heads != self.n_kv_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
+
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     batch: DecodeRows) -> torch.Tensor:
+        """Write one token per row and attend each row over exactly its own past, one row at a
+        time: a row's result never depends on the other rows (batch-invariant), and equals a
+        one-row batch's bit for bit."""
+        assert self.kv_cache is not None
+        k_all, v_all = self.kv_cache.write_rows(batch.rows, batch.pos, k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        out = [F.scaled_dot_product_attention(q[i:i + 1], k_all[r:r + 1, :, :n], v_all[r:r + 1, :, :n],
+                                              enable_gqa=gqa)
+               for i, (r, n) in enumerate(zip(batch.row_ids, batch.lengths))]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class FeedForward(nn.Module):
@@ -106,8 +142,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask, kv_len)
+                mask: torch.Tensor | None, kv_len: int | None, row: int = 0,
+                batch: DecodeRows | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask, kv_len, row, batch)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -125,15 +162,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.slots = SlotPool(1)  # what each row of the KV cache holds (see setup_caches)
         self.register_buffer("freqs", torch.empty(0), persistent=False)
         self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
-        """Allocate the RoPE table and (once) a KV cache per layer for the given sizes."""
+        """Allocate the RoPE table and a KV cache per layer with max_batch_size rows (slots) of
+        max_seq_len positions; `slots` then describes the (empty) rows."""
         weight = self.norm.weight  # dense in the model's dtype, whatever the projections are
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.slots = SlotPool(max_batch_size)
         a = self.args
         self.freqs = rope_cache(max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
                                 device=weight.device)
@@ -147,14 +187,15 @@ class Transformer(nn.Module):
 
     def reset_caches(self) -> None:
         """Zero every layer's KV cache."""
+        self.slots.clear()
         for layer in self.layers:
             if layer.attention.kv_cache is not None:
                 layer.attention.kv_cache.reset()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
                 output_idx: torch.Tensor | None = None, kv_len: int | None = None,
-                kv_exact: bool = False) -> torch.Tensor:
-        """Logits for tokens (B, S) at positions input_pos (S,).
+                kv_exact: bool = False, row: int = 0) -> torch.Tensor:
+        """Logits for tokens (B, S) at positions input_pos (S,), cached in rows row..row+B-1.
 
         output_idx selects the sequence positions whose logits are computed (all when None);
         kv_len, a Python int >= input_pos.max() + 1, limits attention to the first kv_len cache
@@ -166,9 +207,9 @@ class Transformer(nn.Module):
         if self.freqs.numel() == 0:
             raise RuntimeError("call setup_caches() before forward()")
         cached = self.layers[0].attention.kv_cache is not None
-        if cached and tokens.shape[0] > self.max_batch_size:
-            raise ValueError(f"batch of {tokens.shape[0]} exceeds the KV cache's max batch size "
-                             f"{self.max_batch_size} (see setup_caches)")
+        if cached and row + tokens.shape[0] > self.max_batch_size:
+            raise ValueError(f"a batch of {tokens.shape[0]} from row {row} exceeds the KV cache's "
+                             f"max batch size {self.max_batch_size} (see setup_caches)")
         freqs = self.freqs[input_pos]  # (S, head_dim // 2, 2)
         mask = None
         if cached and not (kv_exact and tokens.shape[1] == 1 and kv_len is not None):
@@ -176,7 +217,25 @@ class Transformer(nn.Module):
             mask = keys[None, :] <= input_pos[:, None]  # (S, kv_len): causal over cache slots
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         for layer in self.layers:
-            h = layer(h, freqs, input_pos, mask, kv_len)
+            h = layer(h, freqs, input_pos, mask, kv_len, row)
         if output_idx is not None:
             h = h[:, output_idx]
         return self.output(self.norm(h)).float()  # (B, len(output_idx) or S, vocab)
+
+    def decode(self, tokens: torch.Tensor, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Logits (B, vocab) after feeding tokens (B,) at positions[i] of cache rows[i].
+
+        Each row attends over exactly its own past, and every product treats rows independently
+        where the device allows (device.linear): a row's logits do not depend on the batch.
+        """
+        if self.freqs.numel() == 0 or self.layers[0].attention.kv_cache is None:
+            raise RuntimeError("call setup_caches() with a KV cache before decode()")
+        device = self.positions.device
+        batch = DecodeRows(rows=torch.tensor(list(rows), dtype=torch.long, device=device),
+                           pos=torch.tensor(list(positions), dtype=torch.long, device=device),
+                           row_ids=tuple(rows), lengths=tuple(p + 1 for p in positions))
+        freqs = self.freqs[batch.pos][:, None]  # (B, 1, head_dim // 2, 2)
+        h = self.tok_embeddings(tokens.view(-1, 1))  # (B, 1, dim)
+        for layer in self.layers:
+            h = layer(h, freqs, batch.pos, None, None, 0, batch)
+        return self.output(self.norm(h)).float()[:, 0]

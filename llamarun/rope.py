@@ -39,10 +39,12 @@ def rope_cache(max_seq_len: int, head_dim: int, theta: float, scaling: RopeScali
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (B, S, H, head_dim) by freqs (S, head_dim // 2, 2)."""
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, S, H, head_dim) by freqs (S or B, S, head_dim // 2, 2)."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, head_dim // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos = freqs[None, :, None, :, 0]
-    sin = freqs[None, :, None, :, 1]
+    if freqs.dim() == 3:  # the same positions for every sequence
+        freqs = freqs[None]
+    cos = freqs[:, :, None, :, 0]
+    sin = freqs[:, :, None, :, 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)

@@ -7,7 +7,9 @@ only synchronises when it needs the token id (to stream it).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -71,6 +73,43 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: fl
     seen = logits.gather(-1, index)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(-1, index, seen)  # duplicates write the same value
+
+
+class LogitsProcessor(Protocol):
+    """Changes the logits before sampling; told each sampled token (to keep its own state)."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def push(self, token: torch.Tensor) -> None: ...
+
+
+class RepeatPenalty:
+    """The repetition penalty as a logits processor over the last `last_n` ids (0: all of them),
+    kept on the device: nothing is read back to the host."""
+
+    def __init__(self, penalty: float, last_n: int, history: Sequence[int],
+                 device: torch.device) -> None:
+        self.penalty = penalty
+        self.window = last_n or None
+        recent = list(history)[-self.window:] if self.window else list(history)
+        self.recent = torch.tensor(recent, dtype=torch.long, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return apply_repeat_penalty(logits, self.recent, self.penalty)
+
+    def push(self, token: torch.Tensor) -> None:
+        self.recent = torch.cat([self.recent, token.view(1)])
+        if self.window and self.recent.shape[0] > self.window:
+            self.recent = self.recent[-self.window:]
+
+
+def logits_processors(params: SamplingParams, history: Sequence[int],
+                      device: torch.device) -> list[LogitsProcessor]:
+    """The processors `params` asks for, primed with the ids so far (prompt included)."""
+    out: list[LogitsProcessor] = []
+    if params.repeat_penalty != 1.0:
+        out.append(RepeatPenalty(params.repeat_penalty, params.repeat_last_n, history, device))
+    return out
 
 
 def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,

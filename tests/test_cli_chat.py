@@ -26,7 +26,7 @@ def replies(engine: Engine, messages: list[str], *, system: str | None = None) -
     for m in messages:
         gen = session.send(m, sampling=GREEDY, max_new_tokens=12)
         texts.append("".join(c.text for c in gen))
-        prefills.append(gen.prompt_tokens)
+        prefills.append(gen.result.prefill_tokens)
     return texts, prefills
 
 

@@ -42,7 +42,13 @@ def test_stop_id_ends_generation(engine: Engine, monkeypatch: pytest.MonkeyPatch
     list(gen)
     r = gen.result
     assert r.finish_reason == "stop" and list(r.token_ids) == full[:4] and r.completion_tokens == 5
-    assert r.cached_tokens == 4
+    # The slot holds the prompt and the replies' tokens written so far; a repeat of the same
+    # prompt prefills only its last token.
+    assert engine.slots.slots[0].ids == engine.encode_prompt(PROMPT) + full[:4]
+    again = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=3)
+    list(again)
+    assert again.result.prompt_tokens == 5 and again.result.prefill_tokens == 1
+    assert list(again.result.token_ids) == full[:3]
 
 
 def test_context_finish_and_too_long_prompt(one_thread: None) -> None:
@@ -88,16 +94,17 @@ def test_chat_second_turn_prefills_only_new_tokens(engine: Engine) -> None:
     assert g1.prompt_tokens == len(first_prompt)
     history = session.dialog
     followup = engine.chat_format.encode_followup(history, [{"role": "user", "content": "More"}])
-    pending = g1.result.completion_tokens - g1.result.cached_tokens - (
-        1 if g1.result.finish_reason == "stop" else 0)
     g2 = session.send("More", sampling=GREEDY, max_new_tokens=12)
     reply2 = [c.token_id for c in g2 if c.token_id is not None]
-    assert g2.prompt_tokens == len(followup) + pending
-    assert session.last_prefill == g2.prompt_tokens
-    # The cached conversation gives the same reply as prefilling everything from scratch.
     cached_all = first_prompt + list(g1.result.token_ids) + followup
+    assert g2.prompt_tokens == len(cached_all)
+    # Only the reply's last token (never written) and the new turn are prefilled.
+    assert g2.result.prefill_tokens == len(followup) + 1 == session.last_prefill
+    # The cached conversation gives the same reply as prefilling everything from scratch.
+    engine.slots.slots[0].clear()
     fresh = engine.generate(cached_all, sampling=GREEDY, max_new_tokens=12)
     assert [c.token_id for c in fresh if c.token_id is not None] == reply2
+    assert fresh.result.prefill_tokens == len(cached_all)
     assert session.context_used == len(cached_all) + len(reply2)
 
 
@@ -132,17 +139,18 @@ def test_chat_clear_and_cancel(engine: Engine) -> None:
     list(g3)
     # The cache still starts with the first turn's prompt: only the rest is prefilled again.
     dialog = engine.chat_format.encode_dialog([{"role": "user", "content": "Hello"}])
-    assert g3.prompt_tokens == 1
+    assert g3.result.prefill_tokens == 1
     fresh = engine.generate(dialog, sampling=GREEDY, max_new_tokens=5)
     list(fresh)
     assert fresh.result.token_ids == g3.result.token_ids
-    g4 = session.send("Hi", sampling=GREEDY, max_new_tokens=5)  # `fresh` overwrote the cache
+    engine.slots.slots[0].clear()  # someone else's use of the cache: the session prefills it all
+    g4 = session.send("Hi", sampling=GREEDY, max_new_tokens=5)
     list(g4)
-    assert g4.prompt_tokens == len(engine.chat_format.encode_dialog(session.dialog[:-1]))
+    assert g4.result.prefill_tokens == g4.prompt_tokens > len(dialog)
     session.clear()
     unstarted = session.send("Ignored", sampling=GREEDY, max_new_tokens=5)
     session.set_system("New rules")  # closes the unstarted reply and forgets its message
-    assert not unstarted.done and session.messages == []
+    assert unstarted.result.finish_reason == "cancelled" and session.messages == []
     list(session.send("Go", sampling=GREEDY, max_new_tokens=5))
     assert session.dialog[0]["content"] == "New rules" and len(session.messages) == 2
 
@@ -199,3 +207,13 @@ def test_background_compile_switches_without_changing_tokens(one_thread: None) -
         assert after.result.token_ids == expect.result.token_ids
     finally:
         torch._dynamo.reset()
+
+
+def test_a_new_generation_takes_the_slot_of_an_unfinished_one(engine: Engine) -> None:
+    first = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
+    started = [next(first), next(first)]
+    second = engine.complete("Lily went", sampling=GREEDY, max_new_tokens=5)
+    list(second)
+    assert list(first) == [] and first.result.finish_reason == "cancelled"
+    assert first.result.token_ids == tuple(c.token_id for c in started)
+    assert second.result.finish_reason == "length"

@@ -167,7 +167,7 @@ class Repl:
         s = self.session
         r = s.last_result
         if r is not None:
-            console.note(f"last reply: prefilled {r.prompt_tokens} tok ({r.prefill_tok_s:.1f} tok/s), "
+            console.note(f"last reply: prefilled {r.prefill_tokens} tok ({r.prefill_tok_s:.1f} tok/s), "
                          f"generated {r.completion_tokens} tok ({r.decode_tok_s:.1f} tok/s), "
                          f"finish {r.finish_reason}", style="")
         console.note(f"context: {s.context_used} of {s.engine.max_seq_len} tokens used, "

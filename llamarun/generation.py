@@ -1,0 +1,110 @@
+"""What a generation streams and how it ends: TextChunk, GenerationResult and Generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A piece of streamed output: one token and the text it made final (possibly "")."""
+
+    text: str
+    token_id: int | None  # None for text not tied to a new token (echoed prompt, final flush)
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """How a generation ended, with its token counts and timings."""
+
+    text: str
+    finish_reason: str  # "stop" (stop id or stop string), "length", "context" or "cancelled"
+    prompt_tokens: int  # the whole prompt
+    reused_tokens: int  # of which were already in the KV cache (a shared prefix): not prefilled
+    completion_tokens: int  # tokens sampled, a final stop token included
+    token_ids: tuple[int, ...]  # the completion's ids, without a final stop token
+    prefill_s: float  # start until the first token id was on the host (time to first token)
+    decode_s: float  # first token until the last one
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed for this request."""
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prefilled tokens per second (including the first sample)."""
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (each costs one decode step)."""
+        steps = self.completion_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+class Cancelled(Exception):
+    """Thrown into a running stream to end it early (Generation.close)."""
+
+
+# A stream yields chunks and returns its result; thrown Cancelled, it ends with "cancelled".
+Stream = Generator[TextChunk, None, GenerationResult]
+
+
+class Generation:
+    """An iterator of TextChunk over a stream; `result` is set once it is exhausted or closed."""
+
+    def __init__(self, stream: Stream, *, prompt_tokens: int,
+                 on_done: Callable[[GenerationResult], None] | None = None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.dropped_turns = 0  # set by ChatSession when old turns were dropped to fit
+        self._stream = stream
+        self._result: GenerationResult | None = None
+        self._on_done = on_done
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> TextChunk:
+        if self._result is not None:
+            raise StopIteration
+        try:
+            return next(self._stream)
+        except StopIteration as end:
+            self._finish(end.value)
+            raise
+
+    def close(self) -> None:
+        """Stop generating; `result` then reports finish_reason "cancelled"."""
+        if self._result is not None:
+            return
+        try:
+            self._stream.throw(Cancelled())
+        except StopIteration as end:
+            self._finish(end.value)
+        except Cancelled:  # never started: nothing was computed
+            self._finish(GenerationResult(
+                text="", finish_reason="cancelled", prompt_tokens=self.prompt_tokens,
+                reused_tokens=0, completion_tokens=0, token_ids=(), prefill_s=0.0, decode_s=0.0))
+        else:  # the stream yielded again instead of ending: make it end
+            self._stream.close()
+            raise RuntimeError("a stream went on after it was cancelled")
+
+    @property
+    def done(self) -> bool:
+        """Whether the generation has ended."""
+        return self._result is not None
+
+    @property
+    def result(self) -> GenerationResult:
+        """The final result (raises if the generation is still running)."""
+        if self._result is None:
+            raise RuntimeError("the generation has not finished: iterate it to the end or close() it")
+        return self._result
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        if self._on_done is not None:
+            self._on_done(result)
