@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 
+from llamarun.cli.help import Group
+
 app = typer.Typer(
+    cls=Group,
     name="llamarun",
     help="Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.\n\n"
          "Every command finds its model the same way: --model PATH, else $LLAMARUN_MODEL, else the "
