@@ -10,7 +10,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,17 @@ class DecodeStats:
     time_per_token_p50_s: float  # over every token of every repetition
     time_per_token_p90_s: float
     bandwidth_gb_s: float  # weight bytes read per token x mean tok/s
+
+
+@dataclass(frozen=True)
+class BenchStep:
+    """What run_bench is about to do (for a progress display): step `index` of `total`."""
+
+    name: str  # "pp512" (prefill of 512 tokens) or "tg128" (decoding 128)
+    repetition: int  # 1..repetitions; 0 during the warm-up (and compile)
+    repetitions: int
+    index: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -155,10 +166,12 @@ def _decode_once(engine: Engine, first: int, n: int) -> list[float]:
 
 
 def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_tokens: int = 128,
-              repetitions: int = 3, seed: int = 0) -> BenchResult:
+              repetitions: int = 3, seed: int = 0,
+              progress: Callable[[BenchStep], None] | None = None) -> BenchResult:
     """Benchmark prefill at each prompt length and decoding of gen_tokens, after a warm-up.
 
     Prompts are random token ids (seeded). The KV cache grows if the lengths need more room.
+    progress(step) is called before each warm-up or measured step.
     """
     if not prompt_tokens or min(prompt_tokens) < 1:
         raise InvalidArgumentError("prompt lengths must be positive integers")
@@ -170,10 +183,20 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     prompts = {n: torch.randint(vocab, (n,), generator=gen).tolist() for n in prompt_tokens}
     first = engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else 0
 
+    total = (len(prompts) + 1) * (repetitions + 1)
+    counter = iter(range(1, total + 1))
+
+    def report(name: str, rep: int) -> None:
+        if progress is not None:
+            progress(BenchStep(name, rep, repetitions, next(counter), total))
+
     start = time.perf_counter()
-    engine.wait_compiled()  # a compiled engine is measured compiled, its compile time apart
-    for ids in prompts.values():
+    for i, (n, ids) in enumerate(prompts.items()):
+        report(f"pp{n}", 0)
+        if i == 0:  # a compiled engine is measured compiled, its compile time apart
+            engine.wait_compiled()
         _prefill_once(engine, ids)
+    report(f"tg{min(4, gen_tokens)}", 0)
     _decode_once(engine, first, min(4, gen_tokens))
     warmup_s = time.perf_counter() - start
 
@@ -182,9 +205,11 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     tg_tok_s: list[float] = []
     tg_seconds: list[float] = []
     per_token: list[float] = []
-    for _ in range(repetitions):
+    for rep in range(1, repetitions + 1):
         for n, ids in prompts.items():
+            report(f"pp{n}", rep)
             pp_times[n].append(_prefill_once(engine, ids))
+        report(f"tg{gen_tokens}", rep)
         steps = _decode_once(engine, first, gen_tokens)
         tg_seconds.append(sum(steps))
         tg_tok_s.append(len(steps) / sum(steps))

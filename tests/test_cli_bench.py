@@ -8,7 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llamarun.bench import run_bench
+from rich.console import Console
+
+from llamarun.bench import BenchStep, run_bench
+from llamarun.cli import console
 from llamarun.device import default_dtype
 from llamarun.cli import app
 from llamarun.engine import Engine
@@ -74,3 +77,34 @@ def test_bench_bad_values() -> None:
 def test_run_bench_grows_the_cache(engine: Engine) -> None:
     result = run_bench(engine, prompt_tokens=(600,), gen_tokens=2, repetitions=1)
     assert engine.max_seq_len >= 601 and result.prefill[0].prompt_tokens == 600
+
+
+def test_progress_steps_in_order(engine: Engine) -> None:
+    steps: list[BenchStep] = []
+    run_bench(engine, prompt_tokens=(8, 4), gen_tokens=3, repetitions=2, progress=steps.append)
+    assert [(s.name, s.repetition) for s in steps] == [
+        ("pp8", 0), ("pp4", 0), ("tg3", 0),
+        ("pp8", 1), ("pp4", 1), ("tg3", 1), ("pp8", 2), ("pp4", 2), ("tg3", 2)]
+    assert [s.index for s in steps] == list(range(1, 10)) and {s.total for s in steps} == {9}
+
+
+def test_progress_on_a_terminal_only(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = invoke("-p", "8", "-g", "2", "-r", "1", "--json")
+    assert r.exit_code == 0 and r.stderr == ""  # stderr not a terminal: nothing but errors
+    monkeypatch.setattr(console, "err", Console(stderr=True, force_terminal=True, width=100))
+    r = invoke("-p", "8", "-g", "2", "-r", "2", "--json")
+    assert r.exit_code == 0, r.output
+    for text in ("warm-up (and compile): pp8", "repetition 2 of 2: tg2", "0:00:"):
+        assert text in r.stderr, text
+    json.loads(r.stdout)
+
+
+def test_one_repetition_shows_no_spread_and_pipes_plain(one_thread: None) -> None:
+    r = invoke("-p", "8", "-g", "2", "-r", "1")
+    assert r.exit_code == 0, r.output
+    assert "±" not in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("model: ") and str(stories_meta()) in lines[0]
+    assert all(line == line.rstrip() and ": " in line for line in lines)
+    r = invoke("-p", "8", "-g", "2", "-r", "2", "-o", "md")
+    assert "±" in r.stdout

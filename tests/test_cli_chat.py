@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from llamarun.cli import app
 from llamarun.engine import Engine
 from llamarun.sampling import SamplingParams
+from llamarun.saved_chat import SavedChat, load_chat, save_chat
 from engine_util import engine, one_thread, run_cli, stories_meta  # noqa: F401
 
 GREEDY = SamplingParams.greedy()
@@ -61,7 +63,7 @@ def test_clear_system_and_set(engine: Engine) -> None:
     # /system keeps the history and re-encodes it; /clear starts over with the system prompt
     assert r.stdout == plain[0] + "\n" + pirate[1] + "\n" + fresh[0] + "\n"
     assert "temperature = 0.9" in r.stderr and "seed = 7" in r.stderr
-    assert "error: top_p: top_p must be in (0, 1]" in r.stderr
+    assert "error: top_p must be in (0, 1] (1 = off), got 2\n" in r.stderr
     assert "error: usage: /set NAME VALUE" in r.stderr
     assert "error: unknown command /nope" in r.stderr
     assert "system prompt set" in r.stderr and "new conversation" in r.stderr
@@ -94,3 +96,81 @@ def test_scripted_subprocess() -> None:
     r = run_cli("chat", "-m", str(stories_meta()), "-t", "0", "-n", "8", input="Hi\nHello\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) >= 2 and "Traceback" not in r.stderr
+
+
+def resumed_reply(engine: Engine, messages: list[dict[str, str]], text: str,
+                  system: str | None = None) -> str:
+    session = engine.chat(system=system)
+    session.messages = [dict(m) for m in messages]
+    return "".join(c.text for c in session.send(text, sampling=GREEDY, max_new_tokens=12))
+
+
+def test_save_then_load_resumes_the_conversation(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "chat.json"
+    r = chat("Hi there\nTell me a story\n", "--save", str(path), "--system", "Be kind.")
+    assert r.exit_code == 0, r.output
+    texts, _ = replies(engine, ["Hi there", "Tell me a story"], system="Be kind.")
+    saved = load_chat(path)
+    assert saved.system == "Be kind." and saved.model == str(stories_meta())
+    assert saved.messages == [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": texts[0]},
+        {"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": texts[1]}]
+    assert saved.sampling.temperature == 0 and saved.max_tokens == 12
+
+    again = tmp_path / "again.json"
+    r = chat("And then?\n", "--load", str(path), "--save", str(again))
+    assert r.exit_code == 0, r.output
+    assert "resumed 2 turn(s) from" in r.stderr
+    assert r.stdout == resumed_reply(engine, saved.messages, "And then?", "Be kind.") + "\n"
+    assert load_chat(again).messages[:4] == saved.messages
+    assert len(load_chat(again).messages) == 6
+
+
+def test_load_and_save_round_trip_exactly(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert chat("Hi\n", "--save", str(first), "-s", "5").exit_code == 0
+    r = chat("", "--load", str(first), "--save", str(second), "-s", "5")
+    assert r.exit_code == 0, r.output
+    assert second.read_text(encoding="utf-8") == first.read_text(encoding="utf-8")
+
+
+def test_load_restores_settings_unless_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    save_chat(path, SavedChat(messages=[], sampling=SamplingParams(temperature=0.3, top_k=5),
+                              max_tokens=7))
+    r = CliRunner().invoke(app, ["chat", "-m", str(stories_meta()), "--load", str(path),
+                                 "--top-k", "9", "--save", str(path)],
+                           input="", env={"LLAMARUN_MODEL": None})
+    assert r.exit_code == 0, r.output
+    saved = load_chat(path)
+    assert saved.sampling.temperature == 0.3 and saved.sampling.top_k == 9
+    assert saved.max_tokens == 7
+
+
+def test_save_and_load_commands(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    r = chat(f"Hi\n/save {path}\n/clear\n/load {path}\nHello\n/save\n/load\n/load {tmp_path}\n")
+    assert r.exit_code == 0, r.output
+    texts, _ = replies(engine, ["Hi"])
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": texts[0]}]
+    assert r.stdout == texts[0] + "\n" + resumed_reply(engine, history, "Hello") + "\n"
+    assert "saved 1 turn(s) to" in r.stderr and "saved 2 turn(s) to" in r.stderr
+    assert "resumed 1 turn(s) from" in r.stderr
+    assert "error: usage: /load FILE" in r.stderr
+    assert f"error: {tmp_path}: is a folder, not a saved chat" in r.stderr
+    assert len(load_chat(path).messages) == 4
+
+
+def test_save_without_a_file_is_a_usage_error() -> None:
+    r = chat("/save\n")
+    assert r.exit_code == 0 and "error: usage: /save FILE" in r.stderr
+
+
+def test_load_refuses_other_files_before_loading_a_model(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"hello": 1}')
+    r = chat("Hi\n", "--load", str(bad))
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr == f'error: {bad}: not a saved llamarun chat (no "format": "llamarun-chat")\n'
+    r = chat("Hi\n", "--save", str(tmp_path / "missing" / "x.json"))
+    assert r.exit_code == 1 and r.stderr.startswith("error: --save must be a file in an existing")

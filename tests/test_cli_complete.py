@@ -164,3 +164,31 @@ def test_closed_pipe_ends_quietly() -> None:
     assert proc.wait(timeout=120) == 0
     assert head == b", there was a little"
     assert "Traceback" not in err and "Exception" not in err and err == "", err
+
+
+def hf_with_generation_config(tmp_path: Path, cfg: dict[str, object]) -> Path:
+    hf = tmp_path / "hf"
+    hf.mkdir(parents=True)
+    for f in (stories_meta().parent / "hf").iterdir():
+        if f.name != "generation_config.json":
+            (hf / f.name).symlink_to(f)
+    (hf / "generation_config.json").write_text(json.dumps(cfg))
+    return hf
+
+
+def test_generation_config_defaults_applied_and_overridden(tmp_path: Path) -> None:
+    base = ["complete", "-p", PROMPT, "-n", "20", "--dtype", "float32", "-q", "--seed", "1"]
+    greedy_model = hf_with_generation_config(tmp_path / "a", {"do_sample": False})
+    hot_model = hf_with_generation_config(tmp_path / "b", {"temperature": 1.5, "top_k": 0,
+                                                           "min_p": 0.0})
+    hf_engine = Engine.load(hot_model, device="cpu", dtype="float32")
+    greedy = "".join(c.text for c in hf_engine.complete(
+        PROMPT, sampling=SamplingParams.greedy(), max_new_tokens=20)) + "\n"
+    r = invoke(*base, "-m", str(greedy_model))
+    assert r.exit_code == 0 and r.stdout == greedy  # the model asks for greedy: no flag needed
+    hot = invoke(*base, "-m", str(hot_model))
+    assert hot.exit_code == 0 and hot.stdout != greedy
+    # flags override the model's defaults, either way
+    r = invoke(*base, "-m", str(greedy_model), "-t", "1.5", "--top-k", "0", "--min-p", "0")
+    assert r.stdout == hot.stdout
+    assert invoke(*base, "-m", str(hot_model), "-t", "0").stdout == greedy

@@ -41,3 +41,32 @@ def test_info_hf_layout(one_thread: None) -> None:
 def test_info_missing_model(tmp_path) -> None:  # noqa: ANN001
     r = CliRunner().invoke(app, ["info", "-m", str(tmp_path / "x")], env={"LLAMARUN_MODEL": None})
     assert r.exit_code == 1 and r.stderr.startswith("error: ")
+
+
+def test_info_piped_keeps_whole_lines(one_thread: None, tmp_path) -> None:  # noqa: ANN001
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "stories260K"
+    deep.parent.mkdir()
+    deep.symlink_to(stories_meta())
+    r = CliRunner().invoke(app, ["info", "-m", str(deep)], env={"LLAMARUN_MODEL": None})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert f"checkpoint: {deep}" in lines  # whole, however long (`info | grep checkpoint`)
+    assert all(line == line.rstrip() for line in lines)
+    assert "layout: meta" in lines and "config.n_layers: 5" in lines
+
+
+def test_info_shows_sampling_defaults(one_thread: None, tmp_path) -> None:  # noqa: ANN001
+    hf = tmp_path / "hf"
+    hf.mkdir(parents=True)
+    for f in (stories_meta().parent / "hf").iterdir():
+        (hf / f.name).symlink_to(f)
+    (hf / "generation_config.json").unlink()
+    (hf / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}')
+    r = CliRunner().invoke(app, ["info", "-m", str(hf)], env={"LLAMARUN_MODEL": None})
+    assert ("sampling defaults: temperature 0.6 (generation_config.json), top_k 40, top_p 0.9 "
+            "(generation_config.json), min_p 0.05, repeat_penalty 1.0") in r.stdout.splitlines()
+    r = CliRunner().invoke(app, ["info", "-m", str(hf), "--json"], env={"LLAMARUN_MODEL": None})
+    d = json.loads(r.stdout)
+    assert d["sampling_defaults"] == {"temperature": 0.6, "top_k": 40, "top_p": 0.9,
+                                      "min_p": 0.05, "repeat_penalty": 1.0}
+    assert d["sampling_defaults_from_model"] == ["temperature", "top_p"]

@@ -6,10 +6,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
-from llamarun.bench import BenchResult, run_bench
-from llamarun.cli import app, console
+from llamarun.bench import BenchResult, BenchStep, run_bench
+from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions,
     QuantizeOpt, VerboseOpt, cli_errors, load_engine,
@@ -24,9 +22,10 @@ def parse_lengths(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise InvalidArgumentError(f"--prompt-tokens: expected integers like 512,128, got {text!r}") from None
+        values = []
     if not values or min(values) < 1:
-        raise InvalidArgumentError(f"--prompt-tokens: lengths must be positive, got {text!r}")
+        raise InvalidArgumentError(
+            f"--prompt-tokens must be positive integers like 512,128, got {text!r}")
     return values
 
 
@@ -34,6 +33,9 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
     """(metric, value) rows shared by the table and Markdown outputs."""
     def ms(s: float) -> str:
         return f"{s * 1e3:.2f} ms"
+
+    def spread(text: str, std: str) -> str:  # one repetition has no spread to show
+        return text if r.repetitions == 1 else f"{text} ± {std}"
 
     out = [
         ("model", f"{r.model} ({r.layout}, {r.n_params / 1e6:.2f} M params, "
@@ -44,12 +46,13 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
         ("warm-up (and compile)", f"{r.warmup_s:.2f} s"),
     ]
     for p in r.prefill:
-        out.append((f"pp{p.prompt_tokens}", f"{p.tok_s.mean:.1f} ± {p.tok_s.std:.1f} tok/s"))
+        out.append((f"pp{p.prompt_tokens}",
+                    spread(f"{p.tok_s.mean:.1f}", f"{p.tok_s.std:.1f}") + " tok/s"))
         out.append((f"time to first token ({p.prompt_tokens} tok)",
-                    f"{ms(p.time_to_first_token_s.mean)} ± {ms(p.time_to_first_token_s.std)}"))
+                    spread(ms(p.time_to_first_token_s.mean), ms(p.time_to_first_token_s.std))))
     d = r.decode
     out += [
-        (f"tg{d.gen_tokens}", f"{d.tok_s.mean:.1f} ± {d.tok_s.std:.1f} tok/s"),
+        (f"tg{d.gen_tokens}", spread(f"{d.tok_s.mean:.1f}", f"{d.tok_s.std:.1f}") + " tok/s"),
         ("time per output token p50 / p90",
          f"{ms(d.time_per_token_p50_s)} / {ms(d.time_per_token_p90_s)}"),
         ("memory bandwidth", f"{d.bandwidth_gb_s:.2f} GB/s "
@@ -65,15 +68,15 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
 @app.command()
 def bench(
     tokens_per_sec: Annotated[bool, typer.Option(
-        "--tokens-per-sec", help="Measure prefill and decode throughput (the default benchmark)")] = True,
+        "--tokens-per-sec", show_default=False, help="Measure prefill and decode throughput (the default benchmark)")] = True,
     prompt_tokens: Annotated[str, typer.Option(
-        "--prompt-tokens", "-p", help="Prompt length(s) for prefill, comma-separated")] = "512",
+        "--prompt-tokens", "-p", metavar="N[,N...]", help="Prompt length(s) for prefill, comma-separated")] = "512",
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to decode")] = 128,
     repetitions: Annotated[int, typer.Option(
         "--repetitions", "-r", help="Measured runs after the warm-up")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --output json")] = False,
     output: Annotated[str, typer.Option(
-        "--output", "-o", help="table, md, json or jsonl (one line per prompt length)")] = "table",
+        "--output", "-o", metavar="FORMAT", help="table, md, json or jsonl (one line per prompt length)")] = "table",
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -92,18 +95,25 @@ def bench(
         if not tokens_per_sec:
             raise InvalidArgumentError("only --tokens-per-sec is available")
         lengths = parse_lengths(prompt_tokens)
-        if gen_tokens < 1 or repetitions < 1:
-            raise InvalidArgumentError("--gen-tokens and --repetitions must be at least 1")
+        settings.check_min("--gen-tokens", gen_tokens, 1)
+        settings.check_min("--repetitions", repetitions, 1)
         engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size),
                              warm_up=False)  # run_bench times the warm-up itself
-        if console.err.is_terminal and fmt == "table":
-            with console.err.status("benchmarking (warm-up first)..."):
-                result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
-                                   repetitions=repetitions)
-        else:
+        with console.progress("benchmark") as update:
+            def progress(step: BenchStep) -> None:
+                if update is not None:
+                    update(step_text(step), step.index - 1, step.total)
+
             result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
-                               repetitions=repetitions)
+                               repetitions=repetitions, progress=progress)
         render(result, fmt)
+
+
+def step_text(step: BenchStep) -> str:
+    """`warm-up (and compile): pp512`, `repetition 2 of 3: tg128`."""
+    if step.repetition == 0:
+        return f"warm-up{' (and compile)' if step.index == 1 else ''}: {step.name}"
+    return f"repetition {step.repetition} of {step.repetitions}: {step.name}"
 
 
 def render(r: BenchResult, fmt: str) -> None:
@@ -121,9 +131,4 @@ def render(r: BenchResult, fmt: str) -> None:
         lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows(r)]
         console.write("\n".join(lines) + "\n")
     else:
-        table = Table(title="llamarun bench", show_header=True)
-        table.add_column("metric", style="bold")
-        table.add_column("value", overflow="fold")
-        for k, v in rows(r):
-            table.add_row(k, v)
-        console.out.print(table, markup=False, highlight=False)
+        console.print_rows(rows(r), title="llamarun bench")

@@ -2,188 +2,54 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli import app, console
+from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
     ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
-    TopPOpt, VerboseOpt, check_max_tokens, cli_errors, load_engine, sampling_params,
+    TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
 )
-from llamarun.errors import InvalidArgumentError, LlamarunError
-from llamarun.sampling import SamplingParams
-from llamarun.session import ChatSession
+from llamarun.cli.repl import Repl, resumed_note
+from llamarun.errors import InvalidArgumentError
+from llamarun.saved_chat import SavedChat, load_chat
 
-_D = SamplingParams()
-PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
-HELP = """commands:
-  /help                 this help
-  /exit                 quit (also Ctrl-D)
-  /clear                start a new conversation
-  /system TEXT          set the system prompt (empty TEXT removes it)
-  /set NAME VALUE       change a setting: temperature, top_k, top_p, min_p, repeat_penalty,
-                        seed (or 'none'), max_tokens
-  /stats                speed of the last reply and context use
-  \"\"\"                   start or end a multi-line message
-Ctrl-C stops a reply; at the prompt it exits."""
-
-_SETTINGS: dict[str, Callable[[str], object]] = {
-    "temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
-    "seed": lambda v: None if v.lower() == "none" else int(v), "max_tokens": int,
-}
+DEFAULT_MAX_TOKENS = 512
+CHAT_PANEL = "Conversation"
 
 
-class Repl:
-    """Reads messages and commands, streams replies."""
-
-    def __init__(self, session: ChatSession, params: SamplingParams, *, max_tokens: int,
-                 stop: list[str], interactive: bool) -> None:
-        self.session = session
-        self.params = params
-        self.max_tokens = max_tokens
-        self.stop = stop
-        self.interactive = interactive
-
-    def read_line(self, prompt: str) -> str:
-        """One input line (EOFError at the end)."""
-        if self.interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\r\n")
-
-    def read_message(self) -> str:
-        """A line, or the lines between two \"\"\" fences."""
-        line = self.read_line(PROMPT)
-        if not line.lstrip().startswith(FENCE):
-            return line
-        rest = line.lstrip()[len(FENCE):]
-        if rest.rstrip().endswith(FENCE):
-            return rest.rstrip()[:-len(FENCE)]
-        lines = [rest] if rest else []
-        while True:
-            line = self.read_line(CONTINUATION)
-            if line.rstrip().endswith(FENCE):
-                tail = line.rstrip()[:-len(FENCE)]
-                if tail:
-                    lines.append(tail)
-                return "\n".join(lines)
-            lines.append(line)
-
-    def run(self) -> None:
-        """Loop until /exit, end of input or Ctrl-C at the prompt."""
-        if self.interactive:
-            console.note(f"chat format {self.session.engine.chat_format.name}, context "
-                         f"{self.session.engine.max_seq_len} tokens; /help for commands")
-        while True:
-            try:
-                text = self.read_message()
-            except (EOFError, KeyboardInterrupt):
-                if self.interactive:
-                    console.err.print()
-                return
-            if text.startswith("/"):
-                if self.command(text) is False:
-                    return
-            elif text.strip():
-                self.reply(text)
-
-    def reply(self, text: str) -> None:
-        """Send one message and stream the reply."""
-        try:
-            gen = self.session.send(text, sampling=self.params, max_new_tokens=self.max_tokens,
-                                    stop=self.stop)
-        except LlamarunError as e:
-            console.error(str(e))
-            return
-        if gen.dropped_turns:
-            console.note(f"dropped the {gen.dropped_turns} oldest turn(s) to fit the context")
-        try:
-            for chunk in gen:
-                if chunk.text:
-                    console.write(chunk.text)
-        except KeyboardInterrupt:
-            if not self.interactive:
-                raise
-            gen.close()
-            console.write("\n")
-            console.note("[reply stopped]")
-            return
-        console.write("\n")
-        if self.interactive:
-            s = self.session
-            console.note(f"[{s.context_left} of {s.engine.max_seq_len} context tokens left]")
-
-    def command(self, line: str) -> bool:
-        """Run a /command; False means exit."""
-        name, _, arg = line[1:].partition(" ")
-        arg = arg.strip()
-        if name in ("exit", "quit", "bye"):
-            return False
-        if name == "help":
-            console.note(HELP, style="")
-        elif name == "clear":
-            self.session.clear()
-            console.note("new conversation")
-        elif name == "system":
-            self.session.set_system(arg or None)
-            console.note("system prompt set" if arg else "system prompt removed")
-        elif name == "set":
-            self.set(arg)
-        elif name == "stats":
-            self.stats()
-        else:
-            console.error(f"unknown command /{name} (/help lists them)")
-        return True
-
-    def set(self, arg: str) -> None:
-        """`/set NAME VALUE`."""
-        key, _, value = arg.partition(" ")
-        key = key.replace("-", "_")
-        if key not in _SETTINGS or not value.strip():
-            console.error(f"usage: /set NAME VALUE with NAME one of {', '.join(_SETTINGS)}")
-            return
-        try:
-            parsed = _SETTINGS[key](value.strip())
-            if key == "max_tokens":
-                assert isinstance(parsed, int)
-                check_max_tokens(parsed)
-                self.max_tokens = parsed
-            else:
-                self.params = dataclasses.replace(self.params, **{key: parsed})
-        except (ValueError, InvalidArgumentError) as e:
-            console.error(f"{key}: {e}")
-            return
-        console.note(f"{key} = {parsed}")
-
-    def stats(self) -> None:
-        """Speed of the last reply and how much context is used."""
-        s = self.session
-        r = s.last_result
-        if r is not None:
-            console.note(f"last reply: prefilled {r.prefill_tokens} tok ({r.prefill_tok_s:.1f} tok/s), "
-                         f"generated {r.completion_tokens} tok ({r.decode_tok_s:.1f} tok/s), "
-                         f"finish {r.finish_reason}", style="")
-        console.note(f"context: {s.context_used} of {s.engine.max_seq_len} tokens used, "
-                     f"{s.context_left} left", style="")
+def check_save_path(path: Path | None) -> None:
+    """--save needs a writable place: a file (new or not) in an existing folder."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InvalidArgumentError(f"--save must be a file, got the folder {str(path)!r}")
+    if not path.parent.is_dir():
+        raise InvalidArgumentError(f"--save must be a file in an existing folder, got {str(path)!r}")
 
 
 @app.command()
 def chat(
     system: Annotated[Optional[str], typer.Option(
-        "--system", show_default=False, help="System prompt")] = None,
-    max_tokens: MaxTokensOpt = 512,
-    temperature: TemperatureOpt = _D.temperature,
-    top_k: TopKOpt = _D.top_k,
-    top_p: TopPOpt = _D.top_p,
-    min_p: MinPOpt = _D.min_p,
-    repeat_penalty: RepeatPenaltyOpt = _D.repeat_penalty,
+        "--system", metavar="TEXT", show_default=False, rich_help_panel=CHAT_PANEL,
+        help="System prompt (replaces a loaded conversation's)")] = None,
+    save: Annotated[Optional[Path], typer.Option(
+        "--save", metavar="FILE", show_default=False, rich_help_panel=CHAT_PANEL,
+        help="Save the conversation to FILE (JSON) after every reply, atomically")] = None,
+    load: Annotated[Optional[Path], typer.Option(
+        "--load", metavar="FILE", show_default=False, rich_help_panel=CHAT_PANEL,
+        help="Resume a conversation saved with --save or /save (its settings too, unless "
+             "flags override them)")] = None,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     model: ModelOpt = None,
@@ -198,18 +64,38 @@ def chat(
     """Chat with the model in its chat format; history stays in the KV cache.
 
     With stdin not a terminal, each input line is one user message and replies are printed plainly.
+    Sampling defaults: a loaded conversation's settings, else the model's generation_config.json,
+    else llamarun's; flags override them.
     """
     console.setup_logging(verbose)
     with cli_errors(verbose):
-        params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 repeat_penalty=repeat_penalty, seed=seed)
-        check_max_tokens(max_tokens)
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size))
+        flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repeat_penalty": repeat_penalty, "seed": seed, "max_tokens": max_tokens}
+        settings.check_flags(flags)
+        opts = ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size)
+        check_model_options(opts)
+        check_save_path(save)
+        saved: SavedChat | None = load_chat(load) if load is not None else None
+        engine = load_engine(opts)
+        params, _ = model_sampling(engine, flags, base=saved.sampling if saved else None)
         interactive = sys.stdin.isatty()
         if interactive:
             try:
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-        session = engine.chat(system=system)
-        Repl(session, params, max_tokens=max_tokens, stop=stop or [], interactive=interactive).run()
+        label = model or str(engine.checkpoint.path)
+        repl = Repl(engine.chat(system=system), params, max_tokens=DEFAULT_MAX_TOKENS,
+                    stop=stop or [], interactive=interactive, model=label,
+                    save_path=save or load, autosave=save is not None)
+        if saved is not None and load is not None:
+            repl.resume(saved)
+            repl.params = params  # the saved settings with the flags applied
+            if system is not None:
+                repl.session.set_system(system)
+            console.note(resumed_note(saved, load, label))
+        if max_tokens is not None:
+            repl.max_tokens = max_tokens
+        repl.run()
+        if save is not None:
+            repl.save(str(save), quiet=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,36 +12,38 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli import console
+from llamarun.cli import console, settings
 from llamarun.engine import Engine
-from llamarun.errors import InvalidArgumentError, LlamarunError
+from llamarun.errors import LlamarunError
+from llamarun.generation_config import generation_defaults
 from llamarun.loaders import check_quantize
 from llamarun.resolve import ENV_VAR, resolve_model
 from llamarun.sampling import SamplingParams
 
-_DEFAULTS = SamplingParams()
+_DEFAULTS = settings.DEFAULT_SAMPLING
 COMPILE_ENV_VAR = "LLAMARUN_COMPILE"
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"
 
-ModelOpt = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", show_default=False, rich_help_panel=MODEL_PANEL,
-    help=f"Meta or HF checkpoint folder, or a GGUF file (default: ${ENV_VAR}, else the single "
-         "checkpoint under ./checkpoints/, else the embedded default model)")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="PATH|REPO", show_default=False, rich_help_panel=MODEL_PANEL,
+    help=f"Meta or HF checkpoint folder, a GGUF file, or a Hugging Face repo id (ORG/NAME) in "
+         f"the local HF cache (default: ${ENV_VAR}, else the single checkpoint under "
+         "./checkpoints/, else the embedded default model; `llamarun list` shows them all)")]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N")]
+    "--device", metavar="DEVICE", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N")]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", rich_help_panel=MODEL_PANEL,
+    "--dtype", metavar="DTYPE", rich_help_panel=MODEL_PANEL,
     help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and on CPUs with native "
          "bf16, else float32 (16-bit checkpoints stay 16-bit)")]
 QuantizeOpt = Annotated[str, typer.Option(
-    "--quantize", rich_help_panel=MODEL_PANEL,
+    "--quantize", metavar="MODE", rich_help_panel=MODEL_PANEL,
     help="Weight storage: auto (keep a GGUF's quantized tensors quantized, dense ones dense), "
          "none (dequantize everything into --dtype), int8 (per channel) or int4 (groupwise)")]
 GroupSizeOpt = Annotated[int, typer.Option(
-    "--group-size", rich_help_panel=MODEL_PANEL, help="int4 group size: 32, 64 or 128")]
+    "--group-size", metavar="N", rich_help_panel=MODEL_PANEL, help="int4 group size: 32, 64 or 128")]
 MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
-    "--max-seq-len", show_default=False, rich_help_panel=MODEL_PANEL,
+    "--max-seq-len", metavar="N", show_default=False, rich_help_panel=MODEL_PANEL,
     help="KV cache length in tokens (default: the model's context, at most 4096)")]
 CompileOpt = Annotated[Optional[bool], typer.Option(
     "--compile/--no-compile", envvar=COMPILE_ENV_VAR, show_default=False,
@@ -52,26 +54,33 @@ CompileOpt = Annotated[Optional[bool], typer.Option(
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Debug logging, and tracebacks on errors")]
 
-MaxTokensOpt = Annotated[int, typer.Option(
-    "--max-tokens", "-n", rich_help_panel=SAMPLING_PANEL, help="Most tokens to generate")]
-TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", "-t", rich_help_panel=SAMPLING_PANEL, help="0 = greedy (deterministic)")]
-TopKOpt = Annotated[int, typer.Option(
-    "--top-k", rich_help_panel=SAMPLING_PANEL, help="Keep the k most likely tokens (0 = off)")]
-TopPOpt = Annotated[float, typer.Option(
-    "--top-p", rich_help_panel=SAMPLING_PANEL,
-    help="Keep the most likely tokens up to this probability mass (1 = off)")]
-MinPOpt = Annotated[float, typer.Option(
-    "--min-p", rich_help_panel=SAMPLING_PANEL,
-    help="Drop tokens less likely than this fraction of the top token (0 = off)")]
-RepeatPenaltyOpt = Annotated[float, typer.Option(
-    "--repeat-penalty", rich_help_panel=SAMPLING_PANEL,
-    help=f"Penalise tokens seen in the last {_DEFAULTS.repeat_last_n} (1 = off)")]
+_MODEL_DEFAULT = "or the model's generation_config.json"
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", "-n", metavar="N", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help="Most tokens to generate")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--temperature", "-t", metavar="T", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help=f"0 = greedy (deterministic); default {_DEFAULTS.temperature}, {_MODEL_DEFAULT}")]
+TopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", metavar="K", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help=f"Keep the k most likely tokens (0 = off); default {_DEFAULTS.top_k}, {_MODEL_DEFAULT}")]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", metavar="P", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help="Keep the most likely tokens up to this probability mass (1 = off); default "
+         f"{_DEFAULTS.top_p}, {_MODEL_DEFAULT}")]
+MinPOpt = Annotated[Optional[float], typer.Option(
+    "--min-p", metavar="P", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help="Drop tokens less likely than this fraction of the top token (0 = off); default "
+         f"{_DEFAULTS.min_p}, {_MODEL_DEFAULT}")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--repeat-penalty", metavar="X", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    help=f"Penalise tokens seen in the last {_DEFAULTS.repeat_last_n} (1 = off); default "
+         f"{_DEFAULTS.repeat_penalty}, {_MODEL_DEFAULT}")]
 SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", "-s", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    "--seed", "-s", metavar="N", show_default=False, rich_help_panel=SAMPLING_PANEL,
     help="Seed for a reproducible sampled output")]
 StopOpt = Annotated[Optional[list[str]], typer.Option(
-    "--stop", show_default=False, rich_help_panel=SAMPLING_PANEL,
+    "--stop", metavar="TEXT", show_default=False, rich_help_panel=SAMPLING_PANEL,
     help="Stop when this text appears (not printed); repeatable")]
 
 
@@ -79,7 +88,7 @@ StopOpt = Annotated[Optional[list[str]], typer.Option(
 class ModelOptions:
     """The model flags every command takes."""
 
-    model: Path | None
+    model: str | Path | None
     device: str = "auto"
     dtype: str = "auto"
     max_seq_len: int | None = None
@@ -89,17 +98,24 @@ class ModelOptions:
     group_size: int = 32
 
 
-def sampling_params(*, temperature: float, top_k: int, top_p: float, min_p: float,
-                    repeat_penalty: float, seed: int | None) -> SamplingParams:
-    """Build (and validate) SamplingParams from the flags."""
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, seed=seed)
+def model_sampling(engine: Engine, explicit: Mapping[str, object], *,
+                   base: SamplingParams | None = None) -> tuple[SamplingParams, dict[str, object]]:
+    """SamplingParams from `base`, the model's generation_config.json, then the flags given.
+
+    Returns the params and the model's defaults (for a note or `info`).
+    """
+    # A resumed chat's own settings (base) take the place of the model's defaults.
+    defaults: dict[str, object] = (
+        {} if base is not None else dict(generation_defaults(engine.checkpoint.path)))
+    return settings.sampling_params(explicit, defaults=defaults, base=base), defaults
 
 
-def check_max_tokens(n: int) -> None:
-    """--max-tokens must be positive."""
-    if n < 1:
-        raise InvalidArgumentError(f"--max-tokens must be at least 1, got {n}")
+def check_model_options(opts: ModelOptions) -> None:
+    """Check every model flag before a model is chosen, so a bad flag is the only line printed."""
+    settings.check_min("--max-seq-len", opts.max_seq_len, 2)
+    check_quantize(opts.quantize, opts.group_size)
+    settings.check_device(opts.device)
+    settings.check_dtype(opts.dtype)
 
 
 def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
@@ -120,9 +136,7 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
 
 
 def _load(opts: ModelOptions) -> Engine:
-    if opts.max_seq_len is not None and opts.max_seq_len < 2:
-        raise InvalidArgumentError(f"--max-seq-len must be at least 2, got {opts.max_seq_len}")
-    check_quantize(opts.quantize, opts.group_size)
+    check_model_options(opts)
     resolved = resolve_model(opts.model, env=os.environ, cwd=Path.cwd())
     if resolved.source == "default":
         console.note(f"using the embedded default model {resolved.path} (choose another with --model)")
@@ -139,7 +153,8 @@ def _load(opts: ModelOptions) -> Engine:
     columns = (SpinnerColumn(), TextColumn("loading {task.description}"), BarColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console.err, transient=True) as bar:
-        task = bar.add_task(f"{resolved.path.parent.name}/{resolved.path.name}", total=None)
+        label = resolved.repo_id or f"{resolved.path.parent.name}/{resolved.path.name}"
+        task = bar.add_task(label, total=None)
         return load(lambda done, total: bar.update(task, completed=done, total=total))
 
 

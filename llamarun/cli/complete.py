@@ -8,17 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli import app, console
+from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
     ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
-    TopPOpt, VerboseOpt, check_max_tokens, cli_errors, load_engine, sampling_params,
+    TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
 )
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
-from llamarun.sampling import SamplingParams
 
-_D = SamplingParams()
+DEFAULT_MAX_TOKENS = 256
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -62,18 +61,18 @@ def result_json(r: GenerationResult, *, model: str, load_s: float) -> dict[str, 
 @app.command()
 def complete(
     prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", show_default=False,
+        "--prompt", "-p", metavar="TEXT", show_default=False,
         help="Text to continue; `-` (or no flag with piped stdin) reads stdin")] = None,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion")] = False,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text, finish reason, counts, timings) at the end")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr")] = False,
-    max_tokens: MaxTokensOpt = 256,
-    temperature: TemperatureOpt = _D.temperature,
-    top_k: TopKOpt = _D.top_k,
-    top_p: TopPOpt = _D.top_p,
-    min_p: MinPOpt = _D.min_p,
-    repeat_penalty: RepeatPenaltyOpt = _D.repeat_penalty,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
     stop: StopOpt = None,
     model: ModelOpt = None,
@@ -85,15 +84,22 @@ def complete(
     compile: CompileOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Continue a raw text prompt (no chat template) and stream the continuation to stdout."""
+    """Continue a raw text prompt (no chat template) and stream the continuation to stdout.
+
+    Sampling defaults: the model's generation_config.json where it has one, else llamarun's.
+    """
     console.setup_logging(verbose)
     with cli_errors(verbose):
-        params = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 repeat_penalty=repeat_penalty, seed=seed)
-        check_max_tokens(max_tokens)
+        flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repeat_penalty": repeat_penalty, "seed": seed, "max_tokens": max_tokens}
+        settings.check_flags(flags)
+        opts = ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size)
+        check_model_options(opts)
         text = read_prompt(prompt)
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size))
-        gen = engine.complete(text, sampling=params, max_new_tokens=max_tokens, stop=stop or (),
+        engine = load_engine(opts)
+        params, _ = model_sampling(engine, flags)
+        n = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS
+        gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=stop or (),
                               echo=echo and not json_out)
         try:
             for chunk in gen:

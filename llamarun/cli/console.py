@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -27,6 +29,52 @@ def write(text: str) -> None:
     """Write model text to stdout as it is (no markup, no wrapping) and flush it."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def print_rows(rows: list[tuple[str, str]], *, title: str | None = None) -> None:
+    """Key/value rows: an aligned table on a terminal; plain `key: value` lines when piped.
+
+    Piped output is never wrapped or padded, so `| grep` and `| cut` see whole values.
+    """
+    if not out.is_terminal:
+        write("".join(f"{k}: {v}".rstrip() + "\n" for k, v in rows))
+        return
+    from rich.table import Table
+
+    if title is None:  # a bare two-column list
+        table = Table(show_header=False, box=None, pad_edge=False)
+    else:
+        table = Table(title=title, show_header=True)
+    table.add_column("metric", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table, markup=False, highlight=False)
+
+
+@contextmanager
+def progress(what: str) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress display on stderr when it is a terminal, else nothing (the callback is None).
+
+    The callback takes (text, done, total): the step under way, steps done, steps in all.
+    """
+    if not err.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn(f"{what} {{task.description}}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+            bar.refresh()  # show each step at once, not at the next 10 Hz tick
+
+        yield update
 
 
 def note(message: str, *, style: str = "dim") -> None:

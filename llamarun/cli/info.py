@@ -7,20 +7,24 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from llamarun.cli import app, console
+from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
     VerboseOpt, cli_errors, load_engine,
 )
 from llamarun.engine import Engine
+from llamarun.generation_config import generation_defaults
+
+SHOWN_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
 def describe(engine: Engine) -> dict[str, object]:
     """Checkpoint, layout, config, size, dtype, tokenizer and chat format as plain data."""
     tok = engine.tokenizer
     stops = sorted(tok.stop_ids)
+    from_model = generation_defaults(engine.checkpoint.path)
+    params = settings.sampling_params({}, defaults=from_model)
     return {
         "checkpoint": str(engine.checkpoint.path),
         "layout": engine.checkpoint.layout,
@@ -37,6 +41,8 @@ def describe(engine: Engine) -> dict[str, object]:
         "add_bos": tok.add_bos,
         "stop_tokens": {str(i): tok.piece(i) for i in stops},
         "chat_format": engine.chat_format.name,
+        "sampling_defaults": {k: getattr(params, k) for k in SHOWN_SAMPLING},
+        "sampling_defaults_from_model": sorted(from_model),  # from generation_config.json
         "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                    for k, v in vars(engine.args).items()},
     }
@@ -80,20 +86,20 @@ def info(
         if json_out:
             console.write(json.dumps(data, ensure_ascii=False) + "\n")
             return
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold")
-        table.add_column(overflow="fold")
         config = data.pop("config")
         stops = data.pop("stop_tokens")
         data.pop("stored_as")  # per tensor: --json only
         weights = data.pop("weights")
-        assert isinstance(weights, dict)
+        sampling = data.pop("sampling_defaults")
+        from_model = data.pop("sampling_defaults_from_model")
+        assert isinstance(weights, dict) and isinstance(sampling, dict)
+        assert isinstance(config, dict) and isinstance(stops, dict) and isinstance(from_model, list)
         data["weights"] = ", ".join(f"{n} {fmt}" for fmt, n in weights.items())
-        assert isinstance(config, dict) and isinstance(stops, dict)
         data["parameters"] = _human(engine.args.n_params)
         data["stop_tokens"] = ", ".join(f"{i} {p!r}" for i, p in stops.items()) or "none"
-        for key, value in data.items():
-            table.add_row(key.replace("_", " "), str(value))
-        for key, value in config.items():
-            table.add_row(f"config.{key}", str(value))
-        console.out.print(table, markup=False, highlight=False)
+        data["sampling_defaults"] = ", ".join(
+            f"{k} {v}" + (" (generation_config.json)" if k in from_model else "")
+            for k, v in sampling.items())
+        rows = [(key.replace("_", " "), str(value)) for key, value in data.items()]
+        rows += [(f"config.{key}", str(value)) for key, value in config.items()]
+        console.print_rows(rows)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli import app, console
+from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
-    VerboseOpt, cli_errors, load_engine,
+    VerboseOpt, check_model_options, cli_errors, load_engine,
 )
 from llamarun.errors import InvalidArgumentError
 from llamarun.perplexity import PerplexityResult, default_text, perplexity
@@ -45,20 +43,6 @@ def summary(r: PerplexityResult) -> str:
             f"{windows} of ctx {r.ctx}, stride {r.stride}; {r.tokens_per_s:.1f} tok/s)")
 
 
-@contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
-    """A progress(done, total) callback for a bar on stderr; None when stderr is no terminal."""
-    if not console.err.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress("perplexity", *columns, console=console.err, transient=True) as bar:
-        task = bar.add_task("perplexity", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
 @app.command(name="perplexity")
 def perplexity_cmd(
     file: Annotated[Optional[str], typer.Argument(
@@ -84,15 +68,17 @@ def perplexity_cmd(
 ) -> None:
     """Perplexity of the model on a text, scored in overlapping windows of --ctx tokens."""
     console.setup_logging(verbose)
+    opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
     with cli_errors(verbose):
-        if ctx is not None and ctx < 2:
-            raise InvalidArgumentError(f"--ctx must be at least 2, got {ctx}")
-        if max_tokens is not None and max_tokens < 2:
-            raise InvalidArgumentError(f"--max-tokens must be at least 2, got {max_tokens}")
+        settings.check_min("--ctx", ctx, 2)
+        settings.check_min("--stride", stride, 1)
+        settings.check_min("--max-tokens", max_tokens, 2)
+        check_model_options(opts)
         text = read_text(file)
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose,
-                                          quantize, group_size))
+        engine = load_engine(opts)
         window = min(ctx or DEFAULT_CTX, engine.max_seq_len)
+        if stride is not None and stride > window:
+            raise InvalidArgumentError(f"--stride must be at most the window ({window}), got {stride}")
         if ctx is not None and ctx > window:
             console.note(f"--ctx {ctx} exceeds the KV cache of {window} tokens: using {window} "
                          "(raise --max-seq-len for longer windows)")
@@ -100,7 +86,11 @@ def perplexity_cmd(
         if len(ids) < 2:
             raise InvalidArgumentError(
                 f"the text has {len(ids)} tokens: perplexity needs at least 2")
-        with _progress_bar() as progress:
+        with console.progress("perplexity") as update:
+            def progress(done: int, total: int) -> None:
+                if update is not None:
+                    update("(tokens)", done, total)
+
             result = perplexity(engine.model, ids, ctx=window, stride=stride, max_tokens=max_tokens,
                                 progress=progress)
         if json_out:
