@@ -16,12 +16,12 @@ from llamarun.decoder import Decoder
 from llamarun.device import is_async
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import TokenEvent, generate_tokens
-from llamarun.generation import Cancelled, Generation, GenerationResult, Stream, TextChunk
+from llamarun.generation import Cancelled, Generation, GenerationResult, Reply, Stream, TextChunk
 from llamarun.loaders import Checkpoint, detect_layout, load_checkpoint
 from llamarun.sampling import SamplingParams, make_generator
 from llamarun.session import ChatSession
 from llamarun.slots import Slot, SlotPool
-from llamarun.tokenizer import ChatFormat, StreamDecoder, Tokenizer, load_chat_format, load_tokenizer
+from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
 
 __all__ = ["ChatSession", "Engine", "Generation", "GenerationResult", "TextChunk", "load"]
 
@@ -200,10 +200,8 @@ class Engine:
         start = time.perf_counter()
         owner = object()
         slot: Slot | None = None
-        reused = n_events = 0
-        ids: list[int] = []
-        reason = "cancelled"
-        decoder = StreamDecoder(self.tokenizer, stop_strings=stop)
+        reused = 0
+        reply = Reply(self.tokenizer, stop=stop, max_new_tokens=max_new_tokens)
         first = last = start
         try:
             if echo:
@@ -217,38 +215,34 @@ class Engine:
                                      generator=generator, max_new_tokens=max_new_tokens,
                                      logprobs=logprobs, lookahead=self.lookahead)
             try:
-                while slot.owner is owner:  # a later generation may have taken the slot
+                while reply.finish_reason is None:
+                    if slot.owner is not owner:  # a later generation has taken the slot
+                        reply.end("cancelled")
+                        break
                     event = next(events, None)
-                    if event is None:
-                        reason = "length" if n_events >= max_new_tokens else "context"
+                    if event is None:  # the context is full
                         break
                     last = time.perf_counter()
-                    if n_events == 0:
+                    if reply.sampled == 0:
                         first = last
-                    n_events += 1
-                    if event.id in self.tokenizer.stop_ids:
-                        reason = "stop"
-                        break
-                    ids.append(event.id)
-                    yield TextChunk(decoder.push(event.id), event.id, event.logprob)
-                    if decoder.stopped:
-                        reason = "stop"
-                        break
+                    chunk = reply.push(event.id, event.logprob)
+                    if chunk is not None:
+                        yield chunk
             finally:
                 events.close()
-            if not decoder.stopped and reason != "cancelled":
-                tail = decoder.flush()
-                if tail:
-                    yield TextChunk(tail, None)
+            tail = reply.end("context")
+            if tail:
+                yield TextChunk(tail, None)
         except Cancelled:
-            reason = "cancelled"
+            reply.end("cancelled")
         finally:
             if slot is not None:
                 self.slots.release(slot, owner)
         return GenerationResult(
-            text=decoder.text, finish_reason=reason, prompt_tokens=len(prompt_ids),
-            reused_tokens=reused, completion_tokens=n_events, token_ids=tuple(ids),
-            prefill_s=(first - start) if n_events else time.perf_counter() - start,
+            text=reply.text, finish_reason=reply.finish_reason or "cancelled",
+            prompt_tokens=len(prompt_ids), reused_tokens=reused, completion_tokens=reply.sampled,
+            token_ids=tuple(reply.ids),
+            prefill_s=(first - start) if reply.sampled else time.perf_counter() - start,
             decode_s=last - first)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+
+from llamarun.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,49 @@ class GenerationResult:
         """Tokens per second after the first one (each costs one decode step)."""
         steps = self.completion_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+class Reply:
+    """Turns a reply's sampled ids into text chunks and tells when it ends (stop id, stop string
+    or max_new_tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, stop: Sequence[str] = (),
+                 max_new_tokens: int) -> None:
+        self._text = StreamDecoder(tokenizer, stop_strings=stop)
+        self._stop_ids = tokenizer.stop_ids
+        self.max_new_tokens = max_new_tokens
+        self.ids: list[int] = []  # the reply's ids, without a final stop id
+        self.sampled = 0  # ids pushed, a final stop id included
+        self.finish_reason: str | None = None  # set once the reply has ended
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return self._text.text
+
+    def push(self, token_id: int, logprob: float | None = None) -> TextChunk | None:
+        """Add a sampled id; return its chunk (None for a stop id, which ends the reply)."""
+        self.sampled += 1
+        if token_id in self._stop_ids:
+            self.finish_reason = "stop"
+            return None
+        self.ids.append(token_id)
+        chunk = TextChunk(self._text.push(token_id), token_id, logprob)
+        if self._text.stopped:
+            self.finish_reason = "stop"
+        elif self.sampled >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return chunk
+
+    def end(self, reason: str) -> str:
+        """End the reply (unless it has ended already) for `reason`; return the text held back
+        (a partial stop string or UTF-8 sequence that turned out not to be one), if it is to be
+        shown."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        if self._text.stopped or self.finish_reason == "cancelled":
+            return ""
+        return self._text.flush()
 
 
 class Cancelled(Exception):
