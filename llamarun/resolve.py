@@ -1,4 +1,7 @@
-"""Which model to run: --model, else $LLAMARUN_MODEL, else ./checkpoints/, else the embedded default."""
+"""Which model to run: --model, else $LLAMARUN_MODEL, else ./checkpoints/, else the embedded default.
+
+--model and $LLAMARUN_MODEL take a path, or a Hugging Face repo id found in the local HF cache.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamarun.errors import CheckpointError, LlamarunError
+from llamarun.hf_cache import hub_cache_dir, parse_repo_id, resolve_repo
 from llamarun.loaders import detect_layout
 
 ENV_VAR = "LLAMARUN_MODEL"
@@ -19,9 +23,11 @@ class ResolvedModel:
 
     path: Path
     source: str
+    repo_id: str | None = None  # when named by a Hugging Face repo id
 
 
-def _default_model() -> tuple[Path | None, str]:
+def embedded_default_model() -> tuple[Path | None, str]:
+    """The embedded default model's path (None when not installed) and how to install it."""
     try:
         from llamarun.default_model import default_model_hint, default_model_path
     except ImportError:
@@ -50,24 +56,35 @@ def find_checkpoints(folder: Path, *, depth: int = 2) -> list[Path]:
     return found
 
 
+def _named(text: str, source: str, env: Mapping[str, str], cwd: Path,
+           shown: str | None = None) -> ResolvedModel:
+    """A path (relative to cwd), else a repo id in the HF cache; one error when neither exists."""
+    shown = shown or source
+    path = Path(text).expanduser()
+    if (cwd / path).exists():  # an absolute path stays as it is
+        return ResolvedModel(cwd / path, source)
+    ref = parse_repo_id(text)
+    if ref is None:
+        raise CheckpointError(f"{path}: no such file or folder (from {shown})")
+    cache = hub_cache_dir(env)
+    try:
+        return ResolvedModel(resolve_repo(ref, cache), source, repo_id=ref.repo_id)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: no such file or folder (from {shown}), and {e}") from None
+
+
 def resolve_model(model: str | Path | None, *, env: Mapping[str, str], cwd: Path,
-                  default: Callable[[], tuple[Path | None, str]] = _default_model) -> ResolvedModel:
+                  default: Callable[[], tuple[Path | None, str]] = embedded_default_model) -> ResolvedModel:
     """Pick the checkpoint to load; raise CheckpointError listing what was tried when none is found.
 
     `env` is the environment (only the CLI reads os.environ); `default` returns the embedded default
     model's path (or None) and a hint on how to get it.
     """
     if model is not None and str(model) != "":
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file or folder (from --model)")
-        return ResolvedModel(path, "--model")
+        return _named(str(model), "--model", env, cwd)
     value = env.get(ENV_VAR, "")
     if value:
-        path = Path(value).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file or folder (from ${ENV_VAR})")
-        return ResolvedModel(path, ENV_VAR)
+        return _named(value, ENV_VAR, env, cwd, f"${ENV_VAR}")
     folder = cwd / CHECKPOINTS_DIR
     tried = ["--model (not given)", f"${ENV_VAR} (not set)"]
     if folder.is_dir():

@@ -19,7 +19,7 @@ def commands() -> list[str]:
 
 
 def test_every_command_is_checked() -> None:
-    assert {"bench", "chat", "complete", "info", "perplexity", "tokenize"} <= set(commands())
+    assert {"bench", "chat", "complete", "info", "list", "perplexity", "tokenize"} <= set(commands())
 
 
 @pytest.mark.parametrize("args", [[]] + [[name] for name in commands()])

@@ -15,7 +15,8 @@ app = typer.Typer(
     cls=Group,
     name="llamarun",
     help="Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.\n\n"
-         "Every command finds its model the same way: --model PATH, else $LLAMARUN_MODEL, else the "
+         "Every command finds its model the same way: --model PATH (or a Hugging Face repo id in the "
+         "local cache), else $LLAMARUN_MODEL, else the "
          "single checkpoint under ./checkpoints/, else the embedded default model.",
     no_args_is_help=True,
     add_completion=False,
@@ -41,7 +42,7 @@ def _root(
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `app`.
-    from llamarun.cli import bench, chat, complete, info, perplexity, tokenize  # noqa: F401
+    from llamarun.cli import bench, chat, complete, info, listing, perplexity, tokenize  # noqa: F401
 
 
 _register()
