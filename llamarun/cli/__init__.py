@@ -42,7 +42,9 @@ def _root(
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `app`.
-    from llamarun.cli import bench, chat, complete, info, listing, perplexity, tokenize  # noqa: F401
+    from llamarun.cli import (  # noqa: F401
+        bench, chat, complete, info, listing, perplexity, serve, tokenize,
+    )
 
 
 _register()

@@ -118,14 +118,14 @@ def check_model_options(opts: ModelOptions) -> None:
     settings.check_dtype(opts.dtype)
 
 
-def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
+def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> Engine:
     """Resolve the model (flag, environment, ./checkpoints, default) and load it.
 
     With --compile the decode step is compiled here (unless warm_up is False), with a note,
     rather than as a long pause in the middle of the first reply. By default it is compiled in
     a background thread where the device allows it (replies run eagerly until it is ready).
     """
-    engine = _load(opts)
+    engine = _load(opts, slots)
     if opts.compile and warm_up:
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
@@ -135,7 +135,7 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True) -> Engine:
     return engine
 
 
-def _load(opts: ModelOptions) -> Engine:
+def _load(opts: ModelOptions, slots: int = 1) -> Engine:
     check_model_options(opts)
     resolved = resolve_model(opts.model, env=os.environ, cwd=Path.cwd())
     if resolved.source == "default":
@@ -144,7 +144,8 @@ def _load(opts: ModelOptions) -> Engine:
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=opts.device, dtype=opts.dtype,
                            max_seq_len=opts.max_seq_len, compile=opts.compile is not False,
-                           quantize=opts.quantize, group_size=opts.group_size, progress=progress)
+                           quantize=opts.quantize, group_size=opts.group_size, slots=slots,
+                           progress=progress)
 
     if not console.err.is_terminal:
         return load()

@@ -1,0 +1,77 @@
+"""`llamarun serve`: the OpenAI-compatible HTTP server (see llamarun.server)."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated, Optional
+
+import typer
+
+from llamarun.cli import app, console
+from llamarun.cli.common import (
+    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
+    VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
+)
+from llamarun.errors import InvalidArgumentError
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(
+        "--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="N", help="TCP port")] = 8000,
+    max_concurrency: Annotated[int, typer.Option(
+        "--max-concurrency", metavar="N",
+        help="Requests decoded together (KV cache slots of --max-seq-len tokens each)")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", metavar="N", help="Requests that may wait for a slot before 429")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", metavar="KEY", envvar="LLAMARUN_API_KEY", show_default=False,
+        help="Require `Authorization: Bearer KEY` on /v1 (or $LLAMARUN_API_KEY)")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
+    group_size: GroupSizeOpt = 32,
+    max_seq_len: MaxSeqLenOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Concurrent requests are decoded together in one batch (continuous batching); a request's
+    greedy output does not depend on the others. Ctrl-C lets running requests finish, then exits.
+    """
+    from llamarun.server import create_app, is_loopback, listen, make_server
+
+    console.setup_logging(verbose)
+    with cli_errors(verbose):
+        if not 0 <= port <= 65535:
+            raise InvalidArgumentError(f"--port must be in 0..65535, got {port}")
+        if max_concurrency < 1:
+            raise InvalidArgumentError(f"--max-concurrency must be at least 1, got {max_concurrency}")
+        if max_queue < 0:
+            raise InvalidArgumentError(f"--max-queue must be at least 0, got {max_queue}")
+        if api_key is not None and not api_key.strip():
+            raise InvalidArgumentError("--api-key must not be empty")
+        opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
+        check_model_options(opts)
+        sock = listen(host, port)  # before loading: a port in use is a quick, clear error
+        if not is_loopback(host) and api_key is None:
+            console.note(f"warning: listening on {host} without --api-key: anyone who can "
+                         "reach this port can use the model", style="yellow")
+        engine = load_engine(opts, warm_up=False, slots=max_concurrency)
+        model_id = engine.checkpoint.path.name
+        defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
+        application = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue,
+                                 sampling=defaults)
+        server = make_server(application)
+        shown = f"[{host}]" if ":" in host else host
+        port = sock.getsockname()[1]
+        console.note(f"serving {model_id} at http://{shown}:{port}/v1 ({max_concurrency} slots of "
+                     f"{engine.max_seq_len} tokens); Ctrl-C to stop")
+        # uvicorn handles Ctrl-C and SIGTERM itself (running requests finish), then raises the
+        # signal again for whoever embeds it: here that ends quietly instead of in a traceback.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        server.run(sockets=[sock])
+        console.note("server stopped")

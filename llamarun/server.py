@@ -1,0 +1,477 @@
+"""An OpenAI-compatible HTTP server over an Engine, decoding concurrent requests in batches.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with server-sent events when
+`stream` is set), GET /v1/models, GET /health. Errors have OpenAI's shape
+({"error": {"message", "type", "param", "code"}}) and status: 400 bad parameters, 401 bad key,
+413 prompt longer than the context (or body too large), 429 queue full, 503 shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from llamarun.batcher import Batcher, Event, Failed, QueueFull, Request, Stopped, Ticket, Token
+from llamarun.engine import Engine
+from llamarun.errors import InvalidArgumentError, LlamarunError
+from llamarun.generation import GenerationResult, TextChunk
+from llamarun.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension (llama.cpp, vLLM)
+    min_p: float | None = None  # extension
+    repeat_penalty: float | None = None  # extension
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+# -- the application ---------------------------------------------------------------------------
+
+def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
+               max_queue: int = 64, max_tokens_default: int = 512,
+               sampling: SamplingParams | None = None) -> FastAPI:
+    """The ASGI application serving `engine` (its KV cache slots are the concurrent requests).
+
+    `sampling` holds the defaults for the fields a request leaves out (llamarun's by default).
+    """
+    defaults = sampling or SamplingParams()
+    batcher = Batcher(engine.decoder, engine.slots, engine.tokenizer, max_queue=max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(title="llamarun", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next: Callable[[HTTPRequest], Awaitable[Any]]) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                            code="body_too_large").response()
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                type="authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                        param=where or None).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        active, waiting = batcher.busy
+        return {"status": "ok", "slots": len(engine.slots), "active": active, "waiting": waiting,
+                "decode_steps": batcher.steps, "decoded_rows": batcher.batched_rows}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "llamarun"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HTTPRequest) -> Any:
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": _content(m.content)} for m in body.messages]
+        try:
+            prompt = engine.chat_format.encode_dialog(messages)
+        except LlamarunError as e:
+            raise APIError(400, str(e), param="messages") from None
+        k = None
+        if body.logprobs:
+            k = _top_logprobs(body.top_logprobs, "top_logprobs")
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        req = _request(engine, body, prompt, limit, k, max_tokens_default, defaults)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            # Submitted before the response starts: a full queue is an HTTP error, not a stream.
+            return _sse(_chat_chunks(_submit(batcher, req), req, rid, model_id, body, engine))
+        events, result = await _collect(batcher, req, http)
+        message = {"role": "assistant", "content": result.text}
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                  "finish_reason": _finish(result)}
+        if k is not None:
+            choice["logprobs"] = {"content": [_chat_logprob(engine, t) for t in events
+                                              if isinstance(t, Token)]}
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": model_id, "choices": [choice], "usage": _usage(result)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest) -> Any:
+        prompt_text, prompt = _completion_prompt(engine, body.prompt)
+        k = None if body.logprobs is None else _top_logprobs(body.logprobs, "logprobs", most=5)
+        req = _request(engine, body, prompt, body.max_tokens, k, max_tokens_default, defaults)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        echo = prompt_text if body.echo else ""
+        if body.stream:
+            return _sse(_completion_chunks(_submit(batcher, req), req, rid, model_id, body, engine,
+                                           echo))
+        events, result = await _collect(batcher, req, http)
+        choice: dict[str, Any] = {"index": 0, "text": echo + result.text, "logprobs": None,
+                                  "finish_reason": _finish(result)}
+        if k is not None:
+            choice["logprobs"] = _completion_logprobs(engine, [t for t in events
+                                                               if isinstance(t, Token)], len(echo))
+        return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": model_id, "choices": [choice], "usage": _usage(result)}
+
+    return app
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+def _content(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content)
+
+
+def _top_logprobs(k: int | None, name: str, most: int = MAX_TOP_LOGPROBS) -> int:
+    k = 0 if k is None else k
+    if not 0 <= k <= most:
+        raise APIError(400, f"{name} must be between 0 and {most}, got {k}", param=name)
+    return k
+
+
+def _completion_prompt(engine: Engine, prompt: str | list[str] | list[int]) -> tuple[str, list[int]]:
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        ids = [int(p) for p in prompt]
+        vocab = engine.args.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return engine.tokenizer.decode(ids), ids
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "only one prompt per request is supported (n=1)", param="prompt")
+        prompt = prompt[0]
+    assert isinstance(prompt, str)
+    ids = engine.encode_prompt(prompt)
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return prompt, ids
+
+
+def _request(engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,
+             top_logprobs: int | None, max_tokens_default: int,
+             defaults: SamplingParams) -> Request:
+    if body.n != 1:
+        raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported (use repeat_penalty)", param=name)
+    ctx = engine.max_seq_len
+    if len(prompt) >= ctx:
+        raise APIError(413, f"the prompt has {len(prompt)} tokens but the context holds {ctx}",
+                       param="messages" if isinstance(body, ChatBody) else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(max_tokens_default, ctx - len(prompt))
+    if not 1 <= max_tokens <= ctx:
+        raise APIError(400, f"max_tokens must be between 1 and the context ({ctx}), got {max_tokens}",
+                       param="max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(len(s) > 256 for s in stop):
+        raise APIError(400, "stop takes at most 4 strings of at most 256 characters", param="stop")
+    try:
+        sampling = SamplingParams(
+            temperature=_D(body.temperature, defaults.temperature),
+            top_p=_D(body.top_p, defaults.top_p), top_k=_D(body.top_k, defaults.top_k),
+            min_p=_D(body.min_p, defaults.min_p),
+            repeat_penalty=_D(body.repeat_penalty, defaults.repeat_penalty),
+            repeat_last_n=defaults.repeat_last_n, seed=body.seed)
+    except InvalidArgumentError as e:
+        raise APIError(400, str(e), param=str(e).split()[0]) from None
+    return Request(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens,
+                   stop=tuple(stop), top_logprobs=top_logprobs)
+
+
+def _D(value: Any, default: Any) -> Any:  # noqa: N802
+    return default if value is None else value
+
+
+def _finish(result: GenerationResult) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
+
+
+def _usage(result: GenerationResult) -> dict[str, Any]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.reused_tokens}}
+
+
+# -- running a request -------------------------------------------------------------------------
+
+def _submit(batcher: Batcher, req: Request) -> tuple[Ticket, asyncio.Queue[Event]]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        ticket = batcher.submit(req, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+    except Stopped as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+    return ticket, queue
+
+
+async def _events(submitted: tuple[Ticket, asyncio.Queue[Event]]) -> AsyncIterator[Event]:
+    """A submitted request's events up to its result; cancelled if the consumer goes away."""
+    ticket, queue = submitted
+    try:
+        while True:
+            event = await queue.get()
+            if isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+            yield event
+            if isinstance(event, GenerationResult):
+                return
+    finally:
+        ticket.cancel()  # a no-op once finished; frees the slot at once otherwise
+
+
+async def _collect(batcher: Batcher, req: Request,
+                   http: HTTPRequest) -> tuple[list[Event], GenerationResult]:
+    """Run a request to its end, cancelling it if the client disconnects meanwhile."""
+    events: list[Event] = []
+
+    submitted = _submit(batcher, req)
+
+    async def run() -> GenerationResult:
+        async for e in _events(submitted):
+            if isinstance(e, GenerationResult):
+                return e
+            events.append(e)
+        raise AssertionError("a request ended without a result")
+
+    task = asyncio.ensure_future(run())
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and await http.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
+    return events, task.result()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str, model_id: str, body: ChatBody,
+                       engine: Engine) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None,
+              logprobs: Any = None) -> dict[str, Any]:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": finish}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for e in _events(submitted):
+        if isinstance(e, GenerationResult):
+            yield chunk({}, _finish(e))
+            if (body.stream_options or {}).get("include_usage"):
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": model_id, "choices": [], "usage": _usage(e)}
+            return
+        if isinstance(e, Token):
+            lp = {"content": [_chat_logprob(engine, e)]} if req.top_logprobs is not None else None
+            if e.chunk.text or lp is not None:
+                yield chunk({"content": e.chunk.text}, logprobs=lp)
+        elif isinstance(e, TextChunk) and e.text:
+            yield chunk({"content": e.text})
+
+
+async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str, model_id: str,
+                             body: CompletionBody, engine: Engine,
+                             echo: str) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+
+    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                             "finish_reason": finish}]}
+
+    if echo:
+        yield chunk(echo)
+    offset = len(echo)
+    async for e in _events(submitted):
+        if isinstance(e, GenerationResult):
+            yield chunk("", _finish(e))
+            if (body.stream_options or {}).get("include_usage"):
+                yield {"id": rid, "object": "text_completion", "created": created,
+                       "model": model_id, "choices": [], "usage": _usage(e)}
+            return
+        if isinstance(e, Token):
+            lp = (_completion_logprobs(engine, [e], offset)
+                  if req.top_logprobs is not None else None)
+            offset += len(e.chunk.text)
+            if e.chunk.text or lp is not None:
+                yield chunk(e.chunk.text, logprobs=lp)
+        elif isinstance(e, TextChunk) and e.text:
+            offset += len(e.text)
+            yield chunk(e.text)
+
+
+# -- log-probabilities -------------------------------------------------------------------------
+
+def _token_text(engine: Engine, token_id: int) -> str:
+    return engine.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _chat_logprob(engine: Engine, t: Token) -> dict[str, Any]:
+    assert t.chunk.token_id is not None
+    text = _token_text(engine, t.chunk.token_id)
+    return {"token": text, "logprob": t.chunk.logprob,
+            "bytes": list(engine.tokenizer.token_bytes(t.chunk.token_id)),
+            "top_logprobs": [{"token": _token_text(engine, i), "logprob": lp,
+                              "bytes": list(engine.tokenizer.token_bytes(i))} for i, lp in t.top]}
+
+
+def _completion_logprobs(engine: Engine, tokens: list[Token], offset: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                           "text_offset": []}
+    for t in tokens:
+        assert t.chunk.token_id is not None
+        out["tokens"].append(_token_text(engine, t.chunk.token_id))
+        out["token_logprobs"].append(t.chunk.logprob)
+        out["top_logprobs"].append({_token_text(engine, i): lp for i, lp in t.top})
+        out["text_offset"].append(offset)
+        offset += len(t.chunk.text)
+    return out
+
+
+# -- running the server ------------------------------------------------------------------------
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one); InvalidArgumentError if not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def make_server(app: FastAPI) -> Any:
+    """A uvicorn server for `app`: run it with .run(sockets=[listen(...)]); on Ctrl-C or SIGTERM
+    it stops taking requests, lets running ones finish (up to 30 s), then returns."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, limit_concurrency=1024)
+    return uvicorn.Server(config)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
