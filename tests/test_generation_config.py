@@ -39,9 +39,10 @@ def test_nothing_to_take(tmp_path: Path) -> None:
     assert generation_defaults(gguf) == {}
 
 
-def test_invalid_values_are_dropped_with_a_warning(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_invalid_values_are_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path = folder(tmp_path, {"temperature": -1, "top_p": 0.5, "top_k": "many"})
+    monkeypatch.setattr(logging.getLogger("llamarun"), "propagate", True)  # the CLI turns it off
     with caplog.at_level(logging.WARNING, logger="llamarun"):
         assert generation_defaults(path) == {"top_p": 0.5}
     assert "temperature=-1" in caplog.text and "top_k='many'" in caplog.text
