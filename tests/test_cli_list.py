@@ -82,3 +82,10 @@ def test_list_with_nothing_to_find(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert r.exit_code == 0 and r.stdout == "" and r.stderr.startswith("no models found")
     r = invoke(["list", "--json"], {"HF_HUB_CACHE": str(tmp_path / "none"), "LLAMARUN_MODEL": None})
     assert json.loads(r.stdout) == []
+
+
+def test_tokenize_takes_a_cached_repo_id(world: dict[str, str]) -> None:
+    by_id = invoke(["tokenize", "-m", "karpathy/stories260K", "--json", "Hello"], world)
+    by_path = invoke(["tokenize", "-m", world["LLAMARUN_MODEL"], "--json", "Hello"], world)
+    assert by_id.exit_code == 0, by_id.output
+    assert json.loads(by_id.stdout) == json.loads(by_path.stdout)

@@ -14,17 +14,16 @@ from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
 
 
-def _load(model: Path | None, tokenizer_file: Path | None) -> tuple[Tokenizer, Path | None]:
+def _load(model: str | None, tokenizer_file: Path | None) -> tuple[Tokenizer, Path | None]:
     """The tokenizer and the folder that may hold a chat template."""
     if model is not None and tokenizer_file is not None:
         raise InvalidArgumentError("give --model or --tokenizer, not both")
     if tokenizer_file is not None:
         return load_tokenizer(tokenizer_file), tokenizer_file.parent
-    if model is None:
-        from llamarun.resolve import resolve_model
+    from llamarun.resolve import resolve_model
 
-        model = resolve_model(None, env=os.environ, cwd=Path.cwd()).path
-    return load_tokenizer(model), model if model.is_dir() else None
+    path = resolve_model(model, env=os.environ, cwd=Path.cwd()).path  # a path or a cached repo id
+    return load_tokenizer(path), path if path.is_dir() else None
 
 
 def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos: bool) -> list[int]:
@@ -37,8 +36,9 @@ def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos:
 @app.command("tokenize")
 def tokenize(
     text: Annotated[str, typer.Argument(help="Text to tokenize")],
-    model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", show_default=False, help="Model folder (Meta or HF) or GGUF file")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", metavar="PATH|REPO", show_default=False,
+        help="Model folder (Meta or HF), GGUF file, or Hugging Face repo id in the local cache")] = None,
     tokenizer_file: Annotated[Optional[Path], typer.Option(
         "--tokenizer", show_default=False,
         help="A tokenizer file: tokenizer.model (SentencePiece or tiktoken) or tokenizer.json")] = None,
