@@ -100,6 +100,8 @@ def one_request(url: str, question: str, a: argparse.Namespace) -> dict[str, Any
                     stamps.append(time.perf_counter())
                     text.append(piece)
                 finish = choice.get("finish_reason") or finish
+    if usage is None:  # a server without stream usage (llama-cpp-python): a chunk per token
+        usage = {"completion_tokens": len(stamps)}
     return {"question": question, "text": "".join(text), "finish": finish, "usage": usage,
             "ttft": stamps[0] - start if stamps else None,
             "itl": [b - a for a, b in zip(stamps, stamps[1:])], "end": time.perf_counter()}
@@ -170,8 +172,9 @@ def show(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
     print(f"{'engine':<10} {'clients':>7} {'req/s':>6} {'tok/s':>7} {'x1':>5} {'TTFT p50/p99 ms':>16} "
           f"{'ITL p50/p99 ms':>15} {'same':>6} {'ok':>3}")
     for r in rows:
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
         print(f"{r['engine']:<10} {r['clients']:>7} {r['req_s']:>6.2f} {r['tok_s']:>7.1f} "
-              f"{r['speedup']:>5.2f} {ms(r['ttft_p50']) + '/' + ms(r['ttft_p99']):>16} "
+              f"{speedup:>5} {ms(r['ttft_p50']) + '/' + ms(r['ttft_p99']):>16} "
               f"{ms(r['itl_p50']) + '/' + ms(r['itl_p99']):>15} {r['same_as_alone']:>6} "
               f"{'yes' if r['complete'] and not r['errors'] else 'NO':>3}")
 
@@ -211,6 +214,9 @@ def main() -> None:
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1", proc, 300)
             rows += bench("llama.cpp", f"http://127.0.0.1:{port}/v1", levels, a)
+        except RuntimeError as e:  # not installed with its server extras, say
+            print(f"llama.cpp server skipped: {e} (pip install 'llama-cpp-python[server]')",
+                  file=sys.stderr)
         finally:
             proc.terminate()
             proc.wait(60)
