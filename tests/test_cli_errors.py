@@ -98,3 +98,16 @@ def test_set_errors_name_the_setting(one_thread: None) -> None:
     assert r.exit_code == 0, r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {expected}" for _, expected in SET]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["complete", "--max-tokens", "abc", "-p", "x"], "error: --max-tokens must be an integer, got 'abc'"),
+    (["complete", "-t", "warm", "-p", "x"], "error: --temperature must be a number, got 'warm'"),
+    (["chat", "--top-k=1.5"], "error: --top-k must be an integer, got '1.5'"),
+    (["serve", "--port", "http"], "error: --port must be an integer, got 'http'"),
+])
+def test_non_numbers_name_the_flag(args: list[str], expected: str) -> None:
+    from engine_util import run_cli
+
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected]

@@ -50,6 +50,27 @@ def _register() -> None:
 _register()
 
 
+def _number_message(e: Exception) -> str | None:
+    """`--max-tokens must be an integer, got 'abc'` for a flag given a non-number (the flag as
+    typed, in the style of every other value error), or None for other usage errors."""
+    param = getattr(e, "param", None)
+    opts = getattr(param, "opts", None)
+    errors = getattr(e.__cause__, "errors", None)  # Typer checks values with pydantic
+    if not isinstance(e, typer.BadParameter) or not opts or not callable(errors):
+        return None
+    try:
+        first = errors()[0]
+    except (IndexError, TypeError, ValueError):
+        return None
+    kinds = {"int_parsing": "an integer", "int_from_float": "an integer",
+             "float_parsing": "a number"}
+    kind = kinds.get(first.get("type", ""))
+    if kind is None:
+        return None
+    flag = next((o for o in opts if o.startswith("--")), opts[0])
+    return f"{flag} must be {kind}, got {first.get('input')!r}"
+
+
 def main() -> None:
     """Console-script entry point: usage errors are one `error:` line, exit status 2."""
     if not sys.argv[1:]:
@@ -61,7 +82,8 @@ def main() -> None:
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as e:  # bad flag values, unknown options or commands
-        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        message = _number_message(e) or (
+            e.format_message() if hasattr(e, "format_message") else str(e))
         sys.stderr.write(f"error: {' '.join(message.split())}\n")
         sys.exit(getattr(e, "exit_code", 2))
     code = rv if isinstance(rv, int) else 0
