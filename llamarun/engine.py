@@ -17,7 +17,7 @@ from llamarun.device import is_async
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import TokenEvent, generate_tokens
 from llamarun.generation import Cancelled, Generation, GenerationResult, Reply, Stream, TextChunk
-from llamarun.loaders import Checkpoint, detect_layout, load_checkpoint
+from llamarun.loaders import Checkpoint, TensorParallel, detect_layout, load_checkpoint
 from llamarun.sampling import SamplingParams, make_generator
 from llamarun.session import ChatSession
 from llamarun.slots import Slot, SlotPool
@@ -49,12 +49,14 @@ class Engine:
              dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
              compile: bool = False, chat_template: str | None = None, quantize: str = "auto",
              group_size: int = 32, slots: int = 1,
-             progress: Callable[[int, int], None] | None = None) -> Engine:
+             progress: Callable[[int, int], None] | None = None,
+             tp: TensorParallel | None = None) -> Engine:
         """Load a Meta/HF folder or GGUF file, its tokenizer and its chat format.
 
         quantize and group_size are as in loaders.load_checkpoint; `slots` sequences can be
         cached at once (max_seq_len positions each); progress(done, total) is called while the
-        weights are converted.
+        weights are converted; with `tp` (llamarun.parallel.Collectives) this process holds its
+        rank's part of the model, and every rank must run the same generations in step.
         """
         if max_seq_len is not None and max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -67,7 +69,7 @@ class Engine:
         tokenizer = load_tokenizer(source)
         ckpt = load_checkpoint(source, device=device, dtype=dtype, max_seq_len=max_seq_len,
                                max_batch_size=slots, quantize=quantize, group_size=group_size,
-                               progress=progress)
+                               progress=progress, tp=tp)
         folder = source if source.is_dir() else None
         chat_format = load_chat_format(tokenizer, folder, chat_template=chat_template)
         return cls(ckpt, tokenizer, chat_format, compile=compile,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,17 @@ class DecodeRows:
     lengths: tuple[int, ...]
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums partial results across tensor-parallel ranks
+
+
+class VocabShard(Protocol):
+    """How a tensor-parallel rank holds part of the vocabulary (see llamarun.parallel)."""
+
+    def embed(self, table: nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32."""
 
@@ -74,6 +86,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, qkv_out)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.kv_cache: KVCache | None = None
+        self.reduce: Reduce | None = None  # tensor parallelism: sums the ranks' partial outputs
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
                 mask: torch.Tensor | None, kv_len: int | None, row: int = 0,
@@ -93,7 +106,7 @@ class Attention(nn.Module):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
             if batch is not None:
                 y = self._attend_rows(q, k, v, batch)
-                return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
+                return self._out(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
             k, v = self.kv_cache.update(input_pos, k, v, row=row)  # (B, kv heads, max_seq_len, hd)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -101,7 +114,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
+        return self._out(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        out = self.wo(y)
+        return out if self.reduce is None else self.reduce(out)
 
 
     def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -125,10 +142,12 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(args.dim, 2 * args.hidden_dim)
         self.w2 = Linear(args.hidden_dim, args.dim)
+        self.reduce: Reduce | None = None  # tensor parallelism: sums the ranks' partial outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        out = self.w2(F.silu(gate) * up)
+        return out if self.reduce is None else self.reduce(out)
 
 
 class TransformerBlock(nn.Module):
@@ -163,6 +182,7 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.slots = SlotPool(1)  # what each row of the KV cache holds (see setup_caches)
+        self.vocab: VocabShard | None = None  # tensor parallelism: this rank's part of the vocab
         self.register_buffer("freqs", torch.empty(0), persistent=False)
         self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
 
@@ -181,8 +201,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
             if use_kv_cache:
-                layer.attention.kv_cache = KVCache(
-                    max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim,
+                layer.attention.kv_cache = KVCache(  # a tensor-parallel rank: its KV heads only
+                    max_batch_size, max_seq_len, layer.attention.n_kv_heads, a.head_dim,
                     dtype=attention_dtype(weight.device, weight.dtype), device=weight.device)
 
     def reset_caches(self) -> None:
@@ -215,12 +235,21 @@ class Transformer(nn.Module):
         if cached and not (kv_exact and tokens.shape[1] == 1 and kv_len is not None):
             keys = self.positions if kv_len is None else self.positions[:kv_len]
             mask = keys[None, :] <= input_pos[:, None]  # (S, kv_len): causal over cache slots
-        h = self.tok_embeddings(tokens)  # (B, S, dim)
+        h = self._embed(tokens)  # (B, S, dim)
         for layer in self.layers:
             h = layer(h, freqs, input_pos, mask, kv_len, row)
         if output_idx is not None:
             h = h[:, output_idx]
-        return self.output(self.norm(h)).float()  # (B, len(output_idx) or S, vocab)
+        return self._logits(h)  # (B, len(output_idx) or S, vocab)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return self.tok_embeddings(tokens)
+        return self.vocab.embed(self.tok_embeddings, tokens)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.output(self.norm(h)).float()
+        return logits if self.vocab is None else self.vocab.gather(logits)
 
     def decode(self, tokens: torch.Tensor, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Logits (B, vocab) after feeding tokens (B,) at positions[i] of cache rows[i].
@@ -235,7 +264,7 @@ class Transformer(nn.Module):
                            pos=torch.tensor(list(positions), dtype=torch.long, device=device),
                            row_ids=tuple(rows), lengths=tuple(p + 1 for p in positions))
         freqs = self.freqs[batch.pos][:, None]  # (B, 1, head_dim // 2, 2)
-        h = self.tok_embeddings(tokens.view(-1, 1))  # (B, 1, dim)
+        h = self._embed(tokens.view(-1, 1))  # (B, 1, dim)
         for layer in self.layers:
             h = layer(h, freqs, batch.pos, None, None, 0, batch)
-        return self.output(self.norm(h)).float()[:, 0]
+        return self._logits(h)[:, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +22,15 @@ from llamarun.model import Transformer
 from llamarun.quant import INT4_GROUP_SIZES, WeightFormat, swap_modules
 
 log = logging.getLogger(__name__)
+
+
+class TensorParallel(Protocol):
+    """A rank's place in a tensor-parallel job (llamarun.parallel.Collectives)."""
+
+    rank: int
+    world: int
+
+    def bind(self, plan: Any) -> None: ...
 
 DEFAULT_MAX_SEQ_LEN = 4096  # cache length when the caller gives none (models allow up to 128K)
 
@@ -85,11 +95,12 @@ def detect_layout(path: Path) -> tuple[str, Path]:
                           "config.json + *.safetensors / pytorch_model*.bin, or a .gguf file)")
 
 
-def read_checkpoint(path: str | Path) -> RawCheckpoint:
-    """Open a checkpoint lazily, whatever its layout."""
+def read_checkpoint(path: str | Path, *, prefer_shard: int = 0) -> RawCheckpoint:
+    """Open a checkpoint lazily, whatever its layout (a Meta folder's shard `prefer_shard`
+    first)."""
     layout, target = detect_layout(Path(path))
     if layout == "meta":
-        raw = read_meta(target)
+        raw = read_meta(target, prefer=prefer_shard)
     elif layout == "hf":
         raw = read_hf(target)
     else:
@@ -112,7 +123,8 @@ def check_quantize(quantize: str, group_size: int) -> None:
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
                     dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
                     max_batch_size: int = 1, quantize: str = "auto", group_size: int = 32,
-                    progress: Progress | None = None) -> Checkpoint:
+                    progress: Progress | None = None,
+                    tp: TensorParallel | None = None) -> Checkpoint:
     """Load a checkpoint into a Transformer on `device` in `dtype`, with its KV cache set up.
 
     dtype "auto" picks what the device runs well without inflating the checkpoint (see
@@ -120,16 +132,28 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
     dequantizes everything into dtype, "int8"/"int4" quantize every projection at load (int4 in
     groups of group_size). max_seq_len is the KV cache length: by default the model's context,
     capped at 4096. progress(done, total) is called as layers are converted (for a progress bar).
+    With `tp` (tensor parallelism), the model is this rank's part, and only its slices are read.
     """
     check_quantize(quantize, group_size)
     dev = resolve_device(device)
-    raw = read_checkpoint(path)
+    raw = read_checkpoint(path, prefer_shard=tp.rank if tp is not None else 0)
     check_names(raw)
-    formats = plan_formats(raw, quantize, group_size)
+    plan = None
+    if tp is not None:
+        from llamarun.parallel import TPPlan
+
+        plan = TPPlan.make(raw.args, tp.rank, tp.world)
+        tp.bind(plan)
+    formats = plan_formats(raw, quantize, group_size, shard=plan)
     dt = resolve_dtype(dtype, dev, stored=_stored_dtype(raw, formats))
-    sd = build_state_dict(raw, dtype=dt, device=dev, formats=formats, progress=progress)
+    sd = build_state_dict(raw, dtype=dt, device=dev, formats=formats, progress=progress,
+                          shard=plan)
     with torch.device("meta"):
         model = Transformer(raw.args)
+        if tp is not None:
+            from llamarun.parallel import shard_model
+
+            shard_model(model, plan, tp)
         swap_modules(model, formats, device=dev, dtype=dt)
     model.load_state_dict(sd, strict=True, assign=True)
     if raw.args.tie_embeddings and formats["output.weight"].kind == "dense":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -41,6 +42,18 @@ class RawCheckpoint:
     release: Callable[[str], None] | None = None
     # (name, start, stop) -> rows start:stop of a tensor, read without the rest (GGUF)
     get_rows: Callable[[str, int, int], torch.Tensor] | None = None
+    # (name, dim, start, stop) -> that slice of a tensor, read without the rest (safetensors,
+    # a Meta shard that holds exactly it)
+    get_slice: Callable[[str, int, int, int], torch.Tensor] | None = None
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Tensor `name` narrowed to start:stop along `dim`, reading as little as the format
+        allows (mmapped files read only the pages of the slice)."""
+        if self.get_slice is not None:
+            return self.get_slice(name, dim, start, stop)
+        if dim == 0 and self.get_rows is not None:
+            return self.get_rows(name, start, stop)
+        return self.get(name).narrow(dim, start, stop - start)
 
     def stored_type(self, name: str) -> str:
         """How the checkpoint stores tensor `name`: "F32", "F16", "BF16" or a GGUF type name."""
@@ -57,8 +70,19 @@ _TYPE_NAMES = {dtype: name for name, dtype in FLOAT_TYPES.items()}
 _ALIGN = 64  # bytes
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Shape of every unfused Meta-named tensor for `args` (output.weight included)."""
+class Shard(Protocol):
+    """The part of each tensor a tensor-parallel rank reads (llamarun.parallel.TPPlan)."""
+
+    def slice_of(self, name: str) -> tuple[int, int, int] | None: ...
+
+    def local_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+
+def expected_shapes(args: ModelArgs, shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
+    """Shape of every unfused Meta-named tensor for `args` (output.weight included); with a
+    `shard`, of the slice it reads."""
+    if shard is not None:
+        return {n: shard.local_shape(n, s) for n, s in expected_shapes(args).items()}
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     per_layer = {
         "attention.wq.weight": (q, args.dim),
@@ -132,8 +156,8 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
     return in_features % group_size == 0 and out_features % 16 == 0
 
 
-def plan_formats(raw: RawCheckpoint, quantize: str = "auto",
-                 group_size: int = 32) -> dict[str, WeightFormat]:
+def plan_formats(raw: RawCheckpoint, quantize: str = "auto", group_size: int = 32, *,
+                 shard: Shard | None = None) -> dict[str, WeightFormat]:
     """Decide how each matrix of the model is stored.
 
     "auto" keeps what the checkpoint has: dense tensors stay dense; GGUF Q4_0/Q4_1/Q4_K become
@@ -145,7 +169,7 @@ def plan_formats(raw: RawCheckpoint, quantize: str = "auto",
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-    shapes = expected_shapes(raw.args)
+    shapes = expected_shapes(raw.args, shard)
     int4 = WeightFormat("int4", group_size)
     formats: dict[str, WeightFormat] = {}
     for name, sources in linear_sources(raw.args).items():
@@ -174,19 +198,28 @@ def plan_formats(raw: RawCheckpoint, quantize: str = "auto",
 
 def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.device,
                      formats: dict[str, WeightFormat] | None = None,
-                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                     progress: Progress | None = None,
+                     shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Read, check, convert and fuse every tensor into the model's state dict.
 
     `formats` (from plan_formats; all dense when None) says how each matrix is stored.
-    progress, if given, is called after the embeddings and after each layer.
+    progress, if given, is called after the embeddings and after each layer. With a `shard`
+    (tensor parallelism), only this rank's slice of each tensor is read.
     """
     check_names(raw)
-    shapes = expected_shapes(raw.args)
+    full = expected_shapes(raw.args)
+    shapes = expected_shapes(raw.args, shard)
     sources = linear_sources(raw.args)
     formats = formats or {}
 
+    def get(name: str) -> torch.Tensor:
+        cut = shard.slice_of(name) if shard is not None else None
+        if cut is None or cut[1:] == (0, full[name][cut[0]]):
+            return raw.get(name)
+        return raw.read_slice(name, *cut)
+
     def read(name: str) -> torch.Tensor:
-        t = raw.get(name)
+        t = get(name)
         if tuple(t.shape) != shapes[name]:
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has shape {tuple(t.shape)}, "
                                   f"expected {shapes[name]} from the config")
@@ -227,6 +260,9 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
 
     def int4_parts(name: str, group_size: int) -> Int4Parts:
         exact = raw.int4(name) if group_size == 32 and raw.int4 is not None else None
+        cut = shard.slice_of(name) if shard is not None else None
+        if exact is not None and cut is not None:
+            exact = _slice_int4(exact, *cut)
         if exact is not None:
             if tuple(exact.q.shape) != shapes[name]:
                 read(name)  # raises the shape error
@@ -242,8 +278,10 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             sd[name] = dense(*parts)
             return
         if fmt.kind == "int8":
-            if len(parts) == 1 and raw.get_rows is not None:
-                q = _int8_by_rows(raw, parts[0], shapes[parts[0]])
+            cut = shard.slice_of(parts[0]) if shard is not None else None
+            if len(parts) == 1 and raw.get_rows is not None and (cut is None or cut[0] == 0):
+                first = cut[1] if cut is not None else 0
+                q = _int8_by_rows(raw, parts[0], shapes[parts[0]], first)
             else:
                 whole = read(parts[0]) if len(parts) == 1 else torch.cat([read(n) for n in parts])
                 q = quantize_int8(whole)  # row by row in float32
@@ -284,22 +322,35 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
     return sd
 
 
-def _int8_by_rows(raw: RawCheckpoint, name: str, shape: tuple[int, ...]) -> Int8Parts:
-    """Per-row int8 of a tensor read a block of rows at a time (a large quantized embedding
-    never exists whole in float32)."""
+def _int8_by_rows(raw: RawCheckpoint, name: str, shape: tuple[int, ...],
+                  first: int = 0) -> Int8Parts:
+    """Per-row int8 of `shape[0]` rows of a tensor from row `first`, read a block of rows at a
+    time (a large quantized embedding never exists whole in float32)."""
     assert raw.get_rows is not None
     n, k = shape
     q = torch.empty((n, k), dtype=torch.int8)
     scale = torch.empty(n)
     step = max(1, (16 << 20) // (4 * k))  # ~16 MB of float32 at a time
     for i in range(0, n, step):
-        block = raw.get_rows(name, i, min(n, i + step))
+        block = raw.get_rows(name, first + i, first + min(n, i + step))
         if block.shape != (min(n, i + step) - i, k):
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has rows of shape "
                                   f"{tuple(block.shape[1:])}, expected ({k},)")
         part = quantize_int8(block)
         q[i:i + step], scale[i:i + step] = part.q, part.scale
     return Int8Parts(q, scale)
+
+
+def _slice_int4(parts: Int4Parts, dim: int, start: int, stop: int) -> Int4Parts:
+    """Rows (dim 0) or columns (dim 1, whole groups) start:stop of an int4 weight."""
+    if dim == 0:
+        return Int4Parts(parts.q[start:stop], parts.scale[start:stop], parts.zero[start:stop])
+    g = parts.group_size
+    if start % g or stop % g:
+        raise CheckpointError(f"a tensor-parallel slice {start}:{stop} of an int4 weight must "
+                              f"fall on its groups of {g} columns")
+    return Int4Parts(parts.q[:, start:stop], parts.scale[:, start // g:stop // g],
+                     parts.zero[:, start // g:stop // g])
 
 
 def trim_heap() -> None:

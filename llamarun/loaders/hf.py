@@ -75,6 +75,7 @@ class _Files:
 
     def __init__(self, files: list[Path]) -> None:
         self.location: dict[str, Path] = {}
+        self.bytes_read = 0  # tensor bytes handed out (what a tensor-parallel rank reads)
         self._st: dict[Path, object] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
         for path in files:
@@ -99,10 +100,29 @@ class _Files:
         path = self.location[name]
         try:
             if path in self._st:
-                return self._st[path].get_tensor(name)  # type: ignore[attr-defined]
-            return self._bin[path][name]
+                t = self._st[path].get_tensor(name)  # type: ignore[attr-defined]
+            else:
+                t = self._bin[path][name]
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+        self.bytes_read += t.nbytes
+        return t
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """start:stop along `dim` of a tensor, reading only those bytes from a safetensors file."""
+        path = self.location[name]
+        if path not in self._st:
+            return self._bin[path][name].narrow(dim, start, stop - start)
+        try:
+            view = self._st[path].get_slice(name)  # type: ignore[attr-defined]
+            shape = view.get_shape()
+            if dim >= len(shape) or not 0 <= start <= stop <= shape[dim]:
+                raise ValueError(f"slice {start}:{stop} of dim {dim} outside shape {shape}")
+            t = view[start:stop] if dim == 0 else view[:, start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+        self.bytes_read += t.nbytes
+        return t
 
 
 def read_hf(folder: Path) -> RawCheckpoint:
@@ -131,10 +151,19 @@ def read_hf(folder: Path) -> RawCheckpoint:
             return unpermute(t, args.n_kv_heads)
         return t
 
+    def get_slice(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        t = reader.get_slice(to_hf[name], dim, start, stop)
+        # HF permutes each head's rows of q and k: a slice of whole heads undoes it locally.
+        heads = (stop - start) // args.head_dim
+        if dim == 0 and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            return unpermute(t, heads)
+        return t
+
     def where(name: str) -> str:
         return str(reader.location[to_hf[name]]) if name in to_hf else str(folder)
 
     return RawCheckpoint(args=args, layout="hf", path=folder, names=set(to_hf), get=get,
-                         where=where, extra={"files": [str(f) for f in files]})
+                         where=where, get_slice=get_slice,
+                         extra={"files": [str(f) for f in files], "reader": reader})
 
 

@@ -69,12 +69,13 @@ def merge_shards(name: str, parts: list[torch.Tensor], expected: tuple[int, ...]
     return torch.cat(parts, dim=dim)
 
 
-def _infer_vocab(shards: list[dict[str, torch.Tensor]], dim: int, folder: Path) -> int:
-    emb = [s.get("tok_embeddings.weight") for s in shards]
-    if any(e is None or e.dim() != 2 for e in emb):
+def _infer_vocab(emb: torch.Tensor | None, n_shards: int, dim: int, folder: Path) -> int:
+    """The vocabulary size from one shard's embedding (split by vocabulary rows, as Llama 3, or
+    by embedding columns, as Llama 2)."""
+    if emb is None or emb.dim() != 2:
         raise CheckpointError(f"{folder}: tensor tok_embeddings.weight is missing")
-    rows, cols = emb[0].shape
-    return rows if cols * len(emb) == dim and cols != dim else rows * len(emb)
+    rows, cols = emb.shape
+    return rows if cols * n_shards == dim and cols != dim else rows * n_shards
 
 
 def _scaling_from_hf_sibling(folder: Path, args: ModelArgs) -> ModelArgs:
@@ -98,30 +99,60 @@ def _scaling_from_hf_sibling(folder: Path, args: ModelArgs) -> ModelArgs:
     return args
 
 
-def read_meta(folder: Path) -> RawCheckpoint:
-    """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint."""
+def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
+    """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint.
+
+    Shards are opened when a tensor needs them, shard `prefer` first: a tensor-parallel rank of
+    a job with as many ranks as shards reads only its own shard (`read_slice`).
+    """
     params = read_json(folder / "params.json")
     files = shard_files(folder)
-    shards = [load_state_dict_file(p) for p in files]
+    n = len(files)
+    prefer = prefer if 0 <= prefer < n else 0
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    names: set[str] = set()
+
+    def shard(i: int) -> dict[str, torch.Tensor]:
+        nonlocal names
+        if i not in shards:
+            sd = load_state_dict_file(files[i])
+            keys = set(sd) - _IGNORED
+            if names and keys != names:
+                odd = sorted(keys ^ names)[0]
+                raise CheckpointError(f"{files[i]}: tensor {odd} is not in every shard")
+            names = keys
+            shards[i] = sd
+        return shards[i]
+
+    own = shard(prefer)
     vocab = None
     if int(params.get("vocab_size", -1)) <= 0:
-        vocab = _infer_vocab(shards, int(params.get("dim", 0)), folder)
+        vocab = _infer_vocab(own.get("tok_embeddings.weight"), n, int(params.get("dim", 0)), folder)
     args = ModelArgs.from_params(params, source=str(folder / "params.json"), vocab_size=vocab)
     if args.rope_scaling is not None and "rope_scaling_factor" not in params:
         args = _scaling_from_hf_sibling(folder, args)
-    names: set[str] = set()
-    for path, shard in zip(files, shards):
-        keys = set(shard) - _IGNORED
-        if names and keys != names:
-            odd = sorted(keys ^ names)[0]
-            raise CheckpointError(f"{path}: tensor {odd} is not in every shard")
-        names = keys
     shapes = expected_shapes(args)
-    label = str(files[0]) if len(files) == 1 else f"{folder}/consolidated.*.pth"
+    label = str(files[0]) if n == 1 else f"{folder}/consolidated.*.pth"
 
     def get(name: str) -> torch.Tensor:
-        parts = [s[name] for s in shards]
+        parts = [shard(i)[name] for i in range(n)]
         return merge_shards(name, parts, shapes[name], label)
 
+    def get_slice(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        piece = own[name]
+        full = shapes.get(name)
+        if full is None or tuple(piece.shape) == full or piece.dim() != len(full):
+            return get(name).narrow(dim, start, stop - start)
+        split = [d for d in range(len(full)) if piece.shape[d] != full[d]]
+        size = piece.shape[split[0]]
+        if split != [dim] or start // size != (stop - 1) // size or (size * n) % full[dim]:
+            return get(name).narrow(dim, start, stop - start)  # split otherwise: merge
+        index = start // size  # which distinct piece holds the slice
+        repeat = size * n // full[dim]  # shards holding each piece (replicated KV heads)
+        holders = [index * repeat + j for j in range(repeat)]
+        i = prefer if prefer in holders else holders[0]
+        return shard(i)[name].narrow(dim, start - index * size, stop - start)
+
     return RawCheckpoint(args=args, layout="meta", path=folder, names=names, get=get,
-                         where=lambda name: label, extra={"n_shards": len(files)})
+                         where=lambda name: label, get_slice=get_slice,
+                         extra={"n_shards": n, "opened": shards})

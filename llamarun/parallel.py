@@ -1,0 +1,237 @@
+"""Tensor parallelism on torch.distributed: one process per device, each holding a slice.
+
+A `TPPlan` says which part of every weight a rank holds, in Meta's split: the fused Q/K/V and
+gate/up projections are column-parallel (the rank's query heads, its KV heads, its share of the
+FFN), the output and down projections row-parallel followed by one all-reduce, and the embedding
+and output layers vocab-parallel (a masked lookup summed across ranks; logits all-gathered).
+KV heads fewer than ranks are replicated, as Meta does. `shard_model` is the pass that turns a
+model built on the meta device into a rank's model; the loaders read only the rank's slices
+(`TPPlan.slice_of`). Launch with torchrun (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llamarun.config import ModelArgs
+from llamarun.errors import InvalidArgumentError
+from llamarun.model import Linear, Transformer
+
+COLLECTIVE_TIMEOUT_S = 120.0  # a rank that stops answering ends the job after this long
+
+
+def valid_world_sizes(args: ModelArgs, limit: int = 64) -> list[int]:
+    """World sizes that split this model: they divide the query heads and the FFN width, and
+    divide the KV heads or are a multiple of them."""
+    return [n for n in range(1, limit + 1)
+            if args.n_heads % n == 0 and args.hidden_dim % n == 0
+            and (args.n_kv_heads % n == 0 or n % args.n_kv_heads == 0)]
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Which slice of each weight rank `rank` of `world` holds."""
+
+    rank: int
+    world: int
+    heads: int  # query heads on this rank
+    kv_heads: int  # KV heads on this rank
+    kv_start: int  # its first KV head
+    hidden: int  # FFN width on this rank
+    vocab: int  # embedding/output rows on this rank (the whole vocabulary when not split)
+    vocab_start: int
+    head_dim: int
+
+    @classmethod
+    def make(cls, args: ModelArgs, rank: int, world: int) -> TPPlan:
+        """The plan for one rank; InvalidArgumentError (saying which sizes work) if `world` does
+        not split the model."""
+        if world not in valid_world_sizes(args, limit=max(world, 1)):
+            ok = ", ".join(map(str, valid_world_sizes(args)))
+            raise InvalidArgumentError(
+                f"{world} ranks cannot split this model ({args.n_heads} query heads, "
+                f"{args.n_kv_heads} KV heads, FFN width {args.hidden_dim}); use one of: {ok}")
+        heads = args.n_heads // world
+        group = args.n_heads // args.n_kv_heads  # query heads per KV head
+        kv_heads = max(1, args.n_kv_heads // world)
+        kv_start = rank * heads // group if kv_heads == 1 else rank * kv_heads
+        split_vocab = args.vocab_size % world == 0
+        vocab = args.vocab_size // world if split_vocab else args.vocab_size
+        return cls(rank=rank, world=world, heads=heads, kv_heads=kv_heads, kv_start=kv_start,
+                   hidden=args.hidden_dim // world, vocab=vocab,
+                   vocab_start=rank * vocab if split_vocab else 0, head_dim=args.head_dim)
+
+    def local_args(self, args: ModelArgs) -> ModelArgs:
+        """The sizes of this rank's model (what its modules and KV cache hold)."""
+        return args.replace(n_heads=self.heads, n_kv_heads=self.kv_heads, hidden_dim=self.hidden,
+                            vocab_size=self.vocab)
+
+    def slice_of(self, name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of checkpoint tensor `name` (Meta name, unfused) that this rank
+        reads, or None for the whole tensor (norms)."""
+        hd = self.head_dim
+        key = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        if key == "attention.wq.weight":
+            return 0, self.rank * self.heads * hd, (self.rank + 1) * self.heads * hd
+        if key in ("attention.wk.weight", "attention.wv.weight"):
+            return 0, self.kv_start * hd, (self.kv_start + self.kv_heads) * hd
+        if key == "attention.wo.weight":
+            return 1, self.rank * self.heads * hd, (self.rank + 1) * self.heads * hd
+        if key in ("feed_forward.w1.weight", "feed_forward.w3.weight"):
+            return 0, self.rank * self.hidden, (self.rank + 1) * self.hidden
+        if key == "feed_forward.w2.weight":
+            return 1, self.rank * self.hidden, (self.rank + 1) * self.hidden
+        if key in ("tok_embeddings.weight", "output.weight"):
+            return 0, self.vocab_start, self.vocab_start + self.vocab
+        return None
+
+    def local_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this rank's slice of a tensor of `shape`."""
+        cut = self.slice_of(name)
+        if cut is None:
+            return shape
+        dim, start, stop = cut
+        return tuple(stop - start if d == dim else n for d, n in enumerate(shape))
+
+
+class Collectives:
+    """A rank's communication: sum partial outputs, gather vocabulary slices. The loader binds
+    the plan once the model's sizes are known."""
+
+    def __init__(self, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
+        self.rank, self.world, self.group = rank, world, group
+        self._plan: TPPlan | None = None
+
+    def bind(self, plan: TPPlan) -> None:
+        """Use `plan` (this rank's slices) from now on."""
+        self._plan = plan
+
+    @property
+    def plan(self) -> TPPlan:
+        if self._plan is None:
+            raise RuntimeError("no tensor-parallel plan yet: load a model with this rank first")
+        return self._plan
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x across ranks (row-parallel outputs)."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def embed(self, table: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of `tokens` from a vocab-parallel table: each rank looks up the ids it
+        holds (zeros elsewhere), and the sum across ranks is every row."""
+        local = tokens - self.plan.vocab_start
+        mine = (local >= 0) & (local < self.plan.vocab)
+        h = table(torch.where(mine, local, torch.zeros_like(local)))
+        h = h * mine.unsqueeze(-1).to(h.dtype)
+        return self.reduce(h)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every rank's logits (..., vocab / world) joined along the vocabulary."""
+        parts = [torch.empty_like(logits) for _ in range(self.plan.world)]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+class _Replicated:
+    """A vocabulary held whole by every rank (a size the world does not divide)."""
+
+    def embed(self, table: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return table(tokens)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+def shard_model(model: Transformer, plan: TPPlan, comm: Collectives) -> Transformer:
+    """Turn a model built on the meta device into rank `plan.rank`'s part of it (in place):
+    local-sized projections, attention over the rank's heads, and the collectives after the
+    row-parallel products and around the vocabulary."""
+    args = model.args
+    dim = args.dim
+    hd = plan.head_dim
+    for layer in model.layers:
+        attn = layer.attention
+        attn.n_heads, attn.n_kv_heads = plan.heads, plan.kv_heads
+        attn.wqkv = Linear(dim, (plan.heads + 2 * plan.kv_heads) * hd)
+        attn.wo = Linear(plan.heads * hd, dim)
+        attn.reduce = comm.reduce
+        ffn = layer.feed_forward
+        ffn.w13 = Linear(dim, 2 * plan.hidden)
+        ffn.w2 = Linear(plan.hidden, dim)
+        ffn.reduce = comm.reduce
+    if plan.vocab != args.vocab_size:
+        model.tok_embeddings = nn.Embedding(plan.vocab, dim)
+        model.output = Linear(dim, plan.vocab)
+        model.vocab = comm
+    else:
+        model.vocab = _Replicated()
+    model.args = plan.local_args(args)
+    return model
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def from_env(env: Mapping[str, str]) -> Distributed | None:
+    """The job torchrun describes in `env` (RANK, WORLD_SIZE, LOCAL_RANK), or None outside one
+    (or in a job of one process)."""
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise InvalidArgumentError("WORLD_SIZE, RANK and LOCAL_RANK must be integers") from None
+    if world <= 1:
+        return None
+    if not 0 <= rank < world:
+        raise InvalidArgumentError(f"RANK {rank} is not in 0..{world - 1}")
+    return Distributed(rank, world, local)
+
+
+def init(job: Distributed, device: torch.device, *,
+         timeout_s: float = COLLECTIVE_TIMEOUT_S) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on CPU); return this rank's device (CUDA:
+    one GPU per process, by LOCAL_RANK)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", job.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=job.rank, world_size=job.world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` from rank `src` on every rank (prompts, chat lines, seeds)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_object(obj: object) -> list[object]:
+    """`obj` from every rank, on every rank."""
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def torchrun_command(n: int, argv: list[str]) -> list[str]:
+    """The command that runs `llamarun ARGV` on n ranks of this host with torchrun."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+            "--standalone", "-m", "llamarun", *argv]
