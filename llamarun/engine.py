@@ -30,7 +30,8 @@ class Engine:
     """A model ready to generate: weights, KV cache slots, tokenizer, chat format and decoder."""
 
     def __init__(self, checkpoint: Checkpoint, tokenizer: Tokenizer, chat_format: ChatFormat, *,
-                 compile: bool = False, load_s: float = 0.0) -> None:
+                 compile: bool = False, load_s: float = 0.0,
+                 tp: TensorParallel | None = None) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.args = checkpoint.args
@@ -43,6 +44,7 @@ class Engine:
         # An asynchronous device computes the next step while the host streams the current token.
         self.lookahead = is_async(self.device)
         self.decoder = Decoder(self.model, compile=compile)
+        self.tp = tp  # this rank's collectives in a tensor-parallel job, else None
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto",
@@ -73,7 +75,7 @@ class Engine:
         folder = source if source.is_dir() else None
         chat_format = load_chat_format(tokenizer, folder, chat_template=chat_template)
         return cls(ckpt, tokenizer, chat_format, compile=compile,
-                   load_s=time.perf_counter() - start)
+                   load_s=time.perf_counter() - start, tp=tp)
 
     @property
     def max_seq_len(self) -> int:

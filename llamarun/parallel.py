@@ -24,6 +24,7 @@ from llamarun.errors import InvalidArgumentError
 from llamarun.model import Linear, Transformer
 
 COLLECTIVE_TIMEOUT_S = 120.0  # a rank that stops answering ends the job after this long
+_local_rank = 0  # this process's LOCAL_RANK once init_group has run
 
 
 def valid_world_sizes(args: ModelArgs, limit: int = 64) -> list[int]:
@@ -201,18 +202,37 @@ def from_env(env: Mapping[str, str]) -> Distributed | None:
     return Distributed(rank, world, local)
 
 
-def init(job: Distributed, device: torch.device, *,
-         timeout_s: float = COLLECTIVE_TIMEOUT_S) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on CPU); return this rank's device (CUDA:
-    one GPU per process, by LOCAL_RANK)."""
-    if device.type == "cuda":
-        device = torch.device("cuda", job.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=job.rank, world_size=job.world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+def init_group(job: Distributed, *, cuda: bool, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the job's process group: gloo for CPU tensors, and NCCL for CUDA ones where there
+    are GPUs. A collective that waits longer than timeout_s (a rank died or hangs) fails."""
+    global _local_rank
+    _local_rank = job.local_rank
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    dist.init_process_group(backend, rank=job.rank, world_size=job.world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank_device(job: Distributed, device: torch.device) -> torch.device:
+    """This rank's device: on CUDA one GPU per process, chosen by LOCAL_RANK."""
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if job.local_rank >= count:
+        raise InvalidArgumentError(f"rank {job.rank} needs GPU {job.local_rank} but this machine "
+                                   f"has {count}: use at most {count} processes per node")
+    device = torch.device("cuda", job.local_rank)
+    torch.cuda.set_device(device)
     return device
+
+
+def current() -> Distributed | None:
+    """This process's job, once init_group has run (None otherwise)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return Distributed(dist.get_rank(), dist.get_world_size(), _local_rank)
+
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

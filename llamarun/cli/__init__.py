@@ -76,6 +76,12 @@ def main() -> None:
     if not sys.argv[1:]:
         app()  # prints the help
         return
+    from llamarun.cli import distributed
+
+    tp, args = distributed.take_tp_flag(sys.argv[1:])
+    if tp is not None:  # `--tp N`: run this command on N ranks of this host
+        sys.exit(distributed.launch(tp, args))
+    distributed.join_job()  # a rank of a torchrun job: join its process group first
     command = typer.main.get_command(app)
     try:
         rv = command.main(prog_name="llamarun", standalone_mode=False)

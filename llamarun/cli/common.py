@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
+import torch
 import typer
 
 from llamarun.cli import console, settings
@@ -19,6 +21,9 @@ from llamarun.generation_config import generation_defaults
 from llamarun.loaders import check_quantize
 from llamarun.resolve import ENV_VAR, resolve_model
 from llamarun.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llamarun.parallel import Collectives
 
 _DEFAULTS = settings.DEFAULT_SAMPLING
 COMPILE_ENV_VAR = "LLAMARUN_COMPILE"
@@ -107,7 +112,13 @@ def model_sampling(engine: Engine, explicit: Mapping[str, object], *,
     # A resumed chat's own settings (base) take the place of the model's defaults.
     defaults: dict[str, object] = (
         {} if base is not None else dict(generation_defaults(engine.checkpoint.path)))
-    return settings.sampling_params(explicit, defaults=defaults, base=base), defaults
+    params = settings.sampling_params(explicit, defaults=defaults, base=base)
+    from llamarun.cli.distributed import shared_seed
+
+    seed = shared_seed(params.seed)  # tensor-parallel ranks must sample alike
+    if seed != params.seed:
+        params = dataclasses.replace(params, seed=seed)
+    return params, defaults
 
 
 def check_model_options(opts: ModelOptions) -> None:
@@ -130,7 +141,9 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> 
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
         engine.warmup()
-    elif opts.compile is None and warm_up:
+    elif opts.compile is None and warm_up and engine.tp is None:
+        # (Tensor-parallel ranks compile only when asked, all together: a background compile
+        # would run collectives out of step with the other ranks.)
         engine.compile_in_background()
     return engine
 
@@ -141,13 +154,15 @@ def _load(opts: ModelOptions, slots: int = 1) -> Engine:
     if resolved.source == "default":
         console.note(f"using the embedded default model {resolved.path} (choose another with --model)")
 
+    tp, device = _tensor_parallel(opts.device)
+
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
-        return Engine.load(resolved.path, device=opts.device, dtype=opts.dtype,
+        return Engine.load(resolved.path, device=device, dtype=opts.dtype,
                            max_seq_len=opts.max_seq_len, compile=opts.compile is not False,
                            quantize=opts.quantize, group_size=opts.group_size, slots=slots,
-                           progress=progress)
+                           progress=progress, tp=tp)
 
-    if not console.err.is_terminal:
+    if not console.err.is_terminal or console.rank != 0:
         return load()
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -157,6 +172,17 @@ def _load(opts: ModelOptions, slots: int = 1) -> Engine:
         label = resolved.repo_id or f"{resolved.path.parent.name}/{resolved.path.name}"
         task = bar.add_task(label, total=None)
         return load(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _tensor_parallel(device: str) -> tuple[Collectives | None, str | torch.device]:
+    """In a torchrun job: this rank's collectives and device; else (None, device)."""
+    from llamarun.device import resolve_device
+    from llamarun.parallel import Collectives, current, rank_device
+
+    job = current()
+    if job is None:
+        return None, device
+    return Collectives(job.rank, job.world), rank_device(job, resolve_device(device))
 
 
 @contextmanager

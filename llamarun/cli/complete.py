@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from llamarun.cli import app, console, settings
+from llamarun.cli.distributed import rank0
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
     ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
@@ -95,7 +96,7 @@ def complete(
         settings.check_flags(flags)
         opts = ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size)
         check_model_options(opts)
-        text = read_prompt(prompt)
+        text = rank0(lambda: read_prompt(prompt))  # a tensor-parallel job: rank 0 reads
         engine = load_engine(opts)
         params, _ = model_sampling(engine, flags)
         n = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS

@@ -13,6 +13,18 @@ from rich.logging import RichHandler
 # Both follow sys.stdout/sys.stderr at print time, so test runners that swap them still work.
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+# In a tensor-parallel job, ranks other than 0 print nothing but their own errors (named).
+rank: int = 0
+
+
+def set_rank(r: int) -> None:
+    """Make this process rank `r` of a job: from rank 1 on, stdout and notes go nowhere."""
+    global rank
+    rank = r
+    if r != 0:
+        import os
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -58,7 +70,7 @@ def progress(what: str) -> Iterator[Callable[[str, int, int], None] | None]:
 
     The callback takes (text, done, total): the step under way, steps done, steps in all.
     """
-    if not err.is_terminal:
+    if not err.is_terminal or rank != 0:
         yield None
         return
     from rich.progress import (
@@ -79,10 +91,14 @@ def progress(what: str) -> Iterator[Callable[[str, int, int], None] | None]:
 
 def note(message: str, *, style: str = "dim") -> None:
     """One informational line on stderr."""
+    if rank != 0:
+        return
     err.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
     """One `error: ...` line on stderr (never wrapped, never parsed as markup)."""
+    if rank != 0:
+        message = f"(rank {rank}) {message}"
     err.print("[bold red]error:[/] ", end="", soft_wrap=True)
     err.print(message, markup=False, highlight=False, soft_wrap=True)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from llamarun.cli import console, settings
+from llamarun.cli.distributed import rank0
 from llamarun.errors import LlamarunError
 from llamarun.sampling import SamplingParams
 from llamarun.saved_chat import SavedChat, load_chat, save_chat
@@ -59,7 +60,10 @@ class Repl:
             self.max_tokens = chat.max_tokens
 
     def read_line(self, prompt: str) -> str:
-        """One input line (EOFError at the end)."""
+        """One input line (EOFError at the end); in a tensor-parallel job, rank 0's."""
+        return rank0(lambda: self._read_line(prompt))
+
+    def _read_line(self, prompt: str) -> str:
         if self.interactive:
             return input(prompt)
         line = sys.stdin.readline()
