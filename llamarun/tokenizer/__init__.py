@@ -8,6 +8,7 @@ from pathlib import Path
 from llamarun.errors import TokenizerError
 from llamarun.tokenizer.base import Tokenizer
 from llamarun.tokenizer.chat import (
+    BrokenChatFormat,
     ChatFormat,
     HFTemplateChatFormat,
     Llama2ChatFormat,
@@ -82,16 +83,23 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def load_chat_format(tokenizer: Tokenizer, folder: Path | None = None, *, chat_template: str | None = None) -> ChatFormat:
-    """The model's chat format: an explicit or folder HF template wins, else the tokenizer's family."""
-    from llamarun.tokenizer.hf import read_chat_template
+    """The model's chat format: an explicit or folder HF template wins, else the tokenizer's family.
 
-    template = chat_template
-    if template is None and folder is not None and Path(folder).is_dir():
-        template = read_chat_template(Path(folder))
-    if template is None:
-        template = tokenizer.chat_template
-    if template is not None:
-        return HFTemplateChatFormat(tokenizer, template)
+    A template that cannot be read or compiled gives a BrokenChatFormat, which raises its one-line
+    TokenizerError only when a chat is encoded, so raw completion still works.
+    """
+    from llamarun.tokenizer.hf import find_chat_template
+
+    template, origin = chat_template, ""
+    try:
+        if template is None and folder is not None and Path(folder).is_dir():
+            template, origin = find_chat_template(Path(folder)) or (None, "")
+        if template is None and tokenizer.chat_template is not None:
+            template, origin = tokenizer.chat_template, tokenizer.source or tokenizer.kind
+        if template is not None:
+            return HFTemplateChatFormat(tokenizer, template, origin=origin)
+    except TokenizerError as e:
+        return BrokenChatFormat(tokenizer, e)
     if all(tokenizer.special_id(t) is not None for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>")):
         return Llama3ChatFormat(tokenizer)
     if tokenizer.kind == "sentencepiece" or (

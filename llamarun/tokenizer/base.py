@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 from llamarun.errors import TokenizerError
 
@@ -46,6 +48,41 @@ class Tokenizer(ABC):
     @abstractmethod
     def special_id(self, text: str) -> int | None:
         """Id of the special token spelled `text` (e.g. "<|eot_id|>"), or None."""
+
+    @abstractmethod
+    def control_tokens(self) -> Mapping[str, int]:
+        """The special (control) tokens by their text: what message content must never produce."""
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Ids of the control tokens."""
+        return frozenset(self.control_tokens().values())
+
+    @cached_property
+    def _control_pattern(self) -> re.Pattern[str] | None:
+        # Longest text first, so the leftmost match is also the longest one at its position.
+        texts = sorted(self.control_tokens(), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """`text` cut where `encode_with_special` finds control tokens: (piece, id) for those, (piece, None) between.
+
+        The pieces join back to `text`.
+        """
+        pattern = self._control_pattern
+        if pattern is None:
+            return [(text, None)] if text else []
+        tokens = self.control_tokens()
+        pieces: list[tuple[str, int | None]] = []
+        start = 0
+        for m in pattern.finditer(text):
+            if m.start() > start:
+                pieces.append((text[start : m.start()], None))
+            pieces.append((m.group(), tokens[m.group()]))
+            start = m.end()
+        if start < len(text):
+            pieces.append((text[start:], None))
+        return pieces
 
     def is_byte_run_token(self, id: int) -> bool:
         """Whether the token joins a byte run that the decoder resolves as a whole (HF ByteFallback)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from llamarun.errors import InvalidArgumentError, TokenizerError
 from llamarun.tokenizer.base import Tokenizer
-from llamarun.tokenizer.templates import compile_template, render_template
+from llamarun.tokenizer.guard import ContentGuard
+from llamarun.tokenizer.sandbox import TemplateLimits
+from llamarun.tokenizer.templates import ChatTemplate
 
 Message = dict[str, str]
 
@@ -124,39 +127,72 @@ class Llama3ChatFormat(ChatFormat):
 
 
 class HFTemplateChatFormat(ChatFormat):
-    """A Hugging Face Jinja `chat_template`, rendered as transformers does, tokenized without adding BOS."""
+    """A Hugging Face Jinja `chat_template`, rendered as transformers does, tokenized without adding BOS.
+
+    Message contents stay text (see guard.py): the ids equal transformers' `apply_chat_template`
+    unless a content spells a special token, which then comes out as plain text tokens.
+    """
 
     name = "hf-template"
 
-    def __init__(self, tokenizer: Tokenizer, template: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, template: str, *, origin: str = "", limits: TemplateLimits | None = None) -> None:
         super().__init__(tokenizer)
         self.source = template
-        self._template = compile_template(template)
+        self._template = ChatTemplate(template, origin=origin, limits=limits)
+        self.origin = self._template.origin
+        self._guard = ContentGuard(tokenizer)
         self._special_tokens: dict[str, str] = {}
         for key, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
             if i is not None:
                 self._special_tokens[key] = tokenizer.piece(i)
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text the template produces."""
-        return render_template(
-            self._template, messages, add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens
+        """The prompt text the template produces (special-token text in contents included as it is)."""
+        return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: list[Any], add_generation_prompt: bool) -> str:
+        return self._template.render(
+            messages, add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens
         )
 
     def encode_dialog(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        """Render, then encode with special tokens recognised (the template writes BOS itself if it wants it)."""
-        return self.tokenizer.encode_with_special(self.render(messages, add_generation_prompt=add_generation_prompt))
+        """Render, then encode the template's text with special tokens and the contents as text."""
+        marked, marks = self._guard.mark(messages, template=self.source)
+        text = self._render(marked, add_generation_prompt)
+        if not text.strip():
+            raise self._template.error(f"renders nothing for {len(messages)} message(s)")
+        return self._guard.encode(text, marks)
 
     def encode_followup(self, history: list[Message], new_messages: list[Message]) -> list[int]:
         """The text the template puts after the cached reply's content, up to the new generation prompt."""
         _check_followup(history, new_messages)
-        cached = self.render(history[:-1], add_generation_prompt=True)
-        full = self.render([*history, *new_messages], add_generation_prompt=True)
-        reply = history[-1]["content"].strip()
+        marked, marks = self._guard.mark([*history, *new_messages], template=self.source)
+        n = len(history)
+        cached = self._render(marked[: n - 1], True)
+        full = self._render(marked, True)
+        reply = str(marked[n - 1]["content"]).strip()
         at = full.find(reply, len(cached)) if full.startswith(cached) else -1
         if at < 0:
-            raise TokenizerError("chat template does not render the conversation as an extension of its prefix")
-        return self.tokenizer.encode_with_special(full[at + len(reply) :])
+            raise self._template.error("does not render the conversation as an extension of its prefix")
+        return self._guard.encode(full[at + len(reply) :], marks)
+
+
+class BrokenChatFormat(ChatFormat):
+    """A chat template that cannot be used: raw completion still works, any chat raises `error`."""
+
+    name = "hf-template (broken)"
+
+    def __init__(self, tokenizer: Tokenizer, error: TokenizerError) -> None:
+        super().__init__(tokenizer)
+        self.error = error
+
+    def encode_dialog(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Raise the template's error."""
+        raise self.error
+
+    def encode_followup(self, history: list[Message], new_messages: list[Message]) -> list[int]:
+        """Raise the template's error."""
+        raise self.error
 
 
 class PlainChatFormat(ChatFormat):

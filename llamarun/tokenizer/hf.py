@@ -76,7 +76,10 @@ class HFTokenizer(Tokenizer):
         self.chat_template = chat_template
         added = tok.get_added_tokens_decoder()
         self._added = {t.content: i for i, t in added.items()}
-        self._special_texts = [t.content for t in added.values() if t.special]
+        self._control = {t.content: i for i, t in added.items() if t.special}
+        # A special token matched after normalization (e.g. lowercasing) can hide in text that does
+        # not spell it: then no text is known to be free of it without running the tokenizer.
+        self._normalized_specials = any(t.special and t.normalized for t in added.values())
         types = _decoder_types(json.loads(tok.decoder.__getstate__())) if tok.decoder is not None else set()
         self._byte_level = "ByteLevel" in types
         self._byte_fallback = "ByteFallback" in types
@@ -112,6 +115,10 @@ class HFTokenizer(Tokenizer):
         eos_id = token_id("eos_token")
         pad_id = token_id("pad_token")
         stop_ids = _id_list(gcfg.get("eos_token_id")) or _id_list(mcfg.get("eos_token_id"))
+        try:
+            chat_template = read_chat_template(folder)
+        except TokenizerError:
+            chat_template = None  # load_chat_format reports it when a chat needs it; completion does not
         add_bos = tcfg.get("add_bos_token")
         if not isinstance(add_bos, bool):
             add_bos = _post_processor_adds(tok, bos_id)
@@ -121,7 +128,7 @@ class HFTokenizer(Tokenizer):
             eos_id=eos_id,
             stop_ids=stop_ids,
             add_bos=add_bos,
-            chat_template=read_chat_template(folder),
+            chat_template=chat_template,
             source=str(path),
             pad_id=pad_id,
         )
@@ -129,7 +136,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
         """Encode without the post-processor; special-token text stays text; BOS/EOS only when asked."""
         tok = self._tok
-        if any(special in text for special in self._special_texts):
+        if self._may_hold_special(text):
             if self._plain is None:
                 self._plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
                 self._plain.encode_special_tokens = True
@@ -139,6 +146,33 @@ class HFTokenizer(Tokenizer):
     def encode_with_special(self, text: str) -> list[int]:
         """Encode with added/special tokens recognised, without the post-processor (no BOS)."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def control_tokens(self) -> dict[str, int]:
+        """The added tokens marked special, by their text."""
+        return self._control
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """Cut where the tokenizer itself matches special tokens (its offsets), so its flags apply."""
+        if not self._may_hold_special(text):
+            return [(text, None)] if text else []
+        enc = self._tok.encode(text, add_special_tokens=False)
+        pieces: list[tuple[str, int | None]] = []
+        start = 0
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i not in self.control_ids or b <= start:
+                continue
+            a = max(a, start)
+            if a > start:
+                pieces.append((text[start:a], None))
+            pieces.append((text[a:b], i))
+            start = b
+        if start < len(text):
+            pieces.append((text[start:], None))
+        return pieces
+
+    def _may_hold_special(self, text: str) -> bool:
+        pattern = self._control_pattern
+        return pattern is not None and (self._normalized_specials or pattern.search(text) is not None)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode with the tokenizer.json decoder, keeping special tokens (transformers' default)."""
@@ -184,16 +218,25 @@ class HFTokenizer(Tokenizer):
 
 def read_chat_template(folder: Path) -> str | None:
     """The folder's chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    found = find_chat_template(folder)
+    return found[0] if found is not None else None
+
+
+def find_chat_template(folder: Path) -> tuple[str, str] | None:
+    """(template, the file it came from) for the folder's chat template, or None."""
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read chat template {jinja_file}: {e}") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         template = _read_json(folder / name).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if isinstance(template, str):
-            return template
+            return template, str(folder / name)
     return None
 
 

@@ -39,7 +39,6 @@ class SentencePieceTokenizer(Tokenizer):
             for i in range(self.vocab_size)
             if self._sp.is_control(i) or self._sp.is_unknown(i)
         }
-        self._specials_longest_first = sorted(self._specials, key=len, reverse=True)
         self._unk_surface = self._sp.decode([self._sp.unk_id()]).encode() if self._sp.unk_id() >= 0 else b""
 
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
@@ -49,21 +48,16 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_with_special(self, text: str) -> list[int]:
         """Split on control-piece texts ("<s>", "</s>"), encode the segments in between."""
         ids: list[int] = []
-        start = 0
-        pos = 0
-        while pos < len(text):
-            match = next((s for s in self._specials_longest_first if text.startswith(s, pos)), None)
-            if match is None:
-                pos += 1
-                continue
-            if pos > start:
-                ids.extend(self._sp.encode(text[start:pos]))
-            ids.append(self._specials[match])
-            pos += len(match)
-            start = pos
-        if start < len(text):
-            ids.extend(self._sp.encode(text[start:]))
+        for piece, special in self.split_special(text):
+            if special is None:
+                ids.extend(self._sp.encode(piece))
+            else:
+                ids.append(special)
         return ids
+
+    def control_tokens(self) -> dict[str, int]:
+        """Control and unknown pieces ("<s>", "</s>", "<unk>") by their text."""
+        return self._specials
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode with SentencePiece: control ids give "", invalid byte runs give one U+FFFD per byte."""

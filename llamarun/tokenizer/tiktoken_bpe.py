@@ -119,6 +119,10 @@ class TiktokenTokenizer(Tokenizer):
         """Id of a Llama 3 special token such as "<|eot_id|>"."""
         return self.special_tokens.get(text)
 
+    def control_tokens(self) -> dict[str, int]:
+        """All 256 special tokens, reserved ones included."""
+        return self.special_tokens
+
 
 def _chunks(text: str) -> Iterator[str]:
     """Meta's splitting: 400k-char windows, then no run of >25k whitespace or non-whitespace chars."""
