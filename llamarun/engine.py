@@ -133,9 +133,18 @@ class Engine:
 
     # -- generating ------------------------------------------------------------------------
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a raw completion prompt (BOS when the tokenizer's settings say so)."""
-        return self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
+    def encode_prompt(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of a raw completion prompt (BOS when the tokenizer's settings say so).
+
+        Special-token text in `text` stays text unless `special` (then a leading BOS text counts as the BOS).
+        """
+        tok = self.tokenizer
+        if not special:
+            return tok.encode(text, bos=tok.add_bos)
+        ids = tok.encode_with_special(text)
+        if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+            ids.insert(0, tok.bos_id)
+        return ids
 
     def check_fits(self, n_tokens: int) -> None:
         """Raise PromptTooLongError unless a prompt of n_tokens leaves room to generate."""
@@ -146,9 +155,12 @@ class Engine:
 
     def complete(self, prompt: str | Sequence[int], *, sampling: SamplingParams | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (), echo: bool = False,
-                 logprobs: bool = False) -> Generation:
-        """Stream a raw continuation of `prompt` (text, or token ids used as they are)."""
-        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+                 logprobs: bool = False, special: bool = False) -> Generation:
+        """Stream a raw continuation of `prompt` (text, or token ids used as they are).
+
+        `special` parses special-token text in a text prompt into control tokens (see encode_prompt).
+        """
+        ids = self.encode_prompt(prompt, special=special) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidArgumentError("the prompt is empty and the tokenizer adds no BOS token")
         return self.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop,

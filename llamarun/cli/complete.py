@@ -68,6 +68,9 @@ def complete(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text, finish reason, counts, timings) at the end")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr")] = False,
+    special: Annotated[bool, typer.Option(
+        "--special", "-sp", help="Parse special-token text in the prompt (<|eot_id|>, </s>, ...) as "
+        "control tokens; by default it is plain text")] = False,
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -101,7 +104,7 @@ def complete(
         params, _ = model_sampling(engine, flags)
         n = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS
         gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=stop or (),
-                              echo=echo and not json_out)
+                              echo=echo and not json_out, special=special)
         try:
             for chunk in gen:
                 if chunk.text and not json_out:

@@ -26,11 +26,18 @@ def _load(model: str | None, tokenizer_file: Path | None) -> tuple[Tokenizer, Pa
     return load_tokenizer(path), path if path.is_dir() else None
 
 
-def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos: bool) -> list[int]:
+def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos: bool, special: bool) -> list[int]:
     if chat:
+        if special:
+            raise InvalidArgumentError("--special is for raw text; a --chat message is always text")
         fmt: ChatFormat = load_chat_format(tok, fmt_folder)
         return fmt.encode_dialog([{"role": "user", "content": text}], add_generation_prompt=True)
-    return tok.encode(text, bos=bos and tok.add_bos)
+    if not special:
+        return tok.encode(text, bos=bos and tok.add_bos)
+    ids = tok.encode_with_special(text)
+    if bos and tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+        ids.insert(0, tok.bos_id)
+    return ids
 
 
 @app.command("tokenize")
@@ -46,11 +53,14 @@ def tokenize(
     chat: Annotated[bool, typer.Option(
         "--chat", help="Render TEXT as one user message in the model's chat format")] = False,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"ids": [...], "pieces": [...]}')] = False,
+    special: Annotated[bool, typer.Option(
+        "--special", "-sp", help="Parse special-token text (<|eot_id|>, </s>, ...) as control tokens; "
+        "by default it is plain text")] = False,
 ) -> None:
     """Print the token ids of TEXT with their pieces, exactly as the model will see them."""
     try:
         tok, folder = _load(model, tokenizer_file)
-        ids = _ids(tok, folder, text, chat=chat, bos=not no_bos)
+        ids = _ids(tok, folder, text, chat=chat, bos=not no_bos, special=special)
         pieces = [tok.piece(i) for i in ids]
     except LlamarunError as e:
         typer.echo(f"error: {e}", err=True)
