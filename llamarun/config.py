@@ -71,7 +71,9 @@ class ModelArgs:
                      "head_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {_short(value)}")
+            if value >= 2**63:  # no tensor dimension can be this large
+                raise ConfigError(f"{name} is too large to be real, got {_short(value)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")

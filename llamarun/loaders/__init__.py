@@ -16,9 +16,11 @@ from llamarun.loaders.fuse import (
     FLOAT_TYPES, QUANTIZE_MODES, Progress, RawCheckpoint, build_state_dict, check_names, plan_formats,
     resolve_tied,
 )
+from llamarun.loaders.files import check_regular, check_side_files
 from llamarun.loaders.hf import is_hf_folder, read_hf
 from llamarun.loaders.meta import is_meta_folder, read_meta
 from llamarun.model import Transformer
+from llamarun.preflight import check_memory, warn_long_context
 from llamarun.quant import INT4_GROUP_SIZES, WeightFormat, swap_modules
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,10 @@ def detect_layout(path: Path) -> tuple[str, Path]:
     """('meta' | 'hf' | 'gguf', the path to read) from the contents of `path`."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        check_regular(path, what="checkpoint file")  # a FIFO or /dev/zero is not read
+    else:
+        check_side_files(path)
     if path.is_file():
         if _is_gguf_file(path):
             return "gguf", path
@@ -146,6 +152,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
         tp.bind(plan)
     formats = plan_formats(raw, quantize, group_size, shard=plan)
     dt = resolve_dtype(dtype, dev, stored=_stored_dtype(raw, formats))
+    seq = max_seq_len or min(raw.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    # Before any weight is read or any module built: refuse what will not fit, saying what would.
+    check_memory(raw.args, device=dev, dtype=dt, max_seq_len=seq, slots=max_batch_size,
+                 formats=formats, world=tp.world if tp is not None else 1, source=str(raw.path))
+    if max_seq_len is not None:
+        warn_long_context(raw.args, max_seq_len, str(raw.path))
     sd = build_state_dict(raw, dtype=dt, device=dev, formats=formats, progress=progress,
                           shard=plan)
     with torch.device("meta"):
@@ -159,7 +171,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "auto",
     if raw.args.tie_embeddings and formats["output.weight"].kind == "dense":
         model.output.weight = model.tok_embeddings.weight
     model.eval().requires_grad_(False)
-    seq = max_seq_len or min(raw.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     model.setup_caches(max_batch_size, seq)
     log.debug("loaded %s checkpoint %s (%s, %s)", raw.layout, raw.path, dev, dt)
     return Checkpoint(model=model, args=raw.args, layout=raw.layout, path=raw.path, device=dev,

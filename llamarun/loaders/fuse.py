@@ -226,6 +226,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         if not t.is_floating_point():
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has dtype {t.dtype}, "
                                   "expected floating point")
+        check_finite(t, name, raw.where(name))
         return t
 
     def copied(*names: str) -> None:
@@ -266,6 +267,8 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         if exact is not None:
             if tuple(exact.q.shape) != shapes[name]:
                 read(name)  # raises the shape error
+            check_finite(exact.scale, name, raw.where(name))
+            check_finite(exact.zero, name, raw.where(name))
             return exact
         return quantize_int4(read(name), group_size)
 
@@ -345,6 +348,7 @@ def _slice_int4(parts: Int4Parts, dim: int, start: int, stop: int) -> Int4Parts:
     """Rows (dim 0) or columns (dim 1, whole groups) start:stop of an int4 weight."""
     if dim == 0:
         return Int4Parts(parts.q[start:stop], parts.scale[start:stop], parts.zero[start:stop])
+        check_finite(block, name, raw.where(name))
     g = parts.group_size
     if start % g or stop % g:
         raise CheckpointError(f"a tensor-parallel slice {start}:{stop} of an int4 weight must "
@@ -362,6 +366,23 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+def check_finite(t: torch.Tensor, name: str, where: str) -> None:
+    """Raise CheckpointError naming the tensor when it holds NaN or an infinity.
+
+    One reduction pass and no temporaries: min and max are NaN when any value is, and
+    infinite when any value is."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return
+    try:
+        lo, hi = torch.aminmax(t)
+        ok = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    except RuntimeError:  # types without aminmax kernels (float8)
+        ok = bool(torch.isfinite(t).all())
+    if not ok:
+        raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values "
+                              "(a corrupt or badly converted checkpoint)")
+
+
 
 
 def _natural(name: str) -> tuple[object, ...]:

@@ -27,8 +27,10 @@ from gguf.quants import dequantize
 
 from llamarun.config import ModelArgs, RopeScaling
 from llamarun.errors import CheckpointError, ConfigError
+from llamarun.loaders.files import check_regular
 from llamarun.loaders.fuse import RawCheckpoint
 from llamarun.quant import GGUF_INT4_TYPES, Int4Parts, gguf_int4
+from llamarun.preflight import check_plausible
 from llamarun.rope import rope_frequencies
 
 SUPPORTED_TYPES = frozenset({
@@ -71,6 +73,7 @@ _TOP_MAP = {
     "output.weight": "output.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 scaling, stored as per-frequency divisors
+_MAX_ARRAY_DEPTH = 8  # arrays of arrays: real files nest one level at most
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,25 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, key: str) -> Any:
+    def room(self, count: int, size: int, what: str) -> None:
+        """Raise CheckpointError unless `count` items of at least `size` bytes fit in what is
+        left (a header claiming 10^18 entries ends here, not in a loop or a huge list)."""
+        if count * size > self.size - self.pos:
+            raise CheckpointError(f"{self.path}: truncated GGUF header ({what}: {count} entries "
+                                  "do not fit in the file)")
+
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
         if vtype == GGUFValueType.ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise CheckpointError(f"{self.path}: metadata {key} nests arrays more than "
+                                      f"{_MAX_ARRAY_DEPTH} deep")
             etype, count = self.u32(), self.u64()
             if etype == GGUFValueType.STRING:
+                self.room(count, 8, f"metadata {key}")
                 return [self.string() for _ in range(count)]
             if etype in _NP_SCALARS:
                 dt = np.dtype(_NP_SCALARS[etype])
@@ -173,12 +187,14 @@ class _Cursor:
                 self.pos = end
                 return arr
             if etype == GGUFValueType.ARRAY:
-                return [self.value(GGUFValueType.ARRAY, key) for _ in range(count)]
+                self.room(count, 12, f"metadata {key}")
+                return [self.value(GGUFValueType.ARRAY, key, depth + 1) for _ in range(count)]
         raise CheckpointError(f"{self.path}: metadata {key} has unknown GGUF value type {vtype}")
 
 
 def read_gguf_file(path: Path, *, tensors: bool = True) -> GGUFFile:
     """Parse a GGUF header; with tensors=True also map the file for tensor_bytes()."""
+    check_regular(path, what="GGUF file")
     try:
         with path.open("rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if tensors else mmap.ACCESS_READ)
@@ -195,6 +211,8 @@ def read_gguf_file(path: Path, *, tensors: bool = True) -> GGUFFile:
         hint = " (big-endian files are not supported)" if version & 0xFFFF == 0 else ""
         raise CheckpointError(f"{path}: GGUF version {version} is not supported{hint}")
     n_tensors, n_kv = cur.u64(), cur.u64()
+    cur.room(n_kv, 8 + 4 + 1, "metadata")  # key length, value type, one byte of value
+    cur.room(n_tensors, 8 + 4 + 4 + 8, "tensor table")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -207,7 +225,10 @@ def read_gguf_file(path: Path, *, tensors: bool = True) -> GGUFFile:
             raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions")
         dims = tuple(cur.u64() for _ in range(n_dims))
         infos.append((name, cur.u32(), tuple(reversed(dims)), cur.u64()))
-    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool):
+        raise CheckpointError(f"{path}: general.alignment must be an integer, got "
+                              f"{_short(alignment)}")
     if alignment <= 0 or alignment & (alignment - 1):
         raise CheckpointError(f"{path}: general.alignment {alignment} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
@@ -292,8 +313,27 @@ def meta_name(gguf_name: str) -> str:
     return gguf_name
 
 
+def _number(value: Any, key: str, src: str) -> Any:
+    """A metadata value that must be a number: strings, booleans, NaN and infinities are
+    ConfigErrors naming the key (int("64") must not quietly accept a string)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{src}: metadata {key} must be a number, got {_short(value)}")
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        raise ConfigError(f"{src}: metadata {key} must be a finite number, got {value}")
+    return value
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _decimal(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    if not abs(value) < 3.4e38:  # beyond float32 (kept, and refused by the config checks)
+        return float(value)
     return float(str(np.float32(value)))
 
 
@@ -311,14 +351,21 @@ def model_args(file: GGUFFile) -> ModelArgs:
         if isinstance(value, (np.ndarray, list)):
             raise ConfigError(f"{src}: metadata llama.{key} is an array (per-layer sizes are "
                               "not supported)")
-        return value
+        return _number(value, f"llama.{key}", src)
 
     if get("expert_count", 0):
         raise ConfigError(f"{src}: llama.expert_count={get('expert_count')} (mixture of experts) "
                           "is not supported")
-    dim = int(get("embedding_length", required=True))
-    n_heads = int(get("attention.head_count", required=True))
-    head_dim = int(get("attention.key_length", 0) or (dim // n_heads if n_heads else 0))
+
+    def size(key: str, default: Any = None, *, required: bool = False) -> int:
+        value = get(key, default, required=required)
+        if not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{src}: metadata llama.{key} must be an integer, got {_short(value)}")
+        return int(value)
+
+    dim = size("embedding_length", required=True)
+    n_heads = size("attention.head_count", required=True)
+    head_dim = size("attention.key_length", 0) or (dim // n_heads if n_heads > 0 else 0)
     rot = get("rope.dimension_count")
     if rot is not None and int(rot) != head_dim:
         raise ConfigError(f"{src}: llama.rope.dimension_count {rot} differs from the head size "
@@ -326,7 +373,7 @@ def model_args(file: GGUFFile) -> ModelArgs:
     vocab = get("vocab_size")
     if vocab is None:
         tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is not None:
+        if isinstance(tokens, (list, np.ndarray)):
             vocab = len(tokens)
         elif "token_embd.weight" in file.tensors:
             vocab = file.tensors["token_embd.weight"].shape[0]
@@ -337,17 +384,17 @@ def model_args(file: GGUFFile) -> ModelArgs:
     try:
         return ModelArgs(
             dim=dim,
-            n_layers=int(get("block_count", required=True)),
+            n_layers=size("block_count", required=True),
             n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", 0) or n_heads),
+            n_kv_heads=size("attention.head_count_kv", 0) or n_heads,
             vocab_size=int(vocab),
-            hidden_dim=int(get("feed_forward_length", required=True)),
+            hidden_dim=size("feed_forward_length", required=True),
             head_dim=head_dim,
             norm_eps=_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in file.tensors,
-            max_seq_len=int(get("context_length", 2048)),
+            max_seq_len=size("context_length", 2048),
         )
     except ConfigError as e:
         raise ConfigError(f"{src}: {e}") from None
@@ -355,8 +402,13 @@ def model_args(file: GGUFFile) -> ModelArgs:
 
 def _rope_scaling(file: GGUFFile, head_dim: int, theta: float) -> RopeScaling | None:
     md, src = file.metadata, str(file.path)
-    kind = str(md.get("llama.rope.scaling.type", "none"))
-    factor = _decimal(md.get("llama.rope.scaling.factor", 0.0) or md.get("llama.rope.scale_linear", 0.0))
+    kind = md.get("llama.rope.scaling.type", "none")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{src}: metadata llama.rope.scaling.type must be a string, got "
+                          f"{_short(kind)}")
+    factor = _decimal(_number(md.get("llama.rope.scaling.factor", 0.0), "llama.rope.scaling.factor",
+                              src) or _number(md.get("llama.rope.scale_linear", 0.0),
+                                              "llama.rope.scale_linear", src))
     if ROPE_FREQS in file.tensors:
         return _llama3_scaling(file, head_dim, theta)
     if kind == "none" and factor in (0.0, 1.0):
@@ -374,7 +426,8 @@ def _llama3_scaling(file: GGUFFile, head_dim: int, theta: float) -> RopeScaling:
     if divisors.numel() != head_dim // 2:
         raise ConfigError(f"{src}: tensor {ROPE_FREQS} has {divisors.numel()} values, "
                           f"expected {head_dim // 2}")
-    orig = int(file.metadata.get("llama.rope.scaling.original_context_length", 8192))
+    orig = int(_number(file.metadata.get("llama.rope.scaling.original_context_length", 8192),
+                       "llama.rope.scaling.original_context_length", src))
     scaling = RopeScaling(rope_type="llama3", factor=float(divisors.max()), low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=orig)
     base = rope_frequencies(head_dim, theta, None).double()
@@ -389,6 +442,7 @@ def read_gguf(path: Path) -> RawCheckpoint:
     """Open a GGUF file lazily and describe it as a RawCheckpoint in Meta's layout."""
     file = read_gguf_file(path)
     args = model_args(file)
+    check_plausible(args, n_tensors=len(file.tensors), source=str(path))
     to_gguf: dict[str, str] = {}
     for gguf_name in file.tensors:
         if gguf_name != ROPE_FREQS:

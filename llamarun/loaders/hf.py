@@ -10,8 +10,10 @@ from safetensors import safe_open
 
 from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError
+from llamarun.loaders.files import check_regular, index_entry
 from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
 from llamarun.loaders.torch_file import first_line, load_state_dict_file
+from llamarun.preflight import check_plausible
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
@@ -65,9 +67,14 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = data.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: no weight_map")
-            return [folder / f for f in sorted(set(weight_map.values()))]
-    found = sorted(folder.glob("*.safetensors"))
-    return found or sorted(folder.glob("pytorch_model*.bin"))
+            files = {index_entry(folder, index, k, v) for k, v in weight_map.items()}
+            for path in files:
+                check_regular(path, listed_in=index)
+            return sorted(files)
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    for path in found:  # no index: a folder, FIFO or dangling link named like weights
+        check_regular(path)
+    return found
 
 
 class _Files:
@@ -79,8 +86,7 @@ class _Files:
         self._st: dict[Path, object] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
         for path in files:
-            if not path.is_file():
-                raise CheckpointError(f"{path}: weight file listed in the index is missing")
+            check_regular(path)
             try:
                 if path.suffix == ".safetensors":
                     handle = safe_open(str(path), framework="pt")
@@ -133,6 +139,7 @@ def read_hf(folder: Path) -> RawCheckpoint:
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     reader = _Files(files)
+    check_plausible(args, n_tensors=len(reader.location), source=str(cfg_path))
     to_hf: dict[str, str] = {}
     for hf_name in reader.location:
         name = meta_name(hf_name)

@@ -12,6 +12,7 @@ from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError, ConfigError
 from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
 from llamarun.loaders.torch_file import load_state_dict_file
+from llamarun.preflight import check_plausible
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,12 @@ def _scaling_from_hf_sibling(folder: Path, args: ModelArgs) -> ModelArgs:
     return args
 
 
+def _int_or(params: dict[str, object], key: str, default: int) -> int:
+    """params[key] when it is an integer, else `default` (from_params reports a bad value)."""
+    value = params.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
     """Open a Meta folder lazily (mmap) and describe it as a RawCheckpoint.
 
@@ -126,9 +133,10 @@ def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
 
     own = shard(prefer)
     vocab = None
-    if int(params.get("vocab_size", -1)) <= 0:
-        vocab = _infer_vocab(own.get("tok_embeddings.weight"), n, int(params.get("dim", 0)), folder)
+    if _int_or(params, "vocab_size", -1) <= 0:
+        vocab = _infer_vocab(own.get("tok_embeddings.weight"), n, _int_or(params, "dim", 0), folder)
     args = ModelArgs.from_params(params, source=str(folder / "params.json"), vocab_size=vocab)
+    check_plausible(args, n_tensors=len(names), source=str(folder / "params.json"))
     if args.rope_scaling is not None and "rope_scaling_factor" not in params:
         args = _scaling_from_hf_sibling(folder, args)
     shapes = expected_shapes(args)
