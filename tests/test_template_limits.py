@@ -46,6 +46,7 @@ HOSTILE = {
     "slices": ("{% set s = 'A' * 7000000 %}{% for i in range(99) %}{% set x = s[1:] %}{% endfor %}", "characters"),
     "str.center": ("{{ 'a'.center(10**10) }}", "center"),
     "str.zfill": ("{{ 'a'.zfill(10**10) }}", "zfill"),
+    "Markup.center": ("{{ ('a' | e).center(10**10) }}", "center"),
     "str.replace": ("{% set s = 'A' * 100000 %}{{ s.replace('', s) }}", "replace"),
     "str.join": ("{% set s = 'A' * 1000000 %}{{ s.join(range(100000) | map('string')) }}", ("join", "longer than")),
     "str.expandtabs": ("{{ ('\t' * 1000000).expandtabs(100000) }}", "expandtabs"),

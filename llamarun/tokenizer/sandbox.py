@@ -313,7 +313,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         budget = current_budget()
         budget.tick()
-        if isinstance(__obj, types.BuiltinMethodType) and isinstance(__obj.__self__, str):
+        # Bound methods of str and of its subclasses (Markup, from the escape filter).
+        if isinstance(__obj, (types.BuiltinMethodType, types.MethodType)) and isinstance(__obj.__self__, str):
             if __obj.__name__ == "join" and args and not isinstance(args[0], (list, tuple)):
                 args = (list(args[0]), *args[1:])
             _check_str_method(__obj.__self__, __obj.__name__, args, kwargs, budget)
