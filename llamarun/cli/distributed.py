@@ -3,6 +3,7 @@ rank 0 alone reads input (and prints), and every rank sees what it read."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -102,6 +103,19 @@ def join_job() -> None:
     timeout = float(os.environ.get("LLAMARUN_TP_TIMEOUT", "120"))
     init_group(job, cuda=torch.cuda.is_available(), timeout_s=timeout)
     console.set_rank(job.rank)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter tears down (without this, gloo can
+    abort a rank on its way out)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 (exiting anyway)
+        pass
 
 
 def rank0(read: Callable[[], T]) -> T:

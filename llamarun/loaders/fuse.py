@@ -282,7 +282,16 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             return
         if fmt.kind == "int8":
             cut = shard.slice_of(parts[0]) if shard is not None else None
-            if len(parts) == 1 and raw.get_rows is not None and (cut is None or cut[0] == 0):
+            if cut is not None and cut[0] == 1:
+                # A row-parallel slice keeps the scales of whole rows: the ranks' partial
+                # products then add up to the unsplit model's exactly.
+                whole = raw.get(parts[0])
+                if tuple(whole.shape) != full[parts[0]]:
+                    read(parts[0])  # raises the shape error
+                rows = quantize_int8(whole)
+                q = Int8Parts(rows.q[:, cut[1]:cut[2]].contiguous(), rows.scale)
+                del whole, rows
+            elif len(parts) == 1 and raw.get_rows is not None:
                 first = cut[1] if cut is not None else 0
                 q = _int8_by_rows(raw, parts[0], shapes[parts[0]], first)
             else:
@@ -339,6 +348,7 @@ def _int8_by_rows(raw: RawCheckpoint, name: str, shape: tuple[int, ...],
         if block.shape != (min(n, i + step) - i, k):
             raise CheckpointError(f"{raw.where(name)}: tensor {name} has rows of shape "
                                   f"{tuple(block.shape[1:])}, expected ({k},)")
+        check_finite(block, name, raw.where(name))
         part = quantize_int8(block)
         q[i:i + step], scale[i:i + step] = part.q, part.scale
     return Int8Parts(q, scale)
@@ -348,7 +358,6 @@ def _slice_int4(parts: Int4Parts, dim: int, start: int, stop: int) -> Int4Parts:
     """Rows (dim 0) or columns (dim 1, whole groups) start:stop of an int4 weight."""
     if dim == 0:
         return Int4Parts(parts.q[start:stop], parts.scale[start:stop], parts.zero[start:stop])
-        check_finite(block, name, raw.where(name))
     g = parts.group_size
     if start % g or stop % g:
         raise CheckpointError(f"a tensor-parallel slice {start}:{stop} of an int4 weight must "
@@ -357,15 +366,6 @@ def _slice_int4(parts: Int4Parts, dim: int, start: int, stop: int) -> Int4Parts:
                      parts.zero[:, start // g:stop // g])
 
 
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc keeps freed conversion temporaries,
-    which would otherwise add up to more than the weights); a no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 def check_finite(t: torch.Tensor, name: str, where: str) -> None:
     """Raise CheckpointError naming the tensor when it holds NaN or an infinity.
 
@@ -383,6 +383,15 @@ def check_finite(t: torch.Tensor, name: str, where: str) -> None:
                               "(a corrupt or badly converted checkpoint)")
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps freed conversion temporaries,
+    which would otherwise add up to more than the weights); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _natural(name: str) -> tuple[object, ...]:

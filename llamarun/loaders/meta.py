@@ -10,7 +10,7 @@ import torch
 
 from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError, ConfigError
-from llamarun.loaders.fuse import RawCheckpoint, expected_shapes
+from llamarun.loaders.fuse import FLOAT_TYPES, RawCheckpoint, expected_shapes
 from llamarun.loaders.torch_file import load_state_dict_file
 from llamarun.preflight import check_plausible
 
@@ -143,8 +143,15 @@ def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
     label = str(files[0]) if n == 1 else f"{folder}/consolidated.*.pth"
 
     def get(name: str) -> torch.Tensor:
+        piece = own[name]
+        if tuple(piece.shape) == shapes.get(name):  # replicated in every shard (norms)
+            return piece
         parts = [shard(i)[name] for i in range(n)]
         return merge_shards(name, parts, shapes[name], label)
+
+    def stored(name: str) -> str:
+        dtype = own[name].dtype
+        return next((k for k, v in FLOAT_TYPES.items() if v == dtype), str(dtype))
 
     def get_slice(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         piece = own[name]
@@ -162,5 +169,5 @@ def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
         return shard(i)[name].narrow(dim, start - index * size, stop - start)
 
     return RawCheckpoint(args=args, layout="meta", path=folder, names=names, get=get,
-                         where=lambda name: label, get_slice=get_slice,
+                         where=lambda name: label, get_slice=get_slice, types=stored,
                          extra={"n_shards": n, "opened": shards})
