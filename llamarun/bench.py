@@ -5,6 +5,7 @@ Warm-up (and compilation) runs first and is timed apart; it never counts in thro
 
 from __future__ import annotations
 
+import logging
 import platform
 import resource
 import statistics
@@ -20,9 +21,10 @@ from llamarun.device import (
     device_name, peak_device_memory, reset_peak_device_memory, runtime_version, synchronize,
 )
 from llamarun.engine import Engine
-from llamarun.errors import InvalidArgumentError
+from llamarun.errors import CheckpointError, InvalidArgumentError
 from llamarun.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
 _GREEDY = SamplingParams.greedy()
 
 
@@ -165,6 +167,32 @@ def _decode_once(engine: Engine, first: int, n: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def bench_context(prompt_tokens: Sequence[int], gen_tokens: int) -> int:
+    """Positions the benchmark needs: the longest prompt and its first token, or one token and
+    gen_tokens decoded after it."""
+    return max(max(prompt_tokens) + 1, gen_tokens + 2)
+
+
+def check_bench_context(engine: Engine, *, prompt_tokens: Sequence[int], gen_tokens: int) -> None:
+    """Before the benchmark starts: a KV cache grown to hold its lengths must fit in memory
+    (InvalidArgumentError naming the lengths otherwise); beyond the model's trained context a
+    warning says so (speed is still measured there, the text would not be meaningful)."""
+    need = bench_context(prompt_tokens, gen_tokens)
+    if need <= engine.max_seq_len:
+        return
+    lengths = f"--prompt-tokens {max(prompt_tokens)} and --gen-tokens {gen_tokens}"
+    from llamarun.preflight import check_memory
+
+    try:
+        check_memory(engine.args, device=engine.device, dtype=engine.dtype, max_seq_len=need,
+                     slots=engine.model.max_batch_size, formats=engine.checkpoint.formats)
+    except CheckpointError as e:
+        raise InvalidArgumentError(f"{lengths} need a KV cache of {need} positions: {e}") from None
+    if need > engine.args.max_seq_len:
+        log.warning("%s need %d positions, beyond the model's trained context of %d tokens",
+                    lengths, need, engine.args.max_seq_len)
+
+
 def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_tokens: int = 128,
               repetitions: int = 3, seed: int = 0,
               progress: Callable[[BenchStep], None] | None = None) -> BenchResult:
@@ -177,7 +205,8 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         raise InvalidArgumentError("prompt lengths must be positive integers")
     if gen_tokens < 1 or repetitions < 1:
         raise InvalidArgumentError("gen_tokens and repetitions must be at least 1")
-    engine.ensure_context(max(max(prompt_tokens) + 1, gen_tokens + 2))
+    check_bench_context(engine, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    engine.ensure_context(bench_context(prompt_tokens, gen_tokens))
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.args.vocab_size
     prompts = {n: torch.randint(vocab, (n,), generator=gen).tolist() for n in prompt_tokens}

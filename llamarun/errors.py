@@ -23,3 +23,15 @@ class PromptTooLongError(LlamarunError):
 
 class InvalidArgumentError(LlamarunError, ValueError):
     """A parameter value is out of range (sampling settings, device, dtype, ...)."""
+
+
+def clean_message(text: str) -> str:
+    """`text` without terminal escape sequences or control characters (tabs and newlines kept).
+
+    Messages can carry text from untrusted files (tensor names, metadata) and from libraries
+    (torch's own messages hold bold escapes); printed raw, they could restyle or rewrite the
+    user's terminal."""
+    import re
+
+    return re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?"
+                  r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)

@@ -88,7 +88,7 @@ def test_overflow_drops_oldest_turn() -> None:
 def test_message_too_long_for_context_is_reported() -> None:
     r = chat("Once upon a time there was a little girl named Lily who loved to play\nHi\n",
              "--max-seq-len", "24")
-    assert r.exit_code == 0 and r.stdout.count("\n") == 1
+    assert r.exit_code == 1 and r.stdout.count("\n") == 1  # piped: a failed message exits 1
     assert r.stderr.count("error: the message needs") == 1
 
 

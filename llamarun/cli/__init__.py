@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from typing import Annotated
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from llamarun.cli.help import Group
+from llamarun.errors import clean_message
 
 app = typer.Typer(
     cls=Group,
@@ -47,7 +49,11 @@ def _register() -> None:
     )
 
 
-_register()
+try:
+    _register()
+except KeyboardInterrupt:  # Ctrl-C while torch is still being imported: no traceback
+    sys.stderr.write("\n")
+    raise SystemExit(130) from None
 
 
 def _number_message(e: Exception) -> str | None:
@@ -71,8 +77,105 @@ def _number_message(e: Exception) -> str | None:
     return f"{flag} must be {kind}, got {first.get('input')!r}"
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so that no `except Exception` swallows it)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _standard_streams() -> bool:
+    """Whether stdout is open. A closed stdout or stderr (`>&-`) leaves Python with None there:
+    both file descriptors are pointed at /dev/null (so no file opened later takes their number)
+    and stderr is replaced, so that errors can still be reported."""
+    ok = sys.stdout is not None
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+                setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115
+            except OSError:
+                pass
+    return ok
+
+
+def _quiet_stdout() -> None:
+    # The reader went away (`| head`): point stdout at /dev/null so the interpreter's final
+    # flush does not fail again with "Exception ignored ... BrokenPipeError".
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (test runners)
+        pass
+
+
+def _stdout_identity() -> tuple[int, int] | None:
+    try:
+        st = os.fstat(1)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return None
+
+
+def _stdout_reader_gone(started_as: tuple[int, int] | None) -> bool:
+    """Whether stdout is a pipe whose reader has closed it: poll reports an error on it, or a
+    library (rich does, on EPIPE) has already pointed it at /dev/null."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0)):
+            return True
+        null = os.stat(os.devnull)
+        now = _stdout_identity()
+        return now != started_as and now == (null.st_dev, null.st_ino)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _exit(code: int) -> None:
+    if any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
+        # A background compile is still running: do not wait for it, and do not let interpreter
+        # shutdown tear down its threads and compiler processes under it.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console-script entry point: usage errors are one `error:` line, exit status 2."""
+    """Console-script entry point: usage errors are one `error:` line, exit status 2.
+
+    Whatever the command: a closed pipe on stdout ends quietly with status 0, Ctrl-C with 130,
+    SIGTERM with one line and 143 (128 + 15), a closed stdout (`>&-`) with one line and 1.
+    """
+    if not _standard_streams():
+        sys.stderr.write("error: standard output is closed; nothing could be printed\n")
+        sys.exit(1)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _main()
+    except BrokenPipeError:
+        _quiet_stdout()
+        _exit(0)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        _exit(130)
+    except Terminated:
+        sys.stderr.write("error: terminated (SIGTERM)\n")
+        _exit(128 + signal.SIGTERM)
+
+
+def _main() -> None:
     if not sys.argv[1:]:
         app()  # prints the help
         return
@@ -83,20 +186,21 @@ def main() -> None:
         sys.exit(distributed.launch(tp, args))
     distributed.join_job()  # a rank of a torchrun job: join its process group first
     command = typer.main.get_command(app)
+    stdout_was = _stdout_identity()
     try:
         rv = command.main(prog_name="llamarun", standalone_mode=False)
+    except SystemExit as e:
+        # Click and rich end a command whose stdout pipe closed (EPIPE) with status 1 by
+        # themselves; every command ends the same way on a closed pipe: quietly, with 0.
+        if e.code not in (0, None) and _stdout_reader_gone(stdout_was):
+            _quiet_stdout()
+            _exit(0)
+        raise
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as e:  # bad flag values, unknown options or commands
         message = _number_message(e) or (
             e.format_message() if hasattr(e, "format_message") else str(e))
-        sys.stderr.write(f"error: {' '.join(message.split())}\n")
-        sys.exit(getattr(e, "exit_code", 2))
-    code = rv if isinstance(rv, int) else 0
-    if any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
-        # A background compile is still running: do not wait for it, and do not let interpreter
-        # shutdown tear down its threads and compiler processes under it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+        sys.stderr.write(f"error: {clean_message(' '.join(message.split()))}\n")
+        _exit(getattr(e, "exit_code", 2))
+    _exit(rv if isinstance(rv, int) else 0)

@@ -6,7 +6,7 @@ import json
 from typing import Annotated
 
 import typer
-from llamarun.bench import BenchResult, BenchStep, run_bench
+from llamarun.bench import BenchResult, BenchStep, bench_context, run_bench
 from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions,
@@ -97,6 +97,11 @@ def bench(
         lengths = parse_lengths(prompt_tokens)
         settings.check_min("--gen-tokens", gen_tokens, 1)
         settings.check_min("--repetitions", repetitions, 1)
+        need = bench_context(lengths, gen_tokens)
+        if max_seq_len is not None and need > max_seq_len:
+            raise InvalidArgumentError(
+                f"--prompt-tokens {max(lengths)} and --gen-tokens {gen_tokens} need a context of "
+                f"{need} tokens, more than --max-seq-len {max_seq_len}")
         engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size),
                              warm_up=False)  # run_bench times the warm-up itself
         with console.progress("benchmark") as update:

@@ -13,6 +13,7 @@ from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
     ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
     TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
+    stdin_replacing, utf8_text,
 )
 from llamarun.cli.repl import Repl, resumed_note
 from llamarun.errors import InvalidArgumentError
@@ -79,6 +80,10 @@ def chat(
         engine = load_engine(opts)
         params, _ = model_sampling(engine, flags, base=saved.sampling if saved else None)
         interactive = sys.stdin.isatty()
+        stdin_replacing()  # invalid UTF-8 typed or piped in becomes U+FFFD
+        if system is not None:
+            system = utf8_text(system, "--system")
+        stop = [utf8_text(s, "--stop") for s in stop or ()]
         if interactive:
             try:
                 import readline  # noqa: F401  (line editing and history for input())
@@ -99,3 +104,6 @@ def chat(
         repl.run()
         if save is not None:
             repl.save(str(save), quiet=True)
+        if repl.failures and not interactive:
+            # A script piping messages in must learn that one of them got no reply.
+            raise typer.Exit(1)

@@ -185,6 +185,47 @@ def _tensor_parallel(device: str) -> tuple[Collectives | None, str | torch.devic
     return Collectives(job.rank, job.world), rank_device(job, resolve_device(device))
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` with invalid UTF-8 replaced by U+FFFD, and a note saying so.
+
+    Python hands over undecodable bytes of argv and stdin as lone surrogates ("\\udcff"),
+    which no tokenizer accepts: each such byte becomes U+FFFD, as in any text decoder's
+    "replace" mode, rather than an error."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        fixed = text.encode("utf-8", "replace").decode("utf-8")
+    console.note(f"{what} is not valid UTF-8: invalid bytes replaced by U+FFFD")
+    return fixed
+
+
+def read_stdin() -> str:
+    """All of stdin as text, invalid UTF-8 replaced by U+FFFD (with a note)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text-only stream (some test runners)
+        return utf8_text(sys.stdin.read(), "stdin")
+    data = buffer.read()
+    text = data.decode("utf-8", "replace")
+    if "\ufffd" in text and "\ufffd".encode() not in data:
+        console.note("stdin is not valid UTF-8: invalid bytes replaced by U+FFFD")
+    return text
+
+
+def stdin_replacing() -> None:
+    """Make line reads from stdin (chat) turn invalid UTF-8 into U+FFFD instead of failing."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="replace")
+        except (ValueError, OSError):
+            pass
+
+
 @contextmanager
 def cli_errors(verbose: bool) -> Iterator[None]:
     """Turn user errors into one `error:` line and exit 1; end quietly on a closed stdout or Ctrl-C."""

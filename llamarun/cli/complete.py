@@ -13,7 +13,8 @@ from llamarun.cli.distributed import rank0
 from llamarun.cli.common import (
     CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
     ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
-    TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
+    TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling, read_stdin,
+    utf8_text,
 )
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
@@ -24,10 +25,10 @@ DEFAULT_MAX_TOKENS = 256
 def read_prompt(prompt: str | None) -> str:
     """The --prompt text, or stdin for `-` or when stdin is piped (one final newline dropped)."""
     if prompt is not None and prompt != "-":
-        return prompt
+        return utf8_text(prompt, "--prompt")
     if prompt is None and sys.stdin.isatty():
         raise InvalidArgumentError("no prompt: give --prompt TEXT, --prompt - or pipe text on stdin")
-    text = sys.stdin.read()
+    text = read_stdin()
     if text.endswith("\r\n"):
         return text[:-2]
     return text[:-1] if text.endswith("\n") else text
@@ -103,7 +104,8 @@ def complete(
         engine = load_engine(opts)
         params, _ = model_sampling(engine, flags)
         n = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS
-        gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=stop or (),
+        stop = [utf8_text(s, "--stop") for s in stop or ()]
+        gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=stop,
                               echo=echo and not json_out, special=special)
         try:
             for chunk in gen:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.logging import RichHandler
 
+from llamarun.errors import clean_message
+
 # Both follow sys.stdout/sys.stderr at print time, so test runners that swap them still work.
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -101,4 +103,6 @@ def error(message: str) -> None:
     if rank != 0:
         message = f"(rank {rank}) {message}"
     err.print("[bold red]error:[/] ", end="", soft_wrap=True)
-    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    # One line, and no escape sequences from file names, metadata or library messages.
+    err.print(" ".join(clean_message(message).splitlines()), markup=False, highlight=False,
+              soft_wrap=True)

@@ -43,6 +43,7 @@ class Repl:
         self.model = model  # recorded in saved files
         self.save_path = save_path  # where /save writes without a FILE
         self.autosave = autosave  # chat --save: write after every reply
+        self.failures = 0  # messages that got no reply (piped chat then exits 1)
 
     def snapshot(self) -> SavedChat:
         """The conversation and settings as they stand."""
@@ -81,7 +82,14 @@ class Repl:
             return rest.rstrip()[:-len(FENCE)]
         lines = [rest] if rest else []
         while True:
-            line = self.read_line(CONTINUATION)
+            try:
+                line = self.read_line(CONTINUATION)
+            except EOFError:
+                if not lines:
+                    raise
+                # Input ended inside a block: send what was read rather than drop it silently.
+                console.note(f'end of input inside a {FENCE} block: sending the message as read')
+                return "\n".join(lines)
             if line.rstrip().endswith(FENCE):
                 tail = line.rstrip()[:-len(FENCE)]
                 if tail:
@@ -113,6 +121,7 @@ class Repl:
             gen = self.session.send(text, sampling=self.params, max_new_tokens=self.max_tokens,
                                     stop=self.stop)
         except LlamarunError as e:
+            self.failures += 1
             console.error(str(e))
             return
         if gen.dropped_turns:

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from llamarun.cli import app
+from llamarun.cli.common import utf8_text
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
 
@@ -58,6 +59,7 @@ def tokenize(
         "by default it is plain text")] = False,
 ) -> None:
     """Print the token ids of TEXT with their pieces, exactly as the model will see them."""
+    text = utf8_text(text, "TEXT")
     try:
         tok, folder = _load(model, tokenizer_file)
         ids = _ids(tok, folder, text, chat=chat, bos=not no_bos, special=special)

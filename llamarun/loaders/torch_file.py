@@ -8,18 +8,12 @@ from pathlib import Path
 
 import torch
 
-from llamarun.errors import CheckpointError
+from llamarun.errors import CheckpointError, clean_message
 from llamarun.loaders.files import check_regular
-
-# CSI/OSC escape sequences and other C0/C1 control characters: messages from libraries may
-# carry text from the file itself (torch's own message has bold escapes).
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?"
-                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
 
 def clean(text: str) -> str:
     """`text` without terminal escape sequences or control characters (tabs and newlines kept)."""
-    return _ESCAPES.sub("", text)
+    return clean_message(text)
 
 
 def first_line(e: Exception) -> str:
