@@ -108,6 +108,8 @@ class Collectives:
     def __init__(self, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
         self.rank, self.world, self.group = rank, world, group
         self._plan: TPPlan | None = None
+        self.timing = False  # when True, `seconds` adds up the time spent in collectives
+        self.seconds = 0.0
 
     def bind(self, plan: TPPlan) -> None:
         """Use `plan` (this rank's slices) from now on."""
@@ -121,6 +123,11 @@ class Collectives:
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x across ranks (row-parallel outputs)."""
+        if self.timing and not torch.compiler.is_compiling():
+            start = _now(x)
+            dist.all_reduce(x, group=self.group)
+            self.seconds += _now(x) - start
+            return x
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -136,8 +143,22 @@ class Collectives:
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         """Every rank's logits (..., vocab / world) joined along the vocabulary."""
         parts = [torch.empty_like(logits) for _ in range(self.plan.world)]
+        timed = self.timing and not torch.compiler.is_compiling()
+        start = _now(logits) if timed else 0.0
         dist.all_gather(parts, logits.contiguous(), group=self.group)
+        if timed:
+            self.seconds += _now(logits) - start
         return torch.cat(parts, dim=-1)
+
+
+def _now(x: torch.Tensor) -> float:
+    """The time, after the work queued on x's device (for timing collectives)."""
+    import time
+
+    from llamarun.device import synchronize
+
+    synchronize(x.device)
+    return time.perf_counter()
 
 
 class _Replicated:
