@@ -109,6 +109,9 @@ class Decoder:
         # The model's modules never change after loading: checking them before every step (about
         # 1 ms a token for a 30-layer model on CPU) buys nothing.
         options = compile_options(self.device)
+        if any(layer.attention.reduce is not None for layer in self.model.layers):
+            # A tensor-parallel rank: inductor's C++ wrapper cannot call the collectives.
+            options.pop("cpp_wrapper", None)
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip_module_guards is not None:  # torch >= 2.7
             options["guard_filter_fn"] = skip_module_guards

@@ -187,3 +187,11 @@ def test_a_failing_rank_ends_the_job(checkpoints: dict[str, Path], tmp_path: Pat
     assert bad.stderr.strip().splitlines() == [
         "error: 3 ranks cannot split this model (8 query heads, 4 KV heads, FFN width 172); "
         "use one of: 1, 2, 4"]
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_on_two_ranks(tmp_path: Path) -> None:
+    spec = [{"path": str(stories_meta())}]
+    eager = run_worker(spec, tmp_path, 1)[0]
+    compiled = run_worker([{**spec[0], "compile": True}], tmp_path, 2)[0]
+    assert compiled["compiled"] and compiled["tokens"] == eager["tokens"]
