@@ -286,6 +286,16 @@ def test_gguf_strings_where_numbers_belong(tmp_path: Path, sd: dict) -> None:
         load(gguf_with(tmp_path, sd, extra))
 
 
+def test_gguf_architecture_array_is_refused(tmp_path: Path, sd: dict) -> None:
+    # Found by the fuzz suite: an array compared with "llama" raised numpy's ValueError.
+    def extra(w: gguf.GGUFWriter) -> None:
+        w.kv_data[0].pop("general.architecture", None)
+        w.add_array("general.architecture", [1, 2, 3])
+
+    with pytest.raises(ConfigError, match="GGUF architecture .* is not supported"):
+        load(gguf_with(tmp_path, sd, extra))
+
+
 def test_gguf_string_size_and_alignment(tmp_path: Path, sd: dict) -> None:
     path = gguf_with(tmp_path, sd, lambda w: w.add_string("general.alignment", "32"))
     with pytest.raises(CheckpointError, match="general.alignment must be an integer"):

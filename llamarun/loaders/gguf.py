@@ -341,7 +341,7 @@ def model_args(file: GGUFFile) -> ModelArgs:
     """ModelArgs from the `llama.*` metadata of a GGUF file."""
     md, src = file.metadata, str(file.path)
     arch = md.get("general.architecture")
-    if arch != "llama":
+    if not isinstance(arch, str) or arch != "llama":  # an array would not compare to a str
         raise ConfigError(f"{src}: GGUF architecture {arch!r} is not supported (only 'llama')")
 
     def get(key: str, default: Any = None, *, required: bool = False) -> Any:
