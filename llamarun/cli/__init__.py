@@ -139,6 +139,18 @@ def _stdout_reader_gone(started_as: tuple[int, int] | None) -> bool:
 
 
 def _exit(code: int) -> None:
+    from llamarun.cli import distributed
+
+    if distributed.joined():
+        # A rank of a tensor-parallel job: leave the process group, then skip the interpreter's
+        # teardown, in which gloo's threads can abort the process ("terminate called ...").
+        distributed.leave()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     if any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
         # A background compile is still running: do not wait for it, and do not let interpreter
         # shutdown tear down its threads and compiler processes under it.
@@ -171,7 +183,10 @@ def main() -> None:
         sys.stderr.write("\n")
         _exit(130)
     except Terminated:
-        sys.stderr.write("error: terminated (SIGTERM)\n")
+        from llamarun.cli import distributed
+
+        if not distributed.stopped_by_launcher():
+            sys.stderr.write("error: terminated (SIGTERM)\n")
         _exit(128 + signal.SIGTERM)
 
 

@@ -16,6 +16,7 @@ from llamarun.cli import console
 from llamarun.errors import InvalidArgumentError
 
 T = TypeVar("T")
+_CHILD = "LLAMARUN_TP_LAUNCHED"  # set for the ranks that `--tp` starts
 
 
 def take_tp_flag(argv: list[str]) -> tuple[int | None, list[str]]:
@@ -58,6 +59,7 @@ def launch(n: int, argv: list[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[_CHILD] = "1"  # the ranks inherit it
     with tempfile.TemporaryDirectory(prefix="llamarun-tp-") as logs:
         specs = DefaultLogsSpecs(log_dir=logs, redirects={r: Std.ERR for r in range(1, n)})
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, logs_specs=specs,
@@ -67,7 +69,8 @@ def launch(n: int, argv: list[str]) -> int:
             elastic_launch(config, sys.executable)("-m", "llamarun", *argv)
         except ChildFailedError as e:
             codes = {rank: f.exitcode for rank, f in e.failures.items()}
-            if codes.get(0, 0) <= 0:  # rank 0 did not fail by itself: say why the others did
+            if codes.get(0, 0) in (0, 143) or codes.get(0, 0) < 0:
+                # rank 0 did not fail by itself (it was stopped): say why the others did
                 _show_rank_errors(logs)
             return next((c for c in codes.values() if c > 0), 1)
         except KeyboardInterrupt:
@@ -103,10 +106,26 @@ def join_job() -> None:
     timeout = float(os.environ.get("LLAMARUN_TP_TIMEOUT", "120"))
     init_group(job, cuda=torch.cuda.is_available(), timeout_s=timeout)
     console.set_rank(job.rank)
-    atexit.register(_leave)
+    global _joined
+    _joined = True
+    atexit.register(leave)
 
 
-def _leave() -> None:
+_joined = False
+
+
+def joined() -> bool:
+    """Whether this process is a rank of a tensor-parallel job."""
+    return _joined
+
+
+def stopped_by_launcher() -> bool:
+    """Whether a SIGTERM here most likely comes from the launcher ending the job because another
+    rank failed (`--tp` says why itself; other ranks than 0 stay quiet anyway)."""
+    return _joined and (console.rank != 0 or os.environ.get(_CHILD) == "1")
+
+
+def leave() -> None:
     """Leave the process group before the interpreter tears down (without this, gloo can
     abort a rank on its way out)."""
     import torch.distributed as dist
