@@ -96,6 +96,9 @@ class BenchResult:
     peak_rss_bytes: int
     peak_device_bytes: int | None
     env: dict[str, object] = field(default_factory=dict)
+    # A tensor-parallel run: world size, the share of decode time in collectives (the slowest
+    # rank's), and each rank's peak host / device memory.
+    tensor_parallel: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data."""
@@ -230,6 +233,9 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     warmup_s = time.perf_counter() - start
 
     reset_peak_device_memory(engine.device)
+    tp = engine.tp
+    if tp is not None:
+        tp.seconds = 0.0
     pp_times: dict[int, list[float]] = {n: [] for n in prompt_tokens}
     tg_tok_s: list[float] = []
     tg_seconds: list[float] = []
@@ -239,7 +245,11 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
             report(f"pp{n}", rep)
             pp_times[n].append(_prefill_once(engine, ids))
         report(f"tg{gen_tokens}", rep)
+        if tp is not None:
+            tp.timing = True
         steps = _decode_once(engine, first, gen_tokens)
+        if tp is not None:
+            tp.timing = False
         tg_seconds.append(sum(steps))
         tg_tok_s.append(len(steps) / sum(steps))
         per_token.extend(steps)
@@ -259,4 +269,20 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
         compiled=engine.compiled, repetitions=repetitions, load_s=engine.load_s,
         warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
-        peak_device_bytes=peak_device_memory(engine.device), env=environment(engine))
+        peak_device_bytes=peak_device_memory(engine.device), env=environment(engine),
+        tensor_parallel=_tensor_parallel_stats(engine, sum(tg_seconds)))
+
+
+def _tensor_parallel_stats(engine: Engine, decode_s: float) -> dict[str, object] | None:
+    """World size, collective share of decode time and memory per rank (None outside a job)."""
+    tp = engine.tp
+    if tp is None:
+        return None
+    from llamarun.parallel import gather_object
+
+    mine = {"rank": tp.rank, "peak_rss_bytes": peak_rss_bytes(),
+            "peak_device_bytes": peak_device_memory(engine.device),
+            "collective_s": tp.seconds, "decode_s": decode_s}
+    ranks = gather_object(mine)
+    share = max(float(r["collective_s"]) / max(float(r["decode_s"]), 1e-9) for r in ranks)
+    return {"world": tp.world, "collective_share": share, "ranks": ranks}

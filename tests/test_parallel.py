@@ -195,3 +195,12 @@ def test_compiled_decode_step_on_two_ranks(tmp_path: Path) -> None:
     eager = run_worker(spec, tmp_path, 1)[0]
     compiled = run_worker([{**spec[0], "compile": True}], tmp_path, 2)[0]
     assert compiled["compiled"] and compiled["tokens"] == eager["tokens"]
+
+
+def test_bench_reports_each_rank() -> None:
+    r = cli("--tp", "2", "bench", "--tokens-per-sec", "-m", str(stories_meta()), "--prompt-tokens",
+            "16", "--gen-tokens", "8", "-r", "1", "--no-compile", "--json")
+    assert r.returncode == 0, r.stderr
+    tp = json.loads(r.stdout)["tensor_parallel"]
+    assert tp["world"] == 2 and [x["rank"] for x in tp["ranks"]] == [0, 1]
+    assert 0 < tp["collective_share"] < 1 and all(x["peak_rss_bytes"] > 0 for x in tp["ranks"])

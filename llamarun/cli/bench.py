@@ -61,6 +61,13 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
     ]
     if r.peak_device_bytes is not None:
         out.append(("peak device memory", f"{r.peak_device_bytes / 2**20:.0f} MiB"))
+    if r.tensor_parallel is not None:
+        tp = r.tensor_parallel
+        ranks = tp["ranks"]  # type: ignore[index]
+        out.append(("tensor parallel", f"{tp['world']} ranks, "
+                    f"{100 * float(tp['collective_share']):.1f}% of decode time in collectives"))
+        out.append(("peak host RSS per rank", ", ".join(
+            f"{int(x['peak_rss_bytes']) / 2**20:.0f} MiB" for x in ranks)))  # type: ignore[union-attr]
     out.append(("repetitions", str(r.repetitions)))
     return out
 
