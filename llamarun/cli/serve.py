@@ -53,6 +53,12 @@ def serve(
             raise InvalidArgumentError(f"--max-queue must be at least 0, got {max_queue}")
         if api_key is not None and not api_key.strip():
             raise InvalidArgumentError("--api-key must not be empty")
+        from llamarun.cli.distributed import joined
+
+        if joined():
+            raise InvalidArgumentError("serve does not run tensor-parallel yet (its batches would "
+                                       "have to be broadcast to every rank); use --tp with chat, "
+                                       "complete, bench or info")
         opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
         check_model_options(opts)
         sock = listen(host, port)  # before loading: a port in use is a quick, clear error
