@@ -19,7 +19,9 @@ app = typer.Typer(
     help="Run Meta Llama checkpoints (Meta, Hugging Face and GGUF) on CPU or CUDA.\n\n"
          "Every command finds its model the same way: --model PATH (or a Hugging Face repo id in the "
          "local cache), else $LLAMARUN_MODEL, else the "
-         "single checkpoint under ./checkpoints/, else the embedded default model.",
+         "single checkpoint under ./checkpoints/, else the embedded default model.\n\n"
+         "--tp N before or after the command runs it split across N processes of this host "
+         "(tensor parallelism; torchrun -m llamarun ... for several hosts).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
