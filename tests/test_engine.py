@@ -217,3 +217,15 @@ def test_a_new_generation_takes_the_slot_of_an_unfinished_one(engine: Engine) ->
     assert list(first) == [] and first.result.finish_reason == "cancelled"
     assert first.result.token_ids == tuple(c.token_id for c in started)
     assert second.result.finish_reason == "length"
+
+
+def test_lone_surrogates_in_text_are_replaced(engine: Engine) -> None:
+    """A str that is not valid Unicode (lone surrogates, as surrogateescape makes) is encoded as
+    U+FFFD, as invalid UTF-8 bytes are, instead of failing inside the tokenizer library."""
+    tok = engine.tokenizer
+    assert tok.encode("a\udcffb", bos=False) == tok.encode("a\ufffdb", bos=False)
+    gen = engine.complete("Once \udcff upon a time", sampling=GREEDY, max_new_tokens=3)
+    list(gen)
+    assert gen.result.completion_tokens == 3
+    session = engine.chat()
+    list(session.send("Hi \ud800", sampling=GREEDY, max_new_tokens=2))

@@ -288,6 +288,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
                 whole = raw.get(parts[0])
                 if tuple(whole.shape) != full[parts[0]]:
                     read(parts[0])  # raises the shape error
+                check_finite(whole, parts[0], raw.where(parts[0]))
                 rows = quantize_int8(whole)
                 q = Int8Parts(rows.q[:, cut[1]:cut[2]].contiguous(), rows.scale)
                 del whole, rows

@@ -106,3 +106,13 @@ class Tokenizer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+def valid_text(text: str) -> str:
+    """`text` with any lone surrogate (not Unicode, cannot be UTF-8: a str decoded with
+    surrogateescape, or built from broken JSON) replaced by U+FFFD, as invalid UTF-8 input is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)

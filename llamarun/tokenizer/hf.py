@@ -11,7 +11,7 @@ from typing import Any
 import tokenizers
 
 from llamarun.errors import TokenizerError
-from llamarun.tokenizer.base import Tokenizer
+from llamarun.tokenizer.base import Tokenizer, valid_text
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _SPACE = "\u2581"
@@ -135,6 +135,7 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
         """Encode without the post-processor; special-token text stays text; BOS/EOS only when asked."""
+        text = valid_text(text)
         tok = self._tok
         if self._may_hold_special(text):
             if self._plain is None:
@@ -145,7 +146,7 @@ class HFTokenizer(Tokenizer):
 
     def encode_with_special(self, text: str) -> list[int]:
         """Encode with added/special tokens recognised, without the post-processor (no BOS)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(valid_text(text), add_special_tokens=False).ids
 
     def control_tokens(self) -> dict[str, int]:
         """The added tokens marked special, by their text."""
@@ -153,6 +154,7 @@ class HFTokenizer(Tokenizer):
 
     def split_special(self, text: str) -> list[tuple[str, int | None]]:
         """Cut where the tokenizer itself matches special tokens (its offsets), so its flags apply."""
+        text = valid_text(text)
         if not self._may_hold_special(text):
             return [(text, None)] if text else []
         enc = self._tok.encode(text, add_special_tokens=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llamarun.errors import TokenizerError
-from llamarun.tokenizer.base import Tokenizer
+from llamarun.tokenizer.base import Tokenizer, valid_text
 
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
 
@@ -21,9 +21,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path, *, extra_stop_ids: Iterable[int] = ()) -> None:
         self.source = str(path)
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"cannot read SentencePiece model {path}: {e}") from e
+            self._load(path, extra_stop_ids)
+        except (OSError, RuntimeError, UnicodeDecodeError, ValueError) as e:
+            # A corrupt model can fail anywhere in the library, pieces that are not UTF-8 too.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"cannot read SentencePiece model {path}: {first}") from None
+
+    def _load(self, path: Path, extra_stop_ids: Iterable[int]) -> None:
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = _id_or_none(self._sp.bos_id())
         self.eos_id = _id_or_none(self._sp.eos_id())
@@ -43,10 +48,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
         """Encode as `sp.encode` (which never treats "<s>" in text as a control token)."""
-        return self._with_bos_eos(self._sp.encode(text), bos=bos, eos=eos)
+        return self._with_bos_eos(self._sp.encode(valid_text(text)), bos=bos, eos=eos)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Split on control-piece texts ("<s>", "</s>"), encode the segments in between."""
+        text = valid_text(text)
         ids: list[int] = []
         for piece, special in self.split_special(text):
             if special is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import tiktoken
 
 from llamarun.errors import TokenizerError
-from llamarun.tokenizer.base import Tokenizer
+from llamarun.tokenizer.base import Tokenizer, valid_text
 
 # Meta's pre-tokenization pattern (meta-llama/llama-models, models/llama3/tokenizer.py).
 PAT_STR = (
@@ -89,6 +89,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str, *, bos: bool, eos: bool = False) -> list[int]:
         """Encode like Meta's `Tokenizer.encode(allowed_special=set(), disallowed_special=())`."""
+        text = valid_text(text)
         ids: list[int] = []
         for chunk in _chunks(text):
             ids.extend(self._model.encode(chunk, allowed_special=set(), disallowed_special=()))
@@ -96,6 +97,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_with_special(self, text: str) -> list[int]:
         """Encode with every special token allowed (Meta's `allowed_special="all"`)."""
+        text = valid_text(text)
         ids: list[int] = []
         for chunk in _chunks(text):
             ids.extend(self._model.encode(chunk, allowed_special="all"))

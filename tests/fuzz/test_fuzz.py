@@ -1,5 +1,5 @@
 """Fuzz suite (issue 9): mutated safetensors headers, GGUF headers and metadata, params.json and
-config.json, tokenizer files, prompts and flags. Every case must end in a correct result or a
+config.json, tokenizer files, chat templates, prompts and flags. Every case must end in a correct result or a
 LlamarunError, in a worker process with an address-space limit and an alarm (harness.py).
 
 The default run makes a few dozen cases per target; `LLAMARUN_FUZZ_EXAMPLES=1500 python -m
@@ -237,9 +237,6 @@ def test_fuzz_gguf(worker: Worker, seeds: dict, tmp_path_factory, data) -> None:
     check(worker.run(case), case)
 
 
-@pytest.mark.xfail(reason="found by this target: llamarun/tokenizer/spm.py lets UnicodeDecodeError "
-                          "out of SentencePieceProcessor() and id_to_piece() for a corrupt "
-                          "tokenizer.model (tokenizer/* belongs to another change)", strict=False)
 @examples(40)
 @given(data=st.data())
 def test_fuzz_tokenizer_files(worker: Worker, tmp_path_factory, data) -> None:  # noqa: ANN001
@@ -265,6 +262,33 @@ def test_fuzz_tokenizer_files(worker: Worker, tmp_path_factory, data) -> None:  
 def test_fuzz_prompts(worker: Worker, text: str) -> None:
     model = str(require_fixture("stories260K", "meta"))
     case = {"target": "prompt", "model": model, "text": text, "timeout": 30}
+    check(worker.run(case), case)
+
+
+# Pieces of Jinja chat templates, put together at random: loops, recursion, big operators,
+# filters, attribute access and message fields, well or badly formed.
+TEMPLATE_PIECES = st.sampled_from([
+    "{% for m in messages %}", "{% endfor %}", "{{ m['role'] }}", "{{ m['content'] }}",
+    "{{ m.content | trim }}", "<|im_start|>", "<|im_end|>\n", "{% if add_generation_prompt %}",
+    "{% endif %}", "{{ 7 ** 99999999 }}", "{{ 'A' * 10**9 }}", "{% for i in range(10**8) %}x",
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "{{ ''.__class__.__mro__ }}",
+    "{{ messages | tojson(indent=10**6) }}", "{{ raise_exception('no') }}", "{{ bos_token }}",
+    "{% set x = namespace(a=1) %}", "{{ x.a }}", "{{", "}}", "{%", "%}", "{# c #}", "text",
+    "{{ m.content[::-1] }}", "{{ (m.content ~ m.content) * 1000 }}", "{{ messages[0] }}",
+    "{{ lipsum(10**6) }}", "{{ range(5) | list }}", "{{ '%999999999s' % 'a' }}", "\udcff",
+])
+MESSAGES = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant"]),
+    "content": st.text(max_size=30) | st.sampled_from(["<|im_end|>", "<s>", "{{ 1 }}", ""])}),
+    min_size=1, max_size=4)
+
+
+@examples(60)
+@given(pieces=st.lists(TEMPLATE_PIECES, min_size=1, max_size=8), messages=MESSAGES)
+def test_fuzz_chat_templates(worker: Worker, pieces: list[str], messages: list[dict]) -> None:
+    tokenizer = str(require_fixture("stories260K", "hf"))
+    case = {"target": "template", "tokenizer": tokenizer, "template": "".join(pieces),
+            "messages": messages, "timeout": 20}
     check(worker.run(case), case)
 
 

@@ -64,6 +64,15 @@ def run_case(case: dict) -> None:
         text = utf8_text(case["text"], "--prompt")  # what the CLI hands the engine
         for _ in engine.complete(text, sampling=SamplingParams.greedy(), max_new_tokens=2):
             pass
+    elif target == "template":
+        from llamarun.tokenizer import load_chat_format, load_tokenizer
+
+        tok = _ENGINES.get(case["tokenizer"])
+        if tok is None:
+            tok = _ENGINES[case["tokenizer"]] = load_tokenizer(Path(case["tokenizer"]))
+        fmt = load_chat_format(tok, None, chat_template=case["template"])  # type: ignore[arg-type]
+        ids = fmt.encode_dialog(case["messages"])
+        assert all(isinstance(i, int) for i in ids)
     elif target == "cli":
         from typer.testing import CliRunner
 
