@@ -12,8 +12,9 @@ model built on the meta device into a rank's model; the loaders read only the ra
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -256,11 +257,17 @@ def current() -> Distributed | None:
 
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: object, src: int = 0, group: Any = None) -> object:
     """`obj` from rank `src` on every rank (prompts, chat lines, seeds)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def control_group() -> Any:
+    """A gloo group for messages that may be long in coming (a server's next request): its
+    collectives wait days, not COLLECTIVE_TIMEOUT_S. Every rank must call it, in the same order."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
 
 
 def gather_object(obj: object) -> list[object]:
@@ -276,3 +283,53 @@ def torchrun_command(n: int, argv: list[str]) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
             "--standalone", "-m", "llamarun", *argv]
+
+
+class LeaderDecoder:
+    """Rank 0's decoder in a tensor-parallel server: every prefill and step it runs is first
+    sent to the other ranks (see follow), so that they run the same ones with it."""
+
+    def __init__(self, decoder: Any, group: Any) -> None:
+        self._decoder = decoder
+        self._group = group
+        self.device = decoder.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._decoder.max_seq_len
+
+    def prefill(self, slot: Any, ids: Sequence[int]) -> torch.Tensor:
+        broadcast_object(("prefill", slot.index, len(slot.ids), list(ids)), group=self._group)
+        return self._decoder.prefill(slot, ids)
+
+    def step(self, slots: Sequence[Any], tokens: torch.Tensor,
+             ids: Sequence[int] | None = None) -> torch.Tensor:
+        broadcast_object(("step", [s.index for s in slots], [len(s.ids) for s in slots],
+                          tokens.tolist()), group=self._group)
+        return self._decoder.step(slots, tokens, ids)
+
+    def close(self) -> None:
+        """Let the other ranks' follow() return."""
+        broadcast_object(("stop",), group=self._group)
+
+
+def follow(decoder: Any, slots: Any, group: Any) -> None:
+    """On ranks other than 0 of a tensor-parallel server: run the prefills and steps rank 0's
+    LeaderDecoder sends, on this rank's slots, until it closes."""
+    while True:
+        message = broadcast_object(None, group=group)
+        kind = message[0]  # type: ignore[index]
+        if kind == "stop":
+            return
+        if kind == "prefill":
+            _, index, kept, ids = message  # type: ignore[misc]
+            slot = slots.slots[index]
+            del slot.ids[kept:]  # what the leader's slot kept of its prefix
+            decoder.prefill(slot, ids)
+        else:
+            _, indices, lengths, tokens = message  # type: ignore[misc]
+            rows = [slots.slots[i] for i in indices]
+            for slot, n in zip(rows, lengths):
+                del slot.ids[n:]
+            device = decoder.device
+            decoder.step(rows, torch.tensor(tokens, dtype=torch.long, device=device), tokens)

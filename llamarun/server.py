@@ -99,13 +99,15 @@ class CompletionBody(_Body):
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                max_queue: int = 64, max_tokens_default: int = 512,
-               sampling: SamplingParams | None = None) -> FastAPI:
+               sampling: SamplingParams | None = None, decoder: Any = None) -> FastAPI:
     """The ASGI application serving `engine` (its KV cache slots are the concurrent requests).
 
-    `sampling` holds the defaults for the fields a request leaves out (llamarun's by default).
+    `sampling` holds the defaults for the fields a request leaves out (llamarun's by default);
+    `decoder` replaces the engine's (a tensor-parallel leader's, say).
     """
     defaults = sampling or SamplingParams()
-    batcher = Batcher(engine.decoder, engine.slots, engine.tokenizer, max_queue=max_queue)
+    batcher = Batcher(decoder or engine.decoder, engine.slots, engine.tokenizer,
+                      max_queue=max_queue)
     created = int(time.time())
 
     @asynccontextmanager

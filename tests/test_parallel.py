@@ -204,3 +204,32 @@ def test_bench_reports_each_rank() -> None:
     tp = json.loads(r.stdout)["tensor_parallel"]
     assert tp["world"] == 2 and [x["rank"] for x in tp["ranks"]] == [0, 1]
     assert 0 < tp["collective_share"] < 1 and all(x["peak_rss_bytes"] > 0 for x in tp["ranks"])
+
+
+def test_serve_on_two_ranks_answers_like_one_process() -> None:
+    openai = pytest.importorskip("openai")
+    m = str(stories_meta())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamarun", "--tp", "2", "serve", "-m", m, "--dtype", "float32",
+         "--port", "0", "--max-concurrency", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line and "serving" not in line:
+            line = proc.stderr.readline()
+        assert "serving" in line, line
+        base = line.split(" at ")[1].split()[0]
+        client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, timeout=120)
+        for prompt in ("Once upon a time", "The cat sat"):
+            r = client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0)
+            one = cli("complete", "-m", m, "--dtype", "float32", "-p", prompt, "-t", "0", "-n",
+                      "12", "-q", "--no-compile")
+            assert r.choices[0].text + "\n" == one.stdout
+        proc.send_signal(2)  # Ctrl-C: rank 0 drains, the other rank follows it out
+        assert proc.wait(60) == 130
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest and "server stopped" in rest, rest
+    finally:
+        proc.kill()
+        proc.wait()

@@ -55,9 +55,12 @@ def launch(n: int, argv: list[str]) -> int:
     import tempfile
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the agent's own notes are noise here
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ[_CHILD] = "1"  # the ranks inherit it
     with tempfile.TemporaryDirectory(prefix="llamarun-tp-") as logs:
@@ -73,8 +76,9 @@ def launch(n: int, argv: list[str]) -> int:
                 # rank 0 did not fail by itself (it was stopped): say why the others did
                 _show_rank_errors(logs)
             return next((c for c in codes.values() if c > 0), 1)
-        except KeyboardInterrupt:
-            return 130
+        except (KeyboardInterrupt, SignalException) as e:  # Ctrl-C or SIGTERM to the launcher
+            signum = getattr(e, "sigval", 2)
+            return 128 + int(signum)
     return 0
 
 

@@ -55,21 +55,34 @@ def serve(
             raise InvalidArgumentError("--api-key must not be empty")
         from llamarun.cli.distributed import joined
 
-        if joined():
-            raise InvalidArgumentError("serve does not run tensor-parallel yet (its batches would "
-                                       "have to be broadcast to every rank); use --tp with chat, "
-                                       "complete, bench or info")
         opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
         check_model_options(opts)
-        sock = listen(host, port)  # before loading: a port in use is a quick, clear error
-        if not is_loopback(host) and api_key is None:
-            console.note(f"warning: listening on {host} without --api-key: anyone who can "
-                         "reach this port can use the model", style="yellow")
+        # Tensor parallelism: rank 0 serves and sends each batch's prefills and steps to the
+        # other ranks, which run them with it (parallel.LeaderDecoder / follow).
+        control = None
+        if joined():
+            from llamarun.parallel import control_group
+
+            control = control_group()
+        if console.rank == 0:
+            sock = listen(host, port)  # before loading: a port in use is a quick, clear error
+            if not is_loopback(host) and api_key is None:
+                console.note(f"warning: listening on {host} without --api-key: anyone who can "
+                             "reach this port can use the model", style="yellow")
         engine = load_engine(opts, warm_up=False, slots=max_concurrency)
-        model_id = engine.checkpoint.path.name
         defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
+        leader = None
+        if control is not None:
+            from llamarun.parallel import LeaderDecoder, follow
+
+            if console.rank != 0:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
+                follow(engine.decoder, engine.slots, control)
+                return
+            leader = LeaderDecoder(engine.decoder, control)
+        model_id = engine.checkpoint.path.name
         application = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue,
-                                 sampling=defaults)
+                                 sampling=defaults, decoder=leader)
         server = make_server(application)
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
@@ -80,4 +93,6 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
+        if leader is not None:
+            leader.close()
         console.note("server stopped")
