@@ -143,26 +143,20 @@ def _stdout_reader_gone(started_as: tuple[int, int] | None) -> bool:
 def _exit(code: int) -> None:
     from llamarun.cli import distributed
 
+    # Skip the interpreter's teardown where it would do harm: a tensor-parallel rank (gloo's
+    # threads can abort the process in it, "terminate called ..."; the rank leaves its group
+    # first), or a background compile still running (its threads and compiler processes would
+    # be torn down under it).
     if distributed.joined():
-        # A rank of a tensor-parallel job: leave the process group, then skip the interpreter's
-        # teardown, in which gloo's threads can abort the process ("terminate called ...").
         distributed.leave()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
-    if any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
-        # A background compile is still running: do not wait for it, and do not let interpreter
-        # shutdown tear down its threads and compiler processes under it.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
-    sys.exit(code)
+    elif not any(t.name == "llamarun-compile" and t.is_alive() for t in threading.enumerate()):
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main() -> None:
