@@ -195,7 +195,7 @@ def shard_model(model: Transformer, plan: TPPlan, comm: Collectives) -> Transfor
         model.vocab = comm
     else:
         model.vocab = _Replicated()
-    model.args = plan.local_args(args)
+    # model.args keeps the whole model's sizes: what it computes (all the logits) is unchanged.
     return model
 
 

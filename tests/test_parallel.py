@@ -233,3 +233,12 @@ def test_serve_on_two_ranks_answers_like_one_process() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_perplexity_on_two_ranks_equals_one_process() -> None:
+    args = ["perplexity", "-m", str(stories_meta()), "--ctx", "128", "--max-tokens", "384",
+            "--dtype", "float32", "--json"]
+    one, two = cli(*args), cli("--tp", "2", *args)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout)["perplexity"], json.loads(two.stdout)["perplexity"]
+    assert abs(a - b) < 1e-3 * a
