@@ -69,11 +69,6 @@ class TPPlan:
                    hidden=args.hidden_dim // world, vocab=vocab,
                    vocab_start=rank * vocab if split_vocab else 0, head_dim=args.head_dim)
 
-    def local_args(self, args: ModelArgs) -> ModelArgs:
-        """The sizes of this rank's model (what its modules and KV cache hold)."""
-        return args.replace(n_heads=self.heads, n_kv_heads=self.kv_heads, hidden_dim=self.hidden,
-                            vocab_size=self.vocab)
-
     def slice_of(self, name: str) -> tuple[int, int, int] | None:
         """(dim, start, stop) of checkpoint tensor `name` (Meta name, unfused) that this rank
         reads, or None for the whole tensor (norms)."""

@@ -15,6 +15,7 @@ from llamarun.cli.common import (
     DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
     VerboseOpt, check_model_options, cli_errors, load_engine,
 )
+from llamarun.cli.distributed import rank0
 from llamarun.errors import InvalidArgumentError
 from llamarun.perplexity import PerplexityResult, default_text, perplexity
 
@@ -74,7 +75,7 @@ def perplexity_cmd(
         settings.check_min("--stride", stride, 1)
         settings.check_min("--max-tokens", max_tokens, 2)
         check_model_options(opts)
-        text = read_text(file)
+        text = rank0(lambda: read_text(file))  # a tensor-parallel job: rank 0 reads
         engine = load_engine(opts)
         window = min(ctx or DEFAULT_CTX, engine.max_seq_len)
         if stride is not None and stride > window:
