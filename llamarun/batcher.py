@@ -22,7 +22,7 @@ from llamarun.decoder import Decoder
 from llamarun.errors import LlamarunError
 from llamarun.generate import process
 from llamarun.generation import GenerationResult, Reply, TextChunk
-from llamarun.sampling import LogitsProcessor, SamplingParams, logits_processors, make_generator, sample
+from llamarun.sampling import LogitsProcessor, SamplingParams, generator_for, logits_processors, sample
 from llamarun.slots import Slot, SlotPool
 from llamarun.tokenizer import Tokenizer
 
@@ -189,8 +189,7 @@ class Batcher:
         a = _Active(
             ticket=ticket, slot=slot,
             reply=Reply(self.tokenizer, stop=req.stop, max_new_tokens=req.max_new_tokens),
-            generator=None if req.sampling.is_greedy else make_generator(self.decoder.device,
-                                                                         req.sampling.seed),
+            generator=generator_for(req.sampling, self.decoder.device),
             processors=logits_processors(req.sampling, prompt, self.decoder.device),
             budget=min(req.max_new_tokens, self.decoder.max_seq_len - len(prompt)),
             reused=reused, start=start)

@@ -22,10 +22,8 @@ from llamarun.device import (
 )
 from llamarun.engine import Engine
 from llamarun.errors import CheckpointError, InvalidArgumentError
-from llamarun.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-_GREEDY = SamplingParams.greedy()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from llamarun.errors import InvalidArgumentError, PromptTooLongError
 from llamarun.generate import TokenEvent, generate_tokens
 from llamarun.generation import Cancelled, Generation, GenerationResult, Reply, Stream, TextChunk
 from llamarun.loaders import Checkpoint, TensorParallel, detect_layout, load_checkpoint
-from llamarun.sampling import SamplingParams, make_generator
+from llamarun.sampling import SamplingParams, generator_for
 from llamarun.session import ChatSession
 from llamarun.slots import Slot, SlotPool
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
@@ -197,19 +197,25 @@ class Engine:
         """The raw token loop on a slot of this engine (ids, no text): for benchmarks and tools.
         reuse=False prefills the whole prompt even where a slot holds it already."""
         owner = object()
+        slot, _ = self._take_slot(prompt_ids, owner, reuse=reuse)
+        sampling = sampling or SamplingParams.greedy()
+        try:
+            yield from generate_tokens(self.decoder, slot, prompt_ids, sampling=sampling,
+                                       generator=generator_for(sampling, self.device),
+                                       max_new_tokens=max_new_tokens, lookahead=self.lookahead)
+        finally:
+            self.slots.release(slot, owner)
+
+    def _take_slot(self, prompt_ids: Sequence[int], owner: object, *,
+                   reuse: bool = True) -> tuple[Slot, int]:
+        """A cache slot for `owner` (taken from an unfinished generation if all are held), cut
+        back to the longest prefix of the prompt it holds (none without `reuse`); with the
+        number of prompt ids it keeps."""
         slot = self.slots.acquire(prompt_ids, owner, steal=True)
         assert slot is not None
         if not reuse:
             slot.clear()
-        slot.keep_prefix(prompt_ids)
-        sampling = sampling or SamplingParams.greedy()
-        generator = None if sampling.is_greedy else make_generator(self.device, sampling.seed)
-        try:
-            yield from generate_tokens(self.decoder, slot, prompt_ids, sampling=sampling,
-                                       generator=generator, max_new_tokens=max_new_tokens,
-                                       lookahead=self.lookahead)
-        finally:
-            self.slots.release(slot, owner)
+        return slot, slot.keep_prefix(prompt_ids)
 
     def _stream(self, prompt_ids: list[int], *, sampling: SamplingParams, max_new_tokens: int,
                 stop: Sequence[str], logprobs: bool, echo: str) -> Stream:
@@ -223,13 +229,11 @@ class Engine:
             if echo:
                 yield TextChunk(echo, None)
                 start = first = last = time.perf_counter()
-            slot = self.slots.acquire(prompt_ids, owner, steal=True)
-            assert slot is not None
-            reused = slot.keep_prefix(prompt_ids)
-            generator = None if sampling.is_greedy else make_generator(self.device, sampling.seed)
+            slot, reused = self._take_slot(prompt_ids, owner)
             events = generate_tokens(self.decoder, slot, prompt_ids, sampling=sampling,
-                                     generator=generator, max_new_tokens=max_new_tokens,
-                                     logprobs=logprobs, lookahead=self.lookahead)
+                                     generator=generator_for(sampling, self.device),
+                                     max_new_tokens=max_new_tokens, logprobs=logprobs,
+                                     lookahead=self.lookahead)
             try:
                 while reply.finish_reason is None:
                     if slot.owner is not owner:  # a later generation has taken the slot

@@ -119,12 +119,11 @@ class Collectives:
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x across ranks (row-parallel outputs)."""
-        if self.timing and not torch.compiler.is_compiling():
-            start = _now(x)
-            dist.all_reduce(x, group=self.group)
-            self.seconds += _now(x) - start
-            return x
+        timed = self.timing and not torch.compiler.is_compiling()
+        start = _now(x) if timed else 0.0
         dist.all_reduce(x, group=self.group)
+        if timed:
+            self.seconds += _now(x) - start
         return x
 
     def embed(self, table: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return multinomial(probs, generator)
 
 
+def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The generator sampling with `params` needs on `device` (None when greedy)."""
+    return None if params.is_greedy else make_generator(device, params.seed)
+
+
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator on `device`, seeded with `seed` or, when None, from fresh OS entropy."""
     gen = torch.Generator(device=device)

@@ -59,12 +59,16 @@ class RawCheckpoint:
         """How the checkpoint stores tensor `name`: "F32", "F16", "BF16" or a GGUF type name."""
         if self.types is not None:
             return self.types(name)
-        dtype = self.get(name).dtype
-        return _TYPE_NAMES.get(dtype, str(dtype))
+        return type_name(self.get(name).dtype)
 
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored types
 _TYPE_NAMES = {dtype: name for name, dtype in FLOAT_TYPES.items()}
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """The stored-type name of a float tensor's dtype ("F32", "BF16", ...)."""
+    return _TYPE_NAMES.get(dtype, str(dtype))
 
 
 _ALIGN = 64  # bytes

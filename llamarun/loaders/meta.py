@@ -10,7 +10,7 @@ import torch
 
 from llamarun.config import ModelArgs, read_json
 from llamarun.errors import CheckpointError, ConfigError
-from llamarun.loaders.fuse import FLOAT_TYPES, RawCheckpoint, expected_shapes
+from llamarun.loaders.fuse import RawCheckpoint, expected_shapes, type_name
 from llamarun.loaders.torch_file import load_state_dict_file
 from llamarun.preflight import check_plausible
 
@@ -149,9 +149,8 @@ def read_meta(folder: Path, *, prefer: int = 0) -> RawCheckpoint:
         parts = [shard(i)[name] for i in range(n)]
         return merge_shards(name, parts, shapes[name], label)
 
-    def stored(name: str) -> str:
-        dtype = own[name].dtype
-        return next((k for k, v in FLOAT_TYPES.items() if v == dtype), str(dtype))
+    def stored(name: str) -> str:  # from this rank's own shard, without opening the others
+        return type_name(own[name].dtype)
 
     def get_slice(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         piece = own[name]
