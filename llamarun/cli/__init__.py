@@ -52,8 +52,18 @@ def _register() -> None:
 
 
 try:
-    _register()
-except KeyboardInterrupt:  # Ctrl-C while torch is still being imported: no traceback
+    # Ctrl-C while torch is still being imported: the import runs with SIGINT held back (one
+    # landing inside torch's C++ import code aborts the process with "terminate called ..."),
+    # and a Ctrl-C that came meanwhile is taken when the import is over, with no traceback.
+    _mask = getattr(signal, "pthread_sigmask", None)
+    if _mask is not None:
+        _mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        _register()
+    finally:
+        if _mask is not None:
+            _mask(signal.SIG_UNBLOCK, {signal.SIGINT})
+except KeyboardInterrupt:
     sys.stderr.write("\n")
     raise SystemExit(130) from None
 
