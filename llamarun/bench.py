@@ -232,6 +232,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
 
     reset_peak_device_memory(engine.device)
     tp = engine.tp
+    timed_s = 0.0  # wall time of the decode runs, their first step included
     if tp is not None:
         tp.seconds = 0.0
     pp_times: dict[int, list[float]] = {n: [] for n in prompt_tokens}
@@ -245,7 +246,9 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         report(f"tg{gen_tokens}", rep)
         if tp is not None:
             tp.timing = True
+        began = time.perf_counter()
         steps = _decode_once(engine, first, gen_tokens)
+        timed_s += time.perf_counter() - began  # what the collectives' time is a share of
         if tp is not None:
             tp.timing = False
         tg_seconds.append(sum(steps))
@@ -268,7 +271,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         compiled=engine.compiled, repetitions=repetitions, load_s=engine.load_s,
         warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=peak_device_memory(engine.device), env=environment(engine),
-        tensor_parallel=_tensor_parallel_stats(engine, sum(tg_seconds)))
+        tensor_parallel=_tensor_parallel_stats(engine, timed_s))
 
 
 def _tensor_parallel_stats(engine: Engine, decode_s: float) -> dict[str, object] | None:
