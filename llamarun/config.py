@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamarun import files
 from llamarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -300,54 +299,10 @@ def _hf_rope(cfg: dict[str, Any], source: str) -> tuple[float, RopeScaling | Non
                       "(supported: default, llama3, linear)")
 
 
-MAX_JSON_BYTES = 64 << 20  # configs and indexes are kilobytes; a bigger file is not one
-
-
-def check_regular_file(path: Path, what: str = "file") -> None:
-    """Raise ConfigError unless `path` is a regular file (following links).
-
-    A FIFO would block the reader forever and a device file (/dev/zero) never ends, so neither
-    is opened; a folder gets a message saying so instead of a confusing read error.
-    """
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{path}: {file_kind(mode)}, not a regular file")
-
-
-def file_kind(mode: int) -> str:
-    """'a folder', 'a FIFO (named pipe)', 'a device file', 'a socket' for a stat mode."""
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a special file"
-
-
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, raising ConfigError naming the file on any problem.
-
-    Only a regular file of at most 64 MiB is read; nesting deep enough to exhaust Python's
-    recursion limit is an error like any other malformed JSON."""
-    check_regular_file(path, "JSON")
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a config file")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    """Read a config's JSON object (params.json, config.json, an index), raising ConfigError
+    naming the file on any problem: not a regular file, over 64 MiB, not UTF-8, malformed,
+    or nested deeper than any config is (llamarun.files, the one JSON reader)."""
+    data = files.read_json(path, what="JSON file", error=ConfigError)
+    assert data is not None
     return data

@@ -11,17 +11,20 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamarun import files
 from llamarun.errors import InvalidArgumentError
 from llamarun.sampling import SamplingParams
 
 FORMAT = "llamarun-chat"
 VERSION = 1
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+MAX_BYTES = files.MAX_JSON_BYTES  # a conversation of 64 MiB is some thousand times a context
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,27 @@ class SavedChat:
 def save_chat(path: str | Path, chat: SavedChat) -> None:
     """Write `chat` to `path` atomically: a temporary file beside it, flushed, then renamed.
 
-    A crash or Ctrl-C leaves the old file or the new one, never part of one.
+    A crash or Ctrl-C leaves the old file or the new one, never part of one. An existing
+    file keeps its permission bits (and owner, where this user may set it); a new one gets
+    the umask's, as any file this user creates. A link is followed: the file it points to
+    is replaced, the link stays.
     """
     path = Path(path)
-    data = json.dumps(chat.to_json(), ensure_ascii=False, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    data = (json.dumps(chat.to_json(), ensure_ascii=False, indent=1) + "\n").encode("utf-8", "replace")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        old = os.stat(path)
+    except OSError:
+        old = None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if old is not None and stat.S_ISREG(old.st_mode):
+                with contextlib.suppress(OSError):
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -68,39 +85,60 @@ def save_chat(path: str | Path, chat: SavedChat) -> None:
 
 
 def load_chat(path: str | Path) -> SavedChat:
-    """Read a saved chat; InvalidArgumentError (one line, naming the file) for anything else."""
+    """Read a saved chat; InvalidArgumentError (one line, naming the file) for anything else.
+
+    The file goes through llamarun.files' JSON reader (a regular file of at most 64 MiB,
+    nesting bounded), and every check after that is one pass over it: time linear in its size.
+    Text that cannot be written back as UTF-8 (lone surrogates from \\ud800-style escapes)
+    becomes U+FFFD, so a loaded chat can always be saved again.
+    """
     path = Path(path)
 
     def bad(reason: str) -> InvalidArgumentError:
         return InvalidArgumentError(f"{path}: not a saved llamarun chat ({reason})")
 
+    if not os.path.lexists(path):
+        raise InvalidArgumentError(f"{path}: no such file")
+    data = files.read_bytes(path, what="saved chat", error=InvalidArgumentError,
+                            limit=MAX_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgumentError(f"{path}: is a folder, not a saved chat") from None
-    except OSError as e:
-        raise InvalidArgumentError(f"{path}: {e.strerror or e}") from None
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise bad("not UTF-8 text") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(f"not JSON: {e.msg} at line {e.lineno}") from None
+        data = files.parse_json(text, source="JSON", error=InvalidArgumentError)
+    except InvalidArgumentError as e:
+        raise bad(str(e).removeprefix("JSON: ")) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise bad(f'no "format": "{FORMAT}"')
     if data.get("version") != VERSION:
-        raise bad(f"version {data.get('version')!r}; this llamarun reads version {VERSION}")
+        raise bad(f"version {_short(data.get('version'))}; this llamarun reads version {VERSION}")
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise bad('"system" must be text or null')
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad('"model" must be text or null')
-    return SavedChat(messages=_messages(data.get("messages"), bad), system=system or None,
-                     model=model, sampling=_sampling(data.get("sampling", {}), bad),
+    return SavedChat(messages=_messages(data.get("messages"), bad),
+                     system=_text(system) or None, model=_text(model),
+                     sampling=_sampling(data.get("sampling", {}), bad),
                      max_tokens=_max_tokens(data.get("max_tokens"), bad))
+
+
+def _text(value: str | None) -> str | None:
+    """`value` with lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _messages(value: object, bad: Any) -> list[dict[str, str]]:
@@ -112,9 +150,9 @@ def _messages(value: object, bad: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise bad(f"message {i + 1} must be an object with text content")
         if m.get("role") != expected:
-            raise bad(f"message {i + 1} has role {m.get('role')!r}; turns alternate user, "
+            raise bad(f"message {i + 1} has role {_short(m.get('role'))}; turns alternate user, "
                       "assistant, starting with user")
-        out.append({"role": expected, "content": m["content"]})
+        out.append({"role": expected, "content": _text(m["content"])})
     if len(out) % 2:
         raise bad("the last message has no assistant reply")
     return out
@@ -125,7 +163,10 @@ def _sampling(value: object, bad: Any) -> SamplingParams:
         raise bad('"sampling" must be an object')
     unknown = sorted(set(value) - _FIELDS)
     if unknown:
-        raise bad(f'unknown sampling setting "{unknown[0]}"')
+        raise bad(f'unknown sampling setting "{unknown[0][:40]}"')
+    for key, v in value.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(f"sampling: {key} must be a number, got {_short(v)}")
     try:
         return SamplingParams(**value)
     except InvalidArgumentError as e:
@@ -136,5 +177,5 @@ def _max_tokens(value: object, bad: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad(f'"max_tokens" must be an integer at least 1, got {value!r}')
+        raise bad(f'"max_tokens" must be an integer at least 1, got {_short(value)}')
     return value

@@ -157,7 +157,7 @@ def test_save_and_load_commands(engine: Engine, tmp_path: Path) -> None:
     assert "saved 1 turn(s) to" in r.stderr and "saved 2 turn(s) to" in r.stderr
     assert "resumed 1 turn(s) from" in r.stderr
     assert "error: usage: /load FILE" in r.stderr
-    assert f"error: {tmp_path}: is a folder, not a saved chat" in r.stderr
+    assert f"error: {tmp_path}: saved chat is a folder, not a regular file" in r.stderr
     assert len(load_chat(path).messages) == 4
 
 

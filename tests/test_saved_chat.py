@@ -47,7 +47,7 @@ def test_overwrite_keeps_one_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("content", "reason"), [
     (b"\xff\xfe", "not UTF-8"),
-    (b"{not json", "not JSON"),
+    (b"{not json", "not valid JSON"),
     (b"[1, 2]", 'no "format"'),
     (b'{"format": "other"}', 'no "format"'),
     (b'{"format": "llamarun-chat", "version": 9, "messages": []}', "version 9"),
@@ -79,7 +79,7 @@ def test_not_a_saved_chat_is_refused(tmp_path: Path, content: bytes, reason: str
 def test_missing_file_and_folder(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="no such file"):
         load_chat(tmp_path / "nope.json")
-    with pytest.raises(InvalidArgumentError, match="is a folder"):
+    with pytest.raises(InvalidArgumentError, match="saved chat is a folder, not a regular file"):
         load_chat(tmp_path)
 
 

@@ -16,7 +16,8 @@ import typer
 
 from llamarun.cli import console, settings
 from llamarun.engine import Engine
-from llamarun.errors import LlamarunError
+from llamarun import files
+from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.generation_config import generation_defaults
 from llamarun.loaders import check_quantize
 from llamarun.resolve import ENV_VAR, resolve_model
@@ -204,15 +205,20 @@ def utf8_text(text: str, what: str) -> str:
     return fixed
 
 
-def read_stdin() -> str:
-    """All of stdin as text, invalid UTF-8 replaced by U+FFFD (with a note)."""
+def read_stdin(what: str = "stdin") -> str:
+    """All of stdin as text, invalid UTF-8 replaced by U+FFFD (with a note). More than
+    files.MAX_TEXT_BYTES is refused as soon as that much has come (`< /dev/zero` never ends)."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text-only stream (some test runners)
-        return utf8_text(sys.stdin.read(), "stdin")
-    data = buffer.read()
+        text = sys.stdin.read(files.MAX_TEXT_BYTES + 1)
+        if len(text) > files.MAX_TEXT_BYTES:
+            raise InvalidArgumentError(f"{what} is longer than {files.MAX_TEXT_BYTES >> 20} MiB; "
+                                       "give a shorter text")
+        return utf8_text(text, what)
+    data = files.read_stream(buffer, what=what, error=InvalidArgumentError)
     text = data.decode("utf-8", "replace")
     if "\ufffd" in text and "\ufffd".encode() not in data:
-        console.note("stdin is not valid UTF-8: invalid bytes replaced by U+FFFD")
+        console.note(f"{what} is not valid UTF-8: invalid bytes replaced by U+FFFD")
     return text
 
 

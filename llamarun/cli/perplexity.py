@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from llamarun import files
 from llamarun.cli import app, console, settings
 from llamarun.cli.common import (
     DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
-    VerboseOpt, check_model_options, cli_errors, load_engine,
+    VerboseOpt, check_model_options, cli_errors, load_engine, read_stdin,
 )
 from llamarun.cli.distributed import rank0
 from llamarun.errors import InvalidArgumentError
@@ -27,14 +27,9 @@ def read_text(file: str | None) -> str:
     if file is None:
         return default_text()
     if file == "-":
-        return sys.stdin.read()
-    try:
-        return Path(file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot read {file}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(
-            f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return read_stdin()
+    return files.read_text(Path(file), what="text file", error=InvalidArgumentError,
+                           limit=files.MAX_TEXT_BYTES)
 
 
 def summary(r: PerplexityResult) -> str:

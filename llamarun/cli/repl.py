@@ -6,9 +6,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from llamarun import files
 from llamarun.cli import console, settings
 from llamarun.cli.distributed import rank0
-from llamarun.errors import LlamarunError
+from llamarun.errors import InvalidArgumentError, LlamarunError, clean_message
 from llamarun.sampling import SamplingParams
 from llamarun.saved_chat import SavedChat, load_chat, save_chat
 from llamarun.session import ChatSession
@@ -67,7 +68,7 @@ class Repl:
     def _read_line(self, prompt: str) -> str:
         if self.interactive:
             return input(prompt)
-        line = sys.stdin.readline()
+        line = files.read_line(sys.stdin, what="chat input", error=InvalidArgumentError)
         if not line:
             raise EOFError
         return line.rstrip("\r\n")
@@ -81,7 +82,11 @@ class Repl:
         if rest.rstrip().endswith(FENCE):
             return rest.rstrip()[:-len(FENCE)]
         lines = [rest] if rest else []
+        size = len(rest)
         while True:
+            if size > files.MAX_LINE_CHARS:  # an endless block of short lines
+                raise InvalidArgumentError(f'chat input: a {FENCE} block longer than '
+                                           f"{files.MAX_LINE_CHARS >> 20} Mi characters")
             try:
                 line = self.read_line(CONTINUATION)
             except EOFError:
@@ -96,6 +101,7 @@ class Repl:
                     lines.append(tail)
                 return "\n".join(lines)
             lines.append(line)
+            size += len(line) + 1
 
     def run(self) -> None:
         """Loop until /exit, end of input or Ctrl-C at the prompt."""
@@ -109,6 +115,11 @@ class Repl:
                 if self.interactive:
                     console.err.print()
                 return
+            except LlamarunError as e:  # a message too long to be one
+                if not self.interactive:
+                    raise
+                console.error(str(e))
+                continue
             if text.startswith("/"):
                 if self.command(text) is False:
                     return
@@ -213,8 +224,13 @@ class Repl:
         path = Path(arg).expanduser()
         try:
             chat = load_chat(path)
-        except LlamarunError as e:
+        except LlamarunError as e:  # the conversation so far stays as it was
             console.error(str(e))
+            return
+        except KeyboardInterrupt:  # Ctrl-C while a big file is read: keep chatting
+            if not self.interactive:
+                raise
+            console.note("[load cancelled]")
             return
         self.resume(chat)
         if not self.autosave:
@@ -237,5 +253,5 @@ def resumed_note(chat: SavedChat, path: Path, model: str) -> str:
     """`resumed 3 turn(s) from FILE`, and the model it was saved with when that differs."""
     note = f"resumed {len(chat.messages) // 2} turn(s) from {path}"
     if chat.model and chat.model != model:
-        note += f" (saved with {chat.model})"
-    return note
+        note += f" (saved with {chat.model[:200]})"
+    return clean_message(note)  # the model name comes from the file: no escape codes

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from llamarun.config import file_kind
+from llamarun import files
 from llamarun.errors import CheckpointError
+from llamarun.files import file_kind
 
 # Files a checkpoint folder may hold besides its weights: each is read by some loader, so none
 # may be a FIFO or a device (checked once, up front, by detect_layout).
@@ -25,19 +26,9 @@ def check_regular(path: Path, *, what: str = "weight file", listed_in: Path | No
 
     `listed_in` names the index that listed the file, for the message when it is missing.
     """
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise CheckpointError(f"{path}: {what} is a dangling link (the file it points to is "
-                                  "missing; an incomplete download?)") from None
-        if listed_in is not None:
-            raise CheckpointError(f"{path}: {what} listed in {listed_in.name} is missing") from None
-        raise CheckpointError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    if not _regular(mode):
-        raise CheckpointError(f"{path}: {what} is {file_kind(mode)}, not a regular file")
+    if listed_in is not None and not os.path.lexists(path):
+        raise CheckpointError(f"{path}: {what} listed in {listed_in.name} is missing")
+    files.check_regular(path, what=what, error=CheckpointError)
 
 
 def check_side_files(folder: Path) -> None:

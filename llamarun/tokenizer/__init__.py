@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+from llamarun import files
 from llamarun.errors import TokenizerError
 from llamarun.tokenizer.base import Tokenizer
 from llamarun.tokenizer.chat import (
@@ -31,11 +33,11 @@ _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
 
 def detect_tokenizer_kind(path: Path) -> str:
     """"gguf", "hf" (tokenizer.json), "tiktoken" (base64 rank lines) or "sentencepiece" (protobuf), by content."""
-    try:
-        with open(path, "rb") as f:
+    with files.open_regular(path, what="tokenizer file", error=TokenizerError) as f:
+        try:
             head = f.read(4096)
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from e
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror or e})") from None
     if head.startswith(b"GGUF"):
         return "gguf"
     if head.lstrip().startswith(b"{"):
@@ -55,12 +57,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if path.is_dir():
         folder = path
         for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
+            if os.path.lexists(path / name):  # not a regular file: the reader says what it is
                 path = path / name
                 break
         else:
             raise TokenizerError(f"no tokenizer.json or tokenizer.model in {folder}")
-    elif not path.is_file():
+    elif not os.path.lexists(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     folder = path.parent
     kind = detect_tokenizer_kind(path)

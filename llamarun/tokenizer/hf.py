@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import tokenizers
 
+from llamarun import files
 from llamarun.errors import TokenizerError
 from llamarun.tokenizer.base import Tokenizer, valid_text
 
@@ -88,10 +90,12 @@ class HFTokenizer(Tokenizer):
     def from_folder(cls, folder: Path, *, tokenizer_file: Path | None = None) -> HFTokenizer:
         """Build from an HF folder: tokenizer.json, tokenizer_config.json, generation_config.json, config.json."""
         path = tokenizer_file or folder / "tokenizer.json"
+        text = files.read_text(path, what="tokenizer file", error=TokenizerError,
+                               limit=files.MAX_TOKENIZER_BYTES)
         try:
-            tok = tokenizers.Tokenizer.from_file(str(path))
+            tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise TokenizerError(f"cannot read {path}: {e}") from e
+            raise TokenizerError(f"cannot read {path}: {_first_line(e)}") from None
         tcfg = _read_json(folder / "tokenizer_config.json")
         gcfg = _read_json(folder / "generation_config.json")
         mcfg = _read_json(folder / "config.json")
@@ -227,17 +231,18 @@ def read_chat_template(folder: Path) -> str | None:
 def find_chat_template(folder: Path) -> tuple[str, str] | None:
     """(template, the file it came from) for the folder's chat template, or None."""
     jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        try:
-            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"cannot read chat template {jinja_file}: {e}") from None
+    if os.path.lexists(jinja_file):
+        return files.read_text(jinja_file, what="chat template", error=TokenizerError,
+                               limit=files.MAX_TEMPLATE_BYTES), str(jinja_file)
     for name in ("chat_template.json", "tokenizer_config.json"):
         template = _read_json(folder / name).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if isinstance(template, str):
+            if len(template) > files.MAX_TEMPLATE_BYTES:
+                raise TokenizerError(f"{folder / name}: the chat template is longer than "
+                                     f"{files.MAX_TEMPLATE_BYTES >> 20} MiB")
             return template, str(folder / name)
     return None
 
@@ -250,15 +255,13 @@ def read_stop_ids(folder: Path) -> list[int]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
-    return data
+    """A side file's JSON object ({} when the folder has none), through the one JSON reader."""
+    return files.read_json(path, what="JSON file", error=TokenizerError, missing_ok=True) or {}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _id_list(value: Any) -> list[int]:

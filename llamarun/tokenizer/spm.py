@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llamarun import files
 from llamarun.errors import TokenizerError
 from llamarun.tokenizer.base import Tokenizer, valid_text
 
@@ -28,7 +29,9 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"cannot read SentencePiece model {path}: {first}") from None
 
     def _load(self, path: Path, extra_stop_ids: Iterable[int]) -> None:
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        proto = files.read_bytes(path, what="SentencePiece model", error=TokenizerError,
+                                 limit=files.MAX_TOKENIZER_BYTES)
+        self._sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = _id_or_none(self._sp.bos_id())
         self.eos_id = _id_or_none(self._sp.eos_id())

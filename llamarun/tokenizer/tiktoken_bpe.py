@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tiktoken
 
+from llamarun import files
 from llamarun.errors import TokenizerError
 from llamarun.tokenizer.base import Tokenizer, valid_text
 
@@ -51,15 +52,15 @@ def llama3_special_tokens() -> list[str]:
 def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     """Read a `base64(token) rank` file."""
     ranks: dict[bytes, int] = {}
+    data = files.read_bytes(path, what="tiktoken file", error=TokenizerError,
+                            limit=files.MAX_TOKENIZER_BYTES)
+    lineno = 0
     try:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-    except OSError as e:
-        raise TokenizerError(f"cannot read tiktoken file {path}: {e}") from e
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
     except ValueError as e:
         raise TokenizerError(f"{path} line {lineno} is not 'base64 rank': {e}") from e
     if sorted(ranks.values()) != list(range(len(ranks))):
