@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamarun.errors import CheckpointError, LlamarunError
+from llamarun.errors import CheckpointError, LlamarunError, clean_message
 from llamarun.hf_cache import hub_cache_dir, scan_cache
 from llamarun.loaders import detect_layout, read_checkpoint
 from llamarun.resolve import CHECKPOINTS_DIR, ENV_VAR, embedded_default_model, find_checkpoints, resolve_model
@@ -53,7 +53,8 @@ def describe(name: str, source: str, path: Path) -> ModelEntry:
     try:
         raw = read_checkpoint(path)
     except LlamarunError as e:
-        return ModelEntry(name, source, path, size_bytes=disk_size(path), error=str(e))
+        return ModelEntry(name, source, path, size_bytes=disk_size(path),
+                          error=clean_message(str(e)))
     return ModelEntry(name, source, path, layout=raw.layout, size_bytes=disk_size(path),
                       n_params=raw.args.n_params, context=raw.args.max_seq_len)
 
@@ -95,9 +96,13 @@ def find_models(*, env: Mapping[str, str], cwd: Path,
         except LlamarunError as e:
             entries.append(ModelEntry(value, ENV_VAR, Path(value), error=str(e)))
     for snap in scan_cache(hub_cache_dir(env)):
+        if snap.error is not None:  # this repository only: the others are still listed
+            entries.append(ModelEntry(snap.repo_id, "hf-cache", snap.path,
+                                      error=clean_message(snap.error)))
+            continue
         at = "" if snap.revision == "main" else f"@{snap.revision}"
         for suffix, path in _snapshot_checkpoints(snap.path):
-            entries.append(describe(f"{snap.repo_id}{at}{suffix}", "hf-cache", path))
+            entries.append(describe(f"{snap.repo_id}{at}{clean_message(suffix)}", "hf-cache", path))
     try:
         path, _ = (default or embedded_default_model)()
     except LlamarunError:

@@ -34,3 +34,32 @@ def add_to_cache(cache: Path, repo_id: str, files: dict[str, Path], *,
 def folder_files(folder: Path, prefix: str = "") -> dict[str, Path]:
     """Every file of a fixture folder, under `prefix` in the repository."""
     return {f"{prefix}{f.name}": f for f in folder.iterdir() if f.is_file()}
+
+
+def hub_write(cache: Path, repo_id: str, files: dict[str, bytes], *,
+              commit: str = "0123456789abcdef0123456789abcdef01234567",
+              revision: str = "main") -> Path:
+    """Write files into `cache` with huggingface_hub's own cache writers, step by step as
+    hf_hub_download does after its download (no network): blob under blobs/ (named by its
+    etag, here the sha256), the snapshot's pointer link made by _create_symlink, and the
+    revision's ref by _cache_commit_hash_for_specific_revision. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    from huggingface_hub.file_download import (
+        _cache_commit_hash_for_specific_revision, _create_symlink, _get_pointer_path,
+        repo_folder_name,
+    )
+
+    storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    for name, data in files.items():
+        blob = os.path.join(storage, "blobs", hashlib.sha256(data).hexdigest())
+        pointer = _get_pointer_path(storage, commit, name)
+        os.makedirs(os.path.dirname(blob), exist_ok=True)
+        os.makedirs(os.path.dirname(pointer), exist_ok=True)
+        _cache_commit_hash_for_specific_revision(storage, revision, commit)
+        if not os.path.exists(blob):
+            Path(blob).write_bytes(data)
+        if not os.path.exists(pointer):
+            _create_symlink(blob, pointer, new_blob=True)
+    return Path(storage) / "snapshots" / commit

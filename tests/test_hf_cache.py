@@ -85,7 +85,7 @@ def test_missing_repo_says_how_to_download(tmp_path: Path) -> None:
     # a ref without its snapshot (an interrupted download) is not cached either
     repo = tmp_path / "models--a--b"
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("deadbeef")
+    (repo / "refs" / "main").write_text("deadbeef" * 5)
     with pytest.raises(CheckpointError, match="a/b is not in the Hugging Face cache"):
         resolve_repo(RepoRef("a/b"), tmp_path)
 
