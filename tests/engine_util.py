@@ -25,10 +25,15 @@ def stories_meta() -> Path:
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """A 260K-parameter model runs fastest on one thread (two spin against each other when busy)."""
-    before = torch.get_num_threads()
+    before, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the CLI's default --threads, for CliRunner tests
     yield
     torch.set_num_threads(before)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import os
 import signal
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli.help import Group
+from llamarun.cli.help import Group, unknown_option_message
 from llamarun.errors import clean_message
 
 app = typer.Typer(
@@ -40,8 +40,16 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
+    tp: Annotated[Optional[int], typer.Option(
+        "--tp", metavar="N", show_default=False,
+        help="Run the command split across N processes of this host (tensor parallelism; "
+             "before or after the command; default 1: this process alone)")] = None,
 ) -> None:
     """Global options (the help text is the app's)."""
+    if tp not in (None, 1):
+        # `llamarun` takes --tp out of the arguments before Typer sees them (cli.main); only a
+        # caller that runs `app` itself gets here.
+        raise typer.BadParameter("--tp works through the llamarun command (llamarun.cli.main)")
 
 
 def _register() -> None:
@@ -188,6 +196,15 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         _exit(130)
+    except Exception as e:
+        from llamarun.cli import distributed
+
+        # A collective failed because another rank went away: one line (or none, when the
+        # --tp launcher names the rank that failed), never gloo's traceback.
+        if not distributed.joined() or not distributed.is_peer_failure(e):
+            raise
+        distributed.peer_lost(e)
+        _exit(distributed.PEER_LOST)
     except Terminated:
         from llamarun.cli import distributed
 
@@ -203,13 +220,18 @@ def _main() -> None:
     from llamarun.cli import distributed
 
     tp, args = distributed.take_tp_flag(sys.argv[1:])
-    if tp is not None:  # `--tp N`: run this command on N ranks of this host
-        sys.exit(distributed.launch(tp, args))
-    distributed.join_job()  # a rank of a torchrun job: join its process group first
+    if tp is not None:
+        # `--tp N`: the command checks its flags and N (against the model and this machine)
+        # as usual, then stops with LaunchRanks, and N ranks of this host run it.
+        distributed.plan(tp)
+    else:
+        distributed.join_job()  # a rank of a torchrun job: join its process group first
     command = typer.main.get_command(app)
     stdout_was = _stdout_identity()
     try:
-        rv = command.main(prog_name="llamarun", standalone_mode=False)
+        rv = command.main(args=args, prog_name="llamarun", standalone_mode=False)
+    except distributed.LaunchRanks:
+        sys.exit(distributed.launch(tp or 1, args))
     except SystemExit as e:
         # Click and rich end a command whose stdout pipe closed (EPIPE) with status 1 by
         # themselves; every command ends the same way on a closed pipe: quietly, with 0.
@@ -220,7 +242,7 @@ def _main() -> None:
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as e:  # bad flag values, unknown options or commands
-        message = _number_message(e) or (
+        message = _number_message(e) or unknown_option_message(e) or (
             e.format_message() if hasattr(e, "format_message") else str(e))
         sys.stderr.write(f"error: {clean_message(' '.join(message.split()))}\n")
         _exit(getattr(e, "exit_code", 2))

@@ -8,10 +8,8 @@ from typing import Annotated
 import typer
 from llamarun.bench import BenchResult, BenchStep, bench_context, run_bench
 from llamarun.cli import app, console, settings
-from llamarun.cli.common import (
-    CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions,
-    QuantizeOpt, VerboseOpt, cli_errors, load_engine,
-)
+from llamarun.cli.common import load_engine
+from llamarun.cli.options import ModelOptions, model_command
 from llamarun.errors import InvalidArgumentError
 
 FORMATS = ("table", "md", "json", "jsonl")
@@ -73,6 +71,7 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
 
 
 @app.command()
+@model_command()
 def bench(
     tokens_per_sec: Annotated[bool, typer.Option(
         "--tokens-per-sec", show_default=False, help="Measure prefill and decode throughput (the default benchmark)")] = True,
@@ -84,41 +83,32 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Same as --output json")] = False,
     output: Annotated[str, typer.Option(
         "--output", "-o", metavar="FORMAT", help="table, md, json or jsonl (one line per prompt length)")] = "table",
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "auto",
-    group_size: GroupSizeOpt = 32,
-    max_seq_len: MaxSeqLenOpt = None,
-    compile: CompileOpt = None,
-    verbose: VerboseOpt = False,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Benchmark tokens/s: pp (prefill) and tg (decode), with warm-up and compile time apart."""
-    console.setup_logging(verbose)
-    with cli_errors(verbose):
-        fmt = "json" if json_out else output
-        if fmt not in FORMATS:
-            raise InvalidArgumentError(f"--output must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        if not tokens_per_sec:
-            raise InvalidArgumentError("only --tokens-per-sec is available")
-        lengths = parse_lengths(prompt_tokens)
-        settings.check_min("--gen-tokens", gen_tokens, 1)
-        settings.check_min("--repetitions", repetitions, 1)
-        need = bench_context(lengths, gen_tokens)
-        if max_seq_len is not None and need > max_seq_len:
-            raise InvalidArgumentError(
-                f"--prompt-tokens {max(lengths)} and --gen-tokens {gen_tokens} need a context of "
-                f"{need} tokens, more than --max-seq-len {max_seq_len}")
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size),
-                             warm_up=False)  # run_bench times the warm-up itself
-        with console.progress("benchmark") as update:
-            def progress(step: BenchStep) -> None:
-                if update is not None:
-                    update(step_text(step), step.index - 1, step.total)
+    fmt = "json" if json_out else output
+    if fmt not in FORMATS:
+        raise InvalidArgumentError(f"--output must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not tokens_per_sec:
+        raise InvalidArgumentError("only --tokens-per-sec is available")
+    lengths = parse_lengths(prompt_tokens)
+    settings.check_min("--gen-tokens", gen_tokens, 1)
+    settings.check_min("--repetitions", repetitions, 1)
+    need = bench_context(lengths, gen_tokens)
+    if opts.max_seq_len is not None and need > opts.max_seq_len:
+        raise InvalidArgumentError(
+            f"--prompt-tokens {max(lengths)} and --gen-tokens {gen_tokens} need a context of "
+            f"{need} tokens, more than --max-seq-len {opts.max_seq_len}")
+    engine = load_engine(opts, warm_up=False)  # run_bench times the warm-up itself
+    with console.progress("benchmark") as update:
+        def progress(step: BenchStep) -> None:
+            if update is not None:
+                update(step_text(step), step.index - 1, step.total)
 
-            result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
-                               repetitions=repetitions, progress=progress)
-        render(result, fmt)
+        result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
+                           repetitions=repetitions, progress=progress)
+    render(result, fmt)
 
 
 def step_text(step: BenchStep) -> str:

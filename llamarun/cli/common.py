@@ -1,4 +1,4 @@
-"""Options shared by every command, model loading with a progress bar, and error mapping."""
+"""Model loading with a progress bar, and error mapping (the shared flags are in options.py)."""
 
 from __future__ import annotations
 
@@ -7,101 +7,24 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import typer
 
 from llamarun.cli import console, settings
+from llamarun.cli.options import ModelOptions, apply_threads, check_threads, default_threads
 from llamarun.engine import Engine
 from llamarun import files
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.generation_config import generation_defaults
 from llamarun.loaders import check_quantize
-from llamarun.resolve import ENV_VAR, resolve_model
+from llamarun.resolve import resolve_model
 from llamarun.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from llamarun.parallel import Collectives
-
-_DEFAULTS = settings.DEFAULT_SAMPLING
-COMPILE_ENV_VAR = "LLAMARUN_COMPILE"
-MODEL_PANEL = "Model"
-SAMPLING_PANEL = "Sampling"
-
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", metavar="PATH|REPO", show_default=False, rich_help_panel=MODEL_PANEL,
-    help=f"Meta or HF checkpoint folder, a GGUF file, or a Hugging Face repo id (ORG/NAME) in "
-         f"the local HF cache (default: ${ENV_VAR}, else the single checkpoint under "
-         "./checkpoints/, else the embedded default model; `llamarun list` shows them all)")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", metavar="DEVICE", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N")]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", metavar="DTYPE", rich_help_panel=MODEL_PANEL,
-    help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and on CPUs with native "
-         "bf16, else float32 (16-bit checkpoints stay 16-bit)")]
-QuantizeOpt = Annotated[str, typer.Option(
-    "--quantize", metavar="MODE", rich_help_panel=MODEL_PANEL,
-    help="Weight storage: auto (keep a GGUF's quantized tensors quantized, dense ones dense), "
-         "none (dequantize everything into --dtype), int8 (per channel) or int4 (groupwise)")]
-GroupSizeOpt = Annotated[int, typer.Option(
-    "--group-size", metavar="N", rich_help_panel=MODEL_PANEL, help="int4 group size: 32, 64 or 128")]
-MaxSeqLenOpt = Annotated[Optional[int], typer.Option(
-    "--max-seq-len", metavar="N", show_default=False, rich_help_panel=MODEL_PANEL,
-    help="KV cache length in tokens (default: the model's context, at most 4096)")]
-CompileOpt = Annotated[Optional[bool], typer.Option(
-    "--compile/--no-compile", envvar=COMPILE_ENV_VAR, show_default=False,
-    rich_help_panel=MODEL_PANEL,
-    help="torch.compile the decode step. Default: on CPU, compile in the background while "
-         "replies start at once, and switch when ready (cached for later runs); --compile: "
-         "compile before the first reply (CUDA graphs on CUDA); --no-compile: never")]
-VerboseOpt = Annotated[bool, typer.Option(
-    "--verbose", "-v", help="Debug logging, and tracebacks on errors")]
-
-_MODEL_DEFAULT = "or the model's generation_config.json"
-MaxTokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-tokens", "-n", metavar="N", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help="Most tokens to generate")]
-TemperatureOpt = Annotated[Optional[float], typer.Option(
-    "--temperature", "-t", metavar="T", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help=f"0 = greedy (deterministic); default {_DEFAULTS.temperature}, {_MODEL_DEFAULT}")]
-TopKOpt = Annotated[Optional[int], typer.Option(
-    "--top-k", metavar="K", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help=f"Keep the k most likely tokens (0 = off); default {_DEFAULTS.top_k}, {_MODEL_DEFAULT}")]
-TopPOpt = Annotated[Optional[float], typer.Option(
-    "--top-p", metavar="P", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help="Keep the most likely tokens up to this probability mass (1 = off); default "
-         f"{_DEFAULTS.top_p}, {_MODEL_DEFAULT}")]
-MinPOpt = Annotated[Optional[float], typer.Option(
-    "--min-p", metavar="P", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help="Drop tokens less likely than this fraction of the top token (0 = off); default "
-         f"{_DEFAULTS.min_p}, {_MODEL_DEFAULT}")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option(
-    "--repeat-penalty", metavar="X", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help=f"Penalise tokens seen in the last {_DEFAULTS.repeat_last_n} (1 = off); default "
-         f"{_DEFAULTS.repeat_penalty}, {_MODEL_DEFAULT}")]
-SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", "-s", metavar="N", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help="Seed for a reproducible sampled output")]
-StopOpt = Annotated[Optional[list[str]], typer.Option(
-    "--stop", metavar="TEXT", show_default=False, rich_help_panel=SAMPLING_PANEL,
-    help="Stop when this text appears (not printed); repeatable")]
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """The model flags every command takes."""
-
-    model: str | Path | None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_seq_len: int | None = None
-    compile: bool | None = None  # None: in the background where that works, else not
-    verbose: bool = False
-    quantize: str = "auto"
-    group_size: int = 32
 
 
 def model_sampling(engine: Engine, explicit: Mapping[str, object], *,
@@ -128,6 +51,9 @@ def check_model_options(opts: ModelOptions) -> None:
     check_quantize(opts.quantize, opts.group_size)
     settings.check_device(opts.device)
     settings.check_dtype(opts.dtype)
+    check_threads(opts.threads)
+    if opts.threads is None:
+        default_threads(os.environ)  # a bad $OMP_NUM_THREADS is named now, not after loading
 
 
 def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> Engine:
@@ -150,12 +76,13 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> 
 
 
 def _load(opts: ModelOptions, slots: int = 1) -> Engine:
-    check_model_options(opts)
+    # (The flags were checked by the command, options.model_command.)
     resolved = resolve_model(opts.model, env=os.environ, cwd=Path.cwd())
     if resolved.source == "default":
         console.note(f"using the embedded default model {resolved.path} (choose another with --model)")
 
     tp, device = _tensor_parallel(opts.device)
+    apply_threads(opts.threads)
 
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=device, dtype=opts.dtype,

@@ -8,14 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from llamarun.cli import app, console, settings
+from llamarun.cli import app, console
+from llamarun.cli.common import load_engine, model_sampling, read_stdin, utf8_text
 from llamarun.cli.distributed import rank0
-from llamarun.cli.common import (
-    CompileOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, MaxTokensOpt, MinPOpt, ModelOpt,
-    ModelOptions, QuantizeOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, TemperatureOpt, TopKOpt,
-    TopPOpt, VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling, read_stdin,
-    utf8_text,
-)
+from llamarun.cli.options import ModelOptions, SamplingFlags, model_command
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
 
@@ -61,6 +57,7 @@ def result_json(r: GenerationResult, *, model: str, load_s: float) -> dict[str, 
 
 
 @app.command()
+@model_command(sampling=True, max_tokens=DEFAULT_MAX_TOKENS)
 def complete(
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", metavar="TEXT", show_default=False,
@@ -72,54 +69,33 @@ def complete(
     special: Annotated[bool, typer.Option(
         "--special", "-sp", help="Parse special-token text in the prompt (<|eot_id|>, </s>, ...) as "
         "control tokens; by default it is plain text")] = False,
-    max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repeat_penalty: RepeatPenaltyOpt = None,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "auto",
-    group_size: GroupSizeOpt = 32,
-    max_seq_len: MaxSeqLenOpt = None,
-    compile: CompileOpt = None,
-    verbose: VerboseOpt = False,
+    *,
+    opts: ModelOptions,
+    flags: SamplingFlags,
 ) -> None:
     """Continue a raw text prompt (no chat template) and stream the continuation to stdout.
 
     Sampling defaults: the model's generation_config.json where it has one, else llamarun's.
     """
-    console.setup_logging(verbose)
-    with cli_errors(verbose):
-        flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                 "repeat_penalty": repeat_penalty, "seed": seed, "max_tokens": max_tokens}
-        settings.check_flags(flags)
-        opts = ModelOptions(model, device, dtype, max_seq_len, compile, verbose, quantize, group_size)
-        check_model_options(opts)
-        text = rank0(lambda: read_prompt(prompt))  # a tensor-parallel job: rank 0 reads
-        engine = load_engine(opts)
-        params, _ = model_sampling(engine, flags)
-        n = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS
-        stop = [utf8_text(s, "--stop") for s in stop or ()]
-        gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=stop,
-                              echo=echo and not json_out, special=special)
-        try:
-            for chunk in gen:
-                if chunk.text and not json_out:
-                    console.write(chunk.text)
-        finally:
-            gen.close()
-        result = gen.result
-        if json_out:
-            obj = result_json(result, model=str(engine.checkpoint.path), load_s=engine.load_s)
-            if echo:
-                obj["prompt"] = text
-            console.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        else:
-            console.write("\n")
-        if not quiet and not json_out:
-            console.note(timing_line(result))
+    text = rank0(lambda: read_prompt(prompt))  # a tensor-parallel job: rank 0 reads
+    engine = load_engine(opts)
+    params, _ = model_sampling(engine, flags.given())
+    n = flags.max_tokens if flags.max_tokens is not None else DEFAULT_MAX_TOKENS
+    gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=list(flags.stop),
+                          echo=echo and not json_out, special=special)
+    try:
+        for chunk in gen:
+            if chunk.text and not json_out:
+                console.write(chunk.text)
+    finally:
+        gen.close()
+    result = gen.result
+    if json_out:
+        obj = result_json(result, model=str(engine.checkpoint.path), load_s=engine.load_s)
+        if echo:
+            obj["prompt"] = text
+        console.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    else:
+        console.write("\n")
+    if not quiet and not json_out:
+        console.note(timing_line(result))

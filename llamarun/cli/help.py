@@ -65,3 +65,51 @@ class Group(TyperGroup):
         if cmd is not None:
             tidy(cmd.get_params(ctx), ctx)
         return cmd
+
+
+def unknown_option_message(e: Exception) -> str | None:
+    """`no such option: --modle (did you mean --model?)` for an option the command lacks: the
+    nearest real option of that command (a different case, a prefix, a typo), else the commands
+    that have it; None for other usage errors."""
+    name = getattr(e, "option_name", None)
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ != "NoSuchOption" or not isinstance(name, str) or ctx is None:
+        return None
+    known = _option_names(ctx.command, ctx)
+    root = ctx.find_root()
+    if ctx is not root:
+        known += [o for o in _option_names(root.command, root) if o not in known]
+    where = f" for {ctx.info_name}" if ctx is not root else ""
+    message = f"no such option{where}: {name}"
+    near = near_options(name, known)
+    if near:
+        return f"{message} (did you mean {' or '.join(near)}?)"
+    group = root.command
+    owners = [cmd for cmd, command in sorted(getattr(group, "commands", {}).items())
+              if command is not ctx.command and name in _option_names(command, root)]
+    if owners:
+        after = "; put it after the command" if ctx is root else ""
+        return f"{message} (an option of {', '.join(owners)}{after})"
+    return message
+
+
+def _option_names(command: click.Command, ctx: click.Context) -> list[str]:
+    return [o for p in command.get_params(ctx) for o in (*p.opts, *p.secondary_opts)
+            if o.startswith("-")]
+
+
+def near_options(name: str, known: Sequence[str]) -> list[str]:
+    """The real options `name` most likely meant: the same in another case, those it is the
+    start of (`--temp`), else the closest spelling (`--modle`), else none."""
+    import difflib
+
+    lower = name.lower()
+    same = [o for o in known if o.lower() == lower]
+    if same:
+        return same[:1]
+    if lower.startswith("--") and len(lower) > 3:
+        starts = [o for o in known if o.lower().startswith(lower)]
+        if starts:
+            return starts[:3]
+    longs = [o for o in known if o.startswith("--")] if lower.startswith("--") else list(known)
+    return difflib.get_close_matches(lower, longs, n=1, cutoff=0.75)

@@ -9,10 +9,8 @@ from typing import Annotated
 import typer
 
 from llamarun.cli import app, console, settings
-from llamarun.cli.common import (
-    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
-    VerboseOpt, cli_errors, load_engine,
-)
+from llamarun.cli.common import load_engine
+from llamarun.cli.options import ModelOptions, model_command
 from llamarun.engine import Engine
 from llamarun.generation_config import generation_defaults
 
@@ -68,38 +66,32 @@ def _human(n: int) -> str:
 
 
 @app.command()
+@model_command(compile=False)
 def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "auto",
-    group_size: GroupSizeOpt = 32,
-    max_seq_len: MaxSeqLenOpt = None,
-    verbose: VerboseOpt = False,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Show the resolved checkpoint, its config, tokenizer, chat format and stop tokens."""
-    console.setup_logging(verbose)
-    with cli_errors(verbose):
-        engine = load_engine(ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size))
-        data = describe(engine)
-        if json_out:
-            console.write(json.dumps(data, ensure_ascii=False) + "\n")
-            return
-        config = data.pop("config")
-        stops = data.pop("stop_tokens")
-        data.pop("stored_as")  # per tensor: --json only
-        weights = data.pop("weights")
-        sampling = data.pop("sampling_defaults")
-        from_model = data.pop("sampling_defaults_from_model")
-        assert isinstance(weights, dict) and isinstance(sampling, dict)
-        assert isinstance(config, dict) and isinstance(stops, dict) and isinstance(from_model, list)
-        data["weights"] = ", ".join(f"{n} {fmt}" for fmt, n in weights.items())
-        data["parameters"] = _human(engine.args.n_params)
-        data["stop_tokens"] = ", ".join(f"{i} {p!r}" for i, p in stops.items()) or "none"
-        data["sampling_defaults"] = ", ".join(
-            f"{k} {v}" + (" (generation_config.json)" if k in from_model else "")
-            for k, v in sampling.items())
-        rows = [(key.replace("_", " "), str(value)) for key, value in data.items()]
-        rows += [(f"config.{key}", str(value)) for key, value in config.items()]
-        console.print_rows(rows)
+    engine = load_engine(opts)
+    data = describe(engine)
+    if json_out:
+        console.write(json.dumps(data, ensure_ascii=False) + "\n")
+        return
+    config = data.pop("config")
+    stops = data.pop("stop_tokens")
+    data.pop("stored_as")  # per tensor: --json only
+    weights = data.pop("weights")
+    sampling = data.pop("sampling_defaults")
+    from_model = data.pop("sampling_defaults_from_model")
+    assert isinstance(weights, dict) and isinstance(sampling, dict)
+    assert isinstance(config, dict) and isinstance(stops, dict) and isinstance(from_model, list)
+    data["weights"] = ", ".join(f"{n} {fmt}" for fmt, n in weights.items())
+    data["parameters"] = _human(engine.args.n_params)
+    data["stop_tokens"] = ", ".join(f"{i} {p!r}" for i, p in stops.items()) or "none"
+    data["sampling_defaults"] = ", ".join(
+        f"{k} {v}" + (" (generation_config.json)" if k in from_model else "")
+        for k, v in sampling.items())
+    rows = [(key.replace("_", " "), str(value)) for key, value in data.items()]
+    rows += [(f"config.{key}", str(value)) for key, value in config.items()]
+    console.print_rows(rows)

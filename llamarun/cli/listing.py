@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from llamarun.cli import app, console
-from llamarun.cli.common import VerboseOpt, cli_errors
+from llamarun.cli.common import cli_errors
+from llamarun.cli.options import VerboseOpt
 from llamarun.hf_cache import hub_cache_dir
 from llamarun.models_list import ModelEntry, find_models
 

@@ -11,10 +11,8 @@ import typer
 
 from llamarun import files
 from llamarun.cli import app, console, settings
-from llamarun.cli.common import (
-    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
-    VerboseOpt, check_model_options, cli_errors, load_engine, read_stdin,
-)
+from llamarun.cli.common import load_engine, read_stdin
+from llamarun.cli.options import ModelOptions, model_command
 from llamarun.cli.distributed import rank0
 from llamarun.errors import InvalidArgumentError
 from llamarun.perplexity import PerplexityResult, default_text, perplexity
@@ -40,6 +38,7 @@ def summary(r: PerplexityResult) -> str:
 
 
 @app.command(name="perplexity")
+@model_command(compile=False)
 def perplexity_cmd(
     file: Annotated[Optional[str], typer.Argument(
         metavar="FILE|-", show_default=False,
@@ -54,44 +53,35 @@ def perplexity_cmd(
         "--max-tokens", "-n", show_default=False,
         help="Use only the first N tokens of the text (default: all)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "auto",
-    group_size: GroupSizeOpt = 32,
-    max_seq_len: MaxSeqLenOpt = None,
-    verbose: VerboseOpt = False,
+    *,
+    opts: ModelOptions,
 ) -> None:
     """Perplexity of the model on a text, scored in overlapping windows of --ctx tokens."""
-    console.setup_logging(verbose)
-    opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
-    with cli_errors(verbose):
-        settings.check_min("--ctx", ctx, 2)
-        settings.check_min("--stride", stride, 1)
-        settings.check_min("--max-tokens", max_tokens, 2)
-        check_model_options(opts)
-        text = rank0(lambda: read_text(file))  # a tensor-parallel job: rank 0 reads
-        engine = load_engine(opts)
-        window = min(ctx or DEFAULT_CTX, engine.max_seq_len)
-        if stride is not None and stride > window:
-            raise InvalidArgumentError(f"--stride must be at most the window ({window}), got {stride}")
-        if ctx is not None and ctx > window:
-            console.note(f"--ctx {ctx} exceeds the KV cache of {window} tokens: using {window} "
-                         "(raise --max-seq-len for longer windows)")
-        ids = engine.tokenizer.encode(text, bos=engine.tokenizer.add_bos)
-        if len(ids) < 2:
-            raise InvalidArgumentError(
-                f"the text has {len(ids)} tokens: perplexity needs at least 2")
-        with console.progress("perplexity") as update:
-            def progress(done: int, total: int) -> None:
-                if update is not None:
-                    update("(tokens)", done, total)
+    settings.check_min("--ctx", ctx, 2)
+    settings.check_min("--stride", stride, 1)
+    settings.check_min("--max-tokens", max_tokens, 2)
+    text = rank0(lambda: read_text(file))  # a tensor-parallel job: rank 0 reads
+    engine = load_engine(opts)
+    window = min(ctx or DEFAULT_CTX, engine.max_seq_len)
+    if stride is not None and stride > window:
+        raise InvalidArgumentError(f"--stride must be at most the window ({window}), got {stride}")
+    if ctx is not None and ctx > window:
+        console.note(f"--ctx {ctx} exceeds the KV cache of {window} tokens: using {window} "
+                     "(raise --max-seq-len for longer windows)")
+    ids = engine.tokenizer.encode(text, bos=engine.tokenizer.add_bos)
+    if len(ids) < 2:
+        raise InvalidArgumentError(
+            f"the text has {len(ids)} tokens: perplexity needs at least 2")
+    with console.progress("perplexity") as update:
+        def progress(done: int, total: int) -> None:
+            if update is not None:
+                update("(tokens)", done, total)
 
-            result = perplexity(engine.model, ids, ctx=window, stride=stride, max_tokens=max_tokens,
-                                progress=progress)
-        if json_out:
-            data = {**dataclasses.asdict(result), "model": str(engine.checkpoint.path),
-                    "dtype": str(engine.dtype).removeprefix("torch.")}
-            console.write(json.dumps(data) + "\n")
-        else:
-            console.write(summary(result) + "\n")
+        result = perplexity(engine, ids, ctx=window, stride=stride, max_tokens=max_tokens,
+                            progress=progress)
+    if json_out:
+        data = {**dataclasses.asdict(result), "model": str(engine.checkpoint.path),
+                "dtype": str(engine.dtype).removeprefix("torch.")}
+        console.write(json.dumps(data) + "\n")
+    else:
+        console.write(summary(result) + "\n")

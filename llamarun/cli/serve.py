@@ -8,14 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from llamarun.cli import app, console
-from llamarun.cli.common import (
-    DeviceOpt, DtypeOpt, GroupSizeOpt, MaxSeqLenOpt, ModelOpt, ModelOptions, QuantizeOpt,
-    VerboseOpt, check_model_options, cli_errors, load_engine, model_sampling,
-)
+from llamarun.cli.common import cli_errors, load_engine, model_sampling
+from llamarun.cli.options import ModelOptions, model_command
 from llamarun.errors import InvalidArgumentError
 
 
 @app.command()
+@model_command(compile=False)
 def serve(
     host: Annotated[str, typer.Option(
         "--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
@@ -28,13 +27,8 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", metavar="KEY", envvar="LLAMARUN_API_KEY", show_default=False,
         help="Require `Authorization: Bearer KEY` on /v1 (or $LLAMARUN_API_KEY)")] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "auto",
-    group_size: GroupSizeOpt = 32,
-    max_seq_len: MaxSeqLenOpt = None,
-    verbose: VerboseOpt = False,
+    *,
+    opts: ModelOptions,  # the model flags, checked already (options.model_command)
 ) -> None:
     """Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -43,8 +37,7 @@ def serve(
     """
     from llamarun.server import create_app, is_loopback, listen, make_server
 
-    console.setup_logging(verbose)
-    with cli_errors(verbose):
+    with cli_errors(opts.verbose):
         if not 0 <= port <= 65535:
             raise InvalidArgumentError(f"--port must be in 0..65535, got {port}")
         if max_concurrency < 1:
@@ -55,10 +48,8 @@ def serve(
             raise InvalidArgumentError("--api-key must not be empty")
         from llamarun.cli.distributed import joined
 
-        opts = ModelOptions(model, device, dtype, max_seq_len, False, verbose, quantize, group_size)
-        check_model_options(opts)
-        # Tensor parallelism: rank 0 serves and sends each batch's prefills and steps to the
-        # other ranks, which run them with it (parallel.LeaderDecoder / follow).
+        # Tensor parallelism: rank 0 serves and sends each forward pass to the other ranks,
+        # which run them with it (parallel.LeaderRunner / follow).
         control = None
         if joined():
             from llamarun.parallel import control_group
@@ -73,16 +64,17 @@ def serve(
         defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
         leader = None
         if control is not None:
-            from llamarun.parallel import LeaderDecoder, follow
+            from llamarun.parallel import LeaderRunner, follow
 
             if console.rank != 0:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
-                follow(engine.decoder, engine.slots, control)
+                follow(engine.runner, control)
                 return
-            leader = LeaderDecoder(engine.decoder, control)
+            leader = LeaderRunner(engine.runner, control)
+            engine.scheduler.runner = leader
         model_id = engine.checkpoint.path.name
         application = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue,
-                                 sampling=defaults, decoder=leader)
+                                 sampling=defaults)
         server = make_server(application)
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
