@@ -72,6 +72,10 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: fl
     index = recent.expand(*logits.shape[:-1], recent.shape[-1])  # (..., n)
     seen = logits.gather(-1, index)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # An extreme penalty (1e-300, 1e300) would give inf or -inf for every seen token, and a row
+    # of infinities has no softmax: keep the penalised logits finite.
+    big = torch.finfo(seen.dtype).max
+    seen = seen.clamp(-big, big)
     return logits.scatter(-1, index, seen)  # duplicates write the same value
 
 
@@ -121,7 +125,13 @@ def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0,
     """
     if temperature <= 0:
         raise InvalidArgumentError("logits_to_probs needs temperature > 0 (use argmax for greedy)")
-    logits = logits.float() / temperature
+    # Legal but degenerate temperatures must not make NaN: subtracting the row's maximum first
+    # (softmax does not change) keeps every quotient <= 0, and the clamp keeps the divisor a
+    # float32 (1e-300 would round to 0, 1e300 to inf) without changing the probabilities of
+    # logits of ordinary size: past the bounds they are one-hot or uniform already.
+    logits = logits.float()
+    logits = logits - logits.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    logits = logits / min(max(temperature, _MIN_TEMPERATURE), _MAX_TEMPERATURE)
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -138,6 +148,10 @@ def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0,
         probs = probs.masked_fill(probs < threshold, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+_MIN_TEMPERATURE = 1e-30  # below it, the most likely token(s) get all the mass anyway
+_MAX_TEMPERATURE = 1e30  # above it, the distribution is uniform to float32 precision anyway
 
 
 def multinomial(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
