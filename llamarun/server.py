@@ -2,51 +2,48 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with server-sent events when
 `stream` is set), GET /v1/models, GET /health. Errors have OpenAI's shape
-({"error": {"message", "type", "param", "code"}}) and status: 400 bad parameters, 401 bad key,
-413 prompt longer than the context (or body too large), 429 queue full, 503 shutting down.
+({"error": {"message", "type", "param", "code"}}) and status: 400 bad parameters or a body that
+is not JSON, 401 bad key, 404/405 unknown route or method, 408 body too slow, 413 prompt longer
+than the context (or body too large), 429 queue full, 503 shutting down or too many connections.
+Limits on bodies and connections: llamarun.server_limits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from llamarun.batcher import Batcher, Event, Failed, QueueFull, Request, Stopped, Ticket, Token
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.generation import GenerationResult, TextChunk
 from llamarun.sampling import SamplingParams
+from llamarun.server_limits import (
+    USAGE_KEY, APIError, ConnectionLimits, RequestGuard, check_api_key, guarded_protocol,
+)
+from llamarun.tokenizer.base import valid_text
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_TIMEOUT_S = 60.0  # from the request head to the body's end
+MAX_JSON_DEPTH = 32  # nesting of a request body (OpenAI's own bodies need 5)
 MAX_TOP_LOGPROBS = 20
 
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
-            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+__all__ = ["APIError", "ConnectionLimits", "check_api_key", "create_app", "is_loopback", "listen",
+           "make_server"]
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -95,16 +92,24 @@ class CompletionBody(_Body):
     echo: bool = False
 
 
+_BodyT = TypeVar("_BodyT", bound=_Body)
+
+
 # -- the application ---------------------------------------------------------------------------
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                max_queue: int = 64, max_tokens_default: int = 512,
-               sampling: SamplingParams | None = None, decoder: Any = None) -> FastAPI:
+               sampling: SamplingParams | None = None, decoder: Any = None,
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The ASGI application serving `engine` (its KV cache slots are the concurrent requests).
 
     `sampling` holds the defaults for the fields a request leaves out (llamarun's by default);
-    `decoder` replaces the engine's (a tensor-parallel leader's, say).
+    `decoder` replaces the engine's (a tensor-parallel leader's, say). A request body must
+    arrive within `body_timeout` seconds of its head. InvalidArgumentError if `api_key` is not
+    printable ASCII.
     """
+    if api_key is not None:
+        check_api_key(api_key)
     defaults = sampling or SamplingParams()
     batcher = Batcher(decoder or engine.decoder, engine.slots, engine.tokenizer,
                       max_queue=max_queue)
@@ -122,30 +127,26 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                   openapi_url=None)
     app.state.batcher = batcher
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next: Callable[[HTTPRequest], Awaitable[Any]]) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
-                            code="body_too_large").response()
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                type="authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+    # Outermost: the key and the body's size and time are checked before any route reads it.
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES,
+                       body_timeout=body_timeout)
 
-    @app.exception_handler(APIError)
-    async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
-        return e.response()
+    @app.exception_handler(HTTPException)
+    async def http_error(http: HTTPRequest, e: HTTPException) -> Response:
+        if isinstance(e, APIError):
+            return e.response()
+        path = http.url.path
+        if e.status_code == 404:
+            return APIError(404, f"no route {path} (see /v1/models, /v1/chat/completions, "
+                                 "/v1/completions, /health)", code="not_found").response()
+        if e.status_code == 405:
+            return APIError(405, f"{http.method} is not allowed on {path}",
+                            code="method_not_allowed", headers=e.headers).response()
+        return APIError(e.status_code, str(e.detail), headers=e.headers).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                        param=where or None).response()
+    @app.exception_handler(Exception)
+    async def failed(_: HTTPRequest, e: Exception) -> Response:
+        return APIError(500, "internal server error", type="server_error").response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -159,13 +160,16 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                                             "owned_by": "llamarun"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, http: HTTPRequest) -> Any:
+    async def chat(http: HTTPRequest) -> Any:
+        body = await _parse(http, ChatBody)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": _content(m.content)} for m in body.messages]
-        try:
-            prompt = engine.chat_format.encode_dialog(messages)
+        try:  # off the event loop: a long dialog takes a while to render and encode
+            prompt = await asyncio.to_thread(engine.chat_format.encode_dialog, messages)
         except LlamarunError as e:
             raise APIError(400, str(e), param="messages") from None
+        usage = http.scope.get(USAGE_KEY, {})
+        usage["prompt"] = len(prompt)
         k = None
         if body.logprobs:
             k = _top_logprobs(body.top_logprobs, "top_logprobs")
@@ -174,8 +178,10 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             # Submitted before the response starts: a full queue is an HTTP error, not a stream.
-            return _sse(_chat_chunks(_submit(batcher, req), req, rid, model_id, body, engine))
+            return _sse(_chat_chunks(_submit(batcher, req), req, rid, model_id, body, engine,
+                                     usage))
         events, result = await _collect(batcher, req, http)
+        usage["completion"] = result.completion_tokens
         message = {"role": "assistant", "content": result.text}
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
                                   "finish_reason": _finish(result)}
@@ -186,16 +192,20 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                 "model": model_id, "choices": [choice], "usage": _usage(result)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, http: HTTPRequest) -> Any:
-        prompt_text, prompt = _completion_prompt(engine, body.prompt)
+    async def completions(http: HTTPRequest) -> Any:
+        body = await _parse(http, CompletionBody)
+        prompt_text, prompt = await asyncio.to_thread(_completion_prompt, engine, body.prompt)
+        usage = http.scope.get(USAGE_KEY, {})
+        usage["prompt"] = len(prompt)
         k = None if body.logprobs is None else _top_logprobs(body.logprobs, "logprobs", most=5)
         req = _request(engine, body, prompt, body.max_tokens, k, max_tokens_default, defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
         echo = prompt_text if body.echo else ""
         if body.stream:
             return _sse(_completion_chunks(_submit(batcher, req), req, rid, model_id, body, engine,
-                                           echo))
+                                           echo, usage))
         events, result = await _collect(batcher, req, http)
+        usage["completion"] = result.completion_tokens
         choice: dict[str, Any] = {"index": 0, "text": echo + result.text, "logprobs": None,
                                   "finish_reason": _finish(result)}
         if k is not None:
@@ -208,6 +218,49 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
 
 
 # -- requests ----------------------------------------------------------------------------------
+
+async def _parse(http: HTTPRequest, model: type[_BodyT]) -> _BodyT:
+    """The request's JSON body as `model`, parsed off the event loop (a body may be 4 MiB)."""
+    raw = await http.body()  # through RequestGuard: at most MAX_BODY_BYTES, in time
+    return await asyncio.to_thread(_validate, raw, model)
+
+
+def _validate(raw: bytes, model: type[_BodyT]) -> _BodyT:
+    try:
+        data = _clean(json.loads(raw), 1)
+    except (RecursionError, _TooDeep):
+        raise APIError(400, f"the body is nested deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        where = (f": {e.msg} at line {e.lineno} column {e.colno}"
+                 if isinstance(e, json.JSONDecodeError) else ": it is not UTF-8")
+        raise APIError(400, f"the body is not valid JSON{where}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                       param=where or None) from None
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _clean(value: Any, depth: int) -> Any:
+    """`value` with lone surrogates in its strings (JSON "\\ud800": not Unicode, so not
+    encodable) replaced by U+FFFD, as the tokenizers do; _TooDeep past MAX_JSON_DEPTH levels."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, (list, dict)) and depth > MAX_JSON_DEPTH:
+        raise _TooDeep
+    if isinstance(value, list):
+        return [_clean(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k): _clean(v, depth + 1) for k, v in value.items()}
+    return value
+
 
 def _content(content: str | list[TextPart] | None) -> str:
     if content is None:
@@ -345,15 +398,21 @@ async def _collect(batcher: Batcher, req: Request,
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except APIError as e:  # after the 200 went out: the error is the stream's last event
+            log.warning("stream failed: %s", e.message)
+            yield f"data: {json.dumps(e.content(), ensure_ascii=False)}\n\n"
+            return
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str, model_id: str, body: ChatBody,
-                       engine: Engine) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str,
+                       model_id: str, body: ChatBody, engine: Engine,
+                       usage: dict[str, int]) -> AsyncIterator[dict[str, Any]]:
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None,
@@ -365,6 +424,7 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
     yield chunk({"role": "assistant", "content": ""})
     async for e in _events(submitted):
         if isinstance(e, GenerationResult):
+            usage["completion"] = e.completion_tokens
             yield chunk({}, _finish(e))
             if (body.stream_options or {}).get("include_usage"):
                 yield {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -378,9 +438,9 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
             yield chunk({"content": e.text})
 
 
-async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str, model_id: str,
-                             body: CompletionBody, engine: Engine,
-                             echo: str) -> AsyncIterator[dict[str, Any]]:
+async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request,
+                             rid: str, model_id: str, body: CompletionBody, engine: Engine,
+                             echo: str, usage: dict[str, int]) -> AsyncIterator[dict[str, Any]]:
     created = int(time.time())
 
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -393,6 +453,7 @@ async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req
     offset = len(echo)
     async for e in _events(submitted):
         if isinstance(e, GenerationResult):
+            usage["completion"] = e.completion_tokens
             yield chunk("", _finish(e))
             if (body.stream_options or {}).get("include_usage"):
                 yield {"id": rid, "object": "text_completion", "created": created,
@@ -457,13 +518,20 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: FastAPI) -> Any:
+def make_server(app: FastAPI, *, limits: ConnectionLimits | None = None) -> Any:
     """A uvicorn server for `app`: run it with .run(sockets=[listen(...)]); on Ctrl-C or SIGTERM
-    it stops taking requests, lets running ones finish (up to 30 s), then returns."""
+    it stops taking requests, lets running ones finish (up to 30 s), then returns.
+
+    `limits` bound how long a connection may wait without a request and how many one client
+    address (and all of them) may hold (ConnectionLimits() by default).
+    """
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30, limit_concurrency=1024)
+    protocol = guarded_protocol(limits or ConnectionLimits())
+    # limit_concurrency stays off: it would answer 503 to every request once `total`
+    # connections are open, idle ones included; the protocol's own bounds close idle ones.
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, timeout_keep_alive=5)
     return uvicorn.Server(config)
 
 

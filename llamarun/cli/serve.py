@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from typing import Annotated, Optional
 
@@ -27,6 +28,8 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", metavar="KEY", envvar="LLAMARUN_API_KEY", show_default=False,
         help="Require `Authorization: Bearer KEY` on /v1 (or $LLAMARUN_API_KEY)")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No log line per request on stderr")] = False,
     *,
     opts: ModelOptions,  # the model flags, checked already (options.model_command)
 ) -> None:
@@ -35,7 +38,7 @@ def serve(
     Concurrent requests are decoded together in one batch (continuous batching); a request's
     greedy output does not depend on the others. Ctrl-C lets running requests finish, then exits.
     """
-    from llamarun.server import create_app, is_loopback, listen, make_server
+    from llamarun.server import check_api_key, create_app, is_loopback, listen, make_server
 
     with cli_errors(opts.verbose):
         if not 0 <= port <= 65535:
@@ -44,8 +47,9 @@ def serve(
             raise InvalidArgumentError(f"--max-concurrency must be at least 1, got {max_concurrency}")
         if max_queue < 0:
             raise InvalidArgumentError(f"--max-queue must be at least 0, got {max_queue}")
-        if api_key is not None and not api_key.strip():
-            raise InvalidArgumentError("--api-key must not be empty")
+        if api_key is not None:
+            check_api_key(api_key)  # printable ASCII: what clients can send in a header
+        _log_requests(not quiet)
         from llamarun.cli.distributed import joined
 
         # Tensor parallelism: rank 0 serves and sends each forward pass to the other ranks,
@@ -88,3 +92,20 @@ def serve(
         if leader is not None:
             leader.close()
         console.note("server stopped")
+
+
+class _RequestLine(logging.Handler):
+    """Writes the server's line per request (llamarun.access) to stderr as it is."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.note(self.format(record), style="")
+
+
+def _log_requests(on: bool) -> None:
+    access = logging.getLogger("llamarun.access")
+    access.handlers.clear()
+    access.propagate = False  # not through the `llamarun` handler's level and columns
+    access.setLevel(logging.INFO if on else logging.WARNING)
+    handler = _RequestLine()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access.addHandler(handler)
