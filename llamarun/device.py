@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from llamarun.errors import InvalidArgumentError
@@ -166,3 +168,66 @@ def quant_kernels(device: torch.device) -> tuple[bool, bool]:
     """Whether PyTorch's weight-only int8 and int4 kernels serve this device (CPU builds have both)."""
     cpu = device.type == "cpu"
     return cpu, cpu
+
+
+_NO_CACHE_PREFIX = "llamarun-inductor-"  # the private folder compiled code goes to without a cache
+
+
+def configure_compile_cache() -> Path | None:
+    """Point torch.compile's (inductor's) cache at ~/.cache/llamarun/inductor (or
+    $XDG_CACHE_HOME/llamarun/inductor); returns the folder in use, None without a cache.
+
+    Inductor reads TORCHINDUCTOR_CACHE_DIR each time it needs its folder, but importing
+    torch._dynamo already sets it to a shared, predictable /tmp/torchinductor_USER, so a
+    setdefault after that does nothing: the variable is overwritten unless it holds a folder
+    the user chose before llamarun started (anything but torch's own default). Without a
+    usable home folder, compiled code goes to a private temporary folder that is removed at
+    exit and the FX graph and autotune caches are off: compiling still works, nothing is
+    reused, and one log line says so. Call it before compiling (it imports inductor's
+    code cache, to move its precompiled headers along).
+    """
+    import logging
+    import os
+    import sys
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or ""
+    if Path(current).name.startswith(_NO_CACHE_PREFIX):
+        return None  # a second call, after one that found no usable folder
+    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return Path(current)  # the user's own choice (or this function's, on a second call)
+    try:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # XDG: absolute only
+        folder = base / "llamarun" / "inductor"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
+        use: Path | None = folder
+    except (OSError, RuntimeError) as e:  # RuntimeError: Path.home() with no home at all
+        import atexit
+        import shutil
+        import tempfile
+
+        use = None
+        folder = Path(tempfile.mkdtemp(prefix=_NO_CACHE_PREFIX))  # mode 0700
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        inductor_config.autotune_local_cache = False
+        logging.getLogger(__name__).warning(
+            "no usable cache folder (%s): compiling without a compile cache", e)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    utils = sys.modules.get("torch._inductor.utils")
+    if utils is not None:  # folders inductor already looked up are looked up again
+        utils.clear_caches()
+    # Precompiled C++ headers go to torch's default folder whatever the variable says (a
+    # module constant, torch 2.13): moved along.
+    import torch._inductor.codecache as codecache
+
+    if hasattr(codecache, "_HEADER_DIR") and hasattr(codecache, "_HEADER_LOCK_DIR"):
+        codecache._HEADER_DIR = str(folder / "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = str(folder / "precompiled_headers" / "locks")
+    return use

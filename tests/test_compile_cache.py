@@ -1,0 +1,106 @@
+"""configure_compile_cache: inductor's cache really is ~/.cache/llamarun/inductor, a user's own
+TORCHINDUCTOR_CACHE_DIR wins, and with no usable home compiling works without a cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch._dynamo  # noqa: F401  (sets TORCHINDUCTOR_CACHE_DIR to /tmp/torchinductor_USER)
+import torch._inductor.config as inductor_config
+from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+from llamarun.device import configure_compile_cache
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh home; the variable as torch's import left it; inductor's switches restored after."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    monkeypatch.setattr(inductor_config, "autotune_local_cache", inductor_config.autotune_local_cache)
+    return home
+
+
+def test_torch_default_is_replaced_by_ours(env: Path) -> None:
+    folder = configure_compile_cache()
+    assert folder == env / ".cache" / "llamarun" / "inductor" and folder.is_dir()
+    assert cache_dir() == str(folder)  # what inductor itself will use
+    assert configure_compile_cache() == folder  # a second call changes nothing
+    assert inductor_config.fx_graph_cache is True
+
+
+def test_xdg_cache_home_absolute_only(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert configure_compile_cache() == tmp_path / "xdg" / "llamarun" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # the XDG spec says: ignore it
+    assert configure_compile_cache() == env / ".cache" / "llamarun" / "inductor"
+
+
+def test_the_users_own_folder_wins(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+    assert configure_compile_cache() == mine
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(mine)
+    assert not (env / ".cache").exists()
+
+
+@pytest.mark.parametrize("home", ["a file", "unwritable", "none"])
+def test_no_usable_home_compiles_without_a_cache(env: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture, home: str) -> None:
+    if home == "a file":
+        (env / "f").write_text("")
+        monkeypatch.setenv("HOME", str(env / "f"))
+    elif home == "unwritable":
+        if os.geteuid() == 0:  # root writes anywhere: a read-only home needs another way
+            monkeypatch.setattr(os, "access", lambda *a, **k: False)
+        else:
+            env.chmod(0o500)
+    else:
+        monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(
+            RuntimeError("Could not determine home directory."))))
+    with caplog.at_level(logging.WARNING, logger="llamarun.device"):
+        assert configure_compile_cache() is None
+    env.chmod(0o700)
+    private = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert private.name.startswith("llamarun-inductor-") and private.is_dir()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700 and cache_dir() == str(private)
+    assert inductor_config.fx_graph_cache is False and inductor_config.autotune_local_cache is False
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "compiling without a compile cache" in notes[0], notes
+    assert configure_compile_cache() is None  # a second call: still none, no second folder
+
+
+_COMPILE = """
+import torch, torch._dynamo
+from llamarun.device import configure_compile_cache
+configure_compile_cache()
+f = torch.compile(lambda x: x * 2 + 1)
+assert f(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+"""
+
+
+@pytest.mark.slow
+def test_a_real_compile_writes_into_our_folder(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("XDG_CACHE_HOME", None)
+    subprocess.run([sys.executable, "-c", _COMPILE], env=env, check=True, timeout=300)
+    ours = tmp_path / ".cache" / "llamarun" / "inductor"
+    assert (ours / "fxgraph").is_dir() and any(ours.rglob("*.py"))
+    # Nothing in the shared default (importing torch._dynamo makes that folder, empty).
+    assert [p for p in (tmp_path / "tmp").rglob("*") if not p.is_dir()] == []
