@@ -95,8 +95,7 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
     from llamarun.bench import weight_bytes
     from llamarun.engine import Engine
     from llamarun.loaders import load_checkpoint
-    from llamarun.sampling import SamplingParams, sample
-    from llamarun.slots import Slot
+    from llamarun.sampling import SamplingParams
 
     start = time.perf_counter()
     ck = load_checkpoint(path, device="cpu", dtype=dtype, quantize="auto",
@@ -114,13 +113,12 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
     greedy = SamplingParams.greedy()
     ids = prompt_ids(ck.args.vocab_size, max(pp, TG_PROMPT))
 
-    @torch.inference_mode()
     def first_token() -> tuple[float, float]:
         start = time.perf_counter()
-        logits = engine.decoder.prefill(Slot(0), ids[:pp])
-        done = time.perf_counter()  # CPU: the logits are computed when prefill returns
-        int(sample(logits, greedy, None).item())
-        return pp / (done - start), time.perf_counter() - start
+        for _ in engine.token_events(ids[:pp], max_new_tokens=1, sampling=greedy, reuse=False):
+            pass  # the scheduler's prefill and the first token's id on the host
+        ttft = time.perf_counter() - start
+        return pp / ttft, ttft
 
     def decode() -> tuple[float]:
         events = engine.token_events(ids[:TG_PROMPT], max_new_tokens=tg + 1, sampling=greedy,

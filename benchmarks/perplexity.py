@@ -40,8 +40,8 @@ def load_engine(path: Path, *, device: str, dtype: str, ctx: int, quantize: str 
 
 def run_llamarun(engine: Engine, ids: list[int], *, ctx: int, stride: int) -> PerplexityResult:
     """Perplexity after a one-window warm-up (so tok/s leaves out first-call overheads)."""
-    perplexity(engine.model, ids[:ctx], ctx=ctx, stride=ctx)
-    return perplexity(engine.model, ids, ctx=ctx, stride=stride)
+    perplexity(engine, ids[:ctx], ctx=ctx, stride=ctx)
+    return perplexity(engine, ids, ctx=ctx, stride=stride)
 
 
 def run_llama_cpp(path: Path, ids: list[int], *, ctx: int, stride: int,

@@ -26,17 +26,23 @@ DEFAULT_MODEL = REPO / "benchmarks" / ".cache" / "llama-1b-random.BF16.gguf"
 RESULT = "@@result "
 
 
+class _NoTokenizer:
+    """The benchmark feeds token ids: a tokenizer is never asked for text."""
+
+    bos_id = None
+    add_bos = False
+    stop_ids: frozenset[int] = frozenset()
+
+
 def worker(a: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
     from llamarun.bench import peak_rss_bytes
-    from llamarun.decoder import Decoder
-    from llamarun.generate import generate_tokens
+    from llamarun.engine import Engine
     from llamarun.loaders import load_checkpoint
     from llamarun.parallel import Collectives, from_env, gather_object, init_group
     from llamarun.sampling import SamplingParams
-    from llamarun.slots import Slot
 
     job = from_env(os.environ)
     world = job.world if job else 1
@@ -48,12 +54,12 @@ def worker(a: argparse.Namespace) -> None:
     start = time.perf_counter()
     ck = load_checkpoint(a.model, device="cpu", dtype=a.dtype, max_seq_len=256, tp=tp)
     load_s = time.perf_counter() - start
-    decoder = Decoder(ck.model)
+    engine = Engine(ck, _NoTokenizer(), None)  # type: ignore[arg-type]
     prompt = list(range(1, 9))
 
     def decode(n: int) -> float:
-        events = generate_tokens(decoder, Slot(0), prompt, sampling=SamplingParams.greedy(),
-                                 generator=None, max_new_tokens=n + 1)
+        events = engine.token_events(prompt, max_new_tokens=n + 1,
+                                     sampling=SamplingParams.greedy(), reuse=False)
         next(events)  # the prefill and first token are not decode
         begin = time.perf_counter()
         for _ in events:

@@ -1,37 +1,49 @@
-"""Engine: a loaded model with its tokenizer, chat format, decoder and KV cache slots.
+"""Engine: a loaded model with its tokenizer, chat format, KV cache manager and scheduler.
 
-`generate` turns a prompt's ids into a `Generation` of streamed text: it takes a cache slot,
-reuses the longest prefix the slot already holds, and runs the token loop.
+Every generation is a request to the engine's scheduler (llamarun.scheduler): `generate`,
+`complete` and `ChatSession.send` return a Generation that submits its request when first
+iterated and drives the scheduler's loop while it waits; the server runs the same loop in a
+thread of its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llamarun.decoder import Decoder
-from llamarun.device import is_async
+from llamarun.cache_manager import CacheManager
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
-from llamarun.generate import TokenEvent, generate_tokens
-from llamarun.generation import Cancelled, Generation, GenerationResult, Reply, Stream, TextChunk
+from llamarun.generation import Failed, Generation, GenerationResult, Scored, TextChunk, Token
 from llamarun.loaders import Checkpoint, TensorParallel, detect_layout, load_checkpoint
-from llamarun.sampling import SamplingParams, generator_for
+from llamarun.runner import Runner
+from llamarun.sampling import SamplingParams
+from llamarun.scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, Ticket
 from llamarun.session import ChatSession
-from llamarun.slots import Slot, SlotPool
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
 
 __all__ = ["ChatSession", "Engine", "Generation", "GenerationResult", "TextChunk", "load"]
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id, its position in the cache, and optionally its log-probability."""
+
+    id: int
+    pos: int  # where the token goes in the cache (it is written there by the next step)
+    logprob: float | None = None
+
+
 class Engine:
-    """A model ready to generate: weights, KV cache slots, tokenizer, chat format and decoder."""
+    """A model ready to generate: weights, KV cache manager, tokenizer, chat format, scheduler."""
 
     def __init__(self, checkpoint: Checkpoint, tokenizer: Tokenizer, chat_format: ChatFormat, *,
                  compile: bool = False, load_s: float = 0.0,
-                 tp: TensorParallel | None = None) -> None:
+                 tp: TensorParallel | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.args = checkpoint.args
@@ -41,9 +53,9 @@ class Engine:
         self.chat_format = chat_format
         self.compiled = compile
         self.load_s = load_s
-        # An asynchronous device computes the next step while the host streams the current token.
-        self.lookahead = is_async(self.device)
-        self.decoder = Decoder(self.model, compile=compile)
+        self.cache = CacheManager(self.model.max_batch_size, self.model.max_seq_len)
+        self.runner = Runner(self.model, self.cache, compile=compile)
+        self.scheduler = Scheduler(self.runner, self.cache, tokenizer, prefill_chunk=prefill_chunk)
         self.tp = tp  # this rank's collectives in a tensor-parallel job, else None
 
     @classmethod
@@ -52,18 +64,22 @@ class Engine:
              compile: bool = False, chat_template: str | None = None, quantize: str = "auto",
              group_size: int = 32, slots: int = 1,
              progress: Callable[[int, int], None] | None = None,
-             tp: TensorParallel | None = None) -> Engine:
+             tp: TensorParallel | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
         """Load a Meta/HF folder or GGUF file, its tokenizer and its chat format.
 
         quantize and group_size are as in loaders.load_checkpoint; `slots` sequences can be
         cached at once (max_seq_len positions each); progress(done, total) is called while the
         weights are converted; with `tp` (llamarun.parallel.Collectives) this process holds its
-        rank's part of the model, and every rank must run the same generations in step.
+        rank's part of the model, and every rank must run the same generations in step;
+        prefill_chunk is the scheduler's prompt-token budget per step while others generate.
         """
         if max_seq_len is not None and max_seq_len < 2:
             raise InvalidArgumentError(f"max_seq_len must be at least 2, got {max_seq_len}")
         if slots < 1:
             raise InvalidArgumentError(f"slots must be at least 1, got {slots}")
+        if prefill_chunk < 1:
+            raise InvalidArgumentError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         start = time.perf_counter()
         _, source = detect_layout(Path(path))
         # The tokenizer first: its build-time temporaries are gone before the weights arrive
@@ -75,7 +91,7 @@ class Engine:
         folder = source if source.is_dir() else None
         chat_format = load_chat_format(tokenizer, folder, chat_template=chat_template)
         return cls(ckpt, tokenizer, chat_format, compile=compile,
-                   load_s=time.perf_counter() - start, tp=tp)
+                   load_s=time.perf_counter() - start, tp=tp, prefill_chunk=prefill_chunk)
 
     @property
     def max_seq_len(self) -> int:
@@ -83,47 +99,58 @@ class Engine:
         return self.model.max_seq_len
 
     @property
-    def slots(self) -> SlotPool:
-        """The KV cache's rows and what each holds (owned by the model, beside its cache)."""
-        return self.model.slots
+    def slots(self) -> CacheManager:
+        """The KV cache's rows and what each holds."""
+        return self.cache
 
     def ensure_context(self, n: int) -> None:
         """Grow the KV cache to at least n positions per slot (forgetting what the slots hold)."""
         if n > self.max_seq_len:
+            if self.scheduler.busy != (0, 0):
+                raise RuntimeError("the KV cache cannot grow while requests run")
             self.model.setup_caches(self.model.max_batch_size, n)
+            self.cache.resize(n)
 
-    # -- compiling (see Decoder) -----------------------------------------------------------
+    # -- compiling (see Runner) ------------------------------------------------------------
 
     def compile_in_background(self) -> bool:
-        """Start compiling the decode step in a thread (see Decoder.compile_in_background)."""
-        return self.decoder.compile_in_background()
+        """Start compiling the decode graphs in a thread (see Runner.compile_in_background);
+        they take over between generations once ready."""
+        return self.runner.compile_in_background()
 
     def wait_compiled(self) -> None:
-        """Block until the compiled step is ready (compiling it here if nobody started it)."""
-        self.decoder.wait_compiled()
+        """Block until the compiled graphs are ready (compiling them here if nobody started);
+        the next generation uses them."""
+        self.runner.wait_compiled()
 
     @property
     def compiles_in_background(self) -> bool:
-        """Whether compile_in_background() can work on this device."""
-        return self.decoder.compiles_in_background
+        """Whether compile_in_background() can work here."""
+        return self.runner.compiles_in_background
 
     @property
     def compiling(self) -> bool:
         """Whether a background compile is still running."""
-        return self.decoder.compiling
+        return self.runner.compiling
 
     @property
     def compiled_ready(self) -> bool:
-        """Whether decode steps now run the compiled graph."""
-        return self.decoder.compiled_ready
+        """Whether the compiled decode graphs are built (they are used from the next
+        generation that starts with nothing else running)."""
+        return self.runner.compiled_ready
+
+    @property
+    def compiled_in_use(self) -> bool:
+        """Whether decode steps run the compiled graphs now."""
+        return self.scheduler.use_compiled
 
     @property
     def compile_error(self) -> Exception | None:
         """Why a background compile failed (None if it did not)."""
-        return self.decoder.compile_error
+        return self.runner.compile_error
 
     def warmup(self, *, steps: int = 2) -> float:
-        """Compile the decode step (when compile=True) and run a few steps; return the seconds."""
+        """Compile the decode graphs (when compile=True) and run a few steps; return the seconds."""
         start = time.perf_counter()
         self.wait_compiled()
         prompt = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
@@ -177,10 +204,11 @@ class Engine:
                  on_done: Callable[[GenerationResult], None] | None = None) -> Generation:
         """Stream the continuation of prompt_ids as text.
 
-        Nothing runs until the Generation is iterated; then it takes a cache slot (from a
-        generation still holding it, if all are taken: that one ends "cancelled"), prefills
-        only what the slot lacks of the prompt, and decodes. A non-empty `echo` is yielded
-        first, as a chunk with no token. on_done(result) is called when it ends.
+        Nothing runs until the Generation is iterated; then its request goes to the scheduler,
+        which gives it a free cache slot (the one holding the longest prefix of the prompt; it
+        waits while every slot is busy), prefills only what the slot lacks, and decodes. A
+        non-empty `echo` is yielded first, as a chunk with no token. on_done(result) is called
+        when it ends.
         """
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -188,82 +216,48 @@ class Engine:
         if not ids:
             raise InvalidArgumentError("the prompt has no tokens")
         self.check_fits(len(ids))
-        stream = self._stream(ids, sampling=sampling or SamplingParams(),
-                              max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs, echo=echo)
-        return Generation(stream, prompt_tokens=len(ids), on_done=on_done)
+        request = Request(ids, sampling or SamplingParams(), max_new_tokens, tuple(stop),
+                          top_logprobs=0 if logprobs else None)
+        return Generation(lambda: self.scheduler.submit(request), self.scheduler.next_event,
+                          prompt_tokens=len(ids), echo=echo, on_done=on_done)
+
+    def submit(self, request: Request) -> Ticket:
+        """Submit a request to the scheduler (its events: `next_event(ticket)`)."""
+        return self.scheduler.submit(request)
 
     def token_events(self, prompt_ids: Sequence[int], *, max_new_tokens: int,
                      sampling: SamplingParams | None = None, reuse: bool = True) -> Iterator[TokenEvent]:
-        """The raw token loop on a slot of this engine (ids, no text): for benchmarks and tools.
+        """The raw token loop (ids, no text; stop ids do not end it): for benchmarks and tools.
         reuse=False prefills the whole prompt even where a slot holds it already."""
-        owner = object()
-        slot, _ = self._take_slot(prompt_ids, owner, reuse=reuse)
-        sampling = sampling or SamplingParams.greedy()
+        request = Request(list(prompt_ids), sampling or SamplingParams.greedy(), max_new_tokens,
+                          reuse=reuse, stop_ids=False, text=False)
+        ticket = self.scheduler.submit(request)
         try:
-            yield from generate_tokens(self.decoder, slot, prompt_ids, sampling=sampling,
-                                       generator=generator_for(sampling, self.device),
-                                       max_new_tokens=max_new_tokens, lookahead=self.lookahead)
+            while True:
+                event = self.scheduler.next_event(ticket)
+                if isinstance(event, Token):
+                    assert event.chunk.token_id is not None
+                    yield TokenEvent(event.chunk.token_id, event.pos, event.chunk.logprob)
+                elif isinstance(event, Failed):
+                    raise event.error or RuntimeError(event.message)
+                elif isinstance(event, GenerationResult):
+                    return
         finally:
-            self.slots.release(slot, owner)
+            if not ticket.done:
+                ticket.cancel()
+                while not isinstance(self.scheduler.next_event(ticket), (GenerationResult, Failed)):
+                    pass
 
-    def _take_slot(self, prompt_ids: Sequence[int], owner: object, *,
-                   reuse: bool = True) -> tuple[Slot, int]:
-        """A cache slot for `owner` (taken from an unfinished generation if all are held), cut
-        back to the longest prefix of the prompt it holds (none without `reuse`); with the
-        number of prompt ids it keeps."""
-        slot = self.slots.acquire(prompt_ids, owner, steal=True)
-        assert slot is not None
-        if not reuse:
-            slot.clear()
-        return slot, slot.keep_prefix(prompt_ids)
-
-    def _stream(self, prompt_ids: list[int], *, sampling: SamplingParams, max_new_tokens: int,
-                stop: Sequence[str], logprobs: bool, echo: str) -> Stream:
-        start = time.perf_counter()
-        owner = object()
-        slot: Slot | None = None
-        reused = 0
-        reply = Reply(self.tokenizer, stop=stop, max_new_tokens=max_new_tokens)
-        first = last = start
-        try:
-            if echo:
-                yield TextChunk(echo, None)
-                start = first = last = time.perf_counter()
-            slot, reused = self._take_slot(prompt_ids, owner)
-            events = generate_tokens(self.decoder, slot, prompt_ids, sampling=sampling,
-                                     generator=generator_for(sampling, self.device),
-                                     max_new_tokens=max_new_tokens, logprobs=logprobs,
-                                     lookahead=self.lookahead)
-            try:
-                while reply.finish_reason is None:
-                    if slot.owner is not owner:  # a later generation has taken the slot
-                        reply.end("cancelled")
-                        break
-                    event = next(events, None)
-                    if event is None:  # the context is full
-                        break
-                    last = time.perf_counter()
-                    if reply.sampled == 0:
-                        first = last
-                    chunk = reply.push(event.id, event.logprob)
-                    if chunk is not None:
-                        yield chunk
-            finally:
-                events.close()
-            tail = reply.end("context")
-            if tail:
-                yield TextChunk(tail, None)
-        except Cancelled:
-            reply.end("cancelled")
-        finally:
-            if slot is not None:
-                self.slots.release(slot, owner)
-        return GenerationResult(
-            text=reply.text, finish_reason=reply.finish_reason or "cancelled",
-            prompt_tokens=len(prompt_ids), reused_tokens=reused, completion_tokens=reply.sampled,
-            token_ids=tuple(reply.ids),
-            prefill_s=(first - start) if reply.sampled else time.perf_counter() - start,
-            decode_s=last - first)
+    def score(self, ids: Sequence[int], *, first: int) -> Scored:
+        """Summed negative log-likelihood of ids[first:], each token given those before it
+        (the window starts at position 0 of a slot; perplexity runs on this)."""
+        ticket = self.scheduler.submit(Request(list(ids), score_from=first))
+        while True:
+            event = self.scheduler.next_event(ticket)
+            if isinstance(event, Scored):
+                return event
+            if isinstance(event, Failed):
+                raise event.error or RuntimeError(event.message)
 
 
 def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",

@@ -1,9 +1,11 @@
-"""What a generation streams and how it ends: TextChunk, GenerationResult and Generation."""
+"""What a generation streams and how it ends: TextChunk, Token, GenerationResult, the other
+events of a request, and Generation (a synchronous client of the scheduler)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llamarun.tokenizer import StreamDecoder, Tokenizer
 
@@ -52,9 +54,10 @@ class Reply:
     or max_new_tokens)."""
 
     def __init__(self, tokenizer: Tokenizer, *, stop: Sequence[str] = (),
-                 max_new_tokens: int) -> None:
-        self._text = StreamDecoder(tokenizer, stop_strings=stop)
-        self._stop_ids = tokenizer.stop_ids
+                 max_new_tokens: int, stop_ids: bool = True, text: bool = True) -> None:
+        # text=False: ids only (benchmarks, tools): no detokenizing, chunks carry no text.
+        self._text = StreamDecoder(tokenizer, stop_strings=stop) if text else None
+        self._stop_ids = tokenizer.stop_ids if stop_ids else frozenset()
         self.max_new_tokens = max_new_tokens
         self.ids: list[int] = []  # the reply's ids, without a final stop id
         self.sampled = 0  # ids pushed, a final stop id included
@@ -63,7 +66,7 @@ class Reply:
     @property
     def text(self) -> str:
         """The text streamed so far."""
-        return self._text.text
+        return self._text.text if self._text is not None else ""
 
     def push(self, token_id: int, logprob: float | None = None) -> TextChunk | None:
         """Add a sampled id; return its chunk (None for a stop id, which ends the reply)."""
@@ -72,8 +75,9 @@ class Reply:
             self.finish_reason = "stop"
             return None
         self.ids.append(token_id)
-        chunk = TextChunk(self._text.push(token_id), token_id, logprob)
-        if self._text.stopped:
+        text = self._text.push(token_id) if self._text is not None else ""
+        chunk = TextChunk(text, token_id, logprob)
+        if self._text is not None and self._text.stopped:
             self.finish_reason = "stop"
         elif self.sampled >= self.max_new_tokens:
             self.finish_reason = "length"
@@ -85,27 +89,64 @@ class Reply:
         shown."""
         if self.finish_reason is None:
             self.finish_reason = reason
-        if self._text.stopped or self.finish_reason == "cancelled":
+        if self._text is None or self._text.stopped or self.finish_reason == "cancelled":
             return ""
         return self._text.flush()
 
 
+@dataclass(frozen=True)
+class Token:
+    """One streamed token: its chunk of text (with its id and log-probability), its position in
+    the KV cache, and the top alternatives when asked for."""
+
+    chunk: TextChunk
+    pos: int = 0
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A scoring request's result: summed negative log-likelihood (nats) of `tokens` tokens."""
+
+    nll: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request that ended in an error: `message` for a client, `error` when there is one."""
+
+    message: str
+    error: Exception | None = None
+
+
+# What a request receives, in order: Token/TextChunk..., then a GenerationResult, Scored or Failed.
+Event = Token | TextChunk | GenerationResult | Scored | Failed
+FINAL = (GenerationResult, Scored, Failed)
+
+
 class Cancelled(Exception):
-    """Thrown into a running stream to end it early (Generation.close)."""
-
-
-# A stream yields chunks and returns its result; thrown Cancelled, it ends with "cancelled".
-Stream = Generator[TextChunk, None, GenerationResult]
+    """Raised by Generation.close's stream helpers; kept for callers that catch it."""
 
 
 class Generation:
-    """An iterator of TextChunk over a stream; `result` is set once it is exhausted or closed."""
+    """A synchronous client of the scheduler: an iterator of TextChunk for one request; `result`
+    is set once it is exhausted or closed.
 
-    def __init__(self, stream: Stream, *, prompt_tokens: int,
+    Nothing is submitted until the first chunk is asked for; `echo` text, if any, comes first.
+    `submit()` returns the request's ticket and `next_event(ticket)` its next event (driving the
+    scheduler's loop in this thread when no other thread does).
+    """
+
+    def __init__(self, submit: Callable[[], Any], next_event: Callable[[Any], Event], *,
+                 prompt_tokens: int, echo: str = "",
                  on_done: Callable[[GenerationResult], None] | None = None) -> None:
         self.prompt_tokens = prompt_tokens
         self.dropped_turns = 0  # set by ChatSession when old turns were dropped to fit
-        self._stream = stream
+        self._submit = submit
+        self._next_event = next_event
+        self._ticket: Any = None
+        self._echo = echo
         self._result: GenerationResult | None = None
         self._on_done = on_done
 
@@ -115,27 +156,47 @@ class Generation:
     def __next__(self) -> TextChunk:
         if self._result is not None:
             raise StopIteration
-        try:
-            return next(self._stream)
-        except StopIteration as end:
-            self._finish(end.value)
-            raise
+        if self._echo:
+            echo, self._echo = self._echo, ""
+            return TextChunk(echo, None)
+        if self._ticket is None:
+            self._ticket = self._submit()
+        while True:
+            event = self._next_event(self._ticket)
+            if isinstance(event, Token):
+                return event.chunk
+            if isinstance(event, TextChunk):
+                return event
+            if isinstance(event, GenerationResult):
+                self._finish(event)
+                raise StopIteration
+            if isinstance(event, Failed):
+                self._finish(self._empty("cancelled"))
+                if event.error is not None:
+                    raise event.error
+                raise RuntimeError(event.message)
 
     def close(self) -> None:
         """Stop generating; `result` then reports finish_reason "cancelled"."""
         if self._result is not None:
             return
-        try:
-            self._stream.throw(Cancelled())
-        except StopIteration as end:
-            self._finish(end.value)
-        except Cancelled:  # never started: nothing was computed
-            self._finish(GenerationResult(
-                text="", finish_reason="cancelled", prompt_tokens=self.prompt_tokens,
-                reused_tokens=0, completion_tokens=0, token_ids=(), prefill_s=0.0, decode_s=0.0))
-        else:  # the stream yielded again instead of ending: make it end
-            self._stream.close()
-            raise RuntimeError("a stream went on after it was cancelled")
+        if self._ticket is None:  # never started: nothing was computed
+            self._finish(self._empty("cancelled"))
+            return
+        self._ticket.cancel()
+        while True:
+            event = self._next_event(self._ticket)
+            if isinstance(event, GenerationResult):
+                self._finish(event)
+                return
+            if isinstance(event, Failed):
+                self._finish(self._empty("cancelled"))
+                return
+
+    def __del__(self) -> None:  # an abandoned generation frees its slot
+        ticket = getattr(self, "_ticket", None)
+        if ticket is not None and getattr(self, "_result", None) is None:
+            ticket.cancel()
 
     @property
     def done(self) -> bool:
@@ -148,6 +209,11 @@ class Generation:
         if self._result is None:
             raise RuntimeError("the generation has not finished: iterate it to the end or close() it")
         return self._result
+
+    def _empty(self, reason: str) -> GenerationResult:
+        return GenerationResult(text="", finish_reason=reason, prompt_tokens=self.prompt_tokens,
+                                reused_tokens=0, completion_tokens=0, token_ids=(),
+                                prefill_s=0.0, decode_s=0.0)
 
     def _finish(self, result: GenerationResult) -> None:
         self._result = result

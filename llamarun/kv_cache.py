@@ -18,22 +18,12 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, S, head_dim) at positions input_pos (S,) of rows row..row+B-1;
-        return those rows of the caches."""
-        k_out = self.k_cache[row:row + k.shape[0]]
-        v_out = self.v_cache[row:row + k.shape[0]]
-        k_out.index_copy_(2, input_pos, k)
-        v_out.index_copy_(2, input_pos, v)
-        return k_out, v_out
-
-    def write_rows(self, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one token per sequence: k, v (B, n_kv_heads, 1, head_dim) at pos[i] of rows[i];
-        return the whole caches."""
-        self.k_cache[rows, :, pos] = k[:, :, 0]
-        self.v_cache[rows, :, pos] = v[:, :, 0]
+    def write(self, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write packed tokens: k, v (T, n_kv_heads, head_dim) at pos[i] of rows[i]; return the
+        whole caches."""
+        self.k_cache[rows, :, pos] = k
+        self.v_cache[rows, :, pos] = v
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:

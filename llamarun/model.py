@@ -14,7 +14,6 @@ from llamarun.config import ModelArgs
 from llamarun.device import attention_dtype, linear
 from llamarun.kv_cache import KVCache
 from llamarun.rope import apply_rope, rope_cache
-from llamarun.slots import SlotPool
 
 
 class Linear(nn.Linear):
@@ -36,17 +35,18 @@ class Linear(nn.Linear):
 
 
 @dataclass(frozen=True)
-class DecodeRows:
-    """One new token for each of several cache rows (batched decoding).
+class Span:
+    """One sequence's part of a step: `length` new tokens written at positions start.. of cache
+    row `row`, each attending over that row's positions 0..its own (and nothing else)."""
 
-    rows (B,) long: the KV cache row of each sequence; pos (B,) long: the new token's position in
-    its row; lengths: pos + 1 as Python ints (each row attends over exactly its own past).
-    """
+    row: int
+    start: int
+    length: int
 
-    rows: torch.Tensor
-    pos: torch.Tensor
-    row_ids: tuple[int, ...]
-    lengths: tuple[int, ...]
+    @property
+    def end(self) -> int:
+        """One past the position of the span's last token."""
+        return self.start + self.length
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums partial results across tensor-parallel ranks
@@ -88,51 +88,67 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.reduce: Reduce | None = None  # tensor parallelism: sums the ranks' partial outputs
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int | None, row: int = 0,
-                batch: DecodeRows | None = None) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, step: Step | None) -> torch.Tensor:
+        """x (1, T, dim): T tokens, either one causal sequence at positions 0.. (step None: no
+        cache) or the spans of `step` packed one after another."""
+        _, n_tokens, _ = x.shape
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
         qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
         # One rotation for the query and key heads together: half the small ops of two.
-        qk = apply_rope(qk.view(bsz, seqlen, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
-        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, head_dim)
+        qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
+        q, k = qk[0].split([self.n_heads, self.n_kv_heads], dim=1)  # (T, heads, head_dim)
+        v = v.view(n_tokens, self.n_kv_heads, self.head_dim)
         gqa = self.n_heads != self.n_kv_heads
-        if self.kv_cache is not None:
-            dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
-            if batch is not None:
-                y = self._attend_rows(q, k, v, batch)
-                return self._out(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
-            k, v = self.kv_cache.update(input_pos, k, v, row=row)  # (B, kv heads, max_seq_len, hd)
-            if kv_len is not None:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
+        if step is None:
+            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=n_tokens > 1,
+                                               enable_gqa=gqa)[0]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self._out(y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype))
-
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
+            assert self.kv_cache is not None
+            y = self._attend_spans(q, k, v, step)
+        y = y.transpose(0, 1).reshape(1, n_tokens, q_size).to(x.dtype)
         out = self.wo(y)
         return out if self.reduce is None else self.reduce(out)
 
-
-    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     batch: DecodeRows) -> torch.Tensor:
-        """Write one token per row and attend each row over exactly its own past, one row at a
-        time: a row's result never depends on the other rows (batch-invariant), and equals a
-        one-row batch's bit for bit."""
+    def _attend_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      step: Step) -> torch.Tensor:
+        """Write each token's key and value into the cache, then attend each span over exactly
+        its own row's past: one SDPA per span, so that a span's result never depends on the
+        others (batch-invariant, bit for bit; one call over padded rows is not: SDPA's result
+        changes in the last bits with the padded length and the batch size, measured)."""
         assert self.kv_cache is not None
-        k_all, v_all = self.kv_cache.write_rows(batch.rows, batch.pos, k, v)
+        dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
+        k_all, v_all = self.kv_cache.write(step.rows, step.pos, k.to(dt), v.to(dt))
+        q = q.to(dt)
         gqa = self.n_heads != self.n_kv_heads
-        out = [F.scaled_dot_product_attention(q[i:i + 1], k_all[r:r + 1, :, :n], v_all[r:r + 1, :, :n],
-                                              enable_gqa=gqa)
-               for i, (r, n) in enumerate(zip(batch.row_ids, batch.lengths))]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        out = []
+        offset = 0
+        for span, mask in zip(step.spans, step.masks):
+            row = span.row - step.row_bias
+            qs = q[offset:offset + span.length].transpose(0, 1)[None]  # (1, H, length, hd)
+            ks = k_all[row:row + 1, :, :span.end]  # (1, kv heads, end, hd)
+            vs = v_all[row:row + 1, :, :span.end]
+            out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)[0])
+            offset += span.length
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (H, T, head_dim)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The cache side of one forward pass over packed spans (see Transformer.forward_spans).
+
+    rows, pos (T,) long: the cache row and position of every token; spans: each sequence's part,
+    with `row_bias` added to its row (a compiled step passes rows >= 2: torch.compile would
+    specialize its graph on a row index of 0 or 1); masks: per span, None (it may attend to its
+    whole past: one token) or its (length, end) causal mask.
+    """
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    spans: tuple[Span, ...]
+    masks: tuple[torch.Tensor | None, ...]
+    row_bias: int = 0
 
 
 class FeedForward(nn.Module):
@@ -160,10 +176,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None, kv_len: int | None, row: int = 0,
-                batch: DecodeRows | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask, kv_len, row, batch)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, step: Step | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -181,19 +195,17 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = 0
         self.max_seq_len = 0
-        self.slots = SlotPool(1)  # what each row of the KV cache holds (see setup_caches)
         self.vocab: VocabShard | None = None  # tensor parallelism: this rank's part of the vocab
         self.register_buffer("freqs", torch.empty(0), persistent=False)
         self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
-        """Allocate the RoPE table and a KV cache per layer with max_batch_size rows (slots) of
-        max_seq_len positions; `slots` then describes the (empty) rows."""
+        """Allocate the RoPE table and a KV cache per layer with max_batch_size rows of
+        max_seq_len positions (which rows hold what is the business of a CacheManager)."""
         weight = self.norm.weight  # dense in the model's dtype, whatever the projections are
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.slots = SlotPool(max_batch_size)
         a = self.args
         self.freqs = rope_cache(max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
                                 device=weight.device)
@@ -207,40 +219,89 @@ class Transformer(nn.Module):
 
     def reset_caches(self) -> None:
         """Zero every layer's KV cache."""
-        self.slots.clear()
         for layer in self.layers:
             if layer.attention.kv_cache is not None:
                 layer.attention.kv_cache.reset()
 
+    @property
+    def has_kv_cache(self) -> bool:
+        """Whether setup_caches() allocated a KV cache."""
+        return self.layers[0].attention.kv_cache is not None
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
                 output_idx: torch.Tensor | None = None, kv_len: int | None = None,
-                kv_exact: bool = False, row: int = 0) -> torch.Tensor:
-        """Logits for tokens (B, S) at positions input_pos (S,), cached in rows row..row+B-1.
-
-        output_idx selects the sequence positions whose logits are computed (all when None);
-        kv_len, a Python int >= input_pos.max() + 1, limits attention to the first kv_len cache
-        slots (a speed hint for eager decoding; None attends over the whole static cache).
-        kv_exact says that S == 1 and kv_len == input_pos[0] + 1: every attended slot is in the
-        past, so no mask is built. Without a KV cache, input_pos must start at 0 (plain causal
-        attention).
+                row: int = 0) -> torch.Tensor:
+        """Logits (B, len(output_idx) or S, vocab) for tokens (B, S) at the consecutive positions
+        input_pos (S,), written in cache rows row..row+B-1 (a convenience over forward_spans;
+        kv_len is accepted for compatibility and ignored: every span attends over exactly its
+        past). Without a KV cache, input_pos must start at 0 (plain causal attention).
         """
         if self.freqs.numel() == 0:
             raise RuntimeError("call setup_caches() before forward()")
-        cached = self.layers[0].attention.kv_cache is not None
-        if cached and row + tokens.shape[0] > self.max_batch_size:
-            raise ValueError(f"a batch of {tokens.shape[0]} from row {row} exceeds the KV cache's "
+        bsz, seqlen = tokens.shape
+        start = int(input_pos[0]) if seqlen else 0
+        if not self.has_kv_cache:
+            if start != 0:
+                raise ValueError("without a KV cache, a forward pass starts at position 0")
+            out = torch.cat([self._run(tokens[b], self.freqs[input_pos], None, output_idx)
+                             for b in range(bsz)]) if bsz > 1 else \
+                self._run(tokens[0], self.freqs[input_pos], None, output_idx)
+            return out.view(bsz, -1, out.shape[-1])
+        if row + bsz > self.max_batch_size:
+            raise ValueError(f"a batch of {bsz} from row {row} exceeds the KV cache's "
                              f"max batch size {self.max_batch_size} (see setup_caches)")
-        freqs = self.freqs[input_pos]  # (S, head_dim // 2, 2)
-        mask = None
-        if cached and not (kv_exact and tokens.shape[1] == 1 and kv_len is not None):
-            keys = self.positions if kv_len is None else self.positions[:kv_len]
-            mask = keys[None, :] <= input_pos[:, None]  # (S, kv_len): causal over cache slots
-        h = self._embed(tokens)  # (B, S, dim)
+        spans = [Span(row + b, start, seqlen) for b in range(bsz)]
+        idx = None
+        if output_idx is not None:
+            idx = torch.cat([output_idx + b * seqlen for b in range(bsz)])
+        logits = self.forward_spans(tokens.reshape(-1), spans, output_idx=idx)
+        return logits.view(bsz, -1, logits.shape[-1])
+
+    def make_step(self, spans: Sequence[Span], *, row_bias: int = 0) -> Step:
+        """The cache side of a forward pass over `spans` (their rows given with row_bias added)."""
+        device = self.positions.device
+        rows = torch.tensor([s.row - row_bias for s in spans for _ in range(s.length)],
+                            dtype=torch.long, device=device)
+        pos = torch.cat([self.positions[s.start:s.end] for s in spans]) if len(spans) > 1 else \
+            self.positions[spans[0].start:spans[0].end]
+        masks = tuple(None if s.length == 1 else
+                      self.positions[None, :s.end] <= self.positions[s.start:s.end, None]
+                      for s in spans)
+        return Step(rows, pos, tuple(spans), masks, row_bias)
+
+    def forward_spans(self, tokens: torch.Tensor, spans: Sequence[Span], *,
+                      output_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (len(output_idx) or T, vocab) for the packed tokens (T,) of `spans`: span i's
+        tokens follow span i-1's, and are written at positions span.start.. of cache row span.row.
+
+        Every product treats tokens independently (device.linear) and every span attends over
+        exactly its own past, so a span's logits do not depend on the other spans. This one
+        forward serves prefill (a span of many tokens), decoding (many spans of one) and
+        verification (spans of a few).
+        """
+        if not self.has_kv_cache or self.freqs.numel() == 0:
+            raise RuntimeError("call setup_caches() with a KV cache before forward_spans()")
+        for s in spans:
+            if s.length < 1 or s.start < 0 or s.end > self.max_seq_len:
+                raise ValueError(f"span {s} does not fit in the KV cache of {self.max_seq_len}")
+            if not 0 <= s.row < self.max_batch_size:
+                raise ValueError(f"span {s}: row outside the KV cache's {self.max_batch_size} rows")
+        step = self.make_step(spans)
+        return self.run_step(tokens, step, output_idx)
+
+    def run_step(self, tokens: torch.Tensor, step: Step,
+                 output_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """forward_spans with its Step made already (the function a compiled step traces)."""
+        return self._run(tokens, self.freqs[step.pos], step, output_idx)
+
+    def _run(self, tokens: torch.Tensor, freqs: torch.Tensor, step: Step | None,
+             output_idx: torch.Tensor | None) -> torch.Tensor:
+        h = self._embed(tokens)[None]  # (1, T, dim)
         for layer in self.layers:
-            h = layer(h, freqs, input_pos, mask, kv_len, row)
+            h = layer(h, freqs, step)
         if output_idx is not None:
             h = h[:, output_idx]
-        return self._logits(h)  # (B, len(output_idx) or S, vocab)
+        return self._logits(h)[0]  # (T or len(output_idx), vocab)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:
@@ -250,21 +311,3 @@ class Transformer(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.norm(h)).float()
         return logits if self.vocab is None else self.vocab.gather(logits)
-
-    def decode(self, tokens: torch.Tensor, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Logits (B, vocab) after feeding tokens (B,) at positions[i] of cache rows[i].
-
-        Each row attends over exactly its own past, and every product treats rows independently
-        where the device allows (device.linear): a row's logits do not depend on the batch.
-        """
-        if self.freqs.numel() == 0 or self.layers[0].attention.kv_cache is None:
-            raise RuntimeError("call setup_caches() with a KV cache before decode()")
-        device = self.positions.device
-        batch = DecodeRows(rows=torch.tensor(list(rows), dtype=torch.long, device=device),
-                           pos=torch.tensor(list(positions), dtype=torch.long, device=device),
-                           row_ids=tuple(rows), lengths=tuple(p + 1 for p in positions))
-        freqs = self.freqs[batch.pos][:, None]  # (B, 1, head_dim // 2, 2)
-        h = self._embed(tokens.view(-1, 1))  # (B, 1, dim)
-        for layer in self.layers:
-            h = layer(h, freqs, batch.pos, None, None, 0, batch)
-        return self._logits(h)[:, 0]

@@ -279,51 +279,50 @@ def torchrun_command(n: int, argv: list[str]) -> list[str]:
             "--standalone", "-m", "llamarun", *argv]
 
 
-class LeaderDecoder:
-    """Rank 0's decoder in a tensor-parallel server: every prefill and step it runs is first
-    sent to the other ranks (see follow), so that they run the same ones with it."""
+class LeaderRunner:
+    """Rank 0's runner in a tensor-parallel server: every forward pass it runs is first sent to
+    the other ranks (see follow), so that they run the same ones with it, on slots kept in the
+    same state through their own cache managers."""
 
-    def __init__(self, decoder: Any, group: Any) -> None:
-        self._decoder = decoder
+    def __init__(self, runner: Any, group: Any) -> None:
+        self._runner = runner
         self._group = group
-        self.device = decoder.device
+        self.device = runner.device
+        self.cache = runner.cache
 
     @property
     def max_seq_len(self) -> int:
-        return self._decoder.max_seq_len
+        return self._runner.max_seq_len
 
-    def prefill(self, slot: Any, ids: Sequence[int]) -> torch.Tensor:
-        broadcast_object(("prefill", slot.index, len(slot.ids), list(ids)), group=self._group)
-        return self._decoder.prefill(slot, ids)
+    @property
+    def compiled_ready(self) -> bool:
+        return self._runner.compiled_ready
 
-    def step(self, slots: Sequence[Any], tokens: torch.Tensor,
-             ids: Sequence[int] | None = None) -> torch.Tensor:
-        broadcast_object(("step", [s.index for s in slots], [len(s.ids) for s in slots],
-                          tokens.tolist()), group=self._group)
-        return self._decoder.step(slots, tokens, ids)
+    def run(self, writes: Sequence[Any], *, compiled: bool = False) -> torch.Tensor:
+        message = ("run", [(w.slot.index, len(w.slot.ids), list(w.ids), w.logits) for w in writes],
+                   compiled)
+        broadcast_object(message, group=self._group)
+        return self._runner.run(writes, compiled=compiled)
 
     def close(self) -> None:
         """Let the other ranks' follow() return."""
         broadcast_object(("stop",), group=self._group)
 
 
-def follow(decoder: Any, slots: Any, group: Any) -> None:
-    """On ranks other than 0 of a tensor-parallel server: run the prefills and steps rank 0's
-    LeaderDecoder sends, on this rank's slots, until it closes."""
+def follow(runner: Any, group: Any) -> None:
+    """On ranks other than 0 of a tensor-parallel server: run the passes rank 0's LeaderRunner
+    sends, on this rank's slots (cut back to what the leader's held first), until it closes."""
+    from llamarun.runner import Write
+
+    cache = runner.cache
     while True:
         message = broadcast_object(None, group=group)
-        kind = message[0]  # type: ignore[index]
-        if kind == "stop":
+        if message[0] == "stop":  # type: ignore[index]
             return
-        if kind == "prefill":
-            _, index, kept, ids = message  # type: ignore[misc]
-            slot = slots.slots[index]
-            del slot.ids[kept:]  # what the leader's slot kept of its prefix
-            decoder.prefill(slot, ids)
-        else:
-            _, indices, lengths, tokens = message  # type: ignore[misc]
-            rows = [slots.slots[i] for i in indices]
-            for slot, n in zip(rows, lengths):
-                del slot.ids[n:]
-            device = decoder.device
-            decoder.step(rows, torch.tensor(tokens, dtype=torch.long, device=device), tokens)
+        _, entries, compiled = message  # type: ignore[misc]
+        writes = []
+        for index, kept, ids, logits in entries:
+            slot = cache.slots[index]
+            cache.truncate(slot, kept)
+            writes.append(Write(slot, ids, tuple(logits)))
+        runner.run(writes, compiled=compiled)

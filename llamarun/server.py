@@ -25,7 +25,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from llamarun.batcher import Batcher, Event, Failed, QueueFull, Request, Stopped, Ticket, Token
+from llamarun.generation import Event, Failed, Token
+from llamarun.scheduler import QueueFull, Request, Scheduler, Stopped, Ticket
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.generation import GenerationResult, TextChunk
@@ -99,20 +100,19 @@ _BodyT = TypeVar("_BodyT", bound=_Body)
 
 def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                max_queue: int = 64, max_tokens_default: int = 512,
-               sampling: SamplingParams | None = None, decoder: Any = None,
+               sampling: SamplingParams | None = None,
                body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The ASGI application serving `engine` (its KV cache slots are the concurrent requests).
 
     `sampling` holds the defaults for the fields a request leaves out (llamarun's by default);
-    `decoder` replaces the engine's (a tensor-parallel leader's, say). A request body must
-    arrive within `body_timeout` seconds of its head. InvalidArgumentError if `api_key` is not
-    printable ASCII.
+    Requests go to the engine's scheduler, whose loop runs in a thread while the app is up.
+    A request body must arrive within `body_timeout` seconds of its head. InvalidArgumentError
+    if `api_key` is not printable ASCII.
     """
     if api_key is not None:
         check_api_key(api_key)
     defaults = sampling or SamplingParams()
-    batcher = Batcher(decoder or engine.decoder, engine.slots, engine.tokenizer,
-                      max_queue=max_queue)
+    batcher = engine.scheduler
     created = int(time.time())
 
     @asynccontextmanager
@@ -126,7 +126,6 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     app = FastAPI(title="llamarun", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.batcher = batcher
-
     # Outermost: the key and the body's size and time are checked before any route reads it.
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES,
                        body_timeout=body_timeout)
@@ -178,9 +177,9 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             # Submitted before the response starts: a full queue is an HTTP error, not a stream.
-            return _sse(_chat_chunks(_submit(batcher, req), req, rid, model_id, body, engine,
+            return _sse(_chat_chunks(_submit(batcher, req, max_queue), req, rid, model_id, body, engine,
                                      usage))
-        events, result = await _collect(batcher, req, http)
+        events, result = await _collect(batcher, req, http, max_queue)
         usage["completion"] = result.completion_tokens
         message = {"role": "assistant", "content": result.text}
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
@@ -202,9 +201,9 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         echo = prompt_text if body.echo else ""
         if body.stream:
-            return _sse(_completion_chunks(_submit(batcher, req), req, rid, model_id, body, engine,
+            return _sse(_completion_chunks(_submit(batcher, req, max_queue), req, rid, model_id, body, engine,
                                            echo, usage))
-        events, result = await _collect(batcher, req, http)
+        events, result = await _collect(batcher, req, http, max_queue)
         usage["completion"] = result.completion_tokens
         choice: dict[str, Any] = {"index": 0, "text": echo + result.text, "logprobs": None,
                                   "finish_reason": _finish(result)}
@@ -346,11 +345,12 @@ def _usage(result: GenerationResult) -> dict[str, Any]:
 
 # -- running a request -------------------------------------------------------------------------
 
-def _submit(batcher: Batcher, req: Request) -> tuple[Ticket, asyncio.Queue[Event]]:
+def _submit(batcher: Scheduler, req: Request, max_queue: int) -> tuple[Ticket, asyncio.Queue[Event]]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
     try:
-        ticket = batcher.submit(req, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        ticket = batcher.submit(req, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
+                                max_queue=max_queue)
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
     except Stopped as e:
@@ -373,12 +373,12 @@ async def _events(submitted: tuple[Ticket, asyncio.Queue[Event]]) -> AsyncIterat
         ticket.cancel()  # a no-op once finished; frees the slot at once otherwise
 
 
-async def _collect(batcher: Batcher, req: Request,
-                   http: HTTPRequest) -> tuple[list[Event], GenerationResult]:
+async def _collect(batcher: Scheduler, req: Request,
+                   http: HTTPRequest, max_queue: int) -> tuple[list[Event], GenerationResult]:
     """Run a request to its end, cancelling it if the client disconnects meanwhile."""
     events: list[Event] = []
 
-    submitted = _submit(batcher, req)
+    submitted = _submit(batcher, req, max_queue)
 
     async def run() -> GenerationResult:
         async for e in _events(submitted):

@@ -44,7 +44,7 @@ def test_stop_id_ends_generation(engine: Engine, monkeypatch: pytest.MonkeyPatch
     assert r.finish_reason == "stop" and list(r.token_ids) == full[:4] and r.completion_tokens == 5
     # The slot holds the prompt and the replies' tokens written so far; a repeat of the same
     # prompt prefills only its last token.
-    assert engine.slots.slots[0].ids == engine.encode_prompt(PROMPT) + full[:4]
+    assert engine.cache.slots[0].ids == engine.encode_prompt(PROMPT) + full[:4]
     again = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=3)
     list(again)
     assert again.result.prompt_tokens == 5 and again.result.prefill_tokens == 1
@@ -101,7 +101,7 @@ def test_chat_second_turn_prefills_only_new_tokens(engine: Engine) -> None:
     # Only the reply's last token (never written) and the new turn are prefilled.
     assert g2.result.prefill_tokens == len(followup) + 1 == session.last_prefill
     # The cached conversation gives the same reply as prefilling everything from scratch.
-    engine.slots.slots[0].clear()
+    engine.cache.truncate(engine.cache.slots[0], 0)
     fresh = engine.generate(cached_all, sampling=GREEDY, max_new_tokens=12)
     assert [c.token_id for c in fresh if c.token_id is not None] == reply2
     assert fresh.result.prefill_tokens == len(cached_all)
@@ -143,7 +143,7 @@ def test_chat_clear_and_cancel(engine: Engine) -> None:
     fresh = engine.generate(dialog, sampling=GREEDY, max_new_tokens=5)
     list(fresh)
     assert fresh.result.token_ids == g3.result.token_ids
-    engine.slots.slots[0].clear()  # someone else's use of the cache: the session prefills it all
+    engine.cache.truncate(engine.cache.slots[0], 0)  # someone else's use of the cache: the session prefills it all
     g4 = session.send("Hi", sampling=GREEDY, max_new_tokens=5)
     list(g4)
     assert g4.result.prefill_tokens == g4.prompt_tokens > len(dialog)
@@ -209,14 +209,21 @@ def test_background_compile_switches_without_changing_tokens(one_thread: None) -
         torch._dynamo.reset()
 
 
-def test_a_new_generation_takes_the_slot_of_an_unfinished_one(engine: Engine) -> None:
+def test_a_busy_slot_is_never_taken(engine: Engine) -> None:
+    """A second generation while the first holds the only slot waits for it to end (it is not
+    cancelled): the first's tokens are those it gives alone."""
+    alone = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
+    list(alone)
     first = engine.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
     started = [next(first), next(first)]
     second = engine.complete("Lily went", sampling=GREEDY, max_new_tokens=5)
     list(second)
-    assert list(first) == [] and first.result.finish_reason == "cancelled"
-    assert first.result.token_ids == tuple(c.token_id for c in started)
     assert second.result.finish_reason == "length"
+    rest = list(first)
+    assert first.result.token_ids == alone.result.token_ids
+    assert [c.token_id for c in started + rest if c.token_id is not None] == \
+        list(alone.result.token_ids)
+    assert first.result.finish_reason == alone.result.finish_reason
 
 
 def test_lone_surrogates_in_text_are_replaced(engine: Engine) -> None:

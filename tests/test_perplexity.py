@@ -53,7 +53,7 @@ def reference_nll(engine: Engine, ids: list[int], ctx: int, stride: int) -> floa
 @pytest.mark.parametrize(("ctx", "stride"), [(32, 16), (48, 20), (40, 40), (64, 1)])
 def test_matches_reference_loop(engine: Engine, ctx: int, stride: int) -> None:
     ids = story_ids(engine)[:130]
-    r = perplexity(engine.model, ids, ctx=ctx, stride=stride)
+    r = perplexity(engine, ids, ctx=ctx, stride=stride)
     expected = reference_nll(engine, ids, ctx, stride)
     assert r.nll == pytest.approx(expected, rel=1e-5)
     assert r.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
@@ -66,7 +66,7 @@ def test_matches_reference_loop(engine: Engine, ctx: int, stride: int) -> None:
 def test_one_window_is_one_forward(engine: Engine) -> None:
     ids = story_ids(engine, 1)
     assert len(ids) < 100
-    r = perplexity(engine.model, ids, ctx=100, stride=100)
+    r = perplexity(engine, ids, ctx=100, stride=100)
     with torch.inference_mode():
         logits = engine.model(torch.tensor([ids]), engine.model.positions[:len(ids)])[0]
         ce = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
@@ -78,17 +78,17 @@ def test_stories_beat_random_ids(engine: Engine) -> None:
     ids = story_ids(engine, 4)
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(3, engine.args.vocab_size, (len(ids),), generator=g).tolist()
-    story = perplexity(engine.model, ids, ctx=64).perplexity
-    random = perplexity(engine.model, noise, ctx=64).perplexity
+    story = perplexity(engine, ids, ctx=64).perplexity
+    random = perplexity(engine, noise, ctx=64).perplexity
     assert story < random / 2, (story, random)
 
 
 def test_default_stride_truncation_and_progress(engine: Engine) -> None:
     ids = story_ids(engine, 4)
     calls: list[tuple[int, int]] = []
-    r = perplexity(engine.model, ids, ctx=32, max_tokens=100,
+    r = perplexity(engine, ids, ctx=32, max_tokens=100,
                    progress=lambda done, total: calls.append((done, total)))
-    again = perplexity(engine.model, ids[:100], ctx=32, stride=16)
+    again = perplexity(engine, ids[:100], ctx=32, stride=16)
     assert r.stride == 16 and r.nll == again.nll and r.n_tokens_scored == 99
     assert len(calls) == r.n_windows and calls[-1] == (100, 100)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
@@ -104,14 +104,14 @@ def test_default_stride_truncation_and_progress(engine: Engine) -> None:
 ])
 def test_bad_settings(engine: Engine, kwargs: dict[str, int], match: str) -> None:
     with pytest.raises(InvalidArgumentError, match=match):
-        perplexity(engine.model, story_ids(engine), **kwargs)
+        perplexity(engine, story_ids(engine), **kwargs)
 
 
 def test_too_few_or_bad_tokens(engine: Engine) -> None:
     with pytest.raises(InvalidArgumentError, match="at least 2 tokens"):
-        perplexity(engine.model, [1], ctx=8)
+        perplexity(engine, [1], ctx=8)
     with pytest.raises(InvalidArgumentError, match=r"token ids must lie in \[0, 512\)"):
-        perplexity(engine.model, [1, 600], ctx=8)
+        perplexity(engine, [1, 600], ctx=8)
 
 
 def test_default_text_is_fixed_and_long() -> None:
@@ -132,7 +132,7 @@ def test_cli_json_matches_library(engine: Engine) -> None:
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     ids = engine.tokenizer.encode(default_text(), bos=engine.tokenizer.add_bos)
-    lib = perplexity(engine.model, ids, ctx=64, max_tokens=300)
+    lib = perplexity(engine, ids, ctx=64, max_tokens=300)
     assert data["perplexity"] == pytest.approx(lib.perplexity, rel=1e-5)
     assert data["nll"] == pytest.approx(lib.nll, rel=1e-5)
     assert (data["n_tokens_scored"], data["n_windows"], data["ctx"], data["stride"]) == (
@@ -145,7 +145,7 @@ def test_cli_stdin_and_text_line(engine: Engine) -> None:
     r = _cli("-", "--ctx", "32", input=STORY * 3)
     assert r.exit_code == 0, r.output
     ids = story_ids(engine)  # the SentencePiece tokenizer adds BOS
-    lib = perplexity(engine.model, ids, ctx=32)
+    lib = perplexity(engine, ids, ctx=32)
     line = r.stdout.strip()
     assert line.startswith(f"perplexity {lib.perplexity:.3f}  ({len(ids) - 1} tokens in "), line
     assert "windows of ctx 32, stride 16; " in line and line.endswith(" tok/s)")
@@ -159,7 +159,7 @@ def test_cli_file_and_ctx_capped(engine: Engine, tmp_path: Path) -> None:
     assert "--ctx 64 exceeds the KV cache of 32 tokens: using 32" in r.stderr
     data = json.loads(r.stdout)
     assert (data["ctx"], data["stride"]) == (32, 16)
-    lib = perplexity(engine.model, story_ids(engine), ctx=32)
+    lib = perplexity(engine, story_ids(engine), ctx=32)
     assert data["perplexity"] == pytest.approx(lib.perplexity, rel=1e-5)
 
 

@@ -15,14 +15,20 @@ import sys
 import torch
 import torch.distributed as dist
 
-from llamarun.decoder import Decoder
-from llamarun.generate import generate_tokens
+from llamarun.engine import Engine
 from llamarun.loaders import load_checkpoint
 from llamarun.parallel import Collectives, from_env, gather_object, init_group
 from llamarun.sampling import SamplingParams
-from llamarun.slots import Slot
 
 PROMPT = [1, 43, 47, 61, 78, 5, 9, 11]
+
+
+class _NoTokenizer:
+    """The worker feeds token ids: a tokenizer is never asked for text."""
+
+    bos_id = None
+    add_bos = False
+    stop_ids: frozenset[int] = frozenset()
 
 
 def run(spec: dict, tp: Collectives | None) -> dict:
@@ -32,16 +38,15 @@ def run(spec: dict, tp: Collectives | None) -> dict:
     with torch.inference_mode():
         logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT))).clone()
         model.reset_caches()
-    decoder = Decoder(model, compile=spec.get("compile", False))
-    decoder.wait_compiled()
-    events = generate_tokens(decoder, Slot(0), PROMPT, sampling=SamplingParams.greedy(),
-                             generator=None, max_new_tokens=12)
+    engine = Engine(ck, _NoTokenizer(), None, compile=spec.get("compile", False))  # type: ignore[arg-type]
+    engine.wait_compiled()
+    events = engine.token_events(PROMPT, max_new_tokens=12, sampling=SamplingParams.greedy())
     tokens = [e.id for e in events]
     reader = ck.raw.extra.get("reader")
     read = {"opened": sorted(ck.raw.extra.get("opened", {})),
             "bytes": getattr(reader, "bytes_read", None),
             "kv_heads": model.layers[0].attention.kv_cache.k_cache.shape[1]}
-    return {"logits": logits, "tokens": tokens, "compiled": decoder.compiled_ready,
+    return {"logits": logits, "tokens": tokens, "compiled": engine.compiled_in_use,
             "read": gather_object(read) if tp is not None else [read]}
 
 

@@ -1,0 +1,236 @@
+"""Runner: the one way tokens get into the KV cache and logits come out.
+
+`run(writes)` takes several slots' new tokens (a decode row has one, a prefill chunk many, a
+verification a few), runs them through one forward pass (Transformer.forward_spans), records
+what it wrote in the cache manager, and returns the logits asked for. A pass whose rows each
+carry one token (a decode step) can run a torch.compile'd graph instead: one graph per batch
+bucket (1, 2, 4, 8, ... rows; a batch is padded to its bucket by repeating its last row), every
+attention length served by the same graph. The graphs are compiled in the foreground or in a
+background thread while passes run eagerly; the scheduler decides when to switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llamarun.cache_manager import CacheManager, Slot
+from llamarun import device as devices
+from llamarun.device import compile_options, synchronize
+from llamarun.errors import PromptTooLongError
+from llamarun.model import Span, Step, Transformer
+
+log = logging.getLogger(__name__)
+
+ROW_BIAS = 2  # a compiled step's rows are passed as row + 2: no input is 0 or 1 (see model.Step)
+
+
+@dataclass(frozen=True)
+class Write:
+    """Token ids to write after what `slot` holds; logits wanted for the tokens logits[0]..
+    logits[1]-1 of them (counted within `ids`; an empty range: none)."""
+
+    slot: Slot
+    ids: Sequence[int]
+    logits: tuple[int, int]
+
+    @classmethod
+    def last(cls, slot: Slot, ids: Sequence[int]) -> Write:
+        """Write `ids`, with the logits after the last one."""
+        return cls(slot, ids, (len(ids) - 1, len(ids)))
+
+    @classmethod
+    def silent(cls, slot: Slot, ids: Sequence[int]) -> Write:
+        """Write `ids` without computing any logits (a prefill chunk before the last)."""
+        return cls(slot, ids, (0, 0))
+
+
+def buckets(max_rows: int) -> list[int]:
+    """The batch sizes compiled decode steps are built for: powers of two up to max_rows."""
+    sizes = [1]
+    while sizes[-1] < max_rows:
+        sizes.append(min(sizes[-1] * 2, max_rows))
+    return sizes
+
+
+def bucket_for(rows: int, max_rows: int) -> int:
+    """The smallest bucket holding `rows` rows."""
+    return next(b for b in buckets(max_rows) if b >= rows)
+
+
+def decode_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                biased_rows: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+    """Logits (B, vocab) after token i (B,) at pos[i] of cache row rows[i] (the function that
+    torch.compile traces: the Python ints arrive as symbols, so one graph serves every row and
+    length; biased_rows are rows + ROW_BIAS, lengths are pos + 1 >= 2)."""
+    spans = tuple(Span(r, n - 1, 1) for r, n in zip(biased_rows, lengths))
+    step = Step(rows, pos, spans, (None,) * len(spans), ROW_BIAS)
+    return model.run_step(tokens, step)
+
+
+class Runner:
+    """Forward passes over a model's KV cache, recorded in its cache manager."""
+
+    def __init__(self, model: Transformer, cache: CacheManager, *, compile: bool = False) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.positions.device
+        self.compiled = compile
+        self.compile_error: Exception | None = None
+        self._compiled_ready = False
+        self._compile_thread: threading.Thread | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        if compile:
+            self._compiled = self._make_compiled()
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions per slot."""
+        return self.model.max_seq_len
+
+    @torch.inference_mode()
+    def run(self, writes: Sequence[Write], *, compiled: bool = False) -> torch.Tensor:
+        """Write each slot's ids after what it holds, in one forward pass; return the logits
+        (sum of the wanted counts, vocab) asked for, in order. With `compiled`, a pass of
+        one-token writes runs the compiled graph of its bucket (it must be ready)."""
+        spans = []
+        for w in writes:
+            start = len(w.slot.ids)
+            if start + len(w.ids) > self.max_seq_len:
+                raise PromptTooLongError(f"{start + len(w.ids)} tokens do not fit in the context "
+                                         f"of {self.max_seq_len} tokens")
+            if not w.ids:
+                raise ValueError("a write needs at least one token")
+            spans.append(Span(w.slot.index, start, len(w.ids)))
+        tokens = torch.tensor([i for w in writes for i in w.ids], dtype=torch.long,
+                              device=self.device)
+        if compiled and all(len(w.ids) == 1 and w.logits == (0, 1) for w in writes):
+            if not self._compiled_ready or self._compiled is None:
+                raise RuntimeError("the compiled step is not ready")
+            logits = self._compiled(tokens, spans)
+        else:
+            index, offset = [], 0
+            for w in writes:
+                index.extend(range(offset + w.logits[0], offset + w.logits[1]))
+                offset += len(w.ids)
+            out = torch.tensor(index, dtype=torch.long, device=self.device)
+            logits = self.model.forward_spans(tokens, spans, output_idx=out)
+        for w, s in zip(writes, spans):
+            self.cache.record(w.slot, s.start, w.ids)
+        return logits
+
+    # -- the compiled decode step ----------------------------------------------------------
+
+    def _make_compiled(self) -> Callable[..., torch.Tensor]:
+        devices.configure_compile_cache()
+        # dynamic=True: rows and lengths are symbols, so a bucket's one graph serves every
+        # position. The model's modules never change after loading: checking them before
+        # every step (about 1 ms a token for a 30-layer model on CPU) buys nothing.
+        options = compile_options(self.device)
+        if any(layer.attention.reduce is not None for layer in self.model.layers):
+            # A tensor-parallel rank: inductor's C++ wrapper cannot call the collectives.
+            options.pop("cpp_wrapper", None)
+        options.pop("triton.cudagraphs", None)  # rows' lengths vary: no fixed shapes to record
+        kwargs: dict[str, object] = {}
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        if skip_module_guards is not None:  # torch >= 2.7
+            options["guard_filter_fn"] = skip_module_guards
+        compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True, options=options,
+                                 **kwargs)
+        model = self.model
+        max_rows = model.max_batch_size
+
+        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
+            n = len(spans)
+            size = bucket_for(n, max_rows)
+            padded = list(spans) + [spans[-1]] * (size - n)  # a repeat writes the same values
+            if size > n:
+                tokens = torch.cat([tokens, tokens[-1:].expand(size - n)])
+            rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
+            pos = torch.tensor([s.start for s in padded], dtype=torch.long, device=self.device)
+            logits = compiled(model, tokens, rows, pos, tuple(s.row + ROW_BIAS for s in padded),
+                              tuple(s.start + 1 for s in padded))
+            return logits[:n]
+        return run
+
+    def _build(self) -> None:
+        # One step per bucket at scratch positions near the end of the rows compiles its graph.
+        # (A sequence reaching those positions later writes them again before attending to them.)
+        assert self._compiled is not None
+        pos = self.max_seq_len - 2
+        slots = len(self.cache)
+        with torch.inference_mode():
+            for size in buckets(self.model.max_batch_size):
+                spans = [Span(i % slots, pos, 1) for i in range(size)]
+                tokens = torch.zeros(size, dtype=torch.long, device=self.device)
+                self._compiled(tokens, spans)
+        synchronize(self.device)
+        self._compiled_ready = True
+
+    def compile_in_background(self) -> bool:
+        """Start compiling the decode graphs in a thread; passes run eagerly until they are
+        ready. Returns False (and does nothing) when compile=False, the graphs are ready or
+        compiling, or the cache is too short for the scratch steps."""
+        if (not self.compiled or self._compiled_ready or self._compile_thread is not None
+                or not self.compiles_in_background):
+            return False
+
+        def run() -> None:
+            # The compile is mostly Python: make it yield the interpreter lock and the CPU to
+            # the thread that decodes, so replies go on at near eager speed meanwhile.
+            _lower_thread_priority()
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, 0.0005))
+            try:
+                self._build()
+            except Exception as e:  # a failed compile leaves the eager step in place
+                self.compile_error = e
+                log.warning("compiling the decode step failed; decoding stays eager (%s)",
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+            finally:
+                sys.setswitchinterval(interval)
+
+        self._compile_thread = threading.Thread(target=run, name="llamarun-compile", daemon=True)
+        self._compile_thread.start()
+        return True
+
+    @property
+    def compiles_in_background(self) -> bool:
+        """Whether compile_in_background() can work here (a cache long enough for the scratch
+        steps)."""
+        return self.max_seq_len >= 4
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compile is still running."""
+        return self._compile_thread is not None and self._compile_thread.is_alive()
+
+    @property
+    def compiled_ready(self) -> bool:
+        """Whether the compiled decode graphs are built."""
+        return self._compiled_ready
+
+    def wait_compiled(self) -> None:
+        """Block until the compiled graphs are ready (compiling them here if nobody started)."""
+        if not self.compiled or self._compiled_ready:
+            return
+        if self._compile_thread is not None:
+            self._compile_thread.join()
+            if self.compile_error is not None:
+                raise self.compile_error
+            return
+        self._build()
+
+
+def _lower_thread_priority() -> None:
+    """Give the calling thread (and the compiler processes it starts) the lowest CPU priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+    except (AttributeError, OSError):
+        pass
