@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from llamarun import kernels
 from llamarun.errors import InvalidArgumentError
 
 _DTYPES = {
@@ -133,8 +134,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     the same numbers to float32 rounding. oneDNN also gives each row the same result whatever the
     other rows and their count, from two rows on (MKL does not: measured), so a single row is
     computed as two: the logits of a sequence then do not depend on what else is in the decode
-    batch. Everything else is `F.linear`.
+    batch. bfloat16 products of decode size go to llamarun.kernels where it serves this CPU.
+    Everything else is `F.linear`.
     """
+    y = kernels.dense_linear(x, weight)  # the one selection point of the products' kernels
+    if y is not None:
+        return y
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling() and _onednn_linear_available()):
         rows = x.reshape(-1, x.shape[-1])

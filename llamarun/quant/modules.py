@@ -1,8 +1,9 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
-On CPU the products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
-cast for the product only (a vector per token). Elsewhere the weight is dequantized into the
+On CPU, int8 products of up to kernels.MAX_ROWS rows run llamarun's own kernel where the CPU
+has AVX512-VNNI (llamarun.kernels decides); other products run PyTorch's weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other
+activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is dequantized into the
 activation dtype inside forward, which torch.compile fuses into the product. Under torch.compile a
 one-token int8 product is written as multiply + sum, one fused reduction over the int8 bytes.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamarun import kernels
 from llamarun.device import DENSE_ROWS, linear, quant_kernels
 from llamarun.quant.formats import Int4Parts, Int8Parts, WeightFormat
 
@@ -44,6 +46,10 @@ class Int8Linear(nn.Module):
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Where PyTorch's approximate kernel would run, llamarun's (VNNI, M <= 8) may instead
+        y = kernels.int8_linear(x, self.weight, self.scales) if self.kernel else None
+        if y is not None:
+            return y
         if _one_token(x) and not self.kernel:
             return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         rows = x.shape[:-1].numel()

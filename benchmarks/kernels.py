@@ -1,0 +1,139 @@
+"""GB/s of the decode-sized weight products, per shape, row count and kernel.
+
+Weights are cache-cold: each kernel cycles through enough copies of the matrix to exceed the
+CPU's caches (--pool MiB), so the time is the time to stream them from memory. GB/s counts the
+weight bytes only (int8: 1 byte per weight; int4: half a byte plus the group scales).
+
+Kernels:
+  bf16:  F.linear (oneDNN/MKL), compiled (x.unsqueeze(-2) * w).sum(-1) (model.Linear's form
+         under torch.compile, one row only, --compile), ours (kernels.bf16_linear: vdpbf16ps)
+  fp32:  device.linear's oneDNN path (for reference: the memory's rate)
+  int8:  aten._weight_int8pack_mm (bf16 activations), ours (kernels.int8_linear: vpdpbusd)
+  int4:  aten._weight_int4pack_mm_for_cpu (group 32)
+
+    python benchmarks/kernels.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llamarun import kernels
+from llamarun.device import linear as device_linear
+
+# (name, N, K) of each distinct product of a layer, and the output head.
+MODELS = {
+    "smollm2": [("wqkv", 960, 576), ("wo", 576, 576), ("w13", 3072, 576), ("w2", 576, 1536),
+                ("output", 49152, 576)],
+    "1b": [("wqkv", 3072, 2048), ("wo", 2048, 2048), ("w13", 16384, 2048), ("w2", 2048, 8192),
+           ("output", 128256, 2048)],
+}
+
+
+def _interleaved(runs: list[tuple[Callable[[int], object], int]], reps: int) -> list[float]:
+    """Median seconds of one call of each run, each call on the next copy of its weights.
+
+    The runs take turns within each repetition, so a busy period of a shared machine hits
+    them alike and their ratios stay meaningful.
+    """
+    for fn, copies in runs:
+        for i in range(min(copies, 4)):
+            fn(i)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(reps):
+        for j, (fn, copies) in enumerate(runs):
+            t0 = time.perf_counter()
+            for i in range(copies):
+                fn(i)
+            times[j].append((time.perf_counter() - t0) / copies)
+    return [statistics.median(t) for t in times]
+
+
+def _copies(nbytes: int, pool_mib: int) -> int:
+    return max(1, -(-pool_mib * 2**20 // nbytes))
+
+
+def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
+                compile_: bool) -> list[tuple[str, int, float]]:
+    """[(kernel, M, GB/s)] for one (N, K) weight."""
+    out: list[tuple[str, int, float]] = []
+    g = torch.Generator().manual_seed(0)
+    nb = _copies(n * k * 2, pool)
+    wb = [torch.randn(n, k, generator=g).bfloat16() for _ in range(nb)]
+    q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+          for _ in range(_copies(n * k, pool))]
+    s8 = torch.rand(n, generator=g).bfloat16()
+    sums = [q.sum(1, dtype=torch.int32) for q in q8]
+    q4 = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
+    w4 = [p4.clone() for _ in range(_copies(n * k // 2, pool))]
+    sz = torch.rand(k // 32, n, 2, generator=g).bfloat16()
+    int4_bytes = n * k // 2 + sz.numel() * 2
+    compiled = None
+    if compile_:
+        compiled = torch.compile(lambda x, w: (x.unsqueeze(-2) * w).sum(-1), dynamic=False)
+    for m in rows:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        runs: list[tuple[str, int, Callable[[int], object], int]] = [
+            ("bf16 F.linear", n * k * 2, lambda i: F.linear(x, wb[i]), nb),
+        ]
+        if compiled is not None and m == 1:
+            runs.append(("bf16 compiled mul+sum", n * k * 2, lambda i: compiled(x, wb[i]), nb))
+        if kernels.bf16_available():
+            ext = kernels._extension()
+            runs.append(("bf16 ours", n * k * 2, lambda i: ext.bf16_linear(x, wb[i]), nb))
+        runs.append(("int8 aten", n * k,
+                     lambda i: torch.ops.aten._weight_int8pack_mm(x, q8[i], s8), len(q8)))
+        if kernels.int8_available():
+            ext = kernels._extension()
+            runs.append(("int8 ours", n * k,
+                         lambda i: ext.int8_linear(x, q8[i], s8, sums[i]), len(q8)))
+        runs.append(("int4 aten g32", int4_bytes,
+                     lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4[i], 32, sz),
+                     len(w4)))
+        with torch.inference_mode():
+            secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
+        out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]
+    del wb
+    if 1 in rows:  # fp32 reference: the memory's rate through oneDNN
+        wf = [torch.randn(n, k, generator=g) for _ in range(_copies(n * k * 4, pool))]
+        x = torch.randn(1, k, generator=g)
+        with torch.inference_mode():
+            s = _interleaved([(lambda i: device_linear(x, wf[i]), len(wf))], reps)[0]
+        out.append(("fp32 device.linear", 1, n * k * 4 / s / 1e9))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,1b")
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--pool", type=int, default=256, help="MiB of weight copies per kernel")
+    parser.add_argument("--compile", action="store_true", help="also the compiled mul+sum form")
+    args = parser.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}, ours: "
+          f"bf16 {kernels.bf16_available()}, int8 {kernels.int8_available()}")
+    print(f"{'model':8} {'matrix':7} {'N x K':>13} {'kernel':22} " +
+          " ".join(f"{'M=' + str(m):>7}" for m in rows) + "   (GB/s of weights)")
+    for model in args.models.split(","):
+        for name, n, k in MODELS[model]:
+            results = bench_shape(n, k, rows, reps=args.reps, pool=args.pool,
+                                  compile_=args.compile)
+            for kernel in dict.fromkeys(r[0] for r in results):
+                cells = {m: gbs for kn, m, gbs in results if kn == kernel}
+                print(f"{model:8} {name:7} {f'{n}x{k}':>13} {kernel:22} " +
+                      " ".join(f"{cells[m]:7.1f}" if m in cells else f"{'':>7}" for m in rows),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

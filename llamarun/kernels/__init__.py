@@ -1,0 +1,153 @@
+"""llamarun's own CPU kernels for decode-sized products, and the one place that selects them.
+
+`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows: bfloat16 weights with
+AVX512-BF16 (`vdpbf16ps`, float32 accumulation) and int8 weights with AVX512-VNNI (`vpdpbusd`,
+activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
+blocks of 32). It is compiled at first
+use with torch.utils.cpp_extension into ~/.cache/llamarun/kernels (a temporary folder without a
+home); without a compiler, on other CPUs, or with LLAMARUN_KERNELS=0, every product takes
+PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
+so a sequence's logits do not depend on the rest of its decode batch.
+
+`dense_linear` and `int8_linear` are the selection point: `device.linear` and the quantized
+modules call them and fall back to PyTorch's kernels when they return None.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from llamarun.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
+MAX_ROWS = 8  # decode batches; from here on PyTorch's GEMMs are the faster path
+SOURCE = Path(__file__).with_name("linear.cpp")
+
+
+def enabled() -> bool:
+    """Whether LLAMARUN_KERNELS allows this package's kernels (unset or "1": yes, "0": no)."""
+    value = os.environ.get(ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise InvalidArgumentError(f"{ENV}={value!r} is not valid (use 0 or 1)")
+    return value == "1"
+
+
+def cache_dir() -> Path:
+    """Where the compiled extension is kept, per torch version."""
+    home = Path.home() if os.environ.get("HOME") else None
+    base = home / ".cache" / "llamarun" if home is not None else Path(tempfile.gettempdir()) / "llamarun"
+    return base / "kernels" / f"torch-{torch.__version__.replace('+', '-')}"
+
+
+@functools.cache
+def _extension() -> ModuleType | None:
+    """The compiled kernels, built on first use; None (logged once) where they cannot run."""
+    if not (torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and torch.cpu._is_avx512_bf16_supported()):
+        return None  # nothing here runs on this CPU: do not build
+    from torch.utils import cpp_extension
+
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ext = cpp_extension.load(
+            name="llamarun_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a missing compiler or failed build: PyTorch's kernels serve
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("llamarun kernels unavailable, using PyTorch's (%s)", first)
+        return None
+    return ext
+
+
+@functools.cache
+def _features() -> tuple[bool, bool]:
+    ext = _extension()
+    if ext is None:
+        return False, False
+    bf16, vnni = ext.cpu_features()
+    return bool(bf16), bool(vnni)
+
+
+@torch.compiler.assume_constant_result
+def bf16_available() -> bool:
+    """Whether the bfloat16 kernel runs here (enabled, built, and the CPU has AVX512-BF16)."""
+    return enabled() and _features()[0]
+
+
+@torch.compiler.assume_constant_result
+def int8_available() -> bool:
+    """Whether the int8 kernel runs here (enabled, built, and the CPU has AVX512-VNNI)."""
+    return enabled() and _features()[1]
+
+
+# The custom ops make the kernels traceable by torch.compile (fullgraph); eager calls go to the
+# extension directly, which saves the custom-op dispatch (~10 us) per product.
+@torch.library.custom_op("llamarun::bf16_linear", mutates_args=())
+def bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) bf16 @ (N, K)^T bf16 -> (M, N) bf16, float32 accumulation."""
+    ext = _extension()
+    assert ext is not None
+    return ext.bf16_linear(x, weight)
+
+
+@bf16_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("llamarun::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (weight * scales[:, None])^T with x quantized to int8 in blocks; in x's dtype."""
+    ext = _extension()
+    assert ext is not None
+    return ext.int8_linear(x, weight, scales)
+
+
+@int8_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.shape[:-1].numel()
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T by this package's bf16 kernel where it serves, else None.
+
+    It serves bfloat16 x and weight on CPU for 1..MAX_ROWS rows: measured 1.3-2.5x faster than
+    F.linear there (benchmarks/kernels.py). float32 stays with oneDNN, which streams at the
+    memory's rate already.
+    """
+    if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and weight.dim() == 2 and 0 < _rows(x) <= MAX_ROWS
+            and bf16_available()):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    op = bf16_linear_op if torch.compiler.is_compiling() else _extension().bf16_linear
+    return op(rows, weight).view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor,
+                scales: torch.Tensor) -> torch.Tensor | None:
+    """x @ (weight * scales[:, None]).T by the int8 kernel where it serves, else None.
+
+    It serves bfloat16 or float32 x on CPU for 1..MAX_ROWS rows. Activations are quantized to
+    int8 in blocks of 64 values (about 0.5% relative error on a product, like llama.cpp's Q8_0).
+    """
+    if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
+            and weight.dtype == torch.int8 and 0 < _rows(x) <= MAX_ROWS and int8_available()):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    op = int8_linear_op if torch.compiler.is_compiling() else _extension().int8_linear
+    return op(rows, weight, scales).view(*x.shape[:-1], weight.shape[0])
