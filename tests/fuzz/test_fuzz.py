@@ -1,5 +1,5 @@
 """Fuzz suite (issue 9): mutated safetensors headers, GGUF headers and metadata, params.json and
-config.json, tokenizer files, chat templates, prompts and flags. Every case must end in a correct result or a
+config.json, tokenizer files, chat templates, prompts, flags and HTTP request bodies. Every case must end in a correct result or a
 LlamarunError, in a worker process with an address-space limit and an alarm (harness.py).
 
 The default run makes a few dozen cases per target; `LLAMARUN_FUZZ_EXAMPLES=1500 python -m
@@ -289,6 +289,56 @@ def test_fuzz_chat_templates(worker: Worker, pieces: list[str], messages: list[d
     tokenizer = str(require_fixture("stories260K", "hf"))
     case = {"target": "template", "tokenizer": tokenizer, "template": "".join(pieces),
             "messages": messages, "timeout": 20}
+    check(worker.run(case), case)
+
+
+# Requests to the OpenAI server's application (in process, no socket): mutated chat and
+# completion bodies, raw bytes, deep nesting, lone surrogates, odd routes and methods, bodies
+# handed over in pieces, wrong Content-Length headers. Any answer but a result or a 4xx in
+# OpenAI's error shape is a finding (worker._http_case).
+CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+COMPLETION_BODY = {"model": "m", "prompt": "Once", "max_tokens": 2}
+BODY_KEYS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+             "top_p", "top_k", "min_p", "repeat_penalty", "stop", "seed", "stream",
+             "stream_options", "n", "logprobs", "top_logprobs", "echo", "presence_penalty"]
+ROUTES = st.sampled_from([("POST", "/v1/chat/completions")] * 4 + [("POST", "/v1/completions")] * 4
+                         + [("GET", "/v1/models"), ("GET", "/health"), ("GET", "/v1/completions"),
+                            ("POST", "/v1/nope"), ("PUT", "/v1/models"), ("POST", "/%1b[2J")])
+ODD_TEXT = st.sampled_from(["\ud800", "a\udcffb", "\ud83d", "<|im_end|>", "</s>", "\x00",
+                            "\u00e9" * 3, "", "\U0001f600"])
+
+
+@st.composite
+def http_body(draw: st.DrawFn, base: dict) -> bytes:
+    if draw(st.integers(0, 3)):
+        return draw(mutated_json(base, BODY_KEYS))
+    data = dict(base)
+    text = draw(st.text(max_size=20)) + draw(ODD_TEXT) + draw(st.text(max_size=5))
+    if "messages" in data:
+        data["messages"] = [{"role": draw(st.sampled_from(["user", "system", "developer"])),
+                             "content": text}]
+    else:
+        data["prompt"] = text
+    if draw(st.booleans()):
+        data["stop"] = [draw(ODD_TEXT)]
+    data["stream"] = draw(st.booleans())
+    return json.dumps(data).encode()  # lone surrogates as "\\ud800", as broken clients send them
+
+
+@examples(60)
+@given(data=st.data())
+def test_fuzz_http_bodies(worker: Worker, data) -> None:  # noqa: ANN001
+    model = str(require_fixture("stories260K", "meta"))
+    method, path = data.draw(ROUTES)
+    body = data.draw(http_body(CHAT_BODY if "chat" in path else COMPLETION_BODY))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=3)))
+    parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    headers = [["content-type", data.draw(st.sampled_from(["application/json", "text/plain"]))]]
+    if data.draw(st.booleans()):
+        headers.append(["content-length", data.draw(st.sampled_from(
+            [str(len(body)), "0", "-1", "abc", "99999999999", ""]))])
+    case = {"target": "http", "model": model, "method": method, "path": path,
+            "headers": headers, "parts": [p.decode("latin-1") for p in parts], "timeout": 20}
     check(worker.run(case), case)
 
 

@@ -73,6 +73,8 @@ def run_case(case: dict) -> None:
         fmt = load_chat_format(tok, None, chat_template=case["template"])  # type: ignore[arg-type]
         ids = fmt.encode_dialog(case["messages"])
         assert all(isinstance(i, int) for i in ids)
+    elif target == "http":
+        _http_case(case)
     elif target == "cli":
         from typer.testing import CliRunner
 
@@ -91,6 +93,77 @@ def run_case(case: dict) -> None:
         raise ValueError(f"unknown target {target}")
 
 
+def _http_case(case: dict) -> None:
+    """One request to the OpenAI server's ASGI app (no socket): a 2xx answer is a result, a 4xx
+    in OpenAI's error shape a refusal (InvalidArgumentError); anything else is a bug."""
+    import asyncio
+
+    from llamarun.errors import InvalidArgumentError
+
+    served = _ENGINES.get(("http", case["model"]))
+    if served is None:
+        from llamarun.engine import Engine
+        from llamarun.server import create_app
+
+        engine = Engine.load(case["model"], device="cpu", dtype="float32", max_seq_len=64,
+                             slots=2)
+        app = create_app(engine, model_id="fuzz", api_key=case.get("api_key"))
+        loop = asyncio.new_event_loop()
+        lifespan = app.router.lifespan_context(app)  # kept: collecting it would stop the app
+        loop.run_until_complete(lifespan.__aenter__())
+        served = _ENGINES[("http", case["model"])] = (loop, app, lifespan)
+    loop, app, _ = served
+    status, headers, body = loop.run_until_complete(_asgi_request(
+        app, case["method"], case["path"], case["headers"],
+        [p.encode("latin-1") for p in case["parts"]]))
+    kind = headers.get(b"content-type", b"").decode()
+    if status >= 400:
+        assert status < 500 and kind.startswith("application/json"), (status, kind, body[:300])
+        error = json.loads(body)
+        assert list(error) == ["error"], body[:300]
+        assert set(error["error"]) == {"message", "type", "param", "code"}, body[:300]
+        param = error["error"]["param"]
+        assert param is None or (isinstance(param, str) and not param.isdigit()), param
+        raise InvalidArgumentError(f"{status} {error['error']['code']}: {error['error']['message']}")
+    assert status == 200, (status, body[:300])
+    if kind.startswith("text/event-stream"):
+        events = [e for e in body.decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]", events[-3:]
+        for e in events[:-1]:
+            assert "error" not in json.loads(e.removeprefix("data: ")), e
+    else:
+        json.loads(body)
+
+
+async def _asgi_request(app: object, method: str, path: str, headers: list[list[str]],
+                        parts: list[bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Call `app` as an HTTP server would, with the body in `parts`; (status, headers, body)."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.encode().lower(), v.encode("latin-1")) for k, v in headers],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    messages = [{"type": "http.request", "body": p, "more_body": i + 1 < len(parts)}
+                for i, p in enumerate(parts or [b""])]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # the client stays: only a disconnect would come
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # type: ignore[operator]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start.get("headers", [])), body
+
+
 def main() -> None:
     limit = int(sys.argv[1]) << 20
     import torch
@@ -99,6 +172,7 @@ def main() -> None:
     import llamarun.cli  # noqa: F401  (everything imported before the limit is set)
     from llamarun.errors import LlamarunError
     from llamarun.loaders import load_checkpoint  # noqa: F401
+    from llamarun.server import create_app  # noqa: F401
     from llamarun.tokenizer import load_tokenizer  # noqa: F401
 
     resource.setrlimit(resource.RLIMIT_AS, (_vmsize() + limit, resource.RLIM_INFINITY))
