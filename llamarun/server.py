@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from llamarun.generation import Event, Failed, Token
 from llamarun.scheduler import QueueFull, Request, Scheduler, Stopped, Ticket
@@ -220,7 +221,10 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
 
 async def _parse(http: HTTPRequest, model: type[_BodyT]) -> _BodyT:
     """The request's JSON body as `model`, parsed off the event loop (a body may be 4 MiB)."""
-    raw = await http.body()  # through RequestGuard: at most MAX_BODY_BYTES, in time
+    try:
+        raw = await http.body()  # through RequestGuard: at most MAX_BODY_BYTES, in time
+    except ClientDisconnect:  # gone before the body was in: nothing to answer, nothing to log
+        raise APIError(499, "client disconnected") from None
     return await asyncio.to_thread(_validate, raw, model)
 
 

@@ -281,6 +281,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 self._arm()
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: JSON like the rest
+            if self.cycle is not None and self.cycle.response_started \
+                    and not self.cycle.response_complete:  # (a bad chunk) mid-answer: just close
+                self.transport.close()
+                return
             self._answer(APIError(400, f"invalid HTTP request: {msg}", code="invalid_http"))
 
         def _answer(self, error: APIError) -> None:

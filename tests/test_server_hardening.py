@@ -175,6 +175,19 @@ def test_body_that_stops_arriving_gets_408(server: Any) -> None:
         assert closed_within(s, 3)
 
 
+def test_client_gone_mid_body_is_logged_as_499_without_a_traceback(
+        server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="llamarun"):
+        with connect(server.port) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 2
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert '"POST /v1/completions" 499' in caplog.records[0].getMessage()
+
+
 def test_missing_key_is_refused_before_the_body(one_thread: None) -> None:
     with serving(api_key="s3cret", body_timeout=30) as srv:
         for framing in (b"Content-Length: 1000", b"Transfer-Encoding: chunked"):
