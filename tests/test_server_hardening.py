@@ -108,6 +108,26 @@ def post(path: str, body: bytes, *, extra: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
+@contextmanager
+def logged(*names: str) -> Iterator[list[logging.LogRecord]]:
+    """The records of these loggers from INFO up, caught by a handler on the loggers themselves
+    (the CLI turns off propagation to the root, where caplog listens)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
 def closed_within(s: socket.socket, seconds: float) -> bool:
     """Whether the server closes `s` (EOF or reset) within `seconds`, ignoring data it sends."""
     s.settimeout(0.1)
@@ -176,16 +196,17 @@ def test_body_that_stops_arriving_gets_408(server: Any) -> None:
 
 
 def test_client_gone_mid_body_is_logged_as_499_without_a_traceback(
-        server: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="llamarun"):
+        server: Any) -> None:
+    with logged("llamarun.access", "llamarun.server", "llamarun.server_limits") as records:
         with connect(server.port) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             time.sleep(0.2)
         deadline = time.monotonic() + 2
-        while not caplog.records and time.monotonic() < deadline:
+        while not records and time.monotonic() < deadline:
             time.sleep(0.02)
-    assert [r.levelno for r in caplog.records] == [logging.INFO]
-    assert '"POST /v1/completions" 499' in caplog.records[0].getMessage()
+        time.sleep(0.1)  # anything logged after the access line would show too
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert '"POST /v1/completions" 499' in records[0].getMessage()
 
 
 def test_missing_key_is_refused_before_the_body(one_thread: None) -> None:
@@ -461,16 +482,16 @@ def test_shutdown_finishes_running_requests_and_refuses_new_ones(one_thread: Non
         kept.close()
 
 
-def test_one_log_line_per_request(server: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="llamarun.access"):
+def test_one_log_line_per_request(server: Any) -> None:
+    with logged("llamarun.access") as records:
         status, _, out = request(server.port, post(
             "/v1/completions", b'{"prompt": "Once upon a time", "max_tokens": 5}'))
         assert status == 200
         request(server.port, b"GET /no%1b[2Jpe HTTP/1.1\r\nHost: x\r\n\r\n")
         deadline = time.monotonic() + 2
-        while len(caplog.records) < 2 and time.monotonic() < deadline:
+        while len(records) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-    lines = [r.getMessage() for r in caplog.records if r.name == "llamarun.access"]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 2, lines
     usage = json.loads(out)["usage"]
     assert '"POST /v1/completions" 200' in lines[0]
