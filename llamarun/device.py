@@ -46,17 +46,32 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
-    """The compute dtype `auto` means for weights stored as `stored` (None: quantized or unknown).
+    """The compute dtype `auto` means for weights stored as `stored` (None: quantized or unknown)."""
+    return auto_dtype(device, stored)[0]
 
-    CUDA: bfloat16 (float16 where bf16 is unsupported). CPU: bfloat16 where the processor has
-    native bf16 (half the bytes to stream per token, and faster kernels there); elsewhere float32,
-    except that 16-bit checkpoints stay 16-bit (auto never inflates a checkpoint).
+
+def auto_dtype(device: torch.device, stored: torch.dtype | None = None) -> tuple[torch.dtype, str]:
+    """default_dtype and the reason for it, in words (`llamarun info` shows it).
+
+    CPU: the stored precision, as llama.cpp and transformers' torch_dtype="auto" do: float32
+    stays float32 (bfloat16 would change greedy output), bfloat16 stays bfloat16, float16 becomes
+    bfloat16 (CPU float16 kernels are slow; same size). Quantized weights compute in bfloat16
+    where the processor has native bf16, else float32. CUDA: bfloat16 (float16 where bf16 is
+    unsupported), the tensor cores' precision.
     """
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if cpu_has_fast_bf16() or stored in (torch.bfloat16, torch.float16):
-        return torch.bfloat16
-    return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA computes in bfloat16"
+        return torch.float16, "CUDA computes in float16 (this GPU has no bfloat16)"
+    if stored == torch.float32:
+        return torch.float32, "stored as float32"
+    if stored == torch.bfloat16:
+        return torch.bfloat16, "stored as bfloat16"
+    if stored == torch.float16:
+        return torch.bfloat16, "stored as float16, computed as bfloat16 on CPU"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "quantized weights; this CPU has native bfloat16"
+    return torch.float32, "quantized weights; this CPU has no native bfloat16"
 
 
 def resolve_dtype(spec: str | torch.dtype, device: torch.device,

@@ -20,6 +20,7 @@ def test_info_table(one_thread: None) -> None:
     for text in ("meta", "292.80K", "sentencepiece", "llama2", "2 '</s>'", "config.n_kv_heads",
                  auto, f"22 {auto}"):  # 22 matrices: embedding, output, 4 per layer
         assert text in r.stdout, text
+    assert "dtype: float32 (auto: stored as float32)" in r.stdout
 
 
 def test_info_json(one_thread: None) -> None:

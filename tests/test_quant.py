@@ -123,15 +123,20 @@ def test_quantize_flag_on_a_dense_checkpoint() -> None:
     assert _rel(full_logits(int4.model, ids), ref) < 0.25  # 260K weights: 4 bits hurt
 
 
-def test_auto_dtype_follows_the_cpu_and_never_inflates(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_dtype_keeps_the_stored_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     meta = require_fixture("stories260K", "meta")  # float32 weights
     hf = require_fixture("stories260K", "hf")  # bfloat16 weights
-    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)
-    assert load_checkpoint(meta, device="cpu").dtype == torch.float32
-    assert load_checkpoint(hf, device="cpu").dtype == torch.bfloat16  # not inflated to float32
+    for fast_bf16 in (False, True):  # whatever the CPU
+        monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: fast_bf16)
+        assert load_checkpoint(meta, device="cpu").dtype == torch.float32
+        assert load_checkpoint(hf, device="cpu").dtype == torch.bfloat16  # not inflated
     assert load_checkpoint(hf, device="cpu", dtype="float32").dtype == torch.float32  # if asked
-    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
-    assert load_checkpoint(meta, device="cpu").dtype == torch.bfloat16
+    cpu = torch.device("cpu")
+    assert device_mod.default_dtype(cpu, torch.float16) == torch.bfloat16
+    assert device_mod.default_dtype(cpu, None) == torch.bfloat16  # quantized, native bf16
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)
+    assert device_mod.auto_dtype(cpu, None) == (
+        torch.float32, "quantized weights; this CPU has no native bfloat16")
 
 
 def test_default_model_runs_as_stored() -> None:

@@ -17,8 +17,11 @@ from llamarun.generation_config import generation_defaults
 SHOWN_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
-def describe(engine: Engine) -> dict[str, object]:
-    """Checkpoint, layout, config, size, dtype, tokenizer and chat format as plain data."""
+def describe(engine: Engine, *, dtype_spec: str = "auto") -> dict[str, object]:
+    """Checkpoint, layout, config, size, dtype (and why), tokenizer and chat format as plain data.
+
+    dtype_spec: what --dtype asked for.
+    """
     tok = engine.tokenizer
     stops = sorted(tok.stop_ids)
     from_model = generation_defaults(engine.checkpoint.path)
@@ -29,6 +32,7 @@ def describe(engine: Engine) -> dict[str, object]:
         "parameters": engine.args.n_params,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype_reason": _dtype_reason(engine, dtype_spec),
         "weights": engine.checkpoint.format_counts(),
         "stored_as": _stored_as(engine),
         "kv_cache_tokens": engine.max_seq_len,
@@ -44,6 +48,17 @@ def describe(engine: Engine) -> dict[str, object]:
         "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                    for k, v in vars(engine.args).items()},
     }
+
+
+def _dtype_reason(engine: Engine, spec: str) -> str:
+    """Why the model computes in engine.dtype: the flag, or what `auto` went by."""
+    if spec.strip().lower() != "auto":
+        return f"--dtype {spec}"
+    from llamarun.device import auto_dtype
+    from llamarun.loaders import _stored_dtype
+
+    ckpt = engine.checkpoint
+    return "auto: " + auto_dtype(engine.device, _stored_dtype(ckpt.raw, ckpt.formats))[1]
 
 
 def _stored_as(engine: Engine) -> dict[str, str]:
@@ -74,13 +89,14 @@ def info(
 ) -> None:
     """Show the resolved checkpoint, its config, tokenizer, chat format and stop tokens."""
     engine = load_engine(opts)
-    data = describe(engine)
+    data = describe(engine, dtype_spec=opts.dtype)
     if json_out:
         console.write(json.dumps(data, ensure_ascii=False) + "\n")
         return
     config = data.pop("config")
     stops = data.pop("stop_tokens")
     data.pop("stored_as")  # per tensor: --json only
+    data["dtype"] = f"{data['dtype']} ({data.pop('dtype_reason')})"
     weights = data.pop("weights")
     sampling = data.pop("sampling_defaults")
     from_model = data.pop("sampling_defaults_from_model")
