@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from llamarun.sampling import SamplingParams
 FORMAT = "llamarun-chat"
 VERSION = 1
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_BYTES = files.MAX_JSON_BYTES  # a conversation of 64 MiB is some thousand times a context
 
 
@@ -129,11 +131,7 @@ def _text(value: str | None) -> str | None:
     """`value` with lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
     if value is None:
         return None
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _SURROGATE.sub("\ufffd", value)  # (json.loads joins the pairs that are valid)
 
 
 def _short(value: object, limit: int = 40) -> str:
@@ -167,6 +165,8 @@ def _sampling(value: object, bad: Any) -> SamplingParams:
     for key, v in value.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise bad(f"sampling: {key} must be a number, got {_short(v)}")
+        if isinstance(v, int) and not -2**63 <= v < 2**63:  # no setting is that big (nor a float)
+            raise bad(f"sampling: {key} {_short(v)} is out of range")
     try:
         return SamplingParams(**value)
     except InvalidArgumentError as e:

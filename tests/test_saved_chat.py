@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -112,3 +113,124 @@ def test_kill_during_save_leaves_a_valid_file(tmp_path: Path) -> None:
         chat = load_chat(path)  # the old file or a whole new one, never part of one
         assert chat == CHAT or chat.messages[1]["content"] in chat.messages[0]["content"]
     assert load_chat(path) != CHAT  # the writer did replace the file at least once
+
+
+# --- hostile files (issue 18) ------------------------------------------------------------------
+
+def test_existing_file_keeps_its_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "chat.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    save_chat(path, CHAT)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and load_chat(path) == CHAT
+    path.chmod(0o604)
+    save_chat(path, CHAT)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604
+    new = tmp_path / "new.json"
+    umask = os.umask(0o022)
+    try:
+        save_chat(new, CHAT)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644  # a new file: the umask's, as any file
+
+
+def test_a_link_stays_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "real.json"
+    save_chat(target, SavedChat(messages=[]))
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    save_chat(link, CHAT)
+    assert link.is_symlink() and load_chat(target) == CHAT
+
+
+def test_many_turns_load_in_linear_time(tmp_path: Path) -> None:
+    path = tmp_path / "long.json"
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 20}
+             for i in range(200_000)]  # about 40 MB
+    save_chat(path, SavedChat(messages=turns))
+    start = time.monotonic()
+    assert len(load_chat(path).messages) == 200_000
+    assert time.monotonic() - start < 20  # (a quadratic pass would take hours)
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b'{"format": "llamarun-chat", "version": 1, "messages": ' + b"[" * 100_000 + b"]" * 100_000
+     + b"}", "nested too deeply"),
+    (b'{"format": "llamarun-chat", "version": 1, "messages": ' + b"[" * 70 + b"]" * 70 + b"}",
+     "nested too deeply"),
+    (b'{"format": "llamarun-chat", "version": ' + b"9" * 5000 + b"}", "Exceeds the limit"),
+    (b'{"format": "llamarun-chat", "version": 1, "messages": [], "sampling": {"temperature": '
+     + b"9" * 400 + b"}}", "sampling: temperature 9999"),
+    (b'{"format": "llamarun-chat", "version": 1, "messages": [], "sampling": {"top_k": "x"}}',
+     "sampling: top_k must be a number, got 'x'"),
+    (b'{"format": "llamarun-chat", "version": 1, "messages": [{"role": "' + b"r" * 10_000
+     + b'", "content": ""}]}', "message 1 has role 'rrrrr"),
+])
+def test_hostile_content_is_one_short_line(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(InvalidArgumentError) as info:
+        load_chat(path)
+    msg = str(info.value)
+    assert "\n" not in msg and reason in msg and len(msg) < 300 + len(str(path)), msg
+
+
+def test_too_big_and_not_regular_files_are_refused_at_once(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(65 << 20)  # sparse: never read
+    fifo = tmp_path / "chat.fifo"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="saved chat is 65 MiB, larger than the 64 MiB"):
+        load_chat(big)
+    with pytest.raises(InvalidArgumentError, match="saved chat is a FIFO"):
+        load_chat(fifo)
+    with pytest.raises(InvalidArgumentError, match="saved chat is a device file"):
+        load_chat("/dev/zero")
+    assert time.monotonic() - start < 5
+
+
+def test_lone_surrogates_are_replaced_so_the_chat_saves_again(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('{"format": "llamarun-chat", "version": 1, "system": "a\\ud800b", "messages": '
+                    '[{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "ok"}]}')
+    chat = load_chat(path)
+    assert chat.system == "a\ufffdb" and chat.messages[0]["content"] == "\ufffd"
+    save_chat(tmp_path / "again.json", chat)
+    assert load_chat(tmp_path / "again.json") == chat
+
+
+class StubSession:
+    """The parts of a ChatSession that /load touches."""
+
+    def __init__(self) -> None:
+        self.messages = [{"role": "user", "content": "unsaved"}, {"role": "assistant", "content": "yes"}]
+        self.system: str | None = "mine"
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+
+def test_load_of_a_bad_file_keeps_the_conversation(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from llamarun.cli.repl import Repl
+
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    fifo = tmp_path / "f.json"
+    os.mkfifo(fifo)
+    session = StubSession()
+    repl = Repl(session, SamplingParams(), max_tokens=8, stop=[], interactive=True)  # type: ignore[arg-type]
+    for bad in (deep, fifo, "/dev/zero", tmp_path):
+        assert repl.command(f"/load {bad}") is True  # the chat goes on
+        assert session.messages[0]["content"] == "unsaved" and session.system == "mine"
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4, errors
+    save_chat(tmp_path / "good.json", CHAT)
+    assert repl.command(f"/load {tmp_path / 'good.json'}") is True
+    assert session.messages == CHAT.messages and session.system == CHAT.system

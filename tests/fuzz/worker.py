@@ -32,6 +32,43 @@ def _vmsize() -> int:
 
 _ENGINES: dict[str, object] = {}
 
+class _Session:
+    """What the chat REPL's /load touches of a conversation."""
+
+    def __init__(self) -> None:
+        self.messages = [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]
+        self.system: str | None = "unsaved"
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+
+def _saved_chat_case(case: dict) -> None:
+    """A saved chat: it loads (then saves and loads back the same) or is one InvalidArgumentError;
+    /load of it in the REPL replaces the conversation, or leaves it as it was when refused."""
+    from llamarun.cli.repl import Repl
+    from llamarun.errors import InvalidArgumentError
+    from llamarun.sampling import SamplingParams
+    from llamarun.saved_chat import load_chat, save_chat
+
+    session = _Session()
+    before = [dict(m) for m in session.messages]
+    repl = Repl(session, SamplingParams(), max_tokens=8, stop=[], interactive=True)  # type: ignore[arg-type]
+    try:
+        chat = load_chat(case["path"])
+    except InvalidArgumentError:
+        repl.load(case["path"])
+        assert session.messages == before and session.system == "unsaved"
+        raise
+    repl.load(case["path"])
+    assert session.messages == chat.messages and session.system == chat.system
+    save_chat(case["out"], chat)
+    assert load_chat(case["out"]) == chat
+
+
 
 def run_case(case: dict) -> None:
     """Run one case; return normally for a correct result, raise otherwise."""
@@ -64,6 +101,8 @@ def run_case(case: dict) -> None:
         text = utf8_text(case["text"], "--prompt")  # what the CLI hands the engine
         for _ in engine.complete(text, sampling=SamplingParams.greedy(), max_new_tokens=2):
             pass
+    elif target == "saved_chat":
+        _saved_chat_case(case)
     elif target == "template":
         from llamarun.tokenizer import load_chat_format, load_tokenizer
 
