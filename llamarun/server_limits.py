@@ -53,7 +53,8 @@ class APIError(HTTPException):
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(status, detail=message, headers=headers)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
 
     def content(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

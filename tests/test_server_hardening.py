@@ -437,9 +437,10 @@ def test_server_takes_degenerate_sampling_values(server: Any) -> None:
                {"top_p": 1e-300}, {"min_p": 1.0}):
         status, r = ask(**kw, logprobs=1)
         assert status == 200 and r["usage"]["completion_tokens"] > 0, (kw, r)
-        assert all(lp is not None and lp <= 0 for lp in r["choices"][0]["logprobs"]["token_logprobs"])
-    for kw, param in (({"temperature": 1e400}, "temperature"), ({"repeat_penalty": 0}, "repeat_penalty"),
-                      ({"top_p": 0}, "top_p")):  # 1e400 is JSON's inf
+        logprobs = r["choices"][0]["logprobs"]["token_logprobs"]
+        assert all(lp is not None and lp <= 0 for lp in logprobs)
+    for kw, param in (({"temperature": 1e400}, "temperature"),  # 1e400 is JSON's inf
+                      ({"repeat_penalty": 0}, "repeat_penalty"), ({"top_p": 0}, "top_p")):
         raw = json.dumps({"prompt": "Hi", **kw}).replace("Infinity", "1e400").encode()
         status, _, out = request(server.port, post("/v1/completions", raw))
         assert assert_openai_error(status, out, 400)["param"] == param
@@ -505,7 +506,8 @@ def test_cli_logs_each_request_unless_quiet(one_thread: None) -> None:
     env.pop("LLAMARUN_MODEL", None)
     for quiet in (False, True):
         args = [sys.executable, "-m", "llamarun", "serve", "-m", str(stories_meta()), "--port",
-                "0", "--dtype", "float32", "--max-concurrency", "1"] + (["--quiet"] if quiet else [])
+                "0", "--dtype", "float32", "--max-concurrency", "1"]
+        args += ["--quiet"] if quiet else []
         proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                 env=env, cwd=REPO)
         try:
