@@ -18,6 +18,7 @@ apart), transformers (eager; F32/BF16 of smollm2 only, loading the F32 GGUF), ll
     python benchmarks/compare.py                                   # smollm2, every precision
     python benchmarks/compare.py --models smollm2,1b --precisions q4,bf16 --prompt-tokens 512 \
         --gen-tokens 128 --reps 3 --threads 2 --engines llamarun,llama.cpp [--json]
+    python benchmarks/compare.py --baseline ca7d8ff    # also llamarun at that commit, same run
 """
 
 from __future__ import annotations
@@ -272,12 +273,31 @@ def gguf_facts(path: Path) -> tuple[str, int]:
     return label, total
 
 
+def baseline_tree(rev: str) -> Path:
+    """A git worktree of llamarun at `rev` (benchmarks/.cache/baseline-SHA), made on first use."""
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    tree = repo / "benchmarks" / ".cache" / f"baseline-{sha}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=repo,
+                       check=True, capture_output=True)
+    return tree
+
+
 def run_one(engine: str, path: Path, dtype: str, a: argparse.Namespace) -> dict:
-    """Run a worker process for one engine on one file; an error dict if it fails."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--file", str(path),
+    """Run a worker process for one engine on one file; an error dict if it fails. An engine
+    named ENGINE@REV runs that engine from llamarun at git revision REV (--baseline)."""
+    script = Path(__file__).resolve()
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    name, _, rev = engine.partition("@")
+    if rev:
+        tree = baseline_tree(rev)
+        script = tree / "benchmarks" / "compare.py"
+        env["PYTHONPATH"] = str(tree)
+    cmd = [sys.executable, str(script), "--worker", name, "--file", str(path),
            "--dtype", dtype, "--prompt-tokens", str(a.prompt_tokens),
            "--gen-tokens", str(a.gen_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -317,7 +337,7 @@ def engine_input(engine: str, model: str, prec: str,
                  files: dict[str, Path]) -> tuple[Path, str] | None:
     """The file and dtype an engine runs for a precision (None: the engine sits this one out)."""
     variant, dtype = PRECISIONS[prec]
-    if engine != "transformers":
+    if not engine.startswith("transformers"):
         return files[variant], dtype
     if model != "smollm2" or prec not in ("f32", "bf16"):
         return None
@@ -443,6 +463,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per engine and variant")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run llamarun's engines from git revision REV (a worktree)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -459,6 +481,9 @@ def main() -> None:
         print(RESULT + json.dumps(run_worker(a)), flush=True)
         return
     engines = a.engines or installed_engines()
+    if a.baseline:  # the same llamarun engines from the older revision, beside each one
+        engines = [x for e in engines
+                   for x in ([e, f"{e}@{a.baseline}"] if e.startswith("llamarun") else [e])]
     env = environment(a)
     rows = benchmark(a, engines)
     if a.json:

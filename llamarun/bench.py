@@ -85,7 +85,7 @@ class BenchResult:
     bytes_per_token: int  # weight bytes read per decoded token (embedding: one row)
     dtype: str
     device: str
-    compiled: bool
+    compiled: bool  # the decode runs ran the compiled graphs
     repetitions: int
     load_s: float
     warmup_s: float  # warm-up and compilation, not in any throughput
@@ -268,7 +268,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         model=str(engine.checkpoint.path), layout=engine.checkpoint.layout,
         n_params=engine.args.n_params, model_bytes=total, bytes_per_token=per_tok,
         dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
-        compiled=engine.compiled, repetitions=repetitions, load_s=engine.load_s,
+        compiled=engine.compiled_in_use, repetitions=repetitions, load_s=engine.load_s,
         warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=peak_device_memory(engine.device), env=environment(engine),
         tensor_parallel=_tensor_parallel_stats(engine, timed_s))

@@ -145,6 +145,20 @@ class Engine:
         return self.scheduler.use_compiled
 
     @property
+    def compile_state(self) -> str:
+        """In words: "in use", "ready" (from the next generation started while none runs),
+        "compiling", "failed" or "off"."""
+        if self.compiled_in_use:
+            return "in use"
+        if self.compiled_ready:
+            return "ready"
+        if self.compiling:
+            return "compiling"
+        if self.compile_error is not None:
+            return "failed"
+        return "off"
+
+    @property
     def compile_error(self) -> Exception | None:
         """Why a background compile failed (None if it did not)."""
         return self.runner.compile_error

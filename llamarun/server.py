@@ -152,7 +152,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     async def health() -> dict[str, Any]:
         active, waiting = batcher.busy
         return {"status": "ok", "slots": len(engine.slots), "active": active, "waiting": waiting,
-                "decode_steps": batcher.steps, "decoded_rows": batcher.batched_rows}
+                "decode_steps": batcher.steps, "decoded_rows": batcher.batched_rows,
+                "compiled": engine.compile_state}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -184,19 +184,19 @@ def test_compiled_decode_matches_eager(engine: Engine) -> None:
 
 
 @pytest.mark.slow
-def test_background_compile_switches_without_changing_tokens(one_thread: None) -> None:
-    """Replies start eagerly while the step compiles in a thread, then run compiled: same tokens.
-
-    The model is stored int8 (kernel and fallback products both inside the compiled graph).
-    """
+def test_background_compile_takes_over_between_generations(one_thread: None) -> None:
+    """Replies start eagerly while the decode graphs compile in a thread; a generation never
+    switches kinds of step midway, and the next one runs compiled. The model is stored int8
+    (kernel and fallback products both inside the compiled graph)."""
     eager = Engine.load(stories_meta(), device="cpu", dtype="float32", quantize="int8")
     compiled = Engine(eager.checkpoint, eager.tokenizer, eager.chat_format, compile=True)
     try:
         assert compiled.compiles_in_background and compiled.compile_in_background()
         during = compiled.complete(PROMPT, sampling=GREEDY, max_new_tokens=20)
-        list(during)  # runs while the compile is under way (or just done)
-        compiled.wait_compiled()
-        assert compiled.compiled_ready and not compiled.compiling
+        next(during)
+        compiled.wait_compiled()  # ready now, but `during` stays eager to its end
+        list(during)
+        assert compiled.compiled_ready and not compiled.compiled_in_use
         expect = eager.complete(PROMPT, sampling=GREEDY, max_new_tokens=40)
         list(expect)
         assert during.result.token_ids == expect.result.token_ids[:20]
@@ -204,7 +204,35 @@ def test_background_compile_switches_without_changing_tokens(one_thread: None) -
         with torch._dynamo.config.patch(error_on_recompile=True):
             after = compiled.complete(PROMPT, sampling=GREEDY, max_new_tokens=40)
             list(after)
+        assert compiled.compiled_in_use
         assert after.result.token_ids == expect.result.token_ids
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_batched_step_does_not_depend_on_the_batch(one_thread: None) -> None:
+    """The compiled decode graphs (one per batch bucket: 1, 2, 4 rows) give each request the
+    tokens it gets alone, whatever else is decoded with it, with no recompiles."""
+    eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=4,
+                      compile=True)
+    prompts = [PROMPT, "Lily went", "The cat sat on the", "Once"]
+    try:
+        eng.wait_compiled()
+        alone = []
+        for p in prompts:
+            g = eng.complete(p, sampling=GREEDY, max_new_tokens=16)
+            list(g)
+            alone.append(g.result.token_ids)
+        assert eng.compiled_in_use
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for n in (2, 3, 4):  # buckets 2 and 4 (3 rows: padded to 4)
+                gens = [eng.complete(p, sampling=GREEDY, max_new_tokens=16) for p in prompts[:n]]
+                chunks = [next(g) for g in gens]  # all submitted: decoded together from here
+                assert all(c.token_id is not None for c in chunks)
+                for g in gens:
+                    list(g)
+                assert [g.result.token_ids for g in gens] == alone[:n]
     finally:
         torch._dynamo.reset()
 
