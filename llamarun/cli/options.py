@@ -245,11 +245,10 @@ def default_threads(env: Mapping[str, str]) -> int:
             raise InvalidArgumentError(
                 f"OMP_NUM_THREADS must be a positive integer, got {omp!r} (or give --threads N)")
         return int(first)
-    try:
-        local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, usable_cores() // local)
+    local = env.get("LOCAL_WORLD_SIZE", "").strip() or "1"  # set by torchrun
+    if not local.isdigit() or int(local) < 1:
+        raise InvalidArgumentError(f"LOCAL_WORLD_SIZE must be a positive integer, got {local!r}")
+    return max(1, usable_cores() // int(local))
 
 
 def check_threads(threads: int | None) -> None:
