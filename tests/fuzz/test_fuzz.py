@@ -364,8 +364,27 @@ def test_fuzz_flags(worker: Worker, command: str, flags: list[tuple[str, str]]) 
 
 
 def test_fuzz_tally_printed() -> None:
-    """Not a fuzz case: the counts appear in the summary (see conftest.py)."""
-    assert isinstance(TALLY, dict)
+    """Not a fuzz case: the summary line (conftest.py) counts the cases by target and ending."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("fuzz_conftest", Path(__file__).with_name("conftest.py"))
+    assert spec is not None and spec.loader is not None
+    summary = module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    lines: list[str] = []
+
+    class Reporter:
+        write_line = staticmethod(lines.append)
+
+    saved = dict(TALLY)
+    TALLY.clear()
+    TALLY.update({"prompt:error": 1, "cli:ok": 2})
+    try:
+        summary.pytest_terminal_summary(Reporter(), 0, None)
+    finally:
+        TALLY.clear()
+        TALLY.update(saved)
+    assert lines == ["fuzz: 3 cases (cli:ok 2, prompt:error 1)"]
 
 
 _ = torch  # torch is imported before hypothesis starts timing the first case
