@@ -144,9 +144,9 @@ def resolve_repo(ref: RepoRef, cache: Path) -> Path:
         path = Path(found) if found is not None else path
     if not path.exists():
         raise CheckpointError(f"{ref.repo_id}{at}: no {ref.sub} in the cached snapshot ({snapshot})")
-    _check_links(repo_folder(cache, ref.repo_id), path)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "original").is_dir():
-        return path / "original"  # only Meta's files were downloaded (--include "original/*")
+        path = path / "original"  # only Meta's files were downloaded (--include "original/*")
+    _check_links(repo_folder(cache, ref.repo_id), path)
     return path
 
 

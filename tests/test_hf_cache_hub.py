@@ -117,6 +117,10 @@ def test_links_out_of_the_repository_are_refused(tmp_path: Path,
         resolve_repo(RepoRef("org/m", sub="x.gguf"), tmp_path)
     with pytest.raises(CheckpointError, match="x.gguf: points outside the cached repository"):
         resolve_repo(RepoRef("org/m"), tmp_path)
+    meta = hub_write(tmp_path, "org/meta", {"original/params.json": b"{}"})
+    (meta / "original" / "consolidated.00.pth").symlink_to(secret)  # Meta's files only
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: points outside the cached"):
+        resolve_repo(RepoRef("org/meta"), tmp_path)
 
 
 def test_read_ref(tmp_path: Path) -> None:
