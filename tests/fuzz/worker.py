@@ -32,6 +32,7 @@ def _vmsize() -> int:
 
 _ENGINES: dict[str, object] = {}
 
+
 class _Session:
     """What the chat REPL's /load touches of a conversation."""
 
@@ -67,7 +68,6 @@ def _saved_chat_case(case: dict) -> None:
     assert session.messages == chat.messages and session.system == chat.system
     save_chat(case["out"], chat)
     assert load_chat(case["out"]) == chat
-
 
 
 def run_case(case: dict) -> None:
