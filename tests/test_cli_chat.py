@@ -174,3 +174,17 @@ def test_load_refuses_other_files_before_loading_a_model(tmp_path: Path) -> None
     assert r.stderr == f'error: {bad}: not a saved llamarun chat (no "format": "llamarun-chat")\n'
     r = chat("Hi\n", "--save", str(tmp_path / "missing" / "x.json"))
     assert r.exit_code == 1 and r.stderr.startswith("error: --save must be a file in an existing")
+
+
+def test_show_and_bare_set_print_the_settings_in_force() -> None:
+    r = chat("/set temperature 0.5\n/set seed 7\n/show\n/system Be brief.\n/set\n", "--stop", "END")
+    assert r.exit_code == 0, r.output
+    blocks = r.stderr.split("temperature     ")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        lines = ("temperature     " + block).splitlines()
+        values = dict(line.split(None, 1) for line in lines[:11])
+        assert values["temperature"] == "0.5" and values["seed"] == "7"
+        assert values["max_tokens"] == "12" and values["stop"] == "'END'"
+        assert values["model"] == str(stories_meta()) and values["context"] == "512 tokens"
+    assert "system          none" in blocks[0] and "system          'Be brief.'" in blocks[1]

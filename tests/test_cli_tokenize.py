@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fixtures_util import require_fixture
+from fixtures_util import require_default_model, require_fixture
 from llamarun.cli import app
 from llamarun.tokenizer import detect_tokenizer_kind
 
@@ -18,7 +18,10 @@ def test_ids_and_pieces() -> None:
     folder = require_fixture("llama2-tokenizer")
     result = runner.invoke(app, ["tokenize", "--model", str(folder), "Hello world"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == ['    1  "<s>"', '15043  "▁Hello"', ' 3186  "▁world"']
+    # the text each token stands for (SentencePiece's ▁ is a space); --raw: the pieces
+    assert result.stdout.splitlines() == ['    1  "<s>"', '15043  " Hello"', ' 3186  " world"']
+    raw = runner.invoke(app, ["tokenize", "--model", str(folder), "--raw", "Hello world"])
+    assert raw.stdout.splitlines() == ['    1  "<s>"', '15043  "▁Hello"', ' 3186  "▁world"']
 
 
 def test_json_no_bos() -> None:
@@ -63,3 +66,19 @@ def test_gguf_detected_by_magic(tmp_path: Path) -> None:
     path = tmp_path / "model.bin"
     path.write_bytes(b"GGUF\x03\x00\x00\x00")
     assert detect_tokenizer_kind(path) == "gguf"
+
+
+def test_byte_level_pieces_show_their_text() -> None:
+    gguf = require_default_model()  # SmolLM2: GPT-2 byte-level BPE
+    r = runner.invoke(app, ["tokenize", "-m", str(gguf), "Hello world\n\u00e9 \U0001F600"])
+    assert r.exit_code == 0, r.output
+    shown = [line.split(None, 1)[1] for line in r.stdout.splitlines()]
+    # Ġ is a space, Ċ a newline, Ã© the two bytes of é; an emoji split across tokens shows the
+    # bytes of each part
+    assert shown == ['"Hello"', '" world"', '"\\n"', '"é"', '" \\xf0\\x9f\\x98"', '"\\x80"']
+    raw = runner.invoke(app, ["tokenize", "-m", str(gguf), "--raw", "Hello world\n\u00e9"])
+    assert [line.split(None, 1)[1] for line in raw.stdout.splitlines()] == [
+        '"Hello"', '"Ġworld"', '"Ċ"', '"Ã©"']
+    js = runner.invoke(app, ["tokenize", "-m", str(gguf), "--json", "Hello world\n"])
+    data = json.loads(js.stdout)
+    assert data["pieces"] == ["Hello", "Ġworld", "Ċ"] and data["text"] == ["Hello", " world", "\n"]

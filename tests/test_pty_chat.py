@@ -40,3 +40,78 @@ def test_ctrl_c_stops_reply_then_next_message_is_answered() -> None:
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def spawn_chat(*args: str):  # noqa: ANN201 (pexpect.spawn)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TERM": "dumb",
+           "COLUMNS": "200"}
+    env.pop("LLAMARUN_MODEL", None)
+    return pexpect.spawn(sys.executable, ["-m", "llamarun", "chat", "-m", str(stories_meta()),
+                                          "--no-compile", *args],
+                         env=env, cwd=str(REPO), encoding="utf-8", timeout=60,
+                         dimensions=(40, 200))
+
+
+def test_stats_after_ctrl_c_counts_the_tokens_shown() -> None:
+    from llamarun.tokenizer import load_tokenizer
+
+    child = spawn_chat("-t", "0", "-n", "4000", "--max-seq-len", "4096")
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Tell me a story")
+        child.expect_exact("Tell me a story\r\n")
+        child.expect(r"\w{3}")
+        shown = child.before + child.after
+        child.sendintr()
+        child.expect_exact("[reply stopped]")
+        shown = (shown + child.before).strip()
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"generated (\d+) tok \([\d.]+ tok/s\), finish cancelled")
+        generated = int(child.match.group(1))
+        child.expect(r"context: (\d+) of 4096")
+        used = int(child.match.group(1))
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    tok = load_tokenizer(stories_meta())
+    # The tokens of the text shown (re-encoding may merge a piece or two differently), and the
+    # turn is kept in the conversation: its tokens are in the context.
+    assert generated > 0 and abs(len(tok.encode(shown, bos=False)) - generated) <= 2, shown
+    assert used > generated
+
+
+def test_keys_typed_during_a_reply_wait_at_the_prompt_and_ctrl_d_ends_after_it() -> None:
+    child = spawn_chat("-t", "0", "-n", "1500", "--max-seq-len", "4096")
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Hi")
+        child.expect_exact("Hi\r\n")
+        child.expect(r"\w{3}")  # streaming
+        child.send("zebra")
+        child.expect_exact("context tokens left]")
+        assert "zebra" not in child.before  # not echoed into the reply
+        child.expect_exact(">>> zebra")  # offered at the next prompt, editable
+        child.send("\x15")  # Ctrl-U: clear it
+        child.sendline("Hello")
+        child.expect_exact("Hello\r\n")
+        child.expect(r"\w{3}")
+        child.sendeof()  # Ctrl-D during the reply: the reply goes on to its end, then the chat ends
+        child.expect_exact("context tokens left]")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_at_the_prompt_exits_130() -> None:
+    child = spawn_chat()
+    try:
+        child.expect_exact(">>> ")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130 and "Traceback" not in child.before

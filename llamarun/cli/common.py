@@ -64,6 +64,9 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> 
     a background thread where the device allows it (replies run eagerly until it is ready).
     """
     engine = _load(opts, slots)
+    note = requantize_note(engine, opts.quantize)
+    if note:
+        console.note(note)
     if opts.compile and warm_up:
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
@@ -73,6 +76,25 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> 
         # would run collectives out of step with the other ranks.)
         engine.compile_in_background()
     return engine
+
+
+def requantize_note(engine: Engine, quantize: str) -> str | None:
+    """A note when --quantize int8/int4 re-quantizes matrices the file already stores quantized
+    (a Q4_1 GGUF with --quantize int4 --group-size 64): they are dequantized and rounded again,
+    which adds error where `auto` would have kept them as stored."""
+    if quantize not in ("int8", "int4"):
+        return None
+    from llamarun.loaders.fuse import FLOAT_TYPES, linear_sources
+
+    ckpt = engine.checkpoint
+    stored = sorted({t for sources in linear_sources(ckpt.args).values() for s in sources
+                     if (t := ckpt.raw.stored_type(s)) not in FLOAT_TYPES})
+    if not stored:
+        return None
+    became = ", ".join(sorted(engine.checkpoint.format_counts()))
+    return (f"{ckpt.path.name} is already quantized ({', '.join(stored)}): --quantize {quantize} "
+            f"re-quantizes its dequantized weights ({became}), adding rounding error; "
+            "--quantize auto keeps them as stored")
 
 
 def _load(opts: ModelOptions, slots: int = 1) -> Engine:

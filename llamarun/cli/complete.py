@@ -61,7 +61,7 @@ def result_json(r: GenerationResult, *, model: str, load_s: float) -> dict[str, 
 def complete(
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", metavar="TEXT", show_default=False,
-        help="Text to continue; `-` (or no flag with piped stdin) reads stdin")] = None,
+        help="Text to continue; `-` reads stdin (default: stdin when it is piped)")] = None,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion")] = False,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text, finish reason, counts, timings) at the end")] = False,

@@ -319,6 +319,7 @@ def peer_lost(e: BaseException) -> None:
         return
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     first = first.split("] ", 1)[-1]  # gloo's "[../gloo/transport/tcp/pair.cc:534] " prefix
+    first = first.split(". ", 1)[0]  # its first sentence ("Read error ...: Connection reset")
     console.error(f"lost contact with another rank ({first[:200]}); the job cannot go on")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from llamarun import files
 from llamarun.cli import console, settings
 from llamarun.cli.distributed import rank0
+from llamarun.cli.terminal import ReplyGuard, input_with
 from llamarun.errors import InvalidArgumentError, LlamarunError, clean_message
 from llamarun.sampling import SamplingParams
 from llamarun.saved_chat import SavedChat, load_chat, save_chat
@@ -22,11 +23,14 @@ HELP = """commands:
   /system TEXT          set the system prompt (empty TEXT removes it)
   /set NAME VALUE       change a setting: temperature, top_k, top_p, min_p, repeat_penalty,
                         seed (or 'none'), max_tokens
+  /show                 the settings in force (also /set alone)
   /stats                speed of the last reply and context use
   /save [FILE]          save the conversation as JSON (default: the last file saved or loaded)
   /load FILE            resume a saved conversation (its system prompt and settings too)
   \"\"\"                   start or end a multi-line message
-Ctrl-C stops a reply; at the prompt it exits."""
+Ctrl-C stops a reply; at the prompt it ends the chat (status 130). Ctrl-D at the prompt
+ends it (status 0); during a reply, after the reply. Keys typed during a reply wait at the
+next prompt."""
 
 
 
@@ -45,6 +49,8 @@ class Repl:
         self.save_path = save_path  # where /save writes without a FILE
         self.autosave = autosave  # chat --save: write after every reply
         self.failures = 0  # messages that got no reply (piped chat then exits 1)
+        self._typed = ""  # text typed during the last reply, offered at the next prompt
+        self._eof_typed = False  # Ctrl-D during the last reply: end after it
 
     def snapshot(self) -> SavedChat:
         """The conversation and settings as they stand."""
@@ -67,7 +73,10 @@ class Repl:
 
     def _read_line(self, prompt: str) -> str:
         if self.interactive:
-            return input(prompt)
+            if self._eof_typed:
+                raise EOFError
+            typed, self._typed = self._typed, ""
+            return input_with(prompt, typed)
         line = files.read_line(sys.stdin, what="chat input", error=InvalidArgumentError)
         if not line:
             raise EOFError
@@ -103,18 +112,19 @@ class Repl:
             lines.append(line)
             size += len(line) + 1
 
-    def run(self) -> None:
-        """Loop until /exit, end of input or Ctrl-C at the prompt."""
+    def run(self) -> int:
+        """Loop until /exit, end of input or Ctrl-C at the prompt; return the exit status
+        (130 after Ctrl-C, as for every command, else 0)."""
         if self.interactive:
             console.note(f"chat format {self.session.engine.chat_format.name}, context "
                          f"{self.session.engine.max_seq_len} tokens; /help for commands")
         while True:
             try:
                 text = self.read_message()
-            except (EOFError, KeyboardInterrupt):
+            except (EOFError, KeyboardInterrupt) as e:
                 if self.interactive:
                     console.err.print()
-                return
+                return 130 if isinstance(e, KeyboardInterrupt) else 0
             except LlamarunError as e:  # a message too long to be one
                 if not self.interactive:
                     raise
@@ -122,7 +132,7 @@ class Repl:
                 continue
             if text.startswith("/"):
                 if self.command(text) is False:
-                    return
+                    return 0
             elif text.strip():
                 self.reply(text)
 
@@ -137,14 +147,25 @@ class Repl:
             return
         if gen.dropped_turns:
             console.note(f"dropped the {gen.dropped_turns} oldest turn(s) to fit the context")
+        # Ctrl-C stops the reply between two tokens (a KeyboardInterrupt inside the model's
+        # step would end the stream without its result); typed keys stay off the screen.
+        guard = ReplyGuard(self.interactive)
         try:
-            for chunk in gen:
-                if chunk.text:
-                    console.write(chunk.text)
+            with guard:
+                for chunk in gen:
+                    if chunk.text:
+                        console.write(chunk.text)
+                        guard.shown()
+                    if guard.interrupted:
+                        break
         except KeyboardInterrupt:
             if not self.interactive:
                 raise
-            gen.close()
+            guard.interrupted = True
+        finally:
+            self._typed, self._eof_typed = guard.typed, guard.eof
+        if guard.interrupted:
+            gen.close()  # the reply so far is kept, and counted by /stats
             console.write("\n")
             console.note("[reply stopped]")
             return
@@ -169,8 +190,12 @@ class Repl:
         elif name == "system":
             self.session.set_system(arg or None)
             console.note("system prompt set" if arg else "system prompt removed")
+        elif name == "set" and not arg:
+            self.show()
         elif name == "set":
             self.set(arg)
+        elif name == "show":
+            self.show()
         elif name == "stats":
             self.stats()
         elif name == "save":
@@ -237,6 +262,22 @@ class Repl:
             self.save_path = path
         console.note(resumed_note(chat, path, self.model))
 
+    def show(self) -> None:
+        """`/show`: the settings in force, one per line (as Ollama's `/show parameters`)."""
+        p = self.params
+        rows = [(name, "none" if getattr(p, name) is None else str(getattr(p, name)))
+                for name in settings.SAMPLING_FIELDS]
+        rows.append(("max_tokens", str(self.max_tokens)))
+        rows.append(("stop", ", ".join(repr(s) for s in self.stop) or "none"))
+        system = self.session.system
+        rows.append(("system", "none" if not system else repr(
+            system if len(system) <= 60 else system[:57] + "...")))
+        if self.model:
+            rows.append(("model", self.model))
+        rows.append(("context", f"{self.session.engine.max_seq_len} tokens"))
+        width = max(len(k) for k, _ in rows)
+        console.note("\n".join(f"{k:<{width}}  {v}" for k, v in rows), style="")
+
     def stats(self) -> None:
         """Speed of the last reply and how much context is used."""
         s = self.session
@@ -247,6 +288,9 @@ class Repl:
                          f"finish {r.finish_reason}", style="")
         console.note(f"context: {s.context_used} of {s.engine.max_seq_len} tokens used, "
                      f"{s.context_left} left", style="")
+        state = getattr(s.engine, "compile_state", None)
+        if state is not None:
+            console.note(f"compiled decode step: {state}", style="")
 
 
 def resumed_note(chat: SavedChat, path: Path, model: str) -> str:

@@ -27,7 +27,8 @@ def serve(
         "--max-queue", metavar="N", help="Requests that may wait for a slot before 429")] = 64,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", metavar="KEY", envvar="LLAMARUN_API_KEY", show_default=False,
-        help="Require `Authorization: Bearer KEY` on /v1 (or $LLAMARUN_API_KEY)")] = None,
+        help="Require `Authorization: Bearer KEY` on /v1 (default: $LLAMARUN_API_KEY, else "
+             "no key)")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No log line per request on stderr")] = False,
     *,

@@ -41,15 +41,39 @@ def _ids(tok: Tokenizer, fmt_folder: Path | None, text: str, *, chat: bool, bos:
     return ids
 
 
+def token_text(tok: Tokenizer, id: int) -> bytes:
+    """The bytes token `id` stands for in a text; a control token's name (`<|eot_id|>`, `<s>`)."""
+    if id in tok.control_ids:
+        return tok.piece(id).encode()
+    return tok.token_bytes(id)
+
+
+def quoted(data: bytes) -> str:
+    """`data` as a JSON-quoted string (newlines, tabs and spaces visible, non-ASCII text as it
+    is), with bytes that are not whole UTF-8 characters written \\xNN."""
+    parts, rest = [], data
+    while rest:
+        try:
+            parts.append(json.dumps(rest.decode("utf-8"), ensure_ascii=False)[1:-1])
+            break
+        except UnicodeDecodeError as e:
+            parts.append(json.dumps(rest[:e.start].decode("utf-8"), ensure_ascii=False)[1:-1])
+            parts.append("".join(f"\\x{b:02x}" for b in rest[e.start:e.end]))
+            rest = rest[e.end:]
+    return '"' + "".join(parts) + '"'
+
+
 @app.command("tokenize")
 def tokenize(
     text: Annotated[str, typer.Argument(help="Text to tokenize")],
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", metavar="PATH|REPO", show_default=False,
-        help="Model folder (Meta or HF), GGUF file, or Hugging Face repo id in the local cache")] = None,
+        help="Model folder (Meta or HF), GGUF file, or Hugging Face repo id in the local cache "
+             "(default: chosen as for every command)")] = None,
     tokenizer_file: Annotated[Optional[Path], typer.Option(
         "--tokenizer", show_default=False,
-        help="A tokenizer file: tokenizer.model (SentencePiece or tiktoken) or tokenizer.json")] = None,
+        help="A tokenizer file: tokenizer.model (SentencePiece or tiktoken) or tokenizer.json "
+             "(default: the model's)")] = None,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not add BOS (raw text only)")] = False,
     chat: Annotated[bool, typer.Option(
         "--chat", help="Render TEXT as one user message in the model's chat format")] = False,
@@ -57,21 +81,30 @@ def tokenize(
     special: Annotated[bool, typer.Option(
         "--special", "-sp", help="Parse special-token text (<|eot_id|>, </s>, ...) as control tokens; "
         "by default it is plain text")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Show each token's vocabulary entry as stored (ĠHello, ▁Hello, <0x0A>) "
+        "instead of the text it stands for")] = False,
 ) -> None:
-    """Print the token ids of TEXT with their pieces, exactly as the model will see them."""
+    """Print the token ids of TEXT with the text each stands for, as the model will see them.
+
+    Pieces show as the text they stand for (Ġ and ▁ as spaces, Ċ as a newline); --raw as stored.
+    """
     text = utf8_text(text, "TEXT")
     try:
         tok, folder = _load(model, tokenizer_file)
         ids = _ids(tok, folder, text, chat=chat, bos=not no_bos, special=special)
         pieces = [tok.piece(i) for i in ids]
+        texts = [token_text(tok, i) for i in ids]
     except LlamarunError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+        typer.echo(json.dumps({"ids": ids, "pieces": pieces,
+                               "text": [t.decode("utf-8", "backslashreplace") for t in texts]},
+                              ensure_ascii=False))
         return
     width = max((len(str(i)) for i in ids), default=1)
-    for i, piece in zip(ids, pieces):
-        # JSON quoting keeps newlines, tabs and spaces visible without mangling non-ASCII text.
-        typer.echo(f"{i:>{width}}  {json.dumps(piece, ensure_ascii=False)}")
+    for i, piece, text in zip(ids, pieces, texts):
+        shown = json.dumps(piece, ensure_ascii=False) if raw else quoted(text)
+        typer.echo(f"{i:>{width}}  {shown}")
     typer.echo(f"{len(ids)} tokens ({tok.kind}, vocabulary {tok.vocab_size})", err=True)
