@@ -12,6 +12,7 @@ Kernels:
   int4:  aten._weight_int4pack_mm_for_cpu (group 32)
 
     python benchmarks/kernels.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
+        [--threads N] [--pool MiB]
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
           for _ in range(_copies(n * k, pool))]
     s8 = torch.rand(n, generator=g).bfloat16()
-    sums = [q.sum(1, dtype=torch.int32) for q in q8]
     q4 = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
     p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
     w4 = [p4.clone() for _ in range(_copies(n * k // 2, pool))]
@@ -93,7 +93,7 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         if kernels.int8_available():
             ext = kernels._extension()
             runs.append(("int8 ours", n * k,
-                         lambda i: ext.int8_linear(x, q8[i], s8, sums[i]), len(q8)))
+                         lambda i: ext.int8_linear(x, q8[i], s8), len(q8)))
         runs.append(("int4 aten g32", int4_bytes,
                      lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4[i], 32, sz),
                      len(w4)))
@@ -115,10 +115,13 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,1b")
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--pool", type=int, default=256, help="MiB of weight copies per kernel")
+    parser.add_argument("--pool", type=int, default=128, help="MiB of weight copies per kernel")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--compile", action="store_true", help="also the compiled mul+sum form")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, ours: "
           f"bf16 {kernels.bf16_available()}, int8 {kernels.int8_available()}")

@@ -27,40 +27,63 @@ constexpr int64_t GRAIN = 16; // row blocks per thread task at least
 
 // ---- bf16 weights x bf16 activations, float32 accumulation (vdpbf16ps) ----
 
-LLAMARUN_AVX512
-void bf16_block(const uint16_t* x, int64_t ldx, int64_t mrows, const uint16_t* w, int64_t nrows,
-                int64_t K, const uint16_t* next /* the next block's rows, or null */,
-                float* out /* (mrows, NB) */) {
-  __m512 acc[MB][NB];
-  for (int64_t i = 0; i < MB; ++i)
-    for (int64_t j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+// One block: MR activation rows x NB weight rows. MR is a template argument so that the
+// accumulators stay in registers (a runtime bound would index them through the stack).
+template <int MR>
+LLAMARUN_AVX512 void bf16_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t nrows,
+                                int64_t K, const uint16_t* next /* next block's rows, or null */,
+                                float* out /* (MR, NB) */) {
+  const uint16_t* row[NB];  // rows past nrows repeat the last one; their results are dropped
+  #pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) row[j] = w + std::min<int64_t>(j, nrows - 1) * K;
+  __m512 acc[MR][NB];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512i wv[NB];
-    for (int64_t j = 0; j < NB; ++j)
-      wv[j] = j < nrows ? _mm512_loadu_si512(w + j * K + k) : _mm512_setzero_si512();
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(row[j] + k);
     if (next != nullptr)  // the hardware prefetcher misses short interleaved row streams
-      for (int64_t j = 0; j < NB; ++j) _mm_prefetch((const char*)(next + j * K + k), _MM_HINT_T0);
-    for (int64_t i = 0; i < MB; ++i) {
-      if (i >= mrows) break;
-      __m512i xv = _mm512_loadu_si512(x + i * ldx + k);
-      for (int64_t j = 0; j < NB; ++j)
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(next + j * K + k), _MM_HINT_T0);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xv = _mm512_loadu_si512(x + i * ldx + k);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j)
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
     }
   }
-  if (k < K) {  // tail: masked loads give zeros, which add exactly nothing
-    __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+  if (k < K) {  // the tail: masked loads give zeros, which add exactly nothing
+    const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
     __m512i wv[NB];
-    for (int64_t j = 0; j < NB; ++j)
-      wv[j] = j < nrows ? _mm512_maskz_loadu_epi16(mask, w + j * K + k) : _mm512_setzero_si512();
-    for (int64_t i = 0; i < mrows; ++i) {
-      __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
-      for (int64_t j = 0; j < NB; ++j)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, row[j] + k);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j)
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
     }
   }
-  for (int64_t i = 0; i < mrows; ++i)
-    for (int64_t j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+void bf16_rows(int64_t mrows, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t nrows,
+               int64_t K, const uint16_t* next, float* out) {
+  switch (mrows) {
+    case 1: return bf16_block<1>(x, ldx, w, nrows, K, next, out);
+    case 2: return bf16_block<2>(x, ldx, w, nrows, K, next, out);
+    case 3: return bf16_block<3>(x, ldx, w, nrows, K, next, out);
+    default: return bf16_block<4>(x, ldx, w, nrows, K, next, out);
+  }
 }
 
 template <typename OutT>
@@ -73,9 +96,10 @@ void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
       const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
-        // prefetch the next block while the first rows block streams this one
-        const uint16_t* next = (m0 == 0 && nrows == NB && n0 + 2 * NB <= N) ? w + (n0 + NB) * K : nullptr;
-        bf16_block(x + m0 * K, K, mrows, w + n0 * K, nrows, K, next, out);
+        // the first pass over a block prefetches the next one
+        const uint16_t* next =
+            (m0 == 0 && nrows == NB && n0 + 2 * NB <= N) ? w + (n0 + NB) * K : nullptr;
+        bf16_rows(mrows, x + m0 * K, K, w + n0 * K, nrows, K, next, out);
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j) y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j]);
       }
@@ -92,39 +116,61 @@ void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
 
 constexpr int64_t QB = 64;
 
-LLAMARUN_AVX512
-void int8_block(const int8_t* xq, const float* xs, int64_t ldx, int64_t mrows, const int8_t* w,
-                int64_t nrows, int64_t K, const int8_t* next /* the next block's rows, or null */,
-                float* out /* (mrows, NB) */) {
-  __m512 acc[MB][NB];
-  for (int64_t i = 0; i < MB; ++i)
-    for (int64_t j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+template <int MR>
+LLAMARUN_AVX512 void int8_block(const int8_t* xq, const float* xs, int64_t ldx, const int8_t* w,
+                                int64_t nrows, int64_t K,
+                                const int8_t* next /* next block's rows, or null */,
+                                float* out /* (MR, NB) */) {
+  const int8_t* row[NB];  // rows past nrows repeat the last one; their results are dropped
+  #pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) row[j] = w + std::min<int64_t>(j, nrows - 1) * K;
+  __m512 acc[MR][NB];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
+  const int64_t nq = ldx / QB;
   for (int64_t k = 0; k < K; k += QB) {
     // past K the weights load as 0 (and the activation buffer is zero-padded)
     const __mmask64 mask = K - k >= QB ? ~0ull : ((1ull << (K - k)) - 1);
     __m512i aw[NB];
     __mmask64 neg[NB];
-    for (int64_t j = 0; j < NB; ++j) {
-      const __m512i wv = j < nrows ? _mm512_maskz_loadu_epi8(mask, w + j * K + k) : zero;
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, row[j] + k);
       aw[j] = _mm512_abs_epi8(wv);
       neg[j] = _mm512_movepi8_mask(wv);
     }
-    if (next != nullptr)  // the hardware prefetcher misses short interleaved row streams
-      for (int64_t j = 0; j < NB; ++j) _mm_prefetch((const char*)(next + j * K + k), _MM_HINT_T0);
-    for (int64_t i = 0; i < MB; ++i) {
-      if (i >= mrows) break;
+    if (next != nullptr)
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(next + j * K + k), _MM_HINT_T0);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
       const __m512i xv = _mm512_loadu_si512(xq + i * ldx + k);
-      const __m512 scale = _mm512_set1_ps(xs[i * (ldx / QB) + k / QB]);
-      for (int64_t j = 0; j < NB; ++j) {
+      const __m512 scale = _mm512_set1_ps(xs[i * nq + k / QB]);
+      #pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
         const __m512i sx = _mm512_mask_sub_epi8(xv, neg[j], zero, xv);
         const __m512i dot = _mm512_dpbusd_epi32(zero, aw[j], sx);
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][j]);
       }
     }
   }
-  for (int64_t i = 0; i < mrows; ++i)
-    for (int64_t j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) out[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+void int8_rows(int64_t mrows, const int8_t* xq, const float* xs, int64_t ldx, const int8_t* w,
+               int64_t nrows, int64_t K, const int8_t* next, float* out) {
+  switch (mrows) {
+    case 1: return int8_block<1>(xq, xs, ldx, w, nrows, K, next, out);
+    case 2: return int8_block<2>(xq, xs, ldx, w, nrows, K, next, out);
+    case 3: return int8_block<3>(xq, xs, ldx, w, nrows, K, next, out);
+    default: return int8_block<4>(xq, xs, ldx, w, nrows, K, next, out);
+  }
 }
 
 LLAMARUN_AVX512 inline __m512 load16(const float* p, __mmask16 mask) {
@@ -178,8 +224,8 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* next =
             (m0 == 0 && nrows == NB && n0 + 2 * NB <= N) ? w + (n0 + NB) * K : nullptr;
-        int8_block(xq.data() + m0 * ldx, xs.data() + m0 * (ldx / QB), ldx, mrows, w + n0 * K,
-                   nrows, K, next, out);
+        int8_rows(mrows, xq.data() + m0 * ldx, xs.data() + m0 * (ldx / QB), ldx, w + n0 * K,
+                  nrows, K, next, out);
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j)
             y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * wscale[n0 + j]);
