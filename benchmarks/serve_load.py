@@ -11,6 +11,13 @@ must not depend on the batch).
     python benchmarks/serve_load.py                      # the embedded SmolLM2 model
     python benchmarks/serve_load.py --clients 1,8 --requests 2 --max-tokens 64 \
         [--model PATH] [--dtype float32] [--peer llama.cpp] [--json]
+    python benchmarks/serve_load.py --long-prompt 2048 --clients 4   # a long prompt mid-stream
+
+llamarun is measured once its compiled decode step is in use (its /health says so; --no-compile
+measures the eager step). --long-prompt N: while --clients clients stream long replies, one more
+request brings an N-token prompt; reported are the streaming clients' inter-token latencies
+p50 over their whole replies and p99 while the long prompt was being prefilled (from its
+arrival to its first token), and that prefill's time.
 
 Bounded: loopback only, at most --clients x --requests requests per level, and --timeout s
 per request. llama-cpp-python's server (--peer llama.cpp) serves one request at a time.
@@ -22,7 +29,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -63,8 +69,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def start_llamarun(a: argparse.Namespace, port: int, slots: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "llamarun", "serve", "--port", str(port),
-           "--max-concurrency", str(slots), "--max-seq-len", str(a.max_seq_len), "--dtype", a.dtype]
+    cmd = [sys.executable, "-m", "llamarun", "serve", "--port", str(port), "--quiet",
+           "--max-concurrency", str(slots), "--max-seq-len", str(a.max_seq_len), "--dtype", a.dtype,
+           "--compile" if a.compile else "--no-compile"]
+    if a.prefill_chunk:
+        cmd += ["--prefill-chunk", str(a.prefill_chunk)]
     if a.model:
         cmd += ["--model", a.model]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -77,9 +86,28 @@ def start_llama_cpp(a: argparse.Namespace, port: int, model: str) -> subprocess.
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def one_request(url: str, question: str, a: argparse.Namespace) -> dict[str, Any]:
+def wait_compiled(url: str, timeout: float) -> None:
+    """Until llamarun's /health says its compiled decode step is in use (or cannot be)."""
+    base = url.removesuffix("/v1")
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(base + "/health", timeout=5) as r:
+            state = json.load(r).get("compiled", "off")
+        if state in ("in use", "off", "failed"):
+            print(f"  llamarun: compiled decode step {state}", file=sys.stderr)
+            return
+        if state == "ready":  # it takes over at the next request started while none runs
+            one_request(url, QUESTIONS[0], argparse.Namespace(max_tokens=2, timeout=60))
+            continue
+        time.sleep(1)
+    raise RuntimeError(f"the compiled step was not in use after {timeout} s ({state})")
+
+
+def one_request(url: str, question: str, a: argparse.Namespace,
+                max_tokens: int | None = None) -> dict[str, Any]:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": question}],
-                       "max_tokens": a.max_tokens, "temperature": 0, "stream": True,
+                       "max_tokens": max_tokens or a.max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(url + "/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
@@ -103,8 +131,48 @@ def one_request(url: str, question: str, a: argparse.Namespace) -> dict[str, Any
     if usage is None:  # a server without stream usage (llama-cpp-python): a chunk per token
         usage = {"completion_tokens": len(stamps)}
     return {"question": question, "text": "".join(text), "finish": finish, "usage": usage,
-            "ttft": stamps[0] - start if stamps else None,
+            "ttft": stamps[0] - start if stamps else None, "start": start, "stamps": stamps,
             "itl": [b - a for a, b in zip(stamps, stamps[1:])], "end": time.perf_counter()}
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+
+
+def long_prompt_level(url: str, name: str, a: argparse.Namespace) -> dict[str, Any]:
+    """--clients streams, then one request with an --long-prompt-token prompt (a repeated
+    paragraph) once they are all under way; their inter-token latencies during its prefill."""
+    streams: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        out = one_request(url, QUESTIONS[i % len(QUESTIONS)], a, max_tokens=a.long_stream_tokens)
+        with lock:
+            streams.append(out)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients_n)]
+    for t in threads:
+        t.start()
+    time.sleep(a.long_delay)  # the streams are decoding
+    paragraph = ("The quick brown fox jumps over the lazy dog while the river runs past the old "
+                 "mill and the children count the boats. ")
+    # About 24 tokens a paragraph for Llama-family tokenizers; the server reports the count.
+    text = paragraph * max(1, a.long_prompt // 24)
+    long = one_request(url, "Summarize: " + text, a, max_tokens=4)
+    for t in threads:
+        t.join()
+    began, first = long["start"], long["start"] + (long["ttft"] or 0.0)
+    during = [b - x for s in streams for x, b in zip(s["stamps"], s["stamps"][1:])
+              if began <= b <= first + 1e-3]
+    every = [x for s in streams for x in s["itl"]]
+    p50, p99 = pct(every, 0.5), pct(during, 0.99)
+    return {"engine": name, "clients": a.clients_n,
+            "prompt_tokens": (long["usage"] or {}).get("prompt_tokens"),
+            "prefill_s": long["ttft"], "itl_p50": p50, "itl_p99_during": p99,
+            "gaps_during": len(during),
+            "ratio": (p99 / p50) if p50 and p99 else None,
+            "complete": all(s["finish"] in ("stop", "length") for s in streams)}
 
 
 def run_level(url: str, clients: int, a: argparse.Namespace, requests: int) -> dict[str, Any]:
@@ -134,9 +202,6 @@ def run_level(url: str, clients: int, a: argparse.Namespace, requests: int) -> d
     tokens = sum((r["usage"] or {}).get("completion_tokens", 0) for r in results)
     ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
     itl = sorted(x for r in results for x in r["itl"])
-
-    def pct(xs: list[float], p: float) -> float | None:
-        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
 
     return {"clients": clients, "requests": len(results), "errors": errors, "wall_s": wall,
             "req_s": len(results) / wall, "tok_s": tokens / wall, "completion_tokens": tokens,
@@ -189,6 +254,13 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--peer", choices=["llama.cpp"], help="also load-test llama-cpp-python's server")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure llamarun's compiled decode step (default) or its eager one")
+    p.add_argument("--prefill-chunk", type=int, help="llamarun serve --prefill-chunk")
+    p.add_argument("--long-prompt", type=int, metavar="N",
+                   help="instead of the levels: a prompt of about N tokens arriving mid-stream")
+    p.add_argument("--long-stream-tokens", type=int, default=160)
+    p.add_argument("--long-delay", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
@@ -197,14 +269,21 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     port = free_port()
-    proc = start_llamarun(a, port, max(levels))
+    a.clients_n = max(levels)
+    proc = start_llamarun(a, port, max(levels) + (1 if a.long_prompt else 0))
     try:
-        wait_ready(f"http://127.0.0.1:{port}/v1", proc, 300)
-        rows += bench("llamarun", f"http://127.0.0.1:{port}/v1", levels, a)
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_ready(url, proc, 300)
+        wait_compiled(url, 900)
+        if a.long_prompt:
+            one_request(url, QUESTIONS[0], a, max_tokens=4)
+            rows.append(long_prompt_level(url, "llamarun", a))
+        else:
+            rows += bench("llamarun", url, levels, a)
     finally:
         proc.send_signal(2)
         proc.wait(60)
-    if a.peer == "llama.cpp":
+    if a.peer == "llama.cpp" and not a.long_prompt:  # it serves one request at a time
         sys.path.insert(0, str(REPO))
         from llamarun.default_model import default_model_path
 
@@ -222,8 +301,16 @@ def main() -> None:
             proc.wait(60)
     if a.json:
         for r in rows:
-            r.pop("answers")
+            r.pop("answers", None)
         print(json.dumps(rows, indent=1))
+    elif a.long_prompt:
+        for r in rows:
+            ms = {k: "-" if r[k] is None else f"{r[k] * 1000:.0f}"
+                  for k in ("itl_p50", "itl_p99_during")}
+            print(f"{r['engine']}: {r['clients']} streams; a {r['prompt_tokens']}-token prompt "
+                  f"prefilled in {r['prefill_s']:.2f} s; their inter-token p50 {ms['itl_p50']} ms, "
+                  f"p99 during the prefill {ms['itl_p99_during']} ms ({r['gaps_during']} gaps), "
+                  f"ratio {r['ratio']:.2f}; complete: {r['complete']}")
     else:
         show(rows, a)
 

@@ -192,3 +192,20 @@ def test_generation_config_defaults_applied_and_overridden(tmp_path: Path) -> No
     r = invoke(*base, "-m", str(greedy_model), "-t", "1.5", "--top-k", "0", "--min-p", "0")
     assert r.stdout == hot.stdout
     assert invoke(*base, "-m", str(hot_model), "-t", "0").stdout == greedy
+
+
+def test_one_shot_commands_do_not_compile_in_the_background(
+        one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """complete stays eager unless --compile (its tokens then never depend on whether a
+    background compile finished); chat compiles in the background."""
+    from llamarun.cli.common import load_engine
+    from llamarun.cli.options import ModelOptions
+
+    started: list[Engine] = []
+    monkeypatch.setattr(Engine, "compile_in_background", lambda self: started.append(self))
+    opts = ModelOptions(str(stories_meta()), dtype="float32")
+    assert opts.compile is None
+    one_shot = load_engine(opts)
+    assert started == [] and one_shot.compile_state == "off"
+    chat = load_engine(opts, background=True)
+    assert started == [chat]

@@ -111,3 +111,13 @@ def test_non_numbers_name_the_flag(args: list[str], expected: str) -> None:
 
     r = run_cli(*args)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected]
+
+
+def test_serve_prefill_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamarun.cli.serve import PREFILL_CHUNK_SHOWN
+    from llamarun.scheduler import DEFAULT_PREFILL_CHUNK
+
+    assert int(PREFILL_CHUNK_SHOWN) == DEFAULT_PREFILL_CHUNK  # what --help shows is what runs
+    monkeypatch.chdir(tmp_path)
+    one_error_line(invoke(["serve", "--port", "0", "--prefill-chunk", "0"]),
+                   "--prefill-chunk must be at least 1, got 0")

@@ -55,7 +55,7 @@ def chat(
     """
     check_save_path(save)
     saved: SavedChat | None = load_chat(load) if load is not None else None
-    engine = load_engine(opts)
+    engine = load_engine(opts, background=True)
     params, _ = model_sampling(engine, flags.given(), base=saved.sampling if saved else None)
     interactive = sys.stdin.isatty()
     stdin_replacing()  # invalid UTF-8 typed or piped in becomes U+FFFD

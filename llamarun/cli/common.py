@@ -56,12 +56,15 @@ def check_model_options(opts: ModelOptions) -> None:
         default_threads(os.environ)  # a bad $OMP_NUM_THREADS is named now, not after loading
 
 
-def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> Engine:
+def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
+                background: bool = False) -> Engine:
     """Resolve the model (flag, environment, ./checkpoints, default) and load it.
 
-    With --compile the decode step is compiled here (unless warm_up is False), with a note,
-    rather than as a long pause in the middle of the first reply. By default it is compiled in
-    a background thread where the device allows it (replies run eagerly until it is ready).
+    With --compile the decode graphs are compiled here (unless warm_up is False), with a note,
+    rather than as a long pause in the middle of the first reply. By default, commands that run
+    many generations (`background`: chat, serve) compile them in a background thread, and they
+    take over between generations; one-shot commands stay eager unless --compile, so that the
+    same command gives the same tokens whether or not a compile finished meanwhile.
     """
     engine = _load(opts, slots)
     note = requantize_note(engine, opts.quantize)
@@ -71,7 +74,7 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1) -> 
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
         engine.warmup()
-    elif opts.compile is None and warm_up and engine.tp is None:
+    elif opts.compile is None and background and engine.tp is None:
         # (Tensor-parallel ranks compile only when asked, all together: a background compile
         # would run collectives out of step with the other ranks.)
         engine.compile_in_background()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -13,9 +13,16 @@ from llamarun.cli.common import cli_errors, load_engine, model_sampling
 from llamarun.cli.options import ModelOptions, model_command
 from llamarun.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from llamarun.engine import Engine
+
+# scheduler.DEFAULT_PREFILL_CHUNK, written out: importing the scheduler imports torch, which the
+# CLI does only once a command runs (a test checks they agree).
+PREFILL_CHUNK_SHOWN = "64"
+
 
 @app.command()
-@model_command(compile=False)
+@model_command()
 def serve(
     host: Annotated[str, typer.Option(
         "--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
@@ -31,6 +38,11 @@ def serve(
              "no key)")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No log line per request on stderr")] = False,
+    prefill_chunk: Annotated[Optional[int], typer.Option(
+        "--prefill-chunk", metavar="N", show_default=PREFILL_CHUNK_SHOWN,
+        help="Prompt tokens prefilled per step while other requests generate (chunked "
+             "prefill: a long prompt delays their next tokens by a chunk, not by the whole "
+             "prompt)")] = None,
     *,
     opts: ModelOptions,  # the model flags, checked already (options.model_command)
 ) -> None:
@@ -46,6 +58,8 @@ def serve(
             raise InvalidArgumentError(f"--port must be in 0..65535, got {port}")
         if max_concurrency < 1:
             raise InvalidArgumentError(f"--max-concurrency must be at least 1, got {max_concurrency}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InvalidArgumentError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
         if max_queue < 0:
             raise InvalidArgumentError(f"--max-queue must be at least 0, got {max_queue}")
         if api_key is not None:
@@ -65,7 +79,9 @@ def serve(
             if not is_loopback(host) and api_key is None:
                 console.note(f"warning: listening on {host} without --api-key: anyone who can "
                              "reach this port can use the model", style="yellow")
-        engine = load_engine(opts, warm_up=False, slots=max_concurrency)
+        engine = load_engine(opts, slots=max_concurrency, background=True)
+        if prefill_chunk is not None:
+            engine.scheduler.prefill_chunk = prefill_chunk
         defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
         leader = None
         if control is not None:
@@ -84,7 +100,8 @@ def serve(
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
         console.note(f"serving {model_id} at http://{shown}:{port}/v1 ({max_concurrency} slots of "
-                     f"{engine.max_seq_len} tokens); Ctrl-C to stop")
+                     f"{engine.max_seq_len} tokens; compiled decode step: {_compiled(engine)}); "
+                     "Ctrl-C to stop")
         # uvicorn handles Ctrl-C and SIGTERM itself (running requests finish), then raises the
         # signal again for whoever embeds it: here that ends quietly instead of in a traceback.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +110,15 @@ def serve(
         if leader is not None:
             leader.close()
         console.note("server stopped")
+
+
+def _compiled(engine: Engine) -> str:
+    state = engine.compile_state
+    if state == "ready":  # it takes over at the first request
+        return "in use"
+    if state == "compiling":
+        return "compiling in the background (eager until it is ready; GET /health tells)"
+    return state
 
 
 class _RequestLine(logging.Handler):
