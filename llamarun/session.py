@@ -93,9 +93,8 @@ class ChatSession:
         reserve = min(max_new_tokens, limit // 4)  # room a reply needs before old turns are dropped
         ids = self._prompt(user)
         dropped = 0
-        while len(ids) + reserve > limit and len(self.messages) >= 2:
-            self.messages = self.messages[2:]  # the oldest user message and its reply
-            dropped += 1
+        if len(ids) + reserve > limit and len(self.messages) >= 2:
+            dropped = self._drop_to_fit(user, limit - reserve)
             ids = self._prompt(user)
         if len(ids) >= limit:
             raise PromptTooLongError(
@@ -118,6 +117,30 @@ class ChatSession:
         gen.dropped_turns = dropped
         self._active = gen
         return gen
+
+    def _drop_to_fit(self, user: Message, budget: int) -> int:
+        """Drop the fewest oldest turns (a user message and its reply each) after which the
+        dialog with `user` takes at most `budget` tokens, or all of them; return how many.
+
+        A binary search over the number dropped: the dialog is encoded O(log turns) times, not
+        once per dropped turn (a long resumed chat would take quadratic time).
+        """
+        turns = self.messages
+        pairs = len(turns) // 2
+
+        def fits(k: int) -> bool:
+            self.messages = turns[2 * k:]
+            return len(self._prompt(user)) <= budget
+
+        lo, hi = 1, pairs  # the answer lies in lo..hi (hi: all, whether or not that fits)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        self.messages = turns[2 * lo:]
+        return lo
 
     def _prompt(self, user: Message) -> list[int]:
         """The conversation's ids with `user` added, up to the assistant's reply."""

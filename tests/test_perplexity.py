@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -17,6 +16,7 @@ from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError
 from llamarun.perplexity import default_text, perplexity, plan_windows
 from engine_util import engine, one_thread, run_cli, stories_meta  # noqa: F401
+from fixtures_util import require_fixture
 
 STORY = ("Once upon a time, there was a little girl named Lily. She liked to play outside with "
          "her big red ball. One day, she saw a cat in the park and they became good friends. ")
@@ -26,9 +26,24 @@ def story_ids(engine: Engine, repeats: int = 3) -> list[int]:
     return engine.tokenizer.encode(STORY * repeats, bos=True)
 
 
-def reference_nll(engine: Engine, ids: list[int], ctx: int, stride: int) -> float:
-    """The Hugging Face guide's loop, written out: full logits, -100 labels, weighted means."""
-    model = engine.model
+@pytest.fixture(scope="module")
+def hf_model():  # noqa: ANN201 (transformers' LlamaForCausalLM)
+    """stories260K's Hugging Face folder in transformers, in float32: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(require_fixture("stories260K", "hf"),
+                                                torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(one_thread: None) -> Engine:  # noqa: F811
+    """The same folder in llamarun (its weights are stored bf16: the Meta file's differ)."""
+    return Engine.load(require_fixture("stories260K", "hf"), device="cpu", dtype="float32")
+
+
+def reference_nll(hf_model, ids: list[int], ctx: int, stride: int) -> float:  # noqa: ANN001
+    """The Hugging Face perplexity guide's loop with transformers' own loss: -100 labels,
+    the mean loss of each window weighted by its scored tokens."""
     labels_all = torch.tensor(ids)
     nll_sum, n_scored, prev_end = 0.0, 0, 0
     with torch.inference_mode():
@@ -38,10 +53,8 @@ def reference_nll(engine: Engine, ids: list[int], ctx: int, stride: int) -> floa
             window = labels_all[begin:end]
             labels = window.clone()
             labels[:-trg_len] = -100
-            logits = model(window[None], model.positions[:end - begin], output_idx=None)[0]
-            shifted = labels[1:]
-            n_valid = int((shifted != -100).sum())
-            loss = F.cross_entropy(logits[:-1].double(), shifted, ignore_index=-100)
+            loss = hf_model(input_ids=window[None], labels=labels[None]).loss
+            n_valid = int((labels[1:] != -100).sum())
             nll_sum += float(loss) * n_valid
             n_scored += n_valid
             prev_end = end
@@ -51,10 +64,10 @@ def reference_nll(engine: Engine, ids: list[int], ctx: int, stride: int) -> floa
 
 
 @pytest.mark.parametrize(("ctx", "stride"), [(32, 16), (48, 20), (40, 40), (64, 1)])
-def test_matches_reference_loop(engine: Engine, ctx: int, stride: int) -> None:
-    ids = story_ids(engine)[:130]
-    r = perplexity(engine, ids, ctx=ctx, stride=stride)
-    expected = reference_nll(engine, ids, ctx, stride)
+def test_matches_transformers_loss(hf_engine: Engine, hf_model, ctx: int, stride: int) -> None:  # noqa: ANN001
+    ids = story_ids(hf_engine)[:130]
+    r = perplexity(hf_engine, ids, ctx=ctx, stride=stride)
+    expected = reference_nll(hf_model, ids, ctx, stride)
     assert r.nll == pytest.approx(expected, rel=1e-5)
     assert r.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
     assert r.n_windows == len(plan_windows(len(ids), ctx=ctx, stride=stride))
@@ -63,13 +76,12 @@ def test_matches_reference_loop(engine: Engine, ctx: int, stride: int) -> None:
         assert r.n_tokens_scored == len(ids) - 1  # every token but the first, exactly once
 
 
-def test_one_window_is_one_forward(engine: Engine) -> None:
-    ids = story_ids(engine, 1)
+def test_one_window_is_transformers_loss(hf_engine: Engine, hf_model) -> None:  # noqa: ANN001
+    ids = story_ids(hf_engine, 1)
     assert len(ids) < 100
-    r = perplexity(engine, ids, ctx=100, stride=100)
+    r = perplexity(hf_engine, ids, ctx=100, stride=100)
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([ids]), engine.model.positions[:len(ids)])[0]
-        ce = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+        ce = hf_model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
     assert r.n_windows == 1 and r.n_tokens_scored == len(ids) - 1
     assert r.perplexity == pytest.approx(math.exp(float(ce)), rel=1e-5)
 
@@ -92,7 +104,9 @@ def test_default_stride_truncation_and_progress(engine: Engine) -> None:
     assert r.stride == 16 and r.nll == again.nll and r.n_tokens_scored == 99
     assert len(calls) == r.n_windows and calls[-1] == (100, 100)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert r.seconds > 0 and r.tokens_per_s > 0
+    # Tokens run through the model (windows overlap) over the time taken.
+    run = sum(w.end - w.begin for w in plan_windows(100, ctx=32, stride=16))
+    assert r.tokens_per_s == pytest.approx(run / r.seconds)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -138,7 +152,8 @@ def test_cli_json_matches_library(engine: Engine) -> None:
     assert (data["n_tokens_scored"], data["n_windows"], data["ctx"], data["stride"]) == (
         299, lib.n_windows, 64, 32)
     assert data["dtype"] == "float32" and data["model"].endswith("meta")
-    assert data["seconds"] > 0 and data["tokens_per_s"] > 0
+    run = sum(w.end - w.begin for w in plan_windows(300, ctx=64, stride=32))
+    assert data["tokens_per_s"] * data["seconds"] == pytest.approx(run, rel=1e-3)
 
 
 def test_cli_stdin_and_text_line(engine: Engine) -> None:

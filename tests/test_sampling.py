@@ -147,3 +147,9 @@ def test_invalid_params_raise(kwargs: dict[str, float]) -> None:
 def test_valid_edges_accepted() -> None:
     SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
     SamplingParams(min_p=1.0, top_p=1e-6)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repeat_penalty"])
+def test_integers_past_float_range_are_refused(field: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        SamplingParams(**{field: 10**400})
