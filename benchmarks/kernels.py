@@ -6,9 +6,11 @@ weight bytes only (int8: 1 byte per weight; int4: half a byte plus the group sca
 
 Kernels:
   bf16:  F.linear (oneDNN/MKL), compiled (x.unsqueeze(-2) * w).sum(-1) (model.Linear's form
-         under torch.compile, one row only, --compile), ours (kernels.bf16_linear: vdpbf16ps)
+         under torch.compile, one row only, --compile), ours (kernels.bf16_linear: vdpbf16ps;
+         also inside a compiled function with --compile)
   fp32:  device.linear's oneDNN path (for reference: the memory's rate)
-  int8:  aten._weight_int8pack_mm (bf16 activations), ours (kernels.int8_linear: vpdpbusd)
+  int8:  aten._weight_int8pack_mm (bf16 activations), compiled multiply + sum (Int8Linear's
+         one-token form without PyTorch's kernel, --compile), ours (kernels.int8_linear: vpdpbusd)
   int4:  aten._weight_int4pack_mm_for_cpu (group 32)
 
     python benchmarks/kernels.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
@@ -75,9 +77,14 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     w4 = [p4.clone() for _ in range(_copies(n * k // 2, pool))]
     sz = torch.rand(k // 32, n, 2, generator=g).bfloat16()
     int4_bytes = n * k // 2 + sz.numel() * 2
-    compiled = None
-    if compile_:
+    compiled = compiled_ours = compiled_int8 = None
+    if compile_:  # model.Linear's and Int8Linear's one-token forms under torch.compile
+        torch._dynamo.reset()  # one compile per shape; the recompile limit counts shapes
         compiled = torch.compile(lambda x, w: (x.unsqueeze(-2) * w).sum(-1), dynamic=False)
+        compiled_int8 = torch.compile(
+            lambda x, q, s: (x.unsqueeze(-2) * q.to(x.dtype)).sum(-1) * s.to(x.dtype),
+            dynamic=False)
+        compiled_ours = torch.compile(kernels.dense_linear, dynamic=False, fullgraph=True)
     for m in rows:
         x = torch.randn(m, k, generator=g).bfloat16()
         runs: list[tuple[str, int, Callable[[int], object], int]] = [
@@ -88,8 +95,14 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         if kernels.bf16_available():
             ext = kernels._extension()
             runs.append(("bf16 ours", n * k * 2, lambda i: ext.bf16_linear(x, wb[i]), nb))
+            if compiled_ours is not None and m == 1:
+                runs.append(("bf16 ours compiled", n * k * 2,
+                             lambda i: compiled_ours(x, wb[i]), nb))
         runs.append(("int8 aten", n * k,
                      lambda i: torch.ops.aten._weight_int8pack_mm(x, q8[i], s8), len(q8)))
+        if compiled_int8 is not None and m == 1:
+            runs.append(("int8 compiled mul+sum", n * k,
+                         lambda i: compiled_int8(x, q8[i], s8), len(q8)))
         if kernels.int8_available():
             ext = kernels._extension()
             runs.append(("int8 ours", n * k,
