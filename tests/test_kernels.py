@@ -157,7 +157,8 @@ def test_failed_build_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPat
 
 @needs_bf16
 @needs_int8
-def test_compiled_calls_trace_through_the_kernels() -> None:
+@pytest.mark.parametrize("cpp_wrapper", [False, True], ids=["python", "cpp_wrapper"])
+def test_compiled_calls_trace_through_the_kernels(cpp_wrapper: bool) -> None:
     torch._dynamo.reset()
     x, w = _bf16_data(3, 96, 40, seed=4)
     xi, q, s = _int8_data(3, 96, 40, torch.bfloat16, seed=4)
@@ -165,6 +166,6 @@ def test_compiled_calls_trace_through_the_kernels() -> None:
     def step(x: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return linear(x, w) * 2, kernels.int8_linear(xi, q, s) + 1
 
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
     for a, b in zip(compiled(x, xi), step(x, xi)):
         assert torch.equal(a, b)

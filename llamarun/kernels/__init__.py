@@ -90,30 +90,20 @@ def int8_available() -> bool:
     return enabled() and _features()[1]
 
 
-# The custom ops make the kernels traceable by torch.compile (fullgraph); eager calls go to the
-# extension directly, which saves the custom-op dispatch (~10 us) per product.
-@torch.library.custom_op("llamarun::bf16_linear", mutates_args=())
-def bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(M, K) bf16 @ (N, K)^T bf16 -> (M, N) bf16, float32 accumulation."""
-    ext = _extension()
-    assert ext is not None
-    return ext.bf16_linear(x, weight)
+# The ops make the kernels traceable by torch.compile (fullgraph): their schemas and fake forms
+# are defined here, their CPU code by linear.cpp once built (a C++ registration: a Python custom
+# op costs ~30 us a call). Eager calls go to the extension directly.
+_LIB = torch.library.Library("llamarun", "DEF")  # kept: the ops live as long as it does
+_LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
+_LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 
 
-@bf16_linear_op.register_fake
+@torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("llamarun::int8_linear", mutates_args=())
-def int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, K) @ (weight * scales[:, None])^T with x quantized to int8 in blocks; in x's dtype."""
-    ext = _extension()
-    assert ext is not None
-    return ext.int8_linear(x, weight, scales)
-
-
-@int8_linear_op.register_fake
+@torch.library.register_fake("llamarun::int8_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -134,7 +124,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
             and bf16_available()):
         return None
     rows = x.reshape(-1, x.shape[-1])
-    op = bf16_linear_op if torch.compiler.is_compiling() else _extension().bf16_linear
+    op = torch.ops.llamarun.bf16_linear if torch.compiler.is_compiling() else _extension().bf16_linear
     return op(rows, weight).view(*x.shape[:-1], weight.shape[0])
 
 
@@ -149,5 +139,5 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor,
             and weight.dtype == torch.int8 and 0 < _rows(x) <= MAX_ROWS and int8_available()):
         return None
     rows = x.reshape(-1, x.shape[-1])
-    op = int8_linear_op if torch.compiler.is_compiling() else _extension().int8_linear
+    op = torch.ops.llamarun.int8_linear if torch.compiler.is_compiling() else _extension().int8_linear
     return op(rows, weight, scales).view(*x.shape[:-1], weight.shape[0])

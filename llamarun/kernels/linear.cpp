@@ -299,6 +299,14 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// The ops' schemas are defined in Python (llamarun/kernels/__init__.py, with their fake forms
+// for torch.compile) so that they exist before this library is built; this adds the CPU code,
+// which torch.compile's graphs then reach through the C++ dispatcher.
+TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
+  m.impl("bf16_linear", &bf16_linear);
+  m.impl("int8_linear", &int8_linear);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", &cpu_features);
   m.def("bf16_linear", &bf16_linear);
