@@ -122,6 +122,8 @@ def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_selector_leaves_other_products_to_pytorch() -> None:
     x, w = _bf16_data(kernels.MAX_ROWS + 1, 40, 9)
     assert kernels.dense_linear(x, w) is None  # a prefill-sized product
+    assert not kernels.serves_dense(x, w)
+    assert kernels.serves_dense(x[:1], w) == kernels.bf16_available()
     assert kernels.dense_linear(x[:1].float(), w.float()) is None  # float32: oneDNN
     assert kernels.dense_linear(x[:1].half(), w.half()) is None
     assert kernels.int8_linear(x[:1].half(), torch.zeros(9, 40, dtype=torch.int8),

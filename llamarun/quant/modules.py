@@ -3,9 +3,10 @@
 On CPU, int8 products of up to kernels.MAX_ROWS rows run llamarun's own kernel where the CPU
 has AVX512-VNNI (llamarun.kernels decides); other products run PyTorch's weight-only kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other
-activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is dequantized into the
-activation dtype inside forward, which torch.compile fuses into the product. Under torch.compile a
-one-token int8 product is written as multiply + sum, one fused reduction over the int8 bytes.
+activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is
+dequantized into the activation dtype inside forward, which torch.compile fuses into the product.
+Under torch.compile a one-token int8 product is otherwise written as multiply + sum, one fused
+reduction over the int8 bytes.
 """
 
 from __future__ import annotations
