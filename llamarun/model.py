@@ -97,18 +97,17 @@ class Attention(nn.Module):
         qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
         # One rotation for the query and key heads together: half the small ops of two.
         qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
-        q, k = qk[0].split([self.n_heads, self.n_kv_heads], dim=1)  # (T, heads, head_dim)
-        v = v.view(n_tokens, self.n_kv_heads, self.head_dim)
-        gqa = self.n_heads != self.n_kv_heads
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # (1, T, heads, head_dim)
+        v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim)
         if step is None:
-            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None], is_causal=n_tokens > 1,
-                                               enable_gqa=gqa)[0]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=n_tokens > 1,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            y = y.transpose(1, 2)
         else:
             assert self.kv_cache is not None
             y = self._attend_spans(q, k, v, step)
-        y = y.transpose(0, 1).reshape(1, n_tokens, q_size).to(x.dtype)
-        out = self.wo(y)
+        out = self.wo(y.reshape(1, n_tokens, q_size).to(x.dtype))
         return out if self.reduce is None else self.reduce(out)
 
     def _attend_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -116,22 +115,28 @@ class Attention(nn.Module):
         """Write each token's key and value into the cache, then attend each span over exactly
         its own row's past: one SDPA per span, so that a span's result never depends on the
         others (batch-invariant, bit for bit; one call over padded rows is not: SDPA's result
-        changes in the last bits with the padded length and the batch size, measured)."""
+        changes in the last bits with the padded length and the batch size, measured).
+
+        q (1, T, heads, head_dim), k and v (1, T, kv heads, head_dim); returns (1, T, heads,
+        head_dim). (Each query keeps the (1, S, heads, hd) -> (1, heads, S, hd) view: CPU SDPA
+        runs 10x slower on other strides of the same shape, measured.)
+        """
         assert self.kv_cache is not None
         dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
-        k_all, v_all = self.kv_cache.write(step.rows, step.pos, k.to(dt), v.to(dt))
+        k_all, v_all = self.kv_cache.write(step.rows, step.pos, k[0].to(dt), v[0].to(dt))
         q = q.to(dt)
         gqa = self.n_heads != self.n_kv_heads
         out = []
         offset = 0
         for span, mask in zip(step.spans, step.masks):
             row = span.row - step.row_bias
-            qs = q[offset:offset + span.length].transpose(0, 1)[None]  # (1, H, length, hd)
+            qs = q[:, offset:offset + span.length].transpose(1, 2)  # (1, H, length, hd)
             ks = k_all[row:row + 1, :, :span.end]  # (1, kv heads, end, hd)
             vs = v_all[row:row + 1, :, :span.end]
-            out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)[0])
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            out.append(y.transpose(1, 2))
             offset += span.length
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (H, T, head_dim)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 @dataclass(frozen=True)
