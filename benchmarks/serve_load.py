@@ -273,8 +273,8 @@ def main() -> None:
     proc = start_llamarun(a, port, max(levels) + (1 if a.long_prompt else 0))
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        wait_ready(url, proc, 300)
-        wait_compiled(url, 900)
+        wait_ready(url, proc, 1800)  # --compile: the graphs are built before it listens
+        wait_compiled(url, 1800)
         if a.long_prompt:
             one_request(url, QUESTIONS[0], a, max_tokens=4)
             rows.append(long_prompt_level(url, "llamarun", a))
