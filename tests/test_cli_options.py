@@ -33,7 +33,7 @@ def test_every_model_command_has_the_same_model_flags() -> None:
             "--threads", "--compile", "--verbose"]
     for command, flags in panels.items():
         # --compile only where a decode step is compiled
-        expected = full if command in ("chat", "complete", "bench") else \
+        expected = full if command in ("chat", "complete", "bench", "serve") else \
             [f for f in full if f != "--compile"]
         assert flags == expected, command
     sampling = [[p.opts[0] for p in options(c) if p.rich_help_panel == "Sampling"]
