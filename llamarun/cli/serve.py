@@ -39,10 +39,10 @@ def serve(
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No log line per request on stderr")] = False,
     prefill_chunk: Annotated[Optional[int], typer.Option(
-        "--prefill-chunk", metavar="N", show_default=PREFILL_CHUNK_SHOWN,
+        "--prefill-chunk", metavar="N", show_default=False,
         help="Prompt tokens prefilled per step while other requests generate (chunked "
              "prefill: a long prompt delays their next tokens by a chunk, not by the whole "
-             "prompt)")] = None,
+             f"prompt; default {PREFILL_CHUNK_SHOWN})")] = None,
     *,
     opts: ModelOptions,  # the model flags, checked already (options.model_command)
 ) -> None:
