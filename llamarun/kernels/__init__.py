@@ -3,10 +3,9 @@
 `linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows: bfloat16 weights with
 AVX512-BF16 (`vdpbf16ps`, float32 accumulation) and int8 weights with AVX512-VNNI (`vpdpbusd`,
 activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
-blocks of 32). It is compiled at first
-use with torch.utils.cpp_extension into ~/.cache/llamarun/kernels (a temporary folder without a
-home); without a compiler, on other CPUs, or with LLAMARUN_KERNELS=0, every product takes
-PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
+blocks of 32). It is compiled at first use with torch.utils.cpp_extension into
+~/.cache/llamarun/kernels (a temporary folder without a home); without a compiler, on other
+CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
 `dense_linear` and `int8_linear` are the selection point: `device.linear` and the quantized
@@ -29,7 +28,7 @@ from llamarun.errors import InvalidArgumentError
 log = logging.getLogger(__name__)
 
 ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
-MAX_ROWS = 8  # decode batches; from here on PyTorch's GEMMs are the faster path
+MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured up to 8 only)
 SOURCE = Path(__file__).with_name("linear.cpp")
 
 
