@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamarun import kernels
 from llamarun.config import ModelArgs
 from llamarun.device import attention_dtype, linear
 from llamarun.kv_cache import KVCache
@@ -29,9 +30,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if torch.compiler.is_compiling() and rows == 1:
+        if torch.compiler.is_compiling() and rows == 1 and not kernels.serves_dense(x, self.weight):
             return (x.unsqueeze(-2) * self.weight).sum(-1)
-        return linear(x, self.weight)
+        return linear(x, self.weight)  # llamarun.kernels' bf16 product where it serves
 
 
 @dataclass(frozen=True)

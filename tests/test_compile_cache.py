@@ -59,7 +59,7 @@ def test_the_users_own_folder_wins(env: Path, tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.parametrize("home", ["a file", "unwritable", "none"])
 def test_no_usable_home_compiles_without_a_cache(env: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture, home: str) -> None:
+                                                 home: str) -> None:
     if home == "a file":
         (env / "f").write_text("")
         monkeypatch.setenv("HOME", str(env / "f"))
@@ -71,14 +71,23 @@ def test_no_usable_home_compiles_without_a_cache(env: Path, monkeypatch: pytest.
     else:
         monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(
             RuntimeError("Could not determine home directory."))))
-    with caplog.at_level(logging.WARNING, logger="llamarun.device"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    # On the logger itself: a CLI test earlier in the run may have stopped llamarun's loggers
+    # propagating to the root, where caplog listens.
+    logger = logging.getLogger("llamarun.device")
+    logger.addHandler(handler)
+    try:
         assert configure_compile_cache() is None
+    finally:
+        logger.removeHandler(handler)
     env.chmod(0o700)
     private = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     assert private.name.startswith("llamarun-inductor-") and private.is_dir()
     assert stat.S_IMODE(private.stat().st_mode) == 0o700 and cache_dir() == str(private)
     assert inductor_config.fx_graph_cache is False and inductor_config.autotune_local_cache is False
-    notes = [r.getMessage() for r in caplog.records]
+    notes = [r.getMessage() for r in records]
     assert len(notes) == 1 and "compiling without a compile cache" in notes[0], notes
     assert configure_compile_cache() is None  # a second call: still none, no second folder
 

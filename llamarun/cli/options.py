@@ -90,8 +90,9 @@ _MODEL_PARAMS: list[tuple[str, Any, object]] = [  # (name, annotation, default)
      "auto"),
     ("dtype", Annotated[str, _opt(
         "--dtype", metavar="DTYPE", panel=MODEL_PANEL,
-        help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and on CPUs with native "
-             "bf16, else float32 (16-bit checkpoints stay 16-bit)")], "auto"),
+        help="auto, float32, bfloat16 or float16. auto: on CPU the stored precision (float16 "
+             "becomes bfloat16; quantized weights compute in bfloat16 where the CPU has native "
+             "bf16, else float32); bfloat16 on CUDA")], "auto"),
     ("quantize", Annotated[str, _opt(
         "--quantize", metavar="MODE", panel=MODEL_PANEL,
         help="Weight storage: auto (keep a GGUF's quantized tensors quantized, dense ones dense), "
