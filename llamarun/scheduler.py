@@ -309,10 +309,13 @@ class Scheduler:
                                                                 SOLO_PREFILL_CHUNK)
         parts: list[tuple[_Active, int, int, tuple[int, int]]] = []
         writes = []
+        size = budget  # every request's chunks are whole chunks of this size, never the
+        # remainder another request left in the pass: a prompt's chunk boundaries (which can
+        # change the last bits of its logits) do not depend on who else is prefilling
         for a in self._prefilling:
-            if budget <= 0:
+            n = min(len(a.pending), size)
+            if n > budget:  # the rest of the pass is too small for its chunk: the next pass
                 break
-            n = min(len(a.pending), budget)
             start = len(a.slot.ids)
             final = n == len(a.pending)
             req = a.ticket.request

@@ -320,3 +320,27 @@ def test_thread_and_synchronous_clients_share_one_loop(one_thread: None) -> None
     while eng.scheduler.running and time.time() < deadline:
         time.sleep(0.01)
     assert not eng.scheduler.running
+
+
+def test_a_prompt_is_chunked_the_same_whoever_else_prefills(one_thread: None) -> None:  # noqa: F811
+    """Requests prefilling together each take whole chunks: none is split at the remainder of
+    another's, so its chunk boundaries (and so its logits' last bits) are its own."""
+    eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=3,
+                      prefill_chunk=8)
+    sched, runner = eng.scheduler, eng.runner
+    seen: list[list[int]] = []
+    real = runner.run
+
+    def spy(writes, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append([len(w.ids) for w in writes])
+        return real(writes, **kw)
+
+    runner.run = spy  # type: ignore[method-assign]
+    t0 = sched.submit(Request(PROMPTS[0], GREEDY, 30, stop_ids=False))
+    sched.step()  # t0 prefilled alone, generating from now on: chunks of 8 per pass
+    seen.clear()
+    t1 = sched.submit(Request(PROMPTS[2] + PROMPTS[2][1:], GREEDY, 3, stop_ids=False))  # 15 ids
+    t2 = sched.submit(Request(PROMPTS[3], GREEDY, 3, stop_ids=False))  # 4 ids
+    run_all(sched, [t0, t1, t2])
+    prefill_passes = [p for p in seen if max(p) > 1]  # decode passes write one id per row
+    assert prefill_passes == [[8], [7], [4]]  # not [8], [7, 1], [3]
