@@ -17,7 +17,9 @@ import torch
 
 from llamarun.cache_manager import CacheManager
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
-from llamarun.generation import Failed, Generation, GenerationResult, Scored, TextChunk, Token
+from llamarun.generation import (
+    FINAL, Event, Failed, Generation, GenerationResult, Scored, TextChunk, Token,
+)
 from llamarun.loaders import Checkpoint, TensorParallel, detect_layout, load_checkpoint
 from llamarun.runner import Runner
 from llamarun.sampling import SamplingParams
@@ -247,31 +249,35 @@ class Engine:
                           reuse=reuse, stop_ids=False, text=False)
         ticket = self.scheduler.submit(request)
         try:
-            while True:
-                event = self.scheduler.next_event(ticket)
+            for event in self._events(ticket):
                 if isinstance(event, Token):
                     assert event.chunk.token_id is not None
                     yield TokenEvent(event.chunk.token_id, event.pos, event.chunk.logprob)
-                elif isinstance(event, Failed):
-                    raise event.error or RuntimeError(event.message)
-                elif isinstance(event, GenerationResult):
-                    return
         finally:
             if not ticket.done:
                 ticket.cancel()
-                while not isinstance(self.scheduler.next_event(ticket), (GenerationResult, Failed)):
+                while not isinstance(self.scheduler.next_event(ticket), FINAL):
                     pass
 
     def score(self, ids: Sequence[int], *, first: int) -> Scored:
         """Summed negative log-likelihood of ids[first:], each token given those before it
         (the window starts at position 0 of a slot; perplexity runs on this)."""
         ticket = self.scheduler.submit(Request(list(ids), score_from=first))
-        while True:
-            event = self.scheduler.next_event(ticket)
+        for event in self._events(ticket):
             if isinstance(event, Scored):
                 return event
+        raise RuntimeError("a scoring request ended without a score")
+
+    def _events(self, ticket: Ticket) -> Iterator[Event]:
+        """A ticket's events up to its final one, driving the scheduler as needed; a Failed
+        event raises its error."""
+        while True:
+            event = self.scheduler.next_event(ticket)
             if isinstance(event, Failed):
                 raise event.error or RuntimeError(event.message)
+            yield event
+            if isinstance(event, (GenerationResult, Scored)):
+                return
 
 
 def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",

@@ -125,10 +125,6 @@ Event = Token | TextChunk | GenerationResult | Scored | Failed
 FINAL = (GenerationResult, Scored, Failed)
 
 
-class Cancelled(Exception):
-    """Raised by Generation.close's stream helpers; kept for callers that catch it."""
-
-
 class Generation:
     """A synchronous client of the scheduler: an iterator of TextChunk for one request; `result`
     is set once it is exhausted or closed.

@@ -249,10 +249,8 @@ class Transformer(nn.Module):
         if not self.has_kv_cache:
             if start != 0:
                 raise ValueError("without a KV cache, a forward pass starts at position 0")
-            out = torch.cat([self._run(tokens[b], self.freqs[input_pos], None, output_idx)
-                             for b in range(bsz)]) if bsz > 1 else \
-                self._run(tokens[0], self.freqs[input_pos], None, output_idx)
-            return out.view(bsz, -1, out.shape[-1])
+            return torch.stack([self._run(tokens[b], self.freqs[input_pos], None, output_idx)
+                                for b in range(bsz)])
         if row + bsz > self.max_batch_size:
             raise ValueError(f"a batch of {bsz} from row {row} exceeds the KV cache's "
                              f"max batch size {self.max_batch_size} (see setup_caches)")

@@ -137,12 +137,10 @@ class Runner:
             # A tensor-parallel rank: inductor's C++ wrapper cannot call the collectives.
             options.pop("cpp_wrapper", None)
         options.pop("triton.cudagraphs", None)  # rows' lengths vary: no fixed shapes to record
-        kwargs: dict[str, object] = {}
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip_module_guards is not None:  # torch >= 2.7
             options["guard_filter_fn"] = skip_module_guards
-        compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True, options=options,
-                                 **kwargs)
+        compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True, options=options)
         model = self.model
         max_rows = model.max_batch_size
 

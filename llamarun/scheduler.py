@@ -140,7 +140,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._users = 0  # start() calls not yet stopped
         self.use_compiled = False  # decode passes run the compiled graphs (switched when idle)
-        self.allow_compiled = True  # False: never switch (a tensor-parallel follower decides)
         self.steps = 0  # decode passes run (for statistics)
         self.batched_rows = 0  # rows in them
         self.prefill_passes = 0
@@ -244,7 +243,7 @@ class Scheduler:
         """One iteration of the loop (see the module's docstring)."""
         self._leave_cancelled()
         idle = not (self._prefilling or self._decoding)
-        if idle and not self.use_compiled and self.allow_compiled and self.runner.compiled_ready:
+        if idle and not self.use_compiled and self.runner.compiled_ready:
             self.use_compiled = True  # between generations: no request sees two kinds of step
         self._admit()
         if self._decoding:

@@ -71,7 +71,7 @@ def test_compiled_cuda_graph_step_gives_eager_tokens(engines):
     _, gpu = engines
     compiled = Engine(gpu.checkpoint, gpu.tokenizer, gpu.chat_format, compile=True)
     try:
-        assert not compiled.compiles_in_background  # CUDA graphs are recorded in the foreground
+        assert compiled.compiles_in_background  # no CUDA graphs: rows' lengths vary
         compiled.warmup()
         results = []
         for e in (gpu, compiled):
