@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh home; the variable as torch's import left it; inductor's switches restored after."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
-    monkeypatch.setattr(inductor_config, "autotune_local_cache", inductor_config.autotune_local_cache)
-    return home
+    # Restored by plain assignment: newer pytest's monkeypatch undoes a module attribute that
+    # is not in the module's __dict__ (inductor's config answers through __getattr__) with
+    # delattr, which hides the setting for the rest of the process.
+    saved = inductor_config.fx_graph_cache, inductor_config.autotune_local_cache
+    yield home
+    inductor_config.fx_graph_cache, inductor_config.autotune_local_cache = saved
 
 
 def test_torch_default_is_replaced_by_ours(env: Path) -> None:
