@@ -114,6 +114,14 @@ class RepeatPenalty:
             self.recent = self.recent[-self.window:]
 
 
+class Constraint(Protocol):
+    """What a request's output must match (a JSON schema, a grammar): it makes a fresh logits
+    processor per request, which masks the tokens that cannot come next and is told each token
+    sampled (see llamarun.scheduler: constrained and free requests share a batch)."""
+
+    def processor(self, device: torch.device) -> LogitsProcessor: ...
+
+
 def logits_processors(params: SamplingParams, history: Sequence[int],
                       device: torch.device) -> list[LogitsProcessor]:
     """The processors `params` asks for, primed with the ids so far (prompt included)."""

@@ -45,7 +45,9 @@ from llamarun.generation import (
     FINAL, Event, Failed, GenerationResult, Reply, Scored, TextChunk, Token,
 )
 from llamarun.runner import Runner, Write
-from llamarun.sampling import LogitsProcessor, SamplingParams, generator_for, logits_processors, sample
+from llamarun.sampling import (
+    Constraint, LogitsProcessor, SamplingParams, generator_for, logits_processors, sample,
+)
 from llamarun.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class Request:
     computes the whole prompt even where a slot holds it. stop_ids=False: the tokenizer's stop
     ids do not end it (benchmarks); text=False streams ids without detokenizing. score_from: a scoring request
     (perplexity): no tokens are generated; the result is the summed negative log-likelihood of
-    prompt[score_from:] given what precedes each token.
+    prompt[score_from:] given what precedes each token. constraint: what the output must match
+    (its processor masks each row's logits before the sampling settings apply).
     """
 
     prompt: Sequence[int]
@@ -82,6 +85,7 @@ class Request:
     score_from: int | None = None
     stop_ids: bool = True
     text: bool = True
+    constraint: Constraint | None = None
 
 
 class Ticket:
@@ -283,7 +287,7 @@ class Scheduler:
                                                   max_new_tokens=req.max_new_tokens,
                                                   stop_ids=req.stop_ids, text=req.text),
                 generator=None if scoring else generator_for(req.sampling, self.device),
-                processors=[] if scoring else logits_processors(req.sampling, prompt, self.device),
+                processors=[] if scoring else _processors(req, prompt, self.device),
                 budget=min(req.max_new_tokens, self.runner.max_seq_len - len(prompt)),
                 reused=reused, start=time.perf_counter(), pending=prompt[reused:])
             self._prefilling.append(a)
@@ -436,6 +440,13 @@ class Scheduler:
                 with self._cond:
                     ticket.events.append(e)
                     self._cond.notify_all()
+
+
+def _processors(req: Request, prompt: Sequence[int], device: torch.device) -> list[LogitsProcessor]:
+    """A generating request's logits processors: its penalties, then its constraint's mask
+    (last: a penalty must not turn a masked -inf back into a finite logit)."""
+    out = logits_processors(req.sampling, prompt, device)
+    return out + ([req.constraint.processor(device)] if req.constraint is not None else [])
 
 
 def _process(logits: torch.Tensor, processors: Sequence[LogitsProcessor]) -> torch.Tensor:
