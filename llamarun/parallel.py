@@ -12,7 +12,7 @@ model built on the meta device into a rank's model; the loaders read only the ra
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from llamarun.config import ModelArgs
 from llamarun.errors import InvalidArgumentError
 from llamarun.model import Linear, Transformer
+from llamarun.scheduler import Stopped
 
 COLLECTIVE_TIMEOUT_S = 120.0  # a rank that stops answering ends the job after this long
 _local_rank = 0  # this process's LOCAL_RANK once init_group has run
@@ -279,16 +280,45 @@ def torchrun_command(n: int, argv: list[str]) -> list[str]:
             "--standalone", "-m", "llamarun", *argv]
 
 
+class PeerLost(Stopped):
+    """A collective failed because another rank went away or stopped answering: the job cannot
+    go on (a server answers 503 and stops)."""
+
+
+LOST_MESSAGE = ("the server lost contact with another rank of its tensor-parallel job and is "
+                "stopping")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank went away or stopped answering
+    (gloo's "Connection closed by peer", a timeout), rather than this rank's own problem."""
+    if isinstance(e, (dist.DistError, PeerLost)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in (
+        "gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+        "Timed out", "timed out"))
+
+
 class LeaderRunner:
     """Rank 0's runner in a tensor-parallel server: every forward pass it runs is first sent to
     the other ranks (see follow), so that they run the same ones with it, on slots kept in the
-    same state through their own cache managers."""
+    same state through their own cache managers.
 
-    def __init__(self, runner: Any, group: Any) -> None:
+    A pass whose collectives fail because a rank went away raises PeerLost, as does every pass
+    after it (none goes into the broken group again); `lost` keeps the collective's error and
+    `on_lost(PeerLost)` is called once, from the thread that ran the pass, so that the server
+    can stop.
+    """
+
+    def __init__(self, runner: Any, group: Any, *,
+                 on_lost: Callable[[PeerLost], None] | None = None) -> None:
         self._runner = runner
         self._group = group
         self.device = runner.device
         self.cache = runner.cache
+        self.on_lost = on_lost
+        self.lost: BaseException | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -299,14 +329,26 @@ class LeaderRunner:
         return self._runner.compiled_ready
 
     def run(self, writes: Sequence[Any], *, compiled: bool = False) -> torch.Tensor:
+        if self.lost is not None:
+            raise PeerLost(LOST_MESSAGE) from self.lost
         message = ("run", [(w.slot.index, len(w.slot.ids), list(w.ids), w.logits) for w in writes],
                    compiled)
-        broadcast_object(message, group=self._group)
-        return self._runner.run(writes, compiled=compiled)
+        try:
+            broadcast_object(message, group=self._group)
+            return self._runner.run(writes, compiled=compiled)
+        except Exception as e:
+            if not is_peer_failure(e):
+                raise
+            self.lost = e
+            lost = PeerLost(LOST_MESSAGE)
+            if self.on_lost is not None:
+                self.on_lost(lost)
+            raise lost from e
 
     def close(self) -> None:
-        """Let the other ranks' follow() return."""
-        broadcast_object(("stop",), group=self._group)
+        """Let the other ranks' follow() return (nothing to tell once the group broke)."""
+        if self.lost is None:
+            broadcast_object(("stop",), group=self._group)
 
 
 def follow(runner: Any, group: Any) -> None:

@@ -4,7 +4,8 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both with server-sen
 `stream` is set), GET /v1/models, GET /health. Errors have OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}) and status: 400 bad parameters or a body that
 is not JSON, 401 bad key, 404/405 unknown route or method, 408 body too slow, 413 prompt longer
-than the context (or body too large), 429 queue full, 503 shutting down or too many connections.
+than the context (or body too large), 429 queue full, 503 shutting down (or no longer able to
+serve: see refuse_requests) or too many connections.
 Limits on bodies and connections: llamarun.server_limits.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -45,7 +46,7 @@ MAX_JSON_DEPTH = 32  # nesting of a request body (OpenAI's own bodies need 5)
 MAX_TOP_LOGPROBS = 20
 
 __all__ = ["APIError", "ConnectionLimits", "check_api_key", "create_app", "is_loopback", "listen",
-           "make_server"]
+           "make_server", "refuse_requests"]
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -125,8 +126,9 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
             batcher.stop()
 
     app = FastAPI(title="llamarun", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, dependencies=[Depends(_serving)])
     app.state.batcher = batcher
+    app.state.refusing = None  # why every request is refused (refuse_requests), or None
     # Outermost: the key and the body's size and time are checked before any route reads it.
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES,
                        body_timeout=body_timeout)
@@ -216,6 +218,18 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
                 "model": model_id, "choices": [choice], "usage": _usage(result)}
 
     return app
+
+
+def refuse_requests(app: FastAPI, reason: str) -> None:
+    """Answer every later request with 503 and `reason`: the server can no longer serve and is
+    stopping (`serve --tp` lost a rank). Safe to call from any thread."""
+    app.state.refusing = reason
+
+
+async def _serving(http: HTTPRequest) -> None:
+    reason = http.app.state.refusing
+    if reason is not None:
+        raise APIError(503, reason, type="server_error", code="shutting_down")
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -370,6 +384,8 @@ async def _events(submitted: tuple[Ticket, asyncio.Queue[Event]]) -> AsyncIterat
         while True:
             event = await queue.get()
             if isinstance(event, Failed):
+                if isinstance(event.error, Stopped):  # the server cannot go on (serve --tp)
+                    raise APIError(503, event.message, type="server_error", code="shutting_down")
                 raise APIError(500, event.message, type="server_error")
             yield event
             if isinstance(event, GenerationResult):
@@ -407,7 +423,8 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except APIError as e:  # after the 200 went out: the error is the stream's last event
-            log.warning("stream failed: %s", e.message)
+            if e.status != 503:  # a server that stops says why itself, once
+                log.warning("stream failed: %s", e.message)
             yield f"data: {json.dumps(e.content(), ensure_ascii=False)}\n\n"
             return
         yield "data: [DONE]\n\n"

@@ -301,15 +301,10 @@ def stopped_by_launcher() -> bool:
 
 def is_peer_failure(e: BaseException) -> bool:
     """Whether `e` is a collective failing because another rank went away or stopped answering
-    (gloo's "Connection closed by peer", a timeout), rather than this rank's own problem."""
-    import torch.distributed as dist
+    (parallel.is_peer_failure), rather than this rank's own problem."""
+    from llamarun.parallel import is_peer_failure as check
 
-    if isinstance(e, dist.DistError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(k in text for k in (
-        "gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-        "Timed out", "timed out"))
+    return check(e)
 
 
 def peer_lost(e: BaseException) -> None:

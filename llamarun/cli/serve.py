@@ -51,7 +51,9 @@ def serve(
     Concurrent requests are decoded together in one batch (continuous batching); a request's
     greedy output does not depend on the others. Ctrl-C lets running requests finish, then exits.
     """
-    from llamarun.server import check_api_key, create_app, is_loopback, listen, make_server
+    from llamarun.server import (
+        check_api_key, create_app, is_loopback, listen, make_server, refuse_requests,
+    )
 
     with cli_errors(opts.verbose):
         if not 0 <= port <= 65535:
@@ -83,20 +85,28 @@ def serve(
         if prefill_chunk is not None:
             engine.scheduler.prefill_chunk = prefill_chunk
         defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
-        leader = None
-        if control is not None:
-            from llamarun.parallel import LeaderRunner, follow
+        if control is not None and console.rank != 0:
+            from llamarun.parallel import follow
 
-            if console.rank != 0:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
-                follow(engine.runner, control)
-                return
-            leader = LeaderRunner(engine.runner, control)
-            engine.scheduler.runner = leader
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
+            follow(engine.runner, control)  # a lost rank 0 raises here: cli.main says so
+            return
         model_id = engine.checkpoint.path.name
         application = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue,
                                  sampling=defaults)
         server = make_server(application)
+        leader = None
+        if control is not None:
+            from llamarun.parallel import LeaderRunner, PeerLost
+
+            def lost(e: PeerLost) -> None:  # in the scheduler's thread, at the failed pass
+                refuse_requests(application, str(e))
+                server.should_exit = True  # running requests end with e (503), then it stops
+
+            leader = LeaderRunner(engine.runner, control, on_lost=lost)
+            engine.scheduler.runner = leader
+            if not opts.verbose:  # the rank says what happened in one line, not a traceback
+                logging.getLogger("llamarun.scheduler").addFilter(_not_peer_lost)
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
         console.note(f"serving {model_id} at http://{shown}:{port}/v1 ({max_concurrency} slots of "
@@ -108,6 +118,10 @@ def serve(
             signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
         if leader is not None:
+            if leader.lost is not None:
+                # The collective's own error, as a command's would be: cli.main ends the rank
+                # with one line (none under --tp, whose launcher names the rank that died).
+                raise leader.lost
             leader.close()
         console.note("server stopped")
 
@@ -119,6 +133,13 @@ def _compiled(engine: Engine) -> str:
     if state == "compiling":
         return "compiling in the background (eager until it is ready; GET /health tells)"
     return state
+
+
+def _not_peer_lost(record: logging.LogRecord) -> bool:
+    """Drops the scheduler's traceback for a pass that failed because a rank went away."""
+    from llamarun.parallel import PeerLost
+
+    return not (record.exc_info and isinstance(record.exc_info[1], PeerLost))
 
 
 class _RequestLine(logging.Handler):
