@@ -22,7 +22,7 @@ from llamarun.generation import (
 )
 from llamarun.loaders import Checkpoint, TensorParallel, detect_layout, load_checkpoint
 from llamarun.runner import Runner
-from llamarun.sampling import SamplingParams
+from llamarun.sampling import Constraint, SamplingParams
 from llamarun.scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, Ticket
 from llamarun.session import ChatSession
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
@@ -198,16 +198,18 @@ class Engine:
 
     def complete(self, prompt: str | Sequence[int], *, sampling: SamplingParams | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (), echo: bool = False,
-                 logprobs: bool = False, special: bool = False) -> Generation:
+                 logprobs: bool = False, special: bool = False,
+                 constraint: Constraint | None = None) -> Generation:
         """Stream a raw continuation of `prompt` (text, or token ids used as they are).
 
-        `special` parses special-token text in a text prompt into control tokens (see encode_prompt).
+        `special` parses special-token text in a text prompt into control tokens (see encode_prompt);
+        `constraint` is what the output must match (see generate).
         """
         ids = self.encode_prompt(prompt, special=special) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidArgumentError("the prompt is empty and the tokenizer adds no BOS token")
         return self.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop,
-                             logprobs=logprobs,
+                             logprobs=logprobs, constraint=constraint,
                              echo=prompt if echo and isinstance(prompt, str) else "")
 
     def chat(self, *, system: str | None = None) -> ChatSession:
@@ -216,7 +218,7 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], *, sampling: SamplingParams | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (), logprobs: bool = False,
-                 echo: str = "",
+                 echo: str = "", constraint: Constraint | None = None,
                  on_done: Callable[[GenerationResult], None] | None = None) -> Generation:
         """Stream the continuation of prompt_ids as text.
 
@@ -224,7 +226,8 @@ class Engine:
         which gives it a free cache slot (the one holding the longest prefix of the prompt; it
         waits while every slot is busy), prefills only what the slot lacks, and decodes. A
         non-empty `echo` is yielded first, as a chunk with no token. on_done(result) is called
-        when it ends.
+        when it ends. A `constraint` (llamarun.structured: a JSON schema, a grammar) masks the
+        tokens the output may not take next.
         """
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -233,7 +236,7 @@ class Engine:
             raise InvalidArgumentError("the prompt has no tokens")
         self.check_fits(len(ids))
         request = Request(ids, sampling or SamplingParams(), max_new_tokens, tuple(stop),
-                          top_logprobs=0 if logprobs else None)
+                          top_logprobs=0 if logprobs else None, constraint=constraint)
         return Generation(lambda: self.scheduler.submit(request), self.scheduler.next_event,
                           prompt_tokens=len(ids), echo=echo, on_done=on_done)
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from llamarun.errors import PromptTooLongError
 from llamarun.generation import Generation, GenerationResult
-from llamarun.sampling import SamplingParams
+from llamarun.sampling import Constraint, SamplingParams
 from llamarun.tokenizer import ChatFormat
 from llamarun.tokenizer.chat import Message
 
@@ -22,6 +22,7 @@ class ChatEngine(Protocol):
 
     def generate(self, prompt_ids: Sequence[int], *, sampling: SamplingParams | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
+                 constraint: Constraint | None = None,
                  on_done: Callable[[GenerationResult], None] | None = None) -> Generation: ...
 
 
@@ -85,8 +86,9 @@ class ChatSession:
         self._ids = None
 
     def send(self, text: str, *, sampling: SamplingParams | None = None, max_new_tokens: int = 512,
-             stop: Sequence[str] = ()) -> Generation:
-        """Add a user message and stream the assistant's reply."""
+             stop: Sequence[str] = (), constraint: Constraint | None = None) -> Generation:
+        """Add a user message and stream the assistant's reply (matching `constraint`, if any:
+        a JSON schema or grammar from llamarun.structured)."""
         self._close_active()
         user: Message = {"role": "user", "content": text}
         limit = self.engine.max_seq_len
@@ -113,7 +115,7 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": result.text})
 
         gen = self.engine.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens,
-                                   stop=stop, on_done=done)
+                                   stop=stop, constraint=constraint, on_done=done)
         gen.dropped_turns = dropped
         self._active = gen
         return gen

@@ -10,6 +10,7 @@ import typer
 
 from llamarun.cli import app, console
 from llamarun.cli.common import load_engine, model_sampling, stdin_replacing, utf8_text
+from llamarun.cli.grammar import GrammarFlag, JsonObjectFlag, JsonSchemaFlag, bind, read_grammar
 from llamarun.cli.options import ModelOptions, SamplingFlags, model_command
 from llamarun.cli.repl import Repl, resumed_note
 from llamarun.errors import InvalidArgumentError
@@ -43,6 +44,9 @@ def chat(
         "--load", metavar="FILE", show_default=False, rich_help_panel=CHAT_PANEL,
         help="Resume a conversation saved with --save or /save (its settings too, unless "
              "flags override them; default: a new conversation)")] = None,
+    json_object: JsonObjectFlag = False,
+    json_schema: JsonSchemaFlag = None,
+    grammar: GrammarFlag = None,
     *,
     opts: ModelOptions,
     flags: SamplingFlags,
@@ -54,6 +58,7 @@ def chat(
     else llamarun's; flags override them.
     """
     check_save_path(save)
+    wanted = read_grammar(json_object, json_schema, grammar, stdin_taken="chat (its messages)")
     saved: SavedChat | None = load_chat(load) if load is not None else None
     engine = load_engine(opts, background=True)
     params, _ = model_sampling(engine, flags.given(), base=saved.sampling if saved else None)
@@ -78,6 +83,7 @@ def chat(
         console.note(resumed_note(saved, load, str(label)))
     if flags.max_tokens is not None:
         repl.max_tokens = flags.max_tokens
+    repl.constraint = bind(wanted, engine.tokenizer)  # every reply matches it
     status = repl.run()
     if save is not None:
         repl.save(str(save), quiet=True)

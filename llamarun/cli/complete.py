@@ -11,6 +11,7 @@ import typer
 from llamarun.cli import app, console
 from llamarun.cli.common import load_engine, model_sampling, read_stdin, utf8_text
 from llamarun.cli.distributed import rank0
+from llamarun.cli.grammar import GrammarFlag, JsonObjectFlag, JsonSchemaFlag, bind, read_grammar
 from llamarun.cli.options import ModelOptions, SamplingFlags, model_command
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
@@ -69,6 +70,9 @@ def complete(
     special: Annotated[bool, typer.Option(
         "--special", "-sp", help="Parse special-token text in the prompt (<|eot_id|>, </s>, ...) as "
         "control tokens; by default it is plain text")] = False,
+    json_object: JsonObjectFlag = False,
+    json_schema: JsonSchemaFlag = None,
+    grammar: GrammarFlag = None,
     *,
     opts: ModelOptions,
     flags: SamplingFlags,
@@ -77,12 +81,15 @@ def complete(
 
     Sampling defaults: the model's generation_config.json where it has one, else llamarun's.
     """
+    stdin_prompt = "the prompt" if prompt in (None, "-") else None
+    wanted = rank0(lambda: read_grammar(json_object, json_schema, grammar, stdin_taken=stdin_prompt))
     text = rank0(lambda: read_prompt(prompt))  # a tensor-parallel job: rank 0 reads
     engine = load_engine(opts)
+    constraint = bind(wanted, engine.tokenizer)
     params, _ = model_sampling(engine, flags.given())
     n = flags.max_tokens if flags.max_tokens is not None else DEFAULT_MAX_TOKENS
     gen = engine.complete(text, sampling=params, max_new_tokens=n, stop=list(flags.stop),
-                          echo=echo and not json_out, special=special)
+                          echo=echo and not json_out, special=special, constraint=constraint)
     try:
         for chunk in gen:
             if chunk.text and not json_out:

@@ -11,7 +11,7 @@ from llamarun.cli import console, settings
 from llamarun.cli.distributed import rank0
 from llamarun.cli.terminal import ReplyGuard, input_with
 from llamarun.errors import InvalidArgumentError, LlamarunError, clean_message
-from llamarun.sampling import SamplingParams
+from llamarun.sampling import Constraint, SamplingParams
 from llamarun.saved_chat import SavedChat, load_chat, save_chat
 from llamarun.session import ChatSession
 
@@ -49,6 +49,7 @@ class Repl:
         self.save_path = save_path  # where /save writes without a FILE
         self.autosave = autosave  # chat --save: write after every reply
         self.failures = 0  # messages that got no reply (piped chat then exits 1)
+        self.constraint: Constraint | None = None  # what every reply must match (--json-schema)
         self._typed = ""  # text typed during the last reply, offered at the next prompt
         self._eof_typed = False  # Ctrl-D during the last reply: end after it
 
@@ -140,7 +141,7 @@ class Repl:
         """Send one message and stream the reply."""
         try:
             gen = self.session.send(text, sampling=self.params, max_new_tokens=self.max_tokens,
-                                    stop=self.stop)
+                                    stop=self.stop, constraint=self.constraint)
         except LlamarunError as e:
             self.failures += 1
             console.error(str(e))
