@@ -25,6 +25,9 @@ from llamarun.runner import Runner
 from llamarun.sampling import Constraint, SamplingParams
 from llamarun.scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, Ticket
 from llamarun.session import ChatSession
+from llamarun.speculative import (
+    DEFAULT_DRAFT_TOKENS, DraftModel, SpecConfig, Speculator, check_vocab,
+)
 from llamarun.tokenizer import ChatFormat, Tokenizer, load_chat_format, load_tokenizer
 
 __all__ = ["ChatSession", "Engine", "Generation", "GenerationResult", "TextChunk", "load"]
@@ -59,6 +62,7 @@ class Engine:
         self.runner = Runner(self.model, self.cache, compile=compile)
         self.scheduler = Scheduler(self.runner, self.cache, tokenizer, prefill_chunk=prefill_chunk)
         self.tp = tp  # this rank's collectives in a tensor-parallel job, else None
+        self.draft: Engine | None = None  # the draft model, when speculating with one
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto",
@@ -95,6 +99,43 @@ class Engine:
         return cls(ckpt, tokenizer, chat_format, compile=compile,
                    load_s=time.perf_counter() - start, tp=tp, prefill_chunk=prefill_chunk)
 
+    def speculate(self, config: SpecConfig, draft: Engine | None = None) -> None:
+        """Decode speculatively from now on: with a draft model (another Engine with the same
+        vocabulary, loaded on the same device) or, with config.lookup, by prompt lookup."""
+        model = None
+        if draft is not None:
+            if self.tp is not None:
+                raise InvalidArgumentError("a draft model cannot be used with --tp (prompt lookup "
+                                           "can: --lookup N)")
+            check_vocab(self.args.vocab_size, draft.args.vocab_size)
+            if draft.device != self.device:
+                raise InvalidArgumentError(f"the draft model is on {draft.device} but the model "
+                                           f"on {self.device}")
+            if (draft.model.max_batch_size < self.model.max_batch_size
+                    or draft.max_seq_len < self.max_seq_len):
+                draft.model.setup_caches(self.model.max_batch_size, self.max_seq_len)
+                draft.cache = CacheManager(self.model.max_batch_size, self.max_seq_len)
+                draft.runner = Runner(draft.model, draft.cache, compile=draft.compiled)
+                draft.scheduler = Scheduler(draft.runner, draft.cache, draft.tokenizer)
+            model = DraftModel(draft.runner, draft.cache)
+        self.scheduler.speculator = Speculator(config, model)
+        self.draft = draft
+
+    def load_draft(self, path: str | Path, *, config: SpecConfig = SpecConfig(),
+                   quantize: str = "auto", group_size: int = 32) -> Engine:
+        """Load a draft model for this one (same device, context and slots) and speculate with
+        it; return it."""
+        draft = Engine.load(path, device=self.device, max_seq_len=self.max_seq_len,
+                            slots=self.model.max_batch_size, compile=self.compiled,
+                            quantize=quantize, group_size=group_size)
+        self.speculate(config, draft)
+        return draft
+
+    @property
+    def speculator(self) -> Speculator | None:
+        """How generations draft ahead (None: they do not)."""
+        return self.scheduler.speculator
+
     @property
     def max_seq_len(self) -> int:
         """Length of the KV cache: the most tokens a prompt and its completion can hold."""
@@ -112,17 +153,23 @@ class Engine:
                 raise RuntimeError("the KV cache cannot grow while requests run")
             self.model.setup_caches(self.model.max_batch_size, n)
             self.cache.resize(n)
+            if self.draft is not None:
+                self.draft.ensure_context(n)
 
     # -- compiling (see Runner) ------------------------------------------------------------
 
     def compile_in_background(self) -> bool:
         """Start compiling the decode graphs in a thread (see Runner.compile_in_background);
         they take over between generations once ready."""
+        if self.draft is not None:
+            self.draft.compile_in_background()
         return self.runner.compile_in_background()
 
     def wait_compiled(self) -> None:
         """Block until the compiled graphs are ready (compiling them here if nobody started);
         the next generation uses them."""
+        if self.draft is not None:
+            self.draft.wait_compiled()
         self.runner.wait_compiled()
 
     @property
@@ -285,7 +332,20 @@ class Engine:
 
 def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
          max_seq_len: int | None = None, compile: bool = False, quantize: str = "auto",
-         group_size: int = 32, slots: int = 1) -> Engine:
-    """Load a model for generation (see Engine.load)."""
-    return Engine.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile,
-                       quantize=quantize, group_size=group_size, slots=slots)
+         group_size: int = 32, slots: int = 1, draft_model: str | Path | None = None,
+         lookup: int | None = None, draft_tokens: int | None = None) -> Engine:
+    """Load a model for generation (see Engine.load); with `draft_model` (a path) or `lookup`
+    (n-gram size) it decodes speculatively, drafting up to `draft_tokens` tokens a step."""
+    if draft_model is not None and lookup is not None:
+        raise InvalidArgumentError("give a draft model or lookup, not both")
+    config = None
+    if draft_model is not None or lookup is not None or draft_tokens is not None:
+        config = SpecConfig(draft_tokens=draft_tokens or DEFAULT_DRAFT_TOKENS, lookup=lookup)
+    engine = Engine.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                         compile=compile, quantize=quantize, group_size=group_size, slots=slots)
+    if draft_model is not None:
+        engine.load_draft(draft_model, config=config or SpecConfig())
+    elif lookup is not None:
+        assert config is not None
+        engine.speculate(config)
+    return engine

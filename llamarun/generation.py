@@ -31,6 +31,9 @@ class GenerationResult:
     token_ids: tuple[int, ...]  # the completion's ids, without a final stop token
     prefill_s: float  # start until the first token id was on the host (time to first token)
     decode_s: float  # first token until the last one
+    decode_steps: int = 0  # the target's decode (or verification) passes after the first token
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for it ...
+    accepted_tokens: int = 0  # ... and kept by the target
 
     @property
     def prefill_tokens(self) -> int:
@@ -41,6 +44,17 @@ class GenerationResult:
     def prefill_tok_s(self) -> float:
         """Prefilled tokens per second (including the first sample)."""
         return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        """The share of drafted tokens the target kept (None: nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens after the first one per decode pass of the target (1.0 without drafts)."""
+        steps = self.completion_tokens - 1
+        return steps / self.decode_steps if self.decode_steps and steps > 0 else None
 
     @property
     def decode_tok_s(self) -> float:

@@ -48,6 +48,7 @@ from llamarun.runner import Runner, Write
 from llamarun.sampling import (
     Constraint, LogitsProcessor, SamplingParams, generator_for, logits_processors, sample,
 )
+from llamarun.speculative import Draft, RowState, Speculator, accept
 from llamarun.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class Request:
     ids do not end it (benchmarks); text=False streams ids without detokenizing. score_from: a scoring request
     (perplexity): no tokens are generated; the result is the summed negative log-likelihood of
     prompt[score_from:] given what precedes each token. constraint: what the output must match
-    (its processor masks each row's logits before the sampling settings apply).
+    (its processor masks each row's logits before the sampling settings apply). speculate=False:
+    never drafted for, even when the scheduler speculates.
     """
 
     prompt: Sequence[int]
@@ -86,6 +88,7 @@ class Request:
     stop_ids: bool = True
     text: bool = True
     constraint: Constraint | None = None
+    speculate: bool = True
 
 
 class Ticket:
@@ -120,6 +123,8 @@ class _Active:
     last: float = 0.0
     nll: float = 0.0
     scored: int = 0
+    spec: RowState | None = None  # its speculation, when it drafts
+    steps: int = 0  # decode or verification passes it took part in
 
 
 class Scheduler:
@@ -147,6 +152,7 @@ class Scheduler:
         self.steps = 0  # decode passes run (for statistics)
         self.batched_rows = 0  # rows in them
         self.prefill_passes = 0
+        self.speculator: Speculator | None = None  # drafts for generating rows (speculative.py)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -249,6 +255,9 @@ class Scheduler:
         idle = not (self._prefilling or self._decoding)
         if idle and not self.use_compiled and self.runner.compiled_ready:
             self.use_compiled = True  # between generations: no request sees two kinds of step
+        draft = self.speculator.draft if self.speculator is not None else None
+        if idle and draft is not None and not draft.use_compiled and draft.runner.compiled_ready:
+            draft.use_compiled = True
         self._admit()
         if self._decoding:
             self._decode()
@@ -290,10 +299,16 @@ class Scheduler:
                 processors=[] if scoring else _processors(req, prompt, self.device),
                 budget=min(req.max_new_tokens, self.runner.max_seq_len - len(prompt)),
                 reused=reused, start=time.perf_counter(), pending=prompt[reused:])
+            if (self.speculator is not None and not scoring and req.speculate
+                    and not a.processors and req.top_logprobs is None):
+                a.spec = self.speculator.admit(prompt, ticket)
             self._prefilling.append(a)
 
     def _decode(self) -> None:
         batch = list(self._decoding)
+        if (self.speculator is not None and all(a.spec is not None for a in batch)
+                and self._verify(batch)):
+            return
         writes = [Write.last(a.slot, [a.token]) for a in batch]
         try:
             logits = self.runner.run(writes, compiled=self.use_compiled)
@@ -305,7 +320,64 @@ class Scheduler:
             return
         self.steps += 1
         self.batched_rows += len(batch)
+        for a in batch:
+            a.steps += 1
         self._take(batch, logits)
+
+    def _verify(self, batch: list[_Active]) -> bool:
+        """A speculative decode pass: each row writes its last token and the tokens drafted
+        after it, and keeps what the target agrees with (speculative.accept). Runs only when
+        every generating row speculates (a plain row never waits for others' drafts); returns
+        False, having run nothing, when no row has a draft this step."""
+        spec = self.speculator
+        assert spec is not None
+        wanting, rows = [], []
+        for a in batch:
+            assert a.spec is not None
+            if spec.wants(a.spec):
+                # The verification row must fit in the context, and keep at most what the
+                # request may still sample.
+                limit = min(a.budget - 1, self.runner.max_seq_len - len(a.slot.ids) - 1)
+                wanting.append(a)
+                rows.append((a.spec, a.slot.ids + [a.token], limit, a.ticket.request.sampling,
+                             a.generator))
+        if not wanting:
+            return False
+        try:
+            proposed = spec.propose(rows)
+        except Exception:  # a failing draft model costs the speed-up, not the request
+            log.exception("drafting failed; this step decodes without drafts")
+            return False
+        drafts = {id(a): d for a, d in zip(wanting, proposed)}
+        if not any(d.ids for d in proposed):
+            return False
+        plan = [(a, drafts.get(id(a), Draft([]))) for a in batch]
+        writes = [Write(a.slot, [a.token, *d.ids], (0, len(d.ids) + 1)) for a, d in plan]
+        bases = [len(a.slot.ids) for a in batch]
+        try:
+            logits = self.runner.run(writes)
+        except Exception as e:
+            log.exception("verification pass failed")
+            for a in batch:
+                self.cache.truncate(a.slot, 0)
+                self._fail(a, e)
+            return True
+        self.steps += 1
+        self.batched_rows += len(batch)
+        spec.verify_passes += 1
+        offset = 0
+        for (a, d), base in zip(plan, bases):
+            part = logits[offset:offset + len(d.ids) + 1]
+            offset += len(d.ids) + 1
+            n, token = accept(part, d, a.ticket.request.sampling, a.generator)
+            self.cache.truncate(a.slot, base + 1 + n)  # the rejected drafts' positions go
+            assert a.spec is not None
+            spec.update(a.spec, len(d.ids), n)
+            a.steps += 1
+            for i, t in enumerate([*d.ids[:n], token]):
+                if self._emit(a, t, base + 1 + i):
+                    break
+        return True
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk if self._decoding else max(self.prefill_chunk,
@@ -366,7 +438,6 @@ class Scheduler:
         picked = [sample(_process(logits[i], a.processors), a.ticket.request.sampling, a.generator)
                   for i, a in enumerate(batch)]
         ids = torch.stack(picked).tolist()  # one read-back for the whole batch
-        now = time.perf_counter()
         for i, (a, token_id) in enumerate(zip(batch, ids)):
             assert a.reply is not None
             k = a.ticket.request.top_logprobs
@@ -377,23 +448,35 @@ class Scheduler:
                 if k > 0:
                     values, index = torch.topk(lp, k)
                     top = tuple(zip(index.tolist(), values.tolist()))
-            if a.reply.sampled == 0:
-                a.first = now
-            a.last = now
-            a.token = token_id
-            a.budget -= 1
-            chunk = a.reply.push(token_id, logprob)
-            if chunk is not None:
-                self._send(a.ticket, [Token(chunk, len(a.slot.ids), top)])
             for p in a.processors:
                 p.push(picked[i])
-            if a.reply.finish_reason is not None or a.budget <= 0:
-                self._finish(a, "context")  # unless the reply has ended already
+            self._emit(a, token_id, len(a.slot.ids), logprob, top)
+
+    def _emit(self, a: _Active, token_id: int, pos: int, logprob: float | None = None,
+              top: tuple[tuple[int, float], ...] = ()) -> bool:
+        """Hand a request its next token (to be written at `pos` by its next pass); return
+        whether that ended it."""
+        assert a.reply is not None
+        now = time.perf_counter()
+        if a.reply.sampled == 0:
+            a.first = now
+        a.last = now
+        a.token = token_id
+        a.budget -= 1
+        chunk = a.reply.push(token_id, logprob)
+        if chunk is not None:
+            self._send(a.ticket, [Token(chunk, pos, top)])
+        if a.reply.finish_reason is not None or a.budget <= 0:
+            self._finish(a, "context")  # unless the reply has ended already
+            return True
+        return False
 
     # -- ending requests -------------------------------------------------------------------
 
     def _release(self, a: _Active) -> None:
         self.cache.release(a.slot, a.ticket)
+        if a.spec is not None and self.speculator is not None:
+            self.speculator.release(a.spec, a.ticket)
 
     def _remove(self, a: _Active) -> None:
         if a in self._decoding:
@@ -410,7 +493,8 @@ class Scheduler:
         tail = a.reply.end(reason)
         events: list[Event] = [TextChunk(tail, None)] if tail else []
         events.append(self._result(a.ticket, a.reply.finish_reason or reason, reused=a.reused,
-                                   reply=a.reply, start=a.start, first=a.first, last=a.last))
+                                   reply=a.reply, start=a.start, first=a.first, last=a.last,
+                                   active=a))
         self._send(a.ticket, events)
 
     def _fail(self, a: _Active, e: Exception) -> None:
@@ -419,7 +503,8 @@ class Scheduler:
 
     @staticmethod
     def _result(ticket: Ticket, reason: str, *, reused: int, reply: Reply | None = None,
-                start: float = 0.0, first: float = 0.0, last: float = 0.0) -> GenerationResult:
+                start: float = 0.0, first: float = 0.0, last: float = 0.0,
+                active: _Active | None = None) -> GenerationResult:
         """The one place a GenerationResult is made."""
         sampled = reply.sampled if reply is not None else 0
         end = time.perf_counter()
@@ -428,7 +513,10 @@ class Scheduler:
             prompt_tokens=len(ticket.request.prompt), reused_tokens=reused,
             completion_tokens=sampled, token_ids=tuple(reply.ids) if reply is not None else (),
             prefill_s=(first - start) if sampled else (end - start if start else 0.0),
-            decode_s=(last - first) if sampled else 0.0)
+            decode_s=(last - first) if sampled else 0.0,
+            decode_steps=active.steps if active is not None else 0,
+            drafted_tokens=active.spec.drafted if active is not None and active.spec else 0,
+            accepted_tokens=active.spec.accepted if active is not None and active.spec else 0)
 
     def _send(self, ticket: Ticket, events: list[Event]) -> None:
         for e in events:
