@@ -97,6 +97,9 @@ class BenchResult:
     # A tensor-parallel run: world size, the share of decode time in collectives (the slowest
     # rank's), and each rank's peak host / device memory.
     tensor_parallel: dict[str, object] | None = None
+    # Speculative decoding: its kind, acceptance rate, tokens per target step, and the decode
+    # speed of the same runs without drafts (measured after them) with the speed-up.
+    speculative: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data."""
@@ -214,6 +217,8 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     first = engine.tokenizer.bos_id if engine.tokenizer.bos_id is not None else 0
 
     total = (len(prompts) + 1) * (repetitions + 1)
+    if engine.speculator is not None:
+        total += repetitions  # the decode runs again without drafts
     counter = iter(range(1, total + 1))
 
     def report(name: str, rep: int) -> None:
@@ -239,6 +244,8 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     tg_tok_s: list[float] = []
     tg_seconds: list[float] = []
     per_token: list[float] = []
+    spec = engine.speculator
+    counts = _spec_counts(engine)
     for rep in range(1, repetitions + 1):
         for n, ids in prompts.items():
             report(f"pp{n}", rep)
@@ -255,6 +262,26 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         tg_tok_s.append(len(steps) / sum(steps))
         per_token.extend(steps)
 
+    speculative = None
+    if spec is not None:
+        drafted, accepted, steps = (b - a for a, b in zip(counts, _spec_counts(engine)))
+        engine.scheduler.speculator = None  # the same decode runs without drafts
+        try:
+            plain = []
+            for rep in range(1, repetitions + 1):
+                report(f"tg{gen_tokens} plain", rep)
+                times = _decode_once(engine, first, gen_tokens)
+                plain.append(len(times) / sum(times))
+        finally:
+            engine.scheduler.speculator = spec
+        plain_tok_s = Stat.of(plain)
+        speculative = {
+            "kind": spec.kind, "draft_tokens": spec.config.draft_tokens,
+            "drafted": drafted, "accepted": accepted,
+            "acceptance": accepted / drafted if drafted else 0.0,
+            "tokens_per_step": repetitions * gen_tokens / steps if steps else 0.0,
+            "plain_tok_s": asdict(plain_tok_s),
+            "speedup": statistics.fmean(tg_tok_s) / plain_tok_s.mean}
     total, per_tok = weight_bytes(engine)
     tok_s = Stat.of(tg_tok_s)
     q = statistics.quantiles(per_token, n=10, method="inclusive") if len(per_token) > 1 else per_token * 9
@@ -271,7 +298,15 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         compiled=engine.compiled_in_use, repetitions=repetitions, load_s=engine.load_s,
         warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=peak_device_memory(engine.device), env=environment(engine),
-        tensor_parallel=_tensor_parallel_stats(engine, timed_s))
+        tensor_parallel=_tensor_parallel_stats(engine, timed_s), speculative=speculative)
+
+
+def _spec_counts(engine: Engine) -> tuple[int, int, int]:
+    """(tokens drafted, tokens accepted, target decode passes) so far."""
+    spec = engine.speculator
+    if spec is None:
+        return 0, 0, 0
+    return spec.drafted, spec.accepted, engine.scheduler.steps
 
 
 def _tensor_parallel_stats(engine: Engine, decode_s: float) -> dict[str, object] | None:

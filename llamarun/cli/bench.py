@@ -9,7 +9,7 @@ import typer
 from llamarun.bench import BenchResult, BenchStep, bench_context, run_bench
 from llamarun.cli import app, console, settings
 from llamarun.cli.common import load_engine
-from llamarun.cli.options import ModelOptions, model_command
+from llamarun.cli.options import ModelOptions, SpecOptions, model_command
 from llamarun.errors import InvalidArgumentError
 
 FORMATS = ("table", "md", "json", "jsonl")
@@ -66,12 +66,22 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
                     f"{100 * float(tp['collective_share']):.1f}% of decode time in collectives"))
         out.append(("peak host RSS per rank", ", ".join(
             f"{int(x['peak_rss_bytes']) / 2**20:.0f} MiB" for x in ranks)))  # type: ignore[union-attr]
+    if r.speculative is not None:
+        sp = r.speculative
+        plain = sp["plain_tok_s"]
+        out.append(("speculative decoding", f"{sp['kind']}, up to {sp['draft_tokens']} drafted "
+                    f"tokens a step: {100 * float(sp['acceptance']):.1f}% accepted "  # type: ignore[arg-type]
+                    f"({sp['accepted']} of {sp['drafted']}), "
+                    f"{float(sp['tokens_per_step']):.2f} tokens per target step"))  # type: ignore[arg-type]
+        out.append((f"tg{d.gen_tokens} without drafts", spread(
+            f"{plain['mean']:.1f}", f"{plain['std']:.1f}") + " tok/s; "  # type: ignore[index]
+            f"speed-up {float(sp['speedup']):.2f}x"))  # type: ignore[arg-type]
     out.append(("repetitions", str(r.repetitions)))
     return out
 
 
 @app.command()
-@model_command()
+@model_command(speculative=True)
 def bench(
     tokens_per_sec: Annotated[bool, typer.Option(
         "--tokens-per-sec", show_default=False, help="Measure prefill and decode throughput (the default benchmark)")] = True,
@@ -85,6 +95,7 @@ def bench(
         "--output", "-o", metavar="FORMAT", help="table, md, json or jsonl (one line per prompt length)")] = "table",
     *,
     opts: ModelOptions,
+    spec: SpecOptions,
 ) -> None:
     """Benchmark tokens/s: pp (prefill) and tg (decode), with warm-up and compile time apart."""
     fmt = "json" if json_out else output
@@ -100,7 +111,7 @@ def bench(
         raise InvalidArgumentError(
             f"--prompt-tokens {max(lengths)} and --gen-tokens {gen_tokens} need a context of "
             f"{need} tokens, more than --max-seq-len {opts.max_seq_len}")
-    engine = load_engine(opts, warm_up=False)  # run_bench times the warm-up itself
+    engine = load_engine(opts, warm_up=False, spec=spec)  # run_bench times the warm-up itself
     with console.progress("benchmark") as update:
         def progress(step: BenchStep) -> None:
             if update is not None:

@@ -11,7 +11,7 @@ import typer
 from llamarun.cli import app, console
 from llamarun.cli.common import load_engine, model_sampling, stdin_replacing, utf8_text
 from llamarun.cli.grammar import GrammarFlag, JsonObjectFlag, JsonSchemaFlag, bind, read_grammar
-from llamarun.cli.options import ModelOptions, SamplingFlags, model_command
+from llamarun.cli.options import ModelOptions, SamplingFlags, SpecOptions, model_command
 from llamarun.cli.repl import Repl, resumed_note
 from llamarun.errors import InvalidArgumentError
 from llamarun.saved_chat import SavedChat, load_chat
@@ -31,7 +31,7 @@ def check_save_path(path: Path | None) -> None:
 
 
 @app.command()
-@model_command(sampling=True, max_tokens=DEFAULT_MAX_TOKENS)
+@model_command(sampling=True, speculative=True, max_tokens=DEFAULT_MAX_TOKENS)
 def chat(
     system: Annotated[Optional[str], typer.Option(
         "--system", metavar="TEXT", show_default=False, rich_help_panel=CHAT_PANEL,
@@ -49,6 +49,7 @@ def chat(
     grammar: GrammarFlag = None,
     *,
     opts: ModelOptions,
+    spec: SpecOptions,
     flags: SamplingFlags,
 ) -> None:
     """Chat with the model in its chat format; history stays in the KV cache.
@@ -60,7 +61,7 @@ def chat(
     check_save_path(save)
     wanted = read_grammar(json_object, json_schema, grammar, stdin_taken="chat (its messages)")
     saved: SavedChat | None = load_chat(load) if load is not None else None
-    engine = load_engine(opts, background=True)
+    engine = load_engine(opts, background=True, spec=spec)
     params, _ = model_sampling(engine, flags.given(), base=saved.sampling if saved else None)
     interactive = sys.stdin.isatty()
     stdin_replacing()  # invalid UTF-8 typed or piped in becomes U+FFFD

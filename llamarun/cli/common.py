@@ -14,7 +14,9 @@ import torch
 import typer
 
 from llamarun.cli import console, settings
-from llamarun.cli.options import ModelOptions, apply_threads, check_threads, default_threads
+from llamarun.cli.options import (
+    ModelOptions, SpecOptions, apply_threads, check_threads, default_threads,
+)
 from llamarun.engine import Engine
 from llamarun import files
 from llamarun.errors import InvalidArgumentError, LlamarunError
@@ -57,7 +59,7 @@ def check_model_options(opts: ModelOptions) -> None:
 
 
 def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
-                background: bool = False) -> Engine:
+                background: bool = False, spec: SpecOptions | None = None) -> Engine:
     """Resolve the model (flag, environment, ./checkpoints, default) and load it.
 
     With --compile the decode graphs are compiled here (unless warm_up is False), with a note,
@@ -70,6 +72,8 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
     note = requantize_note(engine, opts.quantize)
     if note:
         console.note(note)
+    if spec is not None and spec.enabled:
+        speculate(engine, spec)
     if opts.compile and warm_up:
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
@@ -79,6 +83,19 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
         # would run collectives out of step with the other ranks.)
         engine.compile_in_background()
     return engine
+
+
+def speculate(engine: Engine, spec: SpecOptions) -> None:
+    """Set up speculative decoding as the flags ask (loading the draft model, if any)."""
+    config = spec.config()
+    if spec.draft_model is None:
+        engine.speculate(config)
+        return
+    resolved = resolve_model(spec.draft_model, env=os.environ, cwd=Path.cwd())
+    draft = engine.load_draft(resolved.path, config=config)
+    weights = ", ".join(sorted(draft.checkpoint.format_counts()))
+    console.note(f"speculative decoding: {resolved.path.name} ({weights}) drafts up to "
+                 f"{config.draft_tokens} tokens a step")
 
 
 def requantize_note(engine: Engine, quantize: str) -> str | None:

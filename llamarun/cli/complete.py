@@ -12,7 +12,7 @@ from llamarun.cli import app, console
 from llamarun.cli.common import load_engine, model_sampling, read_stdin, utf8_text
 from llamarun.cli.distributed import rank0
 from llamarun.cli.grammar import GrammarFlag, JsonObjectFlag, JsonSchemaFlag, bind, read_grammar
-from llamarun.cli.options import ModelOptions, SamplingFlags, model_command
+from llamarun.cli.options import ModelOptions, SamplingFlags, SpecOptions, model_command
 from llamarun.engine import GenerationResult
 from llamarun.errors import InvalidArgumentError
 
@@ -58,7 +58,7 @@ def result_json(r: GenerationResult, *, model: str, load_s: float) -> dict[str, 
 
 
 @app.command()
-@model_command(sampling=True, max_tokens=DEFAULT_MAX_TOKENS)
+@model_command(sampling=True, speculative=True, max_tokens=DEFAULT_MAX_TOKENS)
 def complete(
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", metavar="TEXT", show_default=False,
@@ -75,6 +75,7 @@ def complete(
     grammar: GrammarFlag = None,
     *,
     opts: ModelOptions,
+    spec: SpecOptions,
     flags: SamplingFlags,
 ) -> None:
     """Continue a raw text prompt (no chat template) and stream the continuation to stdout.
@@ -84,7 +85,7 @@ def complete(
     stdin_prompt = "the prompt" if prompt in (None, "-") else None
     wanted = rank0(lambda: read_grammar(json_object, json_schema, grammar, stdin_taken=stdin_prompt))
     text = rank0(lambda: read_prompt(prompt))  # a tensor-parallel job: rank 0 reads
-    engine = load_engine(opts)
+    engine = load_engine(opts, spec=spec)
     constraint = bind(wanted, engine.tokenizer)
     params, _ = model_sampling(engine, flags.given())
     n = flags.max_tokens if flags.max_tokens is not None else DEFAULT_MAX_TOKENS

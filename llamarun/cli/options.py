@@ -26,6 +26,7 @@ from llamarun.resolve import ENV_VAR
 COMPILE_ENV_VAR = "LLAMARUN_COMPILE"
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"
+SPEC_PANEL = "Speculative decoding"
 _DEFAULTS = settings.DEFAULT_SAMPLING
 _FROM_MODEL = "or the model's generation_config.json"
 
@@ -62,6 +63,30 @@ class SamplingFlags:
     def given(self) -> dict[str, object]:
         """The settings by their `/set` names (None where not given), as model_sampling takes."""
         return {name: getattr(self, name) for name in settings.SETTINGS}
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    """The speculative-decoding flags (none given: plain decoding)."""
+
+    draft_model: str | None = None
+    draft_tokens: int | None = None
+    lookup: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft_model is not None or self.lookup is not None
+
+    def config(self) -> Any:
+        """The speculative.SpecConfig these flags ask for (checks them)."""
+        from llamarun.speculative import DEFAULT_DRAFT_TOKENS, SpecConfig
+
+        if self.draft_model is not None and self.lookup is not None:
+            raise InvalidArgumentError("give --draft-model or --lookup, not both")
+        if self.draft_tokens is not None and not self.enabled:
+            raise InvalidArgumentError("--draft-tokens needs --draft-model or --lookup")
+        return SpecConfig(draft_tokens=self.draft_tokens or DEFAULT_DRAFT_TOKENS,
+                          lookup=self.lookup)
 
 
 def usable_cores() -> int:
@@ -158,25 +183,53 @@ def _sampling_params(max_tokens: int) -> list[tuple[str, Any, object]]:
     ]
 
 
+def _spec_params() -> list[tuple[str, Any, object]]:
+    from llamarun.speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, MAX_LOOKUP_NGRAM
+
+    return [
+        ("draft_model", Annotated[Optional[str], _opt(
+            "--draft-model", metavar="PATH|REPO", show_default=False, panel=SPEC_PANEL,
+            help="Decode speculatively: this smaller model (or the same one stored smaller, "
+                 "e.g. int4) drafts tokens that the model checks several at a time; it must "
+                 "share the model's vocabulary. Greedy output stays the same token for token")],
+         None),
+        ("lookup", Annotated[Optional[int], _opt(
+            "--lookup", metavar="N", show_default=False, panel=SPEC_PANEL,
+            help="Decode speculatively without a second model: drafts continue the latest "
+                 "earlier match of the text's last n-gram (n up to N, at most "
+                 f"{MAX_LOOKUP_NGRAM}; 3 is a good start). Fast where the output repeats its "
+                 "input (rewriting, summaries, code edits)")], None),
+        ("draft_tokens", Annotated[Optional[int], _opt(
+            "--draft-tokens", metavar="K", show_default=False, panel=SPEC_PANEL,
+            help=f"Most tokens drafted a step (1-{MAX_DRAFT_TOKENS}, default "
+                 f"{DEFAULT_DRAFT_TOKENS}); each request adapts it to what it gets accepted")],
+         None),
+    ]
+
+
 # For commands that load no model (`list`): the same flag, outside the Model panel.
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks on errors")]
 
 
 # --- the decorator -------------------------------------------------------------------------
 
-def model_command(*, sampling: bool = False, compile: bool = True,
+def model_command(*, sampling: bool = False, compile: bool = True, speculative: bool = False,
                   max_tokens: int = 256) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command the model flags (`--compile` only with compile=True) and, with
-    sampling=True, the sampling flags (`-n` defaulting to max_tokens).
+    """Give a command the model flags (`--compile` only with compile=True), with
+    sampling=True the sampling flags (`-n` defaulting to max_tokens), and with speculative=True
+    the speculative-decoding flags.
 
-    The command takes `opts: ModelOptions` (and `flags: SamplingFlags`) in their place.
+    The command takes `opts: ModelOptions` (and `flags: SamplingFlags`, `spec: SpecOptions`)
+    in their place.
     """
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())
-        own = [p for p in own if p.name not in ("opts", "flags")]
+        own = [p for p in own if p.name not in ("opts", "flags", "spec")]
         added = [(n, a, d) for n, a, d in _MODEL_PARAMS if compile or n != "compile"]
         if sampling:
             added = _sampling_params(max_tokens) + added
+        if speculative:
+            added = added + _spec_params()
         names = {n for n, _, _ in added}
         clash = names & {p.name for p in own}
         if clash:  # a programming error, caught by the help tests
@@ -194,6 +247,9 @@ def model_command(*, sampling: bool = False, compile: bool = True,
                     n: shared[n] for n in ("max_tokens", "temperature", "top_k", "top_p",
                                            "min_p", "repeat_penalty", "seed")},
                     stop=tuple(shared["stop"] or ()))
+            if speculative:
+                kwargs["spec"] = SpecOptions(shared["draft_model"], shared["draft_tokens"],
+                                             shared["lookup"])
             from llamarun.cli import distributed
             from llamarun.cli.common import check_model_options, cli_errors, utf8_text
 
@@ -209,6 +265,12 @@ def model_command(*, sampling: bool = False, compile: bool = True,
                         **{n: getattr(flags, n) for n in settings.SETTINGS},
                         "stop": tuple(utf8_text(s, "--stop") for s in flags.stop)})
                 check_model_options(opts)
+                if speculative:
+                    spec: SpecOptions = kwargs["spec"]
+                    spec.config()
+                    if spec.draft_model is not None and distributed._planned is not None:
+                        raise InvalidArgumentError("--draft-model cannot be combined with --tp "
+                                                   "(--lookup N can)")
                 distributed.before_launch(opts)  # --tp N: checked here, then the ranks start
                 return fn(**kwargs, opts=opts)
 

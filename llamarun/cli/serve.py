@@ -10,7 +10,7 @@ import typer
 
 from llamarun.cli import app, console
 from llamarun.cli.common import cli_errors, load_engine, model_sampling
-from llamarun.cli.options import ModelOptions, model_command
+from llamarun.cli.options import ModelOptions, SpecOptions, model_command
 from llamarun.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ PREFILL_CHUNK_SHOWN = "64"
 
 
 @app.command()
-@model_command()
+@model_command(speculative=True)
 def serve(
     host: Annotated[str, typer.Option(
         "--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
@@ -45,6 +45,7 @@ def serve(
              f"prompt; default {PREFILL_CHUNK_SHOWN})")] = None,
     *,
     opts: ModelOptions,  # the model flags, checked already (options.model_command)
+    spec: SpecOptions,
 ) -> None:
     """Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -81,7 +82,7 @@ def serve(
             if not is_loopback(host) and api_key is None:
                 console.note(f"warning: listening on {host} without --api-key: anyone who can "
                              "reach this port can use the model", style="yellow")
-        engine = load_engine(opts, slots=max_concurrency, background=True)
+        engine = load_engine(opts, slots=max_concurrency, background=True, spec=spec)
         if prefill_chunk is not None:
             engine.scheduler.prefill_chunk = prefill_chunk
         defaults, _ = model_sampling(engine, {})  # generation_config.json's, else llamarun's
