@@ -27,12 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from llamarun import structured
 from llamarun.generation import Event, Failed, Token
 from llamarun.scheduler import QueueFull, Request, Scheduler, Stopped, Ticket
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, LlamarunError
 from llamarun.generation import GenerationResult, TextChunk
-from llamarun.sampling import SamplingParams
+from llamarun.sampling import Constraint, SamplingParams
 from llamarun.server_limits import (
     USAGE_KEY, APIError, ConnectionLimits, RequestGuard, check_api_key, guarded_protocol,
 )
@@ -68,6 +69,7 @@ class _Body(BaseModel):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "json_object" | "json_schema", ...}
 
 
 class TextPart(BaseModel):
@@ -116,6 +118,7 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     defaults = sampling or SamplingParams()
     batcher = engine.scheduler
     created = int(time.time())
+    grammars = structured.GrammarCompiler(engine.tokenizer)  # response_format, bound to the vocabulary
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,7 +180,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         if body.logprobs:
             k = _top_logprobs(body.top_logprobs, "top_logprobs")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        req = _request(engine, body, prompt, limit, k, max_tokens_default, defaults)
+        constraint = await _constraint(grammars, body.response_format)
+        req = _request(engine, body, prompt, limit, k, max_tokens_default, defaults, constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             # Submitted before the response starts: a full queue is an HTTP error, not a stream.
@@ -201,7 +205,9 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         usage = http.scope.get(USAGE_KEY, {})
         usage["prompt"] = len(prompt)
         k = None if body.logprobs is None else _top_logprobs(body.logprobs, "logprobs", most=5)
-        req = _request(engine, body, prompt, body.max_tokens, k, max_tokens_default, defaults)
+        constraint = await _constraint(grammars, body.response_format)
+        req = _request(engine, body, prompt, body.max_tokens, k, max_tokens_default, defaults,
+                       constraint)
         rid = f"cmpl-{uuid.uuid4().hex}"
         echo = prompt_text if body.echo else ""
         if body.stream:
@@ -313,9 +319,57 @@ def _completion_prompt(engine: Engine, prompt: str | list[str] | list[int]) -> t
     return prompt, ids
 
 
+def response_grammar(response_format: dict[str, Any] | None) -> structured.Grammar | None:
+    """The grammar OpenAI's `response_format` asks for: {"type": "text"} (none), {"type":
+    "json_object"} (any JSON object) or {"type": "json_schema", "json_schema": {"name": ...,
+    "schema": {...}, "strict": true}}; APIError 400 naming the field that is wrong (a keyword
+    the schema uses that is not supported is named in the message)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return structured.json_object()
+    if kind != "json_schema":
+        raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', "
+                            f"got {kind!r}", param="response_format.type")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError(400, "response_format.json_schema must be an object with a 'schema'",
+                       param="response_format.json_schema")
+    if "schema" not in spec:
+        raise APIError(400, "response_format.json_schema.schema is required",
+                       param="response_format.json_schema.schema")
+    where = "response_format.json_schema.schema"
+    try:
+        return structured.json_schema(spec["schema"], what=where)
+    except structured.GrammarError as e:
+        raise APIError(400, str(e), param=where) from None
+
+
+async def _constraint(grammars: structured.GrammarCompiler,
+                      response_format: dict[str, Any] | None) -> Constraint | None:
+    """response_format as a constraint on the model's tokens, checked and compiled in a worker
+    thread (the first one builds llguidance's view of the vocabulary, about a second)."""
+    if response_format is None:
+        return None
+
+    def build() -> Constraint | None:
+        grammar = response_grammar(response_format)
+        if grammar is None:
+            return None
+        try:
+            return grammars.constraint(grammar)
+        except structured.GrammarError as e:
+            raise APIError(400, str(e), param="response_format") from None
+
+    return await asyncio.to_thread(build)
+
+
 def _request(engine: Engine, body: _Body, prompt: list[int], max_tokens: int | None,
              top_logprobs: int | None, max_tokens_default: int,
-             defaults: SamplingParams) -> Request:
+             defaults: SamplingParams, constraint: Constraint | None = None) -> Request:
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -345,7 +399,7 @@ def _request(engine: Engine, body: _Body, prompt: list[int], max_tokens: int | N
     except InvalidArgumentError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from None
     return Request(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens,
-                   stop=tuple(stop), top_logprobs=top_logprobs)
+                   stop=tuple(stop), top_logprobs=top_logprobs, constraint=constraint)
 
 
 def _D(value: Any, default: Any) -> Any:  # noqa: N802

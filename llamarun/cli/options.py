@@ -191,14 +191,15 @@ def _spec_params() -> list[tuple[str, Any, object]]:
             "--draft-model", metavar="PATH|REPO", show_default=False, panel=SPEC_PANEL,
             help="Decode speculatively: this smaller model (or the same one stored smaller, "
                  "e.g. int4) drafts tokens that the model checks several at a time; it must "
-                 "share the model's vocabulary. Greedy output stays the same token for token")],
+                 "share the model's vocabulary. Greedy output stays the same token for token "
+                 "(default: plain decoding)")],
          None),
         ("lookup", Annotated[Optional[int], _opt(
             "--lookup", metavar="N", show_default=False, panel=SPEC_PANEL,
             help="Decode speculatively without a second model: drafts continue the latest "
                  "earlier match of the text's last n-gram (n up to N, at most "
                  f"{MAX_LOOKUP_NGRAM}; 3 is a good start). Fast where the output repeats its "
-                 "input (rewriting, summaries, code edits)")], None),
+                 "input (rewriting, summaries, code edits); default: off")], None),
         ("draft_tokens", Annotated[Optional[int], _opt(
             "--draft-tokens", metavar="K", show_default=False, panel=SPEC_PANEL,
             help=f"Most tokens drafted a step (1-{MAX_DRAFT_TOKENS}, default "
