@@ -156,9 +156,15 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     @app.get("/health")
     async def health() -> dict[str, Any]:
         active, waiting = batcher.busy
-        return {"status": "ok", "slots": len(engine.slots), "active": active, "waiting": waiting,
-                "decode_steps": batcher.steps, "decoded_rows": batcher.batched_rows,
-                "compiled": engine.compile_state}
+        out = {"status": "ok", "slots": len(engine.slots), "active": active, "waiting": waiting,
+               "decode_steps": batcher.steps, "decoded_rows": batcher.batched_rows,
+               "compiled": engine.compile_state}
+        spec = engine.speculator
+        if spec is not None:  # speculative decoding: what was drafted and kept so far
+            out["speculative"] = {"kind": spec.kind, "draft_tokens": spec.config.draft_tokens,
+                                  "drafted": spec.drafted, "accepted": spec.accepted,
+                                  "verify_passes": spec.verify_passes}
+        return out
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

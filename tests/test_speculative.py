@@ -5,6 +5,7 @@ accept/reject rule against the target's distribution (chi-square), the drafters,
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -125,9 +126,7 @@ def test_smollm2_int4_drafting_for_float32(one_thread: None) -> None:  # noqa: F
     """The issue's self-draft: SmolLM2 stored as int4 drafts for the same model in float32."""
     path = require_default_model()
     target = Engine.load(path, device="cpu", dtype="float32", quantize="none", max_seq_len=256)
-    prompt = target.chat_format.encode_dialog_prompt(
-        [{"role": "user", "content": "Name three colours."}]) if hasattr(
-        target.chat_format, "encode_dialog_prompt") else target.encode_prompt("Three colours:")
+    prompt = target.chat_format.encode_dialog([{"role": "user", "content": "Name three colours."}])
     plain_ids = [ev.id for ev in target.token_events(prompt, max_new_tokens=48)]
     target.load_draft(path, config=SpecConfig(draft_tokens=4))  # its stored Q4_1: int4
     ids = [ev.id for ev in target.token_events(prompt, max_new_tokens=48)]
@@ -302,3 +301,31 @@ def test_draft_model_rows_have_their_own_slots(drafted: Engine) -> None:
     target_ids = max((s.ids for s in drafted.cache.slots), key=len)
     draft_ids = max((s.ids for s in draft.cache.slots), key=len)
     assert target_ids[:len(draft_ids)] == draft_ids[:len(target_ids)]
+
+
+def test_server_with_prompt_lookup_answers_as_plain_decoding(lookup: Engine, plain: Engine) -> None:
+    """Served requests speculate (several at once share verification passes) and answer
+    exactly what plain greedy decoding gives."""
+    import concurrent.futures
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from server_util import running_server
+
+    prompts = [PROMPT, "The little dog", "Lily and Tom"]
+    expected = [_run(plain, p, max_new_tokens=60)[0] for p in prompts]
+    with running_server(lookup) as base:
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+
+        def ask(prompt: str) -> str:
+            r = client.completions.create(model="x", prompt=prompt, max_tokens=60, temperature=0)
+            return r.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the engine has 2 slots
+            answers = list(pool.map(ask, prompts))
+        with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=10) as r:
+            health = json.load(r)
+    assert answers == expected
+    spec = health["speculative"]
+    assert spec["kind"] == "prompt lookup" and 0 < spec["accepted"] <= spec["drafted"]
+    assert spec["verify_passes"] > 0
