@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from llamarun import structured
+from llamarun import structured, tools as tooling
 from llamarun.generation import Event, Failed, Token
 from llamarun.scheduler import QueueFull, Request, Scheduler, Stopped, Ticket
 from llamarun.engine import Engine
@@ -80,8 +80,10 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
 
 class ChatBody(_Body):
@@ -89,6 +91,9 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionBody(_Body):
@@ -174,10 +179,14 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest) -> Any:
         body = await _parse(http, ChatBody)
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": _content(m.content)} for m in body.messages]
+        messages = [_message(m) for m in body.messages]
+        try:
+            tools = tooling.parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+            encode = _tool_encoder(engine, tools, messages)
+        except tooling.ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
         try:  # off the event loop: a long dialog takes a while to render and encode
-            prompt = await asyncio.to_thread(engine.chat_format.encode_dialog, messages)
+            prompt = await asyncio.to_thread(encode, messages)
         except LlamarunError as e:
             raise APIError(400, str(e), param="messages") from None
         usage = http.scope.get(USAGE_KEY, {})
@@ -186,18 +195,32 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
         if body.logprobs:
             k = _top_logprobs(body.top_logprobs, "top_logprobs")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        constraint = await _constraint(grammars, body.response_format)
+        calling = tools if tools is not None and tools.choice != "none" else None
+        if calling is not None and calling.choice != "auto":  # the call is constrained
+            try:
+                grammar = calling.grammar()
+                constraint = await asyncio.to_thread(grammars.constraint, grammar)
+            except (tooling.ToolError, structured.GrammarError) as e:
+                raise APIError(400, str(e), param="tools") from None
+        else:
+            constraint = await _constraint(grammars, body.response_format)
         req = _request(engine, body, prompt, limit, k, max_tokens_default, defaults, constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             # Submitted before the response starts: a full queue is an HTTP error, not a stream.
             return _sse(_chat_chunks(_submit(batcher, req, max_queue), req, rid, model_id, body, engine,
-                                     usage))
+                                     usage, calling))
         events, result = await _collect(batcher, req, http, max_queue)
         usage["completion"] = result.completion_tokens
-        message = {"role": "assistant", "content": result.text}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        finish = _finish(result)
+        calls = _calls(calling, result.text) if result.finish_reason == "stop" else []
+        if calls:
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [c.openai() for c in calls]}
+            finish = "tool_calls"
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
-                                  "finish_reason": _finish(result)}
+                                  "finish_reason": finish}
         if k is not None:
             choice["logprobs"] = {"content": [_chat_logprob(engine, t) for t in events
                                               if isinstance(t, Token)]}
@@ -290,6 +313,38 @@ def _clean(value: Any, depth: int) -> Any:
     if isinstance(value, dict):
         return {valid_text(k): _clean(v, depth + 1) for k, v in value.items()}
     return value
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A request's message as the chat format takes it (a tool call's and a tool result's
+    fields kept)."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                           "content": _content(m.content)}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool_encoder(engine: Engine, tools: tooling.Tools | None,
+                  messages: list[dict[str, Any]]) -> Any:
+    """How to encode the dialog: the model's chat format, or, when there are tools to offer or
+    tool calls and results in the dialog, the format that renders them (ToolError if none)."""
+    offered = tools is not None and tools.choice != "none"
+    if not offered and not any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        return engine.chat_format.encode_dialog
+    fmt = tooling.tool_format(engine.chat_format)
+    listed = tools.for_template if offered and tools is not None else None
+    return lambda ms: fmt.encode_dialog(tooling.template_messages(ms), tools=listed)
+
+
+def _calls(tools: tooling.Tools | None, text: str) -> list[tooling.ToolCall]:
+    """The tool calls a finished reply makes (one unless parallel calls are allowed)."""
+    if tools is None:
+        return []
+    calls = tooling.parse_calls(text, tools.names)
+    return calls if tools.parallel else calls[:1]
 
 
 def _content(content: str | list[TextPart] | None) -> str:
@@ -494,8 +549,14 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request, rid: str,
                        model_id: str, body: ChatBody, engine: Engine,
-                       usage: dict[str, int]) -> AsyncIterator[dict[str, Any]]:
+                       usage: dict[str, int],
+                       tools: tooling.Tools | None = None) -> AsyncIterator[dict[str, Any]]:
+    """The chat stream. With tools on offer, text that may still become a tool call (it starts
+    as one would) is held back; once the reply ends it is sent as `delta.tool_calls` (each
+    call's id, type and name, then its arguments in fragments) with finish_reason
+    "tool_calls", or as content if it was not a call after all."""
     created = int(time.time())
+    held: str | None = "" if tools is not None else None  # None: nothing is held back
 
     def chunk(delta: dict[str, Any], finish: str | None = None,
               logprobs: Any = None) -> dict[str, Any]:
@@ -505,9 +566,28 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
 
     yield chunk({"role": "assistant", "content": ""})
     async for e in _events(submitted):
+        text = e.chunk.text if isinstance(e, Token) else e.text if isinstance(e, TextChunk) else ""
+        if held is not None and not isinstance(e, GenerationResult):
+            held += text
+            if tooling.may_be_call(held):
+                continue
+            e, held = TextChunk(held, None), None  # not a call: sent as content from here on
         if isinstance(e, GenerationResult):
             usage["completion"] = e.completion_tokens
-            yield chunk({}, _finish(e))
+            finish = _finish(e)
+            calls = _calls(tools, held) if held and e.finish_reason == "stop" else []
+            for i, call in enumerate(calls):
+                head = call.openai(i)
+                head["function"] = {"name": call.name, "arguments": ""}
+                yield chunk({"tool_calls": [head]})
+                for at in range(0, len(call.arguments), _ARGUMENT_FRAGMENT):
+                    piece = call.arguments[at:at + _ARGUMENT_FRAGMENT]
+                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+            if calls:
+                finish = "tool_calls"
+            elif held:
+                yield chunk({"content": held})
+            yield chunk({}, finish)
             if (body.stream_options or {}).get("include_usage"):
                 yield {"id": rid, "object": "chat.completion.chunk", "created": created,
                        "model": model_id, "choices": [], "usage": _usage(e)}
@@ -518,6 +598,9 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
                 yield chunk({"content": e.chunk.text}, logprobs=lp)
         elif isinstance(e, TextChunk) and e.text:
             yield chunk({"content": e.text})
+
+
+_ARGUMENT_FRAGMENT = 16  # characters of a tool call's arguments per streamed chunk
 
 
 async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request,

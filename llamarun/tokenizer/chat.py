@@ -146,19 +146,29 @@ class HFTemplateChatFormat(ChatFormat):
             if i is not None:
                 self._special_tokens[key] = tokenizer.piece(i)
 
-    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text the template produces (special-token text in contents included as it is)."""
-        return self._render(messages, add_generation_prompt)
+        return self._render(messages, add_generation_prompt, tools)
 
-    def _render(self, messages: list[Any], add_generation_prompt: bool) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads the `tools` variable (transformers' apply_chat_template(tools=))."""
+        return "tools" in self.source
+
+    def _render(self, messages: list[Any], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         return self._template.render(
-            messages, add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens
+            messages, add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens,
+            tools=tools,
         )
 
-    def encode_dialog(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        """Render, then encode the template's text with special tokens and the contents as text."""
+    def encode_dialog(self, messages: list[Message], *, add_generation_prompt: bool = True,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render, then encode the template's text with special tokens and the contents as text
+        (`tools`: function definitions, for a template that renders them)."""
         marked, marks = self._guard.mark(messages, template=self.source)
-        text = self._render(marked, add_generation_prompt)
+        text = self._render(marked, add_generation_prompt, tools)
         if not text.strip():
             raise self._template.error(f"renders nothing for {len(messages)} message(s)")
         return self._guard.encode(text, marks)

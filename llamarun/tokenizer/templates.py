@@ -105,13 +105,15 @@ class ChatTemplate:
         return TokenizerError(_one_line(f"{name} {what}"))
 
     def render(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, special_tokens: dict[str, str]
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, special_tokens: dict[str, str],
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render with the variables transformers passes: messages, tools, documents, add_generation_prompt, *_token."""
         messages = [dict(m) for m in messages]
-        budget = TemplateBudget(self.limits, sum(len(str(v)) for m in messages for v in m.values()))
+        size = sum(len(str(v)) for m in messages for v in m.values()) + len(json.dumps(tools or []))
+        budget = TemplateBudget(self.limits, size)
         variables = dict(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special_tokens
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **special_tokens
         )
 
         def run() -> str:

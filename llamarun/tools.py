@@ -1,0 +1,259 @@
+"""Tool calling: OpenAI `tools` rendered into the prompt, the model's calls parsed back.
+
+Tools go into the prompt through the model's own chat template (its `tools` variable, as
+transformers' `apply_chat_template(tools=...)` passes them); a Meta Llama 3 checkpoint with no
+template gets Meta's Llama 3.1 JSON tool-call format (LLAMA31_JSON_TOOLS below: the tools in the
+first user message, a call answered as `{"name": ..., "parameters": {...}}`, tool results under
+the `ipython` role). A reply is a tool call when its whole text is one (or a list of them, or
+`<tool_call>...</tool_call>` blocks, as Hermes-style templates ask for). With tool_choice
+"required" or a named function the call is constrained by a JSON schema, so it always parses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from llamarun import structured
+from llamarun.errors import InvalidArgumentError
+from llamarun.tokenizer import ChatFormat
+from llamarun.tokenizer.chat import HFTemplateChatFormat, Llama3ChatFormat
+
+# Meta's JSON-based tool calling for Llama 3.1 (llama-models' prompt format; the tools in the
+# first user message, as the Hugging Face template does by default), as a Jinja template.
+LLAMA31_JSON_TOOLS = """{{- bos_token }}
+{%- if messages and messages[0].role == 'system' %}
+{%- set system = messages[0].content | trim %}{%- set messages = messages[1:] %}
+{%- else %}{%- set system = '' %}{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
+{%- if tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}
+{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' + system + '<|eot_id|>' }}
+{%- if tools is not none %}
+{%- if not messages or messages[0].role != 'user' %}
+{{- raise_exception('tools go into the first user message, and there is none') }}
+{%- endif %}
+{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}
+{{- 'Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\\n\\n' }}
+{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.' }}
+{{- 'Do not use variables.\\n\\n' }}
+{%- for t in tools %}{{- t | tojson(indent=4) + '\\n\\n' }}{%- endfor %}
+{{- messages[0].content | trim + '<|eot_id|>' }}
+{%- set messages = messages[1:] %}
+{%- endif %}
+{%- for m in messages %}
+{%- if m.role == 'tool' or m.role == 'ipython' %}
+{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}
+{%- if m.content is mapping or (m.content is iterable and m.content is not string) %}{{- m.content | tojson }}
+{%- else %}{{- m.content }}{%- endif %}
+{{- '<|eot_id|>' }}
+{%- elif m.tool_calls %}
+{%- for c in m.tool_calls %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n{\"name\": \"' + c.function.name + '\", \"parameters\": ' + c.function.arguments | tojson + '}<|eot_id|>' }}
+{%- endfor %}
+{%- else %}
+{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content | trim + '<|eot_id|>' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
+"""
+
+MAX_TOOLS = 128
+
+
+class ToolError(InvalidArgumentError):
+    """Tools or a tool choice that cannot be used; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: its id, the function's name and its arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        """As an item of OpenAI's `message.tool_calls` (with `index` for a stream's delta)."""
+        out: dict[str, Any] = {"id": self.id, "type": "function",
+                               "function": {"name": self.name, "arguments": self.arguments}}
+        return out if index is None else {"index": index, **out}
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A request's tools: the function definitions, and which the model may or must call."""
+
+    functions: tuple[dict[str, Any], ...]  # OpenAI's {"name", "description", "parameters"}
+    choice: str  # "auto", "none", "required", or a function's name
+    parallel: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return [f["name"] for f in self.functions]
+
+    @property
+    def for_template(self) -> list[dict[str, Any]]:
+        """The tools as the template gets them (OpenAI's {"type": "function", "function": ...})."""
+        return [{"type": "function", "function": f} for f in self.functions]
+
+    def grammar(self) -> structured.Grammar | None:
+        """What the reply must match: one call, for "required" or a named function; else None."""
+        if self.choice in ("auto", "none"):
+            return None
+        chosen = [f for f in self.functions if self.choice == "required" or f["name"] == self.choice]
+        calls = [{"type": "object",
+                  "properties": {"name": {"const": f["name"]},
+                                 "parameters": f.get("parameters") or {"type": "object"}},
+                  "required": ["name", "parameters"], "additionalProperties": False}
+                 for f in chosen]
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        try:
+            return structured.json_schema(schema, what="the tools' parameters")
+        except structured.GrammarError as e:
+            raise ToolError(str(e), "tools") from None
+
+
+def parse_tools(tools: Any, tool_choice: Any = None, parallel: Any = None) -> Tools | None:
+    """Check OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (ToolError naming the
+    field); None when no tools are given."""
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ToolError(f"tools must be a list of at most {MAX_TOOLS} functions", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise ToolError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        f = tool.get("function")
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not re.fullmatch(
+                r"[A-Za-z0-9_.-]{1,64}", f["name"]):
+            raise ToolError(f"{where}.function.name must be 1-64 letters, digits, _ . or -",
+                            f"{where}.function.name")
+        params = f.get("parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise ToolError(f"{where}.function.parameters must be a JSON schema object",
+                                f"{where}.function.parameters")
+            try:
+                structured.json_schema(params, what=f"{where}.function.parameters")
+            except structured.GrammarError as e:
+                raise ToolError(str(e), f"{where}.function.parameters") from None
+        functions.append({k: v for k, v in f.items() if k in ("name", "description", "parameters")})
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise ToolError("tools name the same function twice", "tools")
+    choice = "auto" if tool_choice is None else tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise ToolError(f"tool_choice names no function among the tools ({', '.join(names)})",
+                            "tool_choice")
+        choice = name
+    elif choice not in ("auto", "none", "required"):
+        raise ToolError("tool_choice must be 'auto', 'none', 'required' or "
+                        "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ToolError("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    return Tools(tuple(functions), choice, parallel is not False)
+
+
+def tool_format(chat_format: ChatFormat) -> HFTemplateChatFormat:
+    """The chat format that renders tools for this model: its own template if that reads
+    `tools`, Meta's Llama 3.1 JSON format for a Llama 3 checkpoint with no template; else
+    ToolError (param "tools")."""
+    if isinstance(chat_format, HFTemplateChatFormat):
+        if chat_format.renders_tools:
+            return chat_format
+        raise ToolError(f"the model's chat template ({chat_format.origin or 'given'}) does not "
+                        "render tools", "tools")
+    if isinstance(chat_format, Llama3ChatFormat):
+        return HFTemplateChatFormat(chat_format.tokenizer, LLAMA31_JSON_TOOLS,
+                                    origin="Meta's Llama 3.1 JSON tool format")
+    raise ToolError(f"the model's chat format ({chat_format.name}) cannot render tools", "tools")
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as templates take them: an assistant's tool_calls with their arguments
+    as objects (transformers' convention), a tool result with its tool_call_id."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                f = dict(c.get("function") or {})
+                args = f.get("arguments")
+                if isinstance(args, str):
+                    try:
+                        f["arguments"] = json.loads(args) if args.strip() else {}
+                    except ValueError:
+                        pass  # not JSON: the template gets the text
+                calls.append({"id": c.get("id"), "type": "function", "function": f})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_PREFIXES = ("<|python_tag|>", "<tool_call>", "{", "[")
+
+
+def may_be_call(text: str) -> bool:
+    """Whether a reply starting with `text` may still turn out to be a tool call (a stream
+    holds such text back until it knows)."""
+    s = text.lstrip()
+    return not s or any(s.startswith(p) or p.startswith(s) for p in _PREFIXES)
+
+
+def parse_calls(text: str, names: list[str]) -> list[ToolCall]:
+    """The tool calls a reply's whole text makes (empty if it is not tool calls): one JSON
+    object {"name", "parameters" (or "arguments")}, a list of them or several separated by
+    `;`, optionally after `<|python_tag|>`, or `<tool_call>` blocks. A call must name one of
+    `names` and give its arguments as an object."""
+    s = text.strip()
+    if s.startswith("<|python_tag|>"):
+        s = s[len("<|python_tag|>"):].strip()
+    blocks = _BLOCK.findall(s)
+    if blocks:
+        if _BLOCK.sub("", s).strip():
+            return []
+        items: list[Any] = []
+        for b in blocks:
+            try:
+                items.append(json.loads(b))
+            except ValueError:
+                return []
+    else:
+        try:
+            value = json.loads(s)
+            items = value if isinstance(value, list) else [value]
+        except ValueError:
+            try:
+                items = [json.loads(part) for part in s.split(";") if part.strip()]
+            except ValueError:
+                return []
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return []
+        args = item.get("parameters", item.get("arguments", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return []
+        if not isinstance(args, dict):
+            return []
+        calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", item["name"],
+                              json.dumps(args, ensure_ascii=False)))
+    return calls
