@@ -11,10 +11,12 @@ background thread while passes run eagerly; the scheduler decides when to switch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -140,7 +142,8 @@ class Runner:
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip_module_guards is not None:  # torch >= 2.7
             options["guard_filter_fn"] = skip_module_guards
-        compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True, options=options)
+        compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
+                                 options=options)
         model = self.model
         max_rows = model.max_batch_size
 
@@ -224,6 +227,19 @@ class Runner:
                 raise self.compile_error
             return
         self._build()
+
+
+_copies = itertools.count()
+
+
+def _own_copy(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` with a code object of its own. Dynamo keeps its compiled graphs on the code object,
+    and the graphs skip the guards on the model's modules (above): two runners compiling the
+    same function (a target and its draft model, two engines in one process) would otherwise
+    run one model's graph on the other's weights."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
 
 
 def _lower_thread_priority() -> None:

@@ -329,3 +329,21 @@ def test_server_with_prompt_lookup_answers_as_plain_decoding(lookup: Engine, pla
     spec = health["speculative"]
     assert spec["kind"] == "prompt lookup" and 0 < spec["accepted"] <= spec["drafted"]
     assert spec["verify_passes"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_target_and_draft_in_one_process(plain: Engine) -> None:
+    """A compiled target (float32) and its compiled draft model (int8, other modules) each run
+    their own graphs (they share the traced function: a graph of one on the weights of the
+    other was a KeyError) and give the plain greedy tokens."""
+    target = _load(stories_meta(), max_seq_len=256, compile=True)
+    try:
+        target.load_draft(stories_meta(), config=SpecConfig(draft_tokens=4), quantize="int8")
+        target.wait_compiled()
+        assert target.runner.compiled_ready and target.draft.runner.compiled_ready  # type: ignore[union-attr]
+        _, expect = _run(plain, max_new_tokens=60)
+        _, r = _run(target, max_new_tokens=60)  # the compiled graphs take over here
+        assert target.compiled_in_use and target.speculator.draft.use_compiled  # type: ignore[union-attr]
+        assert r.token_ids == expect.token_ids and r.accepted_tokens > 0
+    finally:
+        torch._dynamo.reset()
