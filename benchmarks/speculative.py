@@ -6,7 +6,7 @@ medians of decode tok/s; the tokens must be identical):
           same model as stored in its int4 (Q4_1) GGUF;
 - lookup: SmolLM2-135M as stored (Q4_1) with prompt lookup, on an input-grounded task (adding
           type hints to given code: the answer copies most of its input);
-- 1b:     a random Llama-3.2-1B-shaped model (BF16) drafted for by a 2-layer model made of its own
+- 1b:     a random Llama-3.2-1B-shaped model (--type-1b, F32) drafted for by a 2-layer model made of its own
           first layers (random weights agree on nothing: this measures the overhead when drafts
           are all rejected).
 
@@ -166,7 +166,8 @@ def case_lookup(a: argparse.Namespace) -> dict[str, object]:
 
 
 def case_1b(a: argparse.Namespace) -> dict[str, object]:
-    full = variants.llama_1b_variants(types=("BF16",))["BF16"]
+    kind = a.type_1b
+    full = variants.llama_1b_variants(types=(kind,))[kind]
     shape = variants.Llama1BShape(n_layers=2)
     plan = list(variants._llama_plan(shape))
     index = {t.name: i for i, t in enumerate(plan)}  # the same seeds as the full model's
@@ -175,11 +176,11 @@ def case_1b(a: argparse.Namespace) -> dict[str, object]:
         return variants.random_tensor(index[name], tshape)
 
     small = variants.write_variants(variants.DEFAULT_DIR, "llama-1b-random-2layers", "llama",
-                                    variants._llama_fields(shape), plan, source, ("BF16",))["BF16"]
+                                    variants._llama_fields(shape), plan, source, (kind,))[kind]
     target = load(full, "auto", a)
     draft = load(small, "auto", a)
     prompt = target.encode_prompt("t300 t301 t302 t303")
-    return compare("random 1B BF16 <- its first 2 layers", target,
+    return compare(f"random 1B {kind} <- its first 2 layers", target,
                    SpecConfig(draft_tokens=a.draft_tokens), draft, prompt, a)
 
 
@@ -192,6 +193,8 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, default=3, help="n-gram size for prompt lookup")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode steps")
+    ap.add_argument("--type-1b", default="F32", choices=variants.TYPES,
+                    help="the 1B case's GGUF type (F32: about 5 GB)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     cpu = platform.processor() or platform.machine()

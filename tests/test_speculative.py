@@ -122,8 +122,9 @@ def test_batched_speculative_rows_equal_each_alone(lookup: Engine) -> None:
     assert all(r.accepted_tokens > 0 for r in results.values())
 
 
-def test_smollm2_int4_drafting_for_float32(one_thread: None) -> None:  # noqa: F811
-    """The issue's self-draft: SmolLM2 stored as int4 drafts for the same model in float32."""
+def test_smollm2_float32_with_int4_draft_and_with_lookup(one_thread: None) -> None:  # noqa: F811
+    """SmolLM2 in float32, drafted for by itself stored as int4, then by prompt lookup: the
+    plain greedy tokens."""
     path = require_default_model()
     target = Engine.load(path, device="cpu", dtype="float32", quantize="none", max_seq_len=256)
     prompt = target.chat_format.encode_dialog([{"role": "user", "content": "Name three colours."}])
@@ -133,6 +134,18 @@ def test_smollm2_int4_drafting_for_float32(one_thread: None) -> None:  # noqa: F
     assert ids == plain_ids
     spec = target.speculator
     assert spec is not None and spec.drafted > 0 and spec.accepted / spec.drafted > 0.5
+    # Prompt lookup on a task whose answer copies its input, same model in float32.
+    target.speculate(SpecConfig(draft_tokens=4, lookup=3))
+    code = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef twice(x):\n    return add(x, x)\n"
+    prompt = target.chat_format.encode_dialog([{"role": "user", "content": (
+        "Repeat this code exactly, adding a docstring to each function:\n\n" + code)}])
+    target.scheduler.speculator = None
+    plain_ids = [ev.id for ev in target.token_events(prompt, max_new_tokens=64)]
+    target.speculate(SpecConfig(draft_tokens=4, lookup=3))
+    ids = [ev.id for ev in target.token_events(prompt, max_new_tokens=64)]
+    assert ids == plain_ids
+    spec = target.speculator
+    assert spec is not None and spec.accepted > 10
 
 
 # -- the sampled accept/reject rule ------------------------------------------------------------
