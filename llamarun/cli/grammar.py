@@ -24,11 +24,12 @@ JsonObjectFlag = Annotated[bool, typer.Option(
     help="The output is one JSON object (any keys and values)")]
 JsonSchemaFlag = Annotated[Optional[str], typer.Option(
     "--json-schema", metavar="FILE|-", show_default=False, rich_help_panel=PANEL,
-    help="The output is JSON valid against this JSON schema (a file, or `-` for stdin)")]
+    help="The output is JSON valid against this JSON schema (a file, or `-` for stdin; "
+         "default: free output)")]
 GrammarFlag = Annotated[Optional[str], typer.Option(
     "--grammar", metavar="FILE|-", show_default=False, rich_help_panel=PANEL,
     help="The output matches this grammar: GBNF as llama.cpp's (`root ::= ...`) or Lark "
-         "(`start: ...`)")]
+         "(`start: ...`; default: free output)")]
 
 
 def read_grammar(json_object: bool, json_schema: str | None, grammar: str | None, *,
