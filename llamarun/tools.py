@@ -154,7 +154,8 @@ def parse_tools(tools: Any, tool_choice: Any = None, parallel: Any = None) -> To
         raise ToolError("tools name the same function twice", "tools")
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        f = choice.get("function") if choice.get("type") == "function" else None
+        name = f.get("name") if isinstance(f, dict) else None
         if name not in names:
             raise ToolError(f"tool_choice names no function among the tools ({', '.join(names)})",
                             "tool_choice")
@@ -186,12 +187,17 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI messages as templates take them: an assistant's tool_calls with their arguments
     as objects (transformers' convention), a tool result with its tool_call_id."""
     out = []
-    for m in messages:
+    for n, m in enumerate(messages):
         m = dict(m)
         if m.get("tool_calls"):
             calls = []
-            for c in m["tool_calls"]:
-                f = dict(c.get("function") or {})
+            for k, c in enumerate(m["tool_calls"]):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                    raise ToolError(f"messages.{n}.tool_calls.{k} must be {{\"type\": \"function\", "
+                                    f"\"function\": {{\"name\": ..., \"arguments\": ...}}}}",
+                                    f"messages.{n}.tool_calls.{k}")
+                f = dict(f)
                 args = f.get("arguments")
                 if isinstance(args, str):
                     try:
