@@ -120,6 +120,9 @@ class Engine:
             model = DraftModel(draft.runner, draft.cache)
         self.scheduler.speculator = Speculator(config, model)
         self.draft = draft
+        self.runner.enable_verify()  # compiled verification graphs, when compiling
+        if draft is not None:
+            draft.runner.enable_verify()  # its catch-up passes of a few tokens
 
     def load_draft(self, path: str | Path, *, config: SpecConfig = SpecConfig(),
                    quantize: str = "auto", group_size: int = 32) -> Engine:

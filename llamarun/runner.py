@@ -76,6 +76,19 @@ def decode_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, po
     return model.run_step(tokens, step)
 
 
+def verify_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                biased_rows: tuple[int, ...], ends: tuple[int, ...],
+                lengths: tuple[int, ...]) -> torch.Tensor:
+    """Logits (T, vocab) after every token of rows of several tokens each (speculative
+    verification): row i's lengths[i] >= 2 tokens at positions ends[i] - lengths[i].. of cache row
+    biased_rows[i] - ROW_BIAS, each attending causally over its row's past (traced by
+    torch.compile with every int a symbol, as decode_rows)."""
+    spans = tuple(Span(r, e - n, n) for r, e, n in zip(biased_rows, ends, lengths))
+    positions = model.positions
+    masks = tuple(positions[None, :e] <= positions[e - n:e, None] for e, n in zip(ends, lengths))
+    return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS))
+
+
 class Runner:
     """Forward passes over a model's KV cache, recorded in its cache manager."""
 
@@ -88,6 +101,8 @@ class Runner:
         self._compiled_ready = False
         self._compile_thread: threading.Thread | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self._verify: Callable[..., torch.Tensor] | None = None
+        self.verifies = False  # also compile verification graphs (speculative decoding)
         if compile:
             self._compiled = self._make_compiled()
 
@@ -116,6 +131,9 @@ class Runner:
             if not self._compiled_ready or self._compiled is None:
                 raise RuntimeError("the compiled step is not ready")
             logits = self._compiled(tokens, spans)
+        elif (compiled and self._verify is not None and self._compiled_ready
+              and all(len(w.ids) >= 2 and w.logits == (0, len(w.ids)) for w in writes)):
+            logits = self._verify(tokens, spans)
         else:
             index, offset = [], 0
             for w in writes:
@@ -142,6 +160,7 @@ class Runner:
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip_module_guards is not None:  # torch >= 2.7
             options["guard_filter_fn"] = skip_module_guards
+        self._options = options
         compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
                                  options=options)
         model = self.model
@@ -160,6 +179,32 @@ class Runner:
             return logits[:n]
         return run
 
+    def _make_verify(self) -> Callable[..., torch.Tensor]:
+        compiled = torch.compile(_own_copy(verify_rows), fullgraph=True, dynamic=True,
+                                 options=self._options)
+        model = self.model
+        max_rows = model.max_batch_size
+
+        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
+            n, total = len(spans), int(tokens.shape[0])
+            size = bucket_for(n, max_rows)
+            padded = list(spans) + [spans[-1]] * (size - n)  # a repeat writes the same values
+            if size > n:
+                last = tokens[total - spans[-1].length:]
+                tokens = torch.cat([tokens, *[last] * (size - n)])
+            rows = torch.tensor([s.row for s in padded for _ in range(s.length)],
+                                dtype=torch.long, device=self.device)
+            pos = torch.cat([model.positions[s.start:s.end] for s in padded])
+            logits = compiled(model, tokens, rows, pos, tuple(s.row + ROW_BIAS for s in padded),
+                              tuple(s.end for s in padded), tuple(s.length for s in padded))
+            return logits[:total]
+        return run
+
+    def enable_verify(self) -> None:
+        """Compile verification graphs too (before the compile starts: speculative decoding)."""
+        if self.compiled and self._verify is None:
+            self._verify = self._make_verify()
+
     def _build(self) -> None:
         # One step per bucket at scratch positions near the end of the rows compiles its graph.
         # (A sequence reaching those positions later writes them again before attending to them.)
@@ -171,6 +216,15 @@ class Runner:
                 spans = [Span(i % slots, pos, 1) for i in range(size)]
                 tokens = torch.zeros(size, dtype=torch.long, device=self.device)
                 self._compiled(tokens, spans)
+            if self._verify is not None and self.max_seq_len >= 8:
+                # Rows of 2 and 3 tokens ending at different scratch positions: every length
+                # and position is a symbol of the one graph per bucket.
+                for size in buckets(self.model.max_batch_size):
+                    spans = [Span(i % slots, self.max_seq_len - 5 + i % 2, 2 + i % 2)
+                             for i in range(size)]
+                    tokens = torch.zeros(sum(s.length for s in spans), dtype=torch.long,
+                                         device=self.device)
+                    self._verify(tokens, spans)
         synchronize(self.device)
         self._compiled_ready = True
 

@@ -351,11 +351,20 @@ class Scheduler:
         drafts = {id(a): d for a, d in zip(wanting, proposed)}
         if not any(d.ids for d in proposed):
             return False
-        plan = [(a, drafts.get(id(a), Draft([]))) for a in batch]
-        writes = [Write(a.slot, [a.token, *d.ids], (0, len(d.ids) + 1)) for a, d in plan]
+        plan = []
+        for a in batch:
+            d = drafts.get(id(a), Draft([]))
+            # A row with nothing drafted (paused, no match) is given its own token as a draft:
+            # any proposal keeps the output exact, and every row then carries two tokens or
+            # more, which the compiled verification graphs need (it is not counted).
+            counted = bool(d.ids)
+            if not counted and len(a.slot.ids) + 2 <= self.runner.max_seq_len and a.budget > 1:
+                d = Draft([a.token])
+            plan.append((a, d, counted))
+        writes = [Write(a.slot, [a.token, *d.ids], (0, len(d.ids) + 1)) for a, d, _ in plan]
         bases = [len(a.slot.ids) for a in batch]
         try:
-            logits = self.runner.run(writes)
+            logits = self.runner.run(writes, compiled=self.use_compiled)
         except Exception as e:
             log.exception("verification pass failed")
             for a in batch:
@@ -366,13 +375,14 @@ class Scheduler:
         self.batched_rows += len(batch)
         spec.verify_passes += 1
         offset = 0
-        for (a, d), base in zip(plan, bases):
+        for (a, d, counted), base in zip(plan, bases):
             part = logits[offset:offset + len(d.ids) + 1]
             offset += len(d.ids) + 1
             n, token = accept(part, d, a.ticket.request.sampling, a.generator)
             self.cache.truncate(a.slot, base + 1 + n)  # the rejected drafts' positions go
             assert a.spec is not None
-            spec.update(a.spec, len(d.ids), n)
+            if counted:
+                spec.update(a.spec, len(d.ids), n)
             a.steps += 1
             for i, t in enumerate([*d.ids[:n], token]):
                 if self._emit(a, t, base + 1 + i):

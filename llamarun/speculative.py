@@ -47,6 +47,7 @@ MAX_DRAFT_TOKENS = 32
 MAX_LOOKUP_NGRAM = 16
 _MISSES_BEFORE_PAUSE = 4  # verifications in a row accepting nothing before a row pauses
 _MAX_PAUSE = 256  # steps
+_ALL_LOGITS = 8  # a draft model's catch-up of at most this many tokens computes every logit
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,19 @@ class Speculator:
             assert slot is not None
             ids = rows[i][1]
             kept = draft.cache.keep_prefix(slot, ids)  # what the target rejected goes
-            writes.append(Write.last(slot, ids[kept:]))
+            new = ids[kept:]
+            # A few tokens (the last draft the target kept, and its own token) with every
+            # logit: the compiled verification graphs serve that pass; a long catch-up (a
+            # prompt) only the last.
+            short = 2 <= len(new) <= _ALL_LOGITS
+            writes.append(Write(slot, new, (0, len(new)) if short else (len(new) - 1, len(new))))
+        first = True
         while active:
-            one_token = all(len(w.ids) == 1 for w in writes)
-            logits = draft.runner.run(writes, compiled=draft.use_compiled and one_token)
+            logits = draft.runner.run(writes, compiled=draft.use_compiled)
+            if first:  # only each row's last logits
+                ends = torch.tensor([w.logits[1] - w.logits[0] for w in writes]).cumsum(0) - 1
+                logits = logits[ends.to(logits.device)]
+                first = False
             picks: list[torch.Tensor] = []
             for j, i in enumerate(active):
                 _, _, _, params, generator = rows[i]

@@ -358,5 +358,17 @@ def test_compiled_target_and_draft_in_one_process(plain: Engine) -> None:
         _, r = _run(target, max_new_tokens=60)  # the compiled graphs take over here
         assert target.compiled_in_use and target.speculator.draft.use_compiled  # type: ignore[union-attr]
         assert r.token_ids == expect.token_ids and r.accepted_tokens > 0
+        # Verification rows of every length (the adaptive draft length varies them) and
+        # positions run the one verification graph of their bucket: no recompiles.
+        calls = []
+        verify = target.runner._verify
+        target.runner._verify = lambda *a: calls.append(a) or verify(*a)  # type: ignore[misc]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _, r = _run(target, "The little dog", max_new_tokens=60)
+        target.runner._verify = verify
+        lengths = {s.length for _, spans in calls for s in spans}
+        assert len(calls) > 5 and len(lengths) >= 2
+        _, expect = _run(plain, "The little dog", max_new_tokens=60)
+        assert r.token_ids == expect.token_ids
     finally:
         torch._dynamo.reset()
