@@ -137,8 +137,12 @@ def is_async(device: torch.device) -> bool:
 DENSE_ROWS = 16
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                   "_linear_pointwise")
+
+
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _ONEDNN_LINEAR  # (a constant: torch.compile traces through this function)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -156,14 +160,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if y is not None:
         return y
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and _onednn_linear_available()):
+            and _onednn_linear_available()):
         rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        if n == 1:
-            rows = torch.cat([rows, rows])
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
-        return y[:n].view(*x.shape[:-1], weight.shape[0])
+        if torch.compiler.is_compiling():  # inductor cannot lower the oneDNN op itself
+            y = torch.ops.llamarun.onednn_linear(rows, weight)
+        else:
+            y = _onednn_linear(rows, weight)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight)
+
+
+def _onednn_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n = rows.shape[0]
+    if n == 1:  # computed as two rows: the same numbers as in a batch
+        rows = torch.cat([rows, rows])
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")[:n]
+
+
+_LIB = torch.library.Library("llamarun", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, Tensor weight) -> Tensor")
+_LIB.impl("onednn_linear", lambda x, weight: _onednn_linear(x.contiguous(), weight), "CPU")
+
+
+@torch.library.register_fake("llamarun::onednn_linear", lib=_LIB)
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def uses_cuda_graphs(device: torch.device) -> bool:
