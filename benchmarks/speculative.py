@@ -6,6 +6,7 @@ medians of decode tok/s; the tokens must be identical):
           same model as stored in its int4 (Q4_1) GGUF;
 - lookup: SmolLM2-135M as stored (Q4_1) with prompt lookup, on an input-grounded task (adding
           type hints to given code: the answer copies most of its input);
+- lookup32: the same in float32 (whose greedy tokens must be identical);
 - 1b:     a random Llama-3.2-1B-shaped model (--type-1b, F32) drafted for by a 2-layer model made of its own
           first layers (random weights agree on nothing: this measures the overhead when drafts
           are all rejected).
@@ -34,7 +35,7 @@ from llamarun.resolve import embedded_default_model  # noqa: E402
 from llamarun.sampling import SamplingParams  # noqa: E402
 from llamarun.speculative import SpecConfig  # noqa: E402
 
-CASES = ("self", "lookup", "1b")
+CASES = ("self", "lookup", "lookup32", "1b")
 
 CODE = '''def merge_intervals(intervals):
     """Merge overlapping intervals and return them sorted by start."""
@@ -154,14 +155,21 @@ def case_self(a: argparse.Namespace) -> dict[str, object]:
     target = load(f32, "float32", a)
     draft = load(embedded_default_model()[0], "auto", a)
     return compare("self-draft: SmolLM2 F32 <- its Q4_1", target,
-                   SpecConfig(draft_tokens=a.draft_tokens), draft,
+                   SpecConfig(draft_tokens=a.draft_tokens, adaptive=a.adaptive), draft,
                    chat_prompt(target, STORY_TASK), a)
 
 
 def case_lookup(a: argparse.Namespace) -> dict[str, object]:
     target = load(embedded_default_model()[0], "auto", a)
     return compare("prompt lookup: SmolLM2 Q4_1, code edit", target,
-                   SpecConfig(draft_tokens=a.draft_tokens, lookup=a.lookup), None,
+                   SpecConfig(draft_tokens=a.draft_tokens, lookup=a.lookup, adaptive=a.adaptive), None,
+                   chat_prompt(target, LOOKUP_TASK), a)
+
+
+def case_lookup32(a: argparse.Namespace) -> dict[str, object]:
+    target = load(variants.smollm2_variants(types=("F32",))["F32"], "float32", a)
+    return compare("prompt lookup: SmolLM2 F32, code edit", target,
+                   SpecConfig(draft_tokens=a.draft_tokens, lookup=a.lookup, adaptive=a.adaptive), None,
                    chat_prompt(target, LOOKUP_TASK), a)
 
 
@@ -181,18 +189,20 @@ def case_1b(a: argparse.Namespace) -> dict[str, object]:
     draft = load(small, "auto", a)
     prompt = target.encode_prompt("t300 t301 t302 t303")
     return compare(f"random 1B {kind} <- its first 2 layers", target,
-                   SpecConfig(draft_tokens=a.draft_tokens), draft, prompt, a)
+                   SpecConfig(draft_tokens=a.draft_tokens, adaptive=a.adaptive), draft, prompt, a)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="self,lookup", help="self,lookup,1b")
+    ap.add_argument("--cases", default="self,lookup", help=",".join(CASES))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--lookup", type=int, default=3, help="n-gram size for prompt lookup")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode steps")
+    ap.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                    help="draft --draft-tokens every step (no per-row adaptation or pauses)")
     ap.add_argument("--type-1b", default="F32", choices=variants.TYPES,
                     help="the 1B case's GGUF type (F32: about 5 GB)")
     ap.add_argument("--json", action="store_true")
@@ -207,11 +217,13 @@ def main() -> None:
         pass
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'compiled' if a.compile else 'eager'}, greedy, {a.tokens} tokens, "
+          f"{'adaptive' if a.adaptive else 'fixed'} draft length, "
           f"median of {a.reps}", flush=True)
     rows = []
     for case in a.cases.split(","):
         start = time.perf_counter()
-        row = {"self": case_self, "lookup": case_lookup, "1b": case_1b}[case](a)
+        row = {"self": case_self, "lookup": case_lookup, "lookup32": case_lookup32,
+               "1b": case_1b}[case](a)
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         if a.json:
