@@ -22,8 +22,12 @@ run accepted whole the bonus token is drawn from p. The output then follows the 
 (filtered) distribution p exactly, whatever q is; a lookup draft is a q concentrated on one token.
 
 Each row adapts its draft length to what it gets accepted (+1 after a run accepted whole, -1
-otherwise, between 1 and `draft_tokens`), and a row whose drafts keep failing pauses drafting for
-a while (doubling each time), so a drafter that never agrees costs little.
+otherwise, at most `draft_tokens`), and a row whose drafts keep failing (4 verifications in a row
+keeping nothing) pauses drafting for 4 steps, then twice as long each time (up to 256 steps), so
+a drafter that never agrees costs little. A draft model's tokens cost passes of their own, so
+its rows back off faster (measured: lookup's speed-up halved under the faster rule, a rejected
+draft model's overhead went from 14% to 4%): after a verification keeping nothing they draft one
+token at a time, and after a pause one more miss pauses them again.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ DEFAULT_LOOKUP_NGRAM = 3
 MAX_DRAFT_TOKENS = 32
 MAX_LOOKUP_NGRAM = 16
 _MISSES_BEFORE_PAUSE = 4  # verifications in a row accepting nothing before a row pauses
+_FIRST_PAUSE = 4  # steps; each pause after it (one more miss) is twice as long
 _MAX_PAUSE = 256  # steps
 _ALL_LOGITS = 8  # a draft model's catch-up of at most this many tokens computes every logit
 
@@ -79,7 +84,7 @@ class RowState:
     accepted: int = 0  # ... of which the target kept
     misses: int = 0  # verifications in a row that kept nothing
     paused: int = 0  # steps left without drafting
-    pause: int = 4  # the next pause's length
+    pause: int = _FIRST_PAUSE  # the next pause's length
 
 
 @dataclass
@@ -249,16 +254,21 @@ class Speculator:
             return
         if accepted == drafted:
             state.k = min(state.k + 1, self.config.draft_tokens)
-        else:
+        elif accepted or self.draft is None:
             state.k = max(state.k - 1, 1)
+        else:  # a draft model's tokens cost passes: after a total miss, draft one at a time
+            state.k = 1
         if accepted:
             state.misses = 0
-            state.pause = 4
+            state.pause = _FIRST_PAUSE
             return
         state.misses += 1
         if state.misses >= _MISSES_BEFORE_PAUSE:
-            state.paused, state.misses = state.pause, 0
+            state.paused = state.pause
             state.pause = min(state.pause * 2, _MAX_PAUSE)
+            if self.draft is None:  # lookup drafts are free: another full run of misses first
+                state.misses = 0
+            # (a draft model's row pauses again after one more miss: reset only by an acceptance)
 
 
 def accept(logits: torch.Tensor, draft: Draft, params: SamplingParams,

@@ -223,20 +223,32 @@ def test_prompt_lookup_proposes_the_latest_continuation_of_the_longest_match() -
 
 
 def test_adaptive_draft_length_and_pause() -> None:
-    spec = Speculator(SpecConfig(draft_tokens=4, lookup=2))
+    """A draft model's rows back off fast (its drafts cost passes); lookup's more slowly."""
+    spec = Speculator(SpecConfig(draft_tokens=4), DraftModel(None, None))  # type: ignore[arg-type]
     state = RowState(k=4)
     spec.update(state, 4, 1)
     assert state.k == 3
     spec.update(state, 3, 3)
     assert state.k == 4
-    for _ in range(4):  # four verifications keeping nothing: a pause
+    spec.update(state, 4, 0)  # nothing kept: one token at a time from now
+    assert state.k == 1
+    for _ in range(3):  # four verifications in a row keeping nothing: a pause
         spec.update(state, state.k, 0)
     assert state.k == 1 and state.paused == 4
     assert [spec.wants(state) for _ in range(5)] == [False] * 4 + [True]
-    for _ in range(4):
-        spec.update(state, 1, 0)
-    assert state.paused == 8  # doubled
-    assert spec.drafted == 4 + 3 + 10 + 4 and spec.accepted == 4
+    spec.update(state, 1, 0)  # the probe after the pause keeps nothing: a longer pause
+    assert state.paused == 8
+    spec.update(state, 1, 1)  # an acceptance ends the run of misses
+    assert state.misses == 0 and state.pause == 4
+    assert spec.drafted == 4 + 3 + 4 + 3 + 1 + 1 and spec.accepted == 5
+    lookup = Speculator(SpecConfig(draft_tokens=4, lookup=2))
+    state = RowState(k=4)
+    for k in (4, 3, 2, 1):  # misses shorten the draft one token at a time, then a pause
+        assert state.k == k
+        lookup.update(state, k, 0)
+    assert state.paused == 4 and state.misses == 0
+    lookup.update(state, 1, 0)
+    assert state.paused == 4  # lookup is free: a whole run of misses again before the next
 
 
 def test_config_and_vocabulary_checks(plain: Engine) -> None:
