@@ -341,14 +341,12 @@ def load(path: str | Path, *, device: str | torch.device = "auto", dtype: str | 
     (n-gram size) it decodes speculatively, drafting up to `draft_tokens` tokens a step."""
     if draft_model is not None and lookup is not None:
         raise InvalidArgumentError("give a draft model or lookup, not both")
-    config = None
-    if draft_model is not None or lookup is not None or draft_tokens is not None:
-        config = SpecConfig(draft_tokens=draft_tokens or DEFAULT_DRAFT_TOKENS, lookup=lookup)
+    # (checked before the weights load)
+    config = SpecConfig(draft_tokens=draft_tokens or DEFAULT_DRAFT_TOKENS, lookup=lookup)
     engine = Engine.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
                          compile=compile, quantize=quantize, group_size=group_size, slots=slots)
     if draft_model is not None:
-        engine.load_draft(draft_model, config=config or SpecConfig())
+        engine.load_draft(draft_model, config=config)
     elif lookup is not None:
-        assert config is not None
         engine.speculate(config)
     return engine

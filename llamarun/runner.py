@@ -101,8 +101,7 @@ class Runner:
         self._compiled_ready = False
         self._compile_thread: threading.Thread | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self._verify: Callable[..., torch.Tensor] | None = None
-        self.verifies = False  # also compile verification graphs (speculative decoding)
+        self._verify: Callable[..., torch.Tensor] | None = None  # see enable_verify
         if compile:
             self._compiled = self._make_compiled()
 
@@ -168,10 +167,7 @@ class Runner:
 
         def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
             n = len(spans)
-            size = bucket_for(n, max_rows)
-            padded = list(spans) + [spans[-1]] * (size - n)  # a repeat writes the same values
-            if size > n:
-                tokens = torch.cat([tokens, tokens[-1:].expand(size - n)])
+            tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
             rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
             pos = torch.tensor([s.start for s in padded], dtype=torch.long, device=self.device)
             logits = compiled(model, tokens, rows, pos, tuple(s.row + ROW_BIAS for s in padded),
@@ -186,12 +182,8 @@ class Runner:
         max_rows = model.max_batch_size
 
         def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
-            n, total = len(spans), int(tokens.shape[0])
-            size = bucket_for(n, max_rows)
-            padded = list(spans) + [spans[-1]] * (size - n)  # a repeat writes the same values
-            if size > n:
-                last = tokens[total - spans[-1].length:]
-                tokens = torch.cat([tokens, *[last] * (size - n)])
+            total = int(tokens.shape[0])
+            tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
             rows = torch.tensor([s.row for s in padded for _ in range(s.length)],
                                 dtype=torch.long, device=self.device)
             pos = torch.cat([model.positions[s.start:s.end] for s in padded])
@@ -281,6 +273,17 @@ class Runner:
                 raise self.compile_error
             return
         self._build()
+
+
+def _pad_to_bucket(tokens: torch.Tensor, spans: Sequence[Span],
+                   max_rows: int) -> tuple[torch.Tensor, list[Span]]:
+    """The packed tokens and spans of a pass padded to its batch bucket by repeating the last
+    span (a repeat writes the same values at the same positions)."""
+    extra = bucket_for(len(spans), max_rows) - len(spans)
+    if not extra:
+        return tokens, list(spans)
+    last = tokens[tokens.shape[0] - spans[-1].length:]
+    return torch.cat([tokens, *[last] * extra]), list(spans) + [spans[-1]] * extra
 
 
 _copies = itertools.count()

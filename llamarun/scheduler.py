@@ -270,7 +270,7 @@ class Scheduler:
             for t in waiting:
                 self._waiting.remove(t)
         for t in waiting:
-            self._send(t, [self._result(t, "cancelled", reused=0)])
+            self._send(t, [self._result(t, "cancelled")])
         for a in [a for a in (*self._prefilling, *self._decoding) if a.ticket.cancelled.is_set()]:
             self._finish(a, "cancelled")
 
@@ -502,9 +502,7 @@ class Scheduler:
             return
         tail = a.reply.end(reason)
         events: list[Event] = [TextChunk(tail, None)] if tail else []
-        events.append(self._result(a.ticket, a.reply.finish_reason or reason, reused=a.reused,
-                                   reply=a.reply, start=a.start, first=a.first, last=a.last,
-                                   active=a))
+        events.append(self._result(a.ticket, a.reply.finish_reason or reason, a))
         self._send(a.ticket, events)
 
     def _fail(self, a: _Active, e: Exception) -> None:
@@ -512,21 +510,21 @@ class Scheduler:
         self._send(a.ticket, [Failed(_message(e), e)])
 
     @staticmethod
-    def _result(ticket: Ticket, reason: str, *, reused: int, reply: Reply | None = None,
-                start: float = 0.0, first: float = 0.0, last: float = 0.0,
-                active: _Active | None = None) -> GenerationResult:
-        """The one place a GenerationResult is made."""
-        sampled = reply.sampled if reply is not None else 0
-        end = time.perf_counter()
+    def _result(ticket: Ticket, reason: str, a: _Active | None = None) -> GenerationResult:
+        """The one place a GenerationResult is made (a: the request as it ran; None for one
+        that never started)."""
+        if a is None or a.reply is None:
+            return GenerationResult(
+                text="", finish_reason=reason, prompt_tokens=len(ticket.request.prompt),
+                reused_tokens=0, completion_tokens=0, token_ids=(), prefill_s=0.0, decode_s=0.0)
+        sampled = a.reply.sampled
         return GenerationResult(
-            text=reply.text if reply is not None else "", finish_reason=reason,
-            prompt_tokens=len(ticket.request.prompt), reused_tokens=reused,
-            completion_tokens=sampled, token_ids=tuple(reply.ids) if reply is not None else (),
-            prefill_s=(first - start) if sampled else (end - start if start else 0.0),
-            decode_s=(last - first) if sampled else 0.0,
-            decode_steps=active.steps if active is not None else 0,
-            drafted_tokens=active.spec.drafted if active is not None and active.spec else 0,
-            accepted_tokens=active.spec.accepted if active is not None and active.spec else 0)
+            text=a.reply.text, finish_reason=reason, prompt_tokens=len(ticket.request.prompt),
+            reused_tokens=a.reused, completion_tokens=sampled, token_ids=tuple(a.reply.ids),
+            prefill_s=(a.first - a.start) if sampled else time.perf_counter() - a.start,
+            decode_s=(a.last - a.first) if sampled else 0.0, decode_steps=a.steps,
+            drafted_tokens=a.spec.drafted if a.spec else 0,
+            accepted_tokens=a.spec.accepted if a.spec else 0)
 
     def _send(self, ticket: Ticket, events: list[Event]) -> None:
         for e in events:

@@ -131,10 +131,6 @@ class DraftModel:
         self.cache = cache
         self.use_compiled = False  # its one-token passes run compiled graphs (switched when idle)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.runner.model.args.vocab_size
-
 
 class Speculator:
     """Drafts for the scheduler's generating rows (see the module's docstring)."""
