@@ -551,12 +551,12 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
                        model_id: str, body: ChatBody, engine: Engine,
                        usage: dict[str, int],
                        tools: tooling.Tools | None = None) -> AsyncIterator[dict[str, Any]]:
-    """The chat stream. With tools on offer, text that may still become a tool call (it starts
-    as one would) is held back; once the reply ends it is sent as `delta.tool_calls` (each
-    call's id, type and name, then its arguments in fragments) with finish_reason
-    "tool_calls", or as content if it was not a call after all."""
+    """The chat stream. With tools on offer, a tool call goes out as it is generated (its id,
+    type and name once the name is written, then its arguments' text as it comes, as
+    `delta.tool_calls`) and the reply finishes with "tool_calls"; text that may still become a
+    call is held back, and sent as content once it cannot (or at the end, if it was not one)."""
     created = int(time.time())
-    held: str | None = "" if tools is not None else None  # None: nothing is held back
+    calls = tooling.CallStream(tools.names, tools.parallel) if tools is not None else None
 
     def chunk(delta: dict[str, Any], finish: str | None = None,
               logprobs: Any = None) -> dict[str, Any]:
@@ -566,27 +566,23 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
 
     yield chunk({"role": "assistant", "content": ""})
     async for e in _events(submitted):
-        text = e.chunk.text if isinstance(e, Token) else e.text if isinstance(e, TextChunk) else ""
-        if held is not None and not isinstance(e, GenerationResult):
-            held += text
-            if tooling.may_be_call(held):
+        if calls is not None and not calls.content and not isinstance(e, GenerationResult):
+            text = e.chunk.text if isinstance(e, Token) else e.text if isinstance(e, TextChunk) else ""
+            for delta in calls.feed(text):
+                yield chunk({"tool_calls": [delta]})
+            if not calls.content:
                 continue
-            e, held = TextChunk(held, None), None  # not a call: sent as content from here on
+            e = TextChunk(calls.text, None)  # not a call: what was held goes out as content
         if isinstance(e, GenerationResult):
             usage["completion"] = e.completion_tokens
             finish = _finish(e)
-            calls = _calls(tools, held) if held and e.finish_reason == "stop" else []
-            for i, call in enumerate(calls):
-                head = call.openai(i)
-                head["function"] = {"name": call.name, "arguments": ""}
-                yield chunk({"tool_calls": [head]})
-                for at in range(0, len(call.arguments), _ARGUMENT_FRAGMENT):
-                    piece = call.arguments[at:at + _ARGUMENT_FRAGMENT]
-                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
-            if calls:
-                finish = "tool_calls"
-            elif held:
-                yield chunk({"content": held})
+            if calls is not None and not calls.content:  # still held, or calls
+                for delta in calls.finish(e.finish_reason == "stop"):
+                    yield chunk({"tool_calls": [delta]})
+                if calls.calling:
+                    finish = "tool_calls" if e.finish_reason == "stop" else finish
+                elif calls.text:
+                    yield chunk({"content": calls.text})
             yield chunk({}, finish)
             if (body.stream_options or {}).get("include_usage"):
                 yield {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -598,9 +594,6 @@ async def _chat_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Requ
                 yield chunk({"content": e.chunk.text}, logprobs=lp)
         elif isinstance(e, TextChunk) and e.text:
             yield chunk({"content": e.text})
-
-
-_ARGUMENT_FRAGMENT = 16  # characters of a tool call's arguments per streamed chunk
 
 
 async def _completion_chunks(submitted: tuple[Ticket, asyncio.Queue[Event]], req: Request,

@@ -104,7 +104,8 @@ class Tools:
         return [{"type": "function", "function": f} for f in self.functions]
 
     def grammar(self) -> structured.Grammar | None:
-        """What the reply must match: one call, for "required" or a named function; else None."""
+        """What the reply must match: for "required", one call (or a list of calls, when parallel
+        calls are allowed), for a named function one call of it; else None."""
         if self.choice in ("auto", "none"):
             return None
         chosen = [f for f in self.functions if self.choice == "required" or f["name"] == self.choice]
@@ -114,6 +115,8 @@ class Tools:
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for f in chosen]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.choice == "required" and self.parallel:  # one call, or a list of them
+            schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
         try:
             return structured.json_schema(schema, what="the tools' parameters")
         except structured.GrammarError as e:
@@ -263,3 +266,186 @@ def parse_calls(text: str, names: list[str]) -> list[ToolCall]:
         calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", item["name"],
                               json.dumps(args, ensure_ascii=False)))
     return calls
+
+
+# -- streaming calls as they are generated ------------------------------------------------------
+
+_TAG = "<|python_tag|>"
+_BLOCK_TAGS = ("<tool_call>", "</tool_call>")
+_KEYS = ('"parameters"', '"arguments"')
+
+
+@dataclass(frozen=True)
+class PartialCall:
+    """A call as far as a reply has written it: its name, and its arguments' text so far."""
+
+    name: str
+    arguments: str
+    complete: bool  # the arguments' closing brace has been written
+
+
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
+def _literal(s: str, i: int, *options: str) -> tuple[int, bool]:
+    """Past whichever of `options` the text has at i: (its end, True); (-1, True) if the text
+    ends inside one of them; (-1, False) if it has none of them."""
+    for lit in options:
+        if s.startswith(lit, i):
+            return i + len(lit), True
+    return -1, any(lit.startswith(s[i:]) for lit in options)
+
+
+def _value_end(s: str, i: int) -> int:
+    """The end of the JSON object or array starting at i, or -1 if the text ends before it."""
+    depth, in_string, j = 0, False, i
+    while j < len(s):
+        c = s[j]
+        if in_string:
+            if c == "\\":
+                j += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return -1
+
+
+def scan_calls(text: str, names: list[str]) -> tuple[list[PartialCall], bool]:
+    """The tool calls a reply's text has begun so far: each call whose name is written, with
+    its arguments' raw text up to where the text ends. The flag is False once the text strays
+    from the form that can be streamed (`{"name": ..., "parameters": {...}}` objects, optionally
+    after `<|python_tag|>`, in a list, separated by `;`, or in `<tool_call>` blocks); parse_calls
+    still judges the whole reply."""
+    calls: list[PartialCall] = []
+    s, n = text, len(text)
+    i = _skip_ws(s, 0)
+    j, fits = _literal(s, i, _TAG)
+    if j >= 0:
+        i = j
+    elif i < n and fits:
+        return calls, True
+    while True:
+        while i < n:  # between calls
+            if s[i].isspace() or s[i] in "[],;":
+                i += 1
+                continue
+            j, fits = _literal(s, i, *_BLOCK_TAGS)
+            if j < 0:
+                break
+            i = j
+        if i == n or (s[i] == "<" and fits):
+            return calls, True
+        if s[i] != "{":
+            return calls, False
+        i = _skip_ws(s, i + 1)
+        i, fits = _literal(s, i, '"name"')
+        if i < 0:
+            return calls, fits
+        i = _skip_ws(s, i)
+        i, fits = _literal(s, i, ":")
+        if i < 0:
+            return calls, fits
+        i = _skip_ws(s, i)
+        if i == n:
+            return calls, True
+        if s[i] != '"':
+            return calls, False
+        end = s.find('"', i + 1)  # a function's name has no escapes (parse_tools checks)
+        if end < 0:
+            return calls, any(('"' + name).startswith(s[i:]) for name in names)
+        name = s[i + 1:end]
+        if name not in names:
+            return calls, False
+        calls.append(PartialCall(name, "", False))
+        i = _skip_ws(s, end + 1)
+        for lits in ((",",), _KEYS, (":",)):
+            i, fits = _literal(s, i, *lits)
+            if i < 0:
+                return calls, fits
+            i = _skip_ws(s, i)
+        if i == n:
+            return calls, True
+        if s[i] != "{":  # arguments as a string, say: not streamed
+            return calls, False
+        end = _value_end(s, i)
+        calls[-1] = PartialCall(name, s[i:] if end < 0 else s[i:end], end >= 0)
+        if end < 0:
+            return calls, True
+        i = _skip_ws(s, end)
+        i, fits = _literal(s, i, "}")
+        if i < 0:
+            return calls, fits
+
+
+class CallStream:
+    """A reply's tool calls, streamed as it is generated (OpenAI's `delta.tool_calls`): a call's
+    id, type and name as soon as its name is written, then its arguments' text as it comes.
+    Text that may still become a call is held back; text that cannot is the reply's content
+    (`content` turns True and `text` holds what was held)."""
+
+    def __init__(self, names: list[str], parallel: bool = True) -> None:
+        self.names, self.parallel = names, parallel
+        self.text = ""
+        self.content = False  # the reply is text, not calls
+        self._ids: list[str] = []  # the calls whose heads went out
+        self._sent: list[int] = []  # characters of each call's arguments that went out
+
+    @property
+    def calling(self) -> bool:
+        """Whether the reply is tool calls (a call's head has gone out)."""
+        return bool(self._ids)
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Take the reply's next text; the tool_calls deltas it completes."""
+        self.text += text
+        if self.content:
+            return []
+        if not self._ids and not may_be_call(self.text):
+            self.content = True
+            return []
+        calls, _ = scan_calls(self.text, self.names)
+        return self._deltas(calls)
+
+    def finish(self, stopped: bool) -> list[dict[str, Any]]:
+        """The deltas still due when the reply ends (`stopped`: it ended by itself, not at a
+        token limit). A reply whose calls could not be streamed is judged whole here."""
+        if self.content:
+            return []
+        whole = parse_calls(self.text, self.names) if stopped else []
+        if not self.parallel:
+            whole = whole[:1]
+        if not self._ids:
+            if not whole:
+                self.content = True
+                return []
+            return self._deltas([PartialCall(c.name, c.arguments, True) for c in whole])
+        out = []  # calls whose arguments were not streamed (given as a string, say)
+        for k, c in enumerate(whole[:len(self._ids)]):
+            if self._sent[k] == 0 and c.arguments:
+                out.append({"index": k, "function": {"arguments": c.arguments}})
+                self._sent[k] = len(c.arguments)
+        return out
+
+    def _deltas(self, calls: list[PartialCall]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for k, c in enumerate(calls if self.parallel else calls[:1]):
+            if k == len(self._ids):
+                self._ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self._sent.append(0)
+                out.append({"index": k, "id": self._ids[k], "type": "function",
+                            "function": {"name": c.name, "arguments": ""}})
+            if len(c.arguments) > self._sent[k]:
+                out.append({"index": k, "function": {"arguments": c.arguments[self._sent[k]:]}})
+                self._sent[k] = len(c.arguments)
+        return out

@@ -62,6 +62,89 @@ def test_parse_calls(text: str, expected: list[tuple[str, dict]]) -> None:
     assert all(c.id.startswith("call_") for c in calls) and len({c.id for c in calls}) == len(calls)
 
 
+STREAMED = [
+    '{"name": "get_weather", "parameters": {"city": "Pa\\"ris}", "unit": "celsius"}}',
+    '<|python_tag|>{"name": "get_time", "arguments": {"zone": "UTC"}}',
+    '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "A"}}]',
+    '{"name": "get_time", "parameters": {}}; {"name": "get_time", "parameters": {"zone": "[{"}}',
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "Z"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "B"}}\n</tool_call>',
+]
+
+
+def _replay(stream: tooling.CallStream, text: str, step: int) -> list[tuple[int, list[dict]]]:
+    """Feed `text` `step` characters at a time; the deltas, each with where it came out."""
+    out = [(at, stream.feed(text[at:at + step])) for at in range(0, len(text), step)]
+    return out + [(len(text), stream.finish(True))]
+
+
+def _gathered(deltas: list[dict]) -> list[dict]:
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        c = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+        c["id"] = d.get("id", c["id"])
+        c["name"] += d["function"].get("name", "")
+        c["arguments"] += d["function"]["arguments"]
+    return [calls[k] for k in sorted(calls)]
+
+
+@pytest.mark.parametrize("text", STREAMED)
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_calls_stream_as_they_are_written(text: str, step: int) -> None:
+    names = ["get_weather", "get_time"]
+    stream = tooling.CallStream(names)
+    timeline = _replay(stream, text, step)
+    assert stream.calling and not stream.content
+    calls = _gathered([d for _, ds in timeline for d in ds])
+    whole = tooling.parse_calls(text, names)
+    assert [c["name"] for c in calls] == [c.name for c in whole]
+    assert [json.loads(c["arguments"]) for c in calls] == [json.loads(c.arguments) for c in whole]
+    assert all(c["id"].startswith("call_") for c in calls) and len({c["id"] for c in calls}) == len(calls)
+    # incrementally: the first call's head goes out right after its name is written, and the
+    # longest arguments in several pieces, the first of them before the text ends
+    head_at = next(at for at, ds in timeline if any("id" in d for d in ds))
+    assert head_at <= text.index(whole[0].name) + len(whole[0].name) + step
+    longest = max(range(len(calls)), key=lambda k: len(calls[k]["arguments"]))
+    pieces = [at for at, ds in timeline for d in ds
+              if d["index"] == longest and d["function"]["arguments"]]
+    assert len(pieces) > 1 and pieces[0] < len(text) - step
+
+
+@pytest.mark.parametrize("text, calling", [
+    ("Sunny and 21 degrees.", False),
+    ('{"answer": 42}', False),  # JSON, but no call: content at the end
+    ('{"name": "launch_rockets", "parameters": {}}', False),
+    ('{"parameters": {"zone": "Q"}, "name": "get_time"}', True),  # not streamable: judged whole
+    ('{"name": "get_time", "arguments": "{\\"zone\\": \\"Z\\"}"}', True),  # arguments as a string
+])
+def test_replies_that_are_not_streamed_calls(text: str, calling: bool) -> None:
+    stream = tooling.CallStream(["get_weather", "get_time"])
+    deltas = [d for _, ds in _replay(stream, text, 2) for d in ds]
+    assert stream.calling == calling and stream.content == (not calling)
+    if calling:
+        (call,) = _gathered(deltas)
+        assert call["name"] == "get_time" and json.loads(call["arguments"]) == {"zone": ("Q" if "Q" in text else "Z")}
+    else:
+        assert deltas == [] and stream.text == text
+    # prose is released as soon as it cannot be a call
+    prose = tooling.CallStream(["get_time"])
+    assert prose.feed("Sun") == [] and prose.content
+
+
+def test_one_call_only_unless_parallel() -> None:
+    text = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {}}]'
+    stream = tooling.CallStream(["get_weather", "get_time"], parallel=False)
+    calls = _gathered([d for _, ds in _replay(stream, text, 4) for d in ds])
+    assert [c["name"] for c in calls] == ["get_time"]
+
+
+def test_a_call_cut_by_the_token_limit_is_what_was_written() -> None:
+    stream = tooling.CallStream(["get_time"])
+    deltas = stream.feed('{"name": "get_time", "parameters": {"zone": "U') + stream.finish(False)
+    (call,) = _gathered(deltas)
+    assert stream.calling and call["arguments"] == '{"zone": "U'
+
+
 @pytest.mark.parametrize("tools, choice, param", [
     ("nope", None, "tools"),
     ([{"type": "retrieval"}], None, "tools.0"),
@@ -84,6 +167,16 @@ def test_tools_and_choices() -> None:
                             False)
     assert t.choice == "get_time" and not t.parallel and t.names == ["get_weather", "get_time"]
     assert t.grammar() is not None and tooling.parse_tools([WEATHER], "auto").grammar() is None
+    # "required": one call, or a list of them when parallel calls are allowed
+    call = {"name": "get_time", "parameters": {"zone": "UTC"}}
+    for parallel, ok in ((True, [call, [call, call]]), (False, [call])):
+        schema = tooling.parse_tools([WEATHER, TIME], "required", parallel).grammar().schema
+        for value in (call, [call, call], []):
+            if value in ok:
+                jsonschema.validate(value, schema)
+            else:
+                with pytest.raises(jsonschema.ValidationError):
+                    jsonschema.validate(value, schema)
     assert tooling.parse_tools([], None) is None
 
 
@@ -174,6 +267,21 @@ def test_weather_round_trip(client: openai.OpenAI) -> None:
     assert isinstance(final.choices[0].message.content, str)
 
 
+def _streamed_calls(stream: Iterator) -> tuple[list[dict], str | None, str]:
+    calls: dict[int, dict] = {}
+    finish, content = None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or ():
+            c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            c["id"] = d.id or c["id"]
+            c["name"] += (d.function.name or "") if d.function else ""
+            c["arguments"] += (d.function.arguments or "") if d.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [calls[k] for k in sorted(calls)], finish, content
+
+
 def test_named_function_and_streamed_calls(client: openai.OpenAI) -> None:
     named = {"type": "function", "function": {"name": "get_time"}}
     for seed in range(3):
@@ -182,24 +290,31 @@ def test_named_function_and_streamed_calls(client: openai.OpenAI) -> None:
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == "get_time"
         jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])
-        stream = client.chat.completions.create(model="test-model", messages=QUESTION, seed=seed,
-                                                tools=[WEATHER, TIME], tool_choice=named,
-                                                max_tokens=80, stream=True)
-        calls: dict[int, dict] = {}
-        finish, content = None, ""
-        for chunk in stream:
-            delta = chunk.choices[0].delta
-            content += delta.content or ""
-            for d in delta.tool_calls or ():
-                c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
-                c["id"] = d.id or c["id"]
-                c["name"] += (d.function.name or "") if d.function else ""
-                c["arguments"] += (d.function.arguments or "") if d.function else ""
-            finish = chunk.choices[0].finish_reason or finish
+        calls, finish, content = _streamed_calls(client.chat.completions.create(
+            model="test-model", messages=QUESTION, seed=seed, tools=[WEATHER, TIME],
+            tool_choice=named, max_tokens=80, stream=True))
         assert finish == "tool_calls" and content == ""
-        assert [c["name"] for c in calls.values()] == ["get_time"]
+        assert [c["name"] for c in calls] == ["get_time"]
         assert json.loads(calls[0]["arguments"]) == json.loads(call.function.arguments)
         assert calls[0]["id"].startswith("call_")
+
+
+def test_required_calls_one_or_several_tools(client: openai.OpenAI) -> None:
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for seed in range(4):
+        kw = dict(model="test-model", messages=QUESTION, seed=seed, tools=[WEATHER, TIME],
+                  tool_choice="required", max_tokens=160)
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].finish_reason == "tool_calls"
+        whole = r.choices[0].message.tool_calls
+        for call in whole:
+            jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+        calls, finish, content = _streamed_calls(client.chat.completions.create(**kw, stream=True))
+        assert finish == "tool_calls" and content == ""
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            (c.function.name, json.loads(c.function.arguments)) for c in whole]
+        one = client.chat.completions.create(**kw, parallel_tool_calls=False)
+        assert len(one.choices[0].message.tool_calls) == 1
 
 
 def test_auto_with_a_random_model_answers_or_calls(client: openai.OpenAI) -> None:
