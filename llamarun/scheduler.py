@@ -310,6 +310,7 @@ class Scheduler:
                 and self._verify(batch)):
             return
         writes = [Write.last(a.slot, [a.token]) for a in batch]
+        _prepare(batch)
         try:
             logits = self.runner.run(writes, compiled=self.use_compiled)
         except Exception as e:  # one failed pass ends its rows, not the loop
@@ -413,6 +414,7 @@ class Scheduler:
             writes.append(Write(a.slot, a.pending[:n], rng))
             parts.append((a, n, start, rng))
             budget -= n
+        _prepare([a for a, n, *_ in parts if n == len(a.pending)])  # those that sample next
         try:
             logits = self.runner.run(writes)
         except Exception as e:
@@ -543,6 +545,16 @@ def _processors(req: Request, prompt: Sequence[int], device: torch.device) -> li
     (last: a penalty must not turn a masked -inf back into a finite logit)."""
     out = logits_processors(req.sampling, prompt, device)
     return out + ([req.constraint.processor(device)] if req.constraint is not None else [])
+
+
+def _prepare(batch: Sequence[_Active]) -> None:
+    """Let the rows' processors start on their next token's work (a grammar's mask) while the
+    forward pass runs."""
+    for a in batch:
+        for p in a.processors:
+            prepare = getattr(p, "prepare", None)
+            if prepare is not None:
+                prepare()
 
 
 def _process(logits: torch.Tensor, processors: Sequence[LogitsProcessor]) -> torch.Tensor:

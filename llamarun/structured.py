@@ -22,6 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,7 +214,11 @@ class GrammarConstraint:
 class GrammarMask:
     """One request's matcher as a logits processor: -inf on every token the grammar does not
     allow next. The bitmask (one bit per id, 32 to an int32 word) is computed by llguidance
-    into a CPU buffer, copied to the logits' device (vocab/8 bytes) and expanded there."""
+    into a CPU buffer, copied to the logits' device (vocab/8 bytes) and expanded there.
+
+    `prepare()` starts the next mask on a worker thread (llguidance releases the GIL while it
+    computes), so the scheduler calls it before a forward pass and the mask is ready, or
+    nearly, when the pass's logits are; `allowed()` waits for it, or computes it itself."""
 
     def __init__(self, matcher: Any, vocab_size: int, stop_ids: Sequence[int],
                  device: torch.device) -> None:
@@ -223,19 +228,33 @@ class GrammarMask:
         self.words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)  # (words,) on the host
         self.shifts = torch.arange(32, dtype=torch.int32, device=device)  # (32,)
         self.failed = False
+        self._next: Future[None] | None = None  # the mask being computed for the next token
+
+    def prepare(self) -> None:
+        """Start computing the mask for the next token (the matcher is not touched again
+        until `allowed()` has it)."""
+        if self._next is None and not self.failed:
+            self._next = _mask_worker().submit(self._compute)
+
+    def _compute(self) -> None:
+        words = self.words
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def allowed(self, device: torch.device) -> torch.Tensor:
         """The allowed ids now, as a (vocab_size,) bool tensor on `device`."""
-        words = self.words
         if not self.failed:
-            self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+            pending, self._next = self._next, None
+            if pending is None:
+                self._compute()
+            else:
+                pending.result()
             if self.matcher.is_error():  # a limit passed mid-way: end the output here
                 log.warning("structured output stopped: %s", _one_line(self.matcher.get_error()))
                 self.failed = True
         if self.failed:
             ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
             return torch.zeros(self.vocab_size, dtype=torch.bool, device=device).index_fill_(0, ids, True)
-        bits = (words.to(device).unsqueeze(-1) >> self.shifts) & 1  # (words, 32)
+        bits = (self.words.to(device).unsqueeze(-1) >> self.shifts) & 1  # (words, 32)
         return bits.view(-1)[:self.vocab_size].bool()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -250,6 +269,9 @@ class GrammarMask:
         return logits.masked_fill(~allowed, -torch.inf)
 
     def push(self, token: torch.Tensor) -> None:
+        if self._next is not None:  # a mask nobody asked for (its pass failed): let it finish
+            self._next.result()
+            self._next = None
         if not self.failed and not self.matcher.is_stopped():
             self.matcher.consume_token(int(token))
 
@@ -257,6 +279,20 @@ class GrammarMask:
     def done(self) -> bool:
         """Whether the grammar has matched and a stop id was taken."""
         return self.matcher.is_stopped()
+
+
+_WORKER: ThreadPoolExecutor | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _mask_worker() -> ThreadPoolExecutor:
+    """The thread that computes masks while the forward pass runs (one: the masks of a step's
+    rows are each well under a millisecond)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = ThreadPoolExecutor(1, thread_name_prefix="llamarun-mask")
+        return _WORKER
 
 
 class _Vocabulary:

@@ -241,6 +241,57 @@ def test_constrained_and_free_requests_share_a_batch() -> None:
     jsonschema.validate(json.loads(bound_text), PERSON)
 
 
+def test_masks_are_computed_while_the_pass_runs() -> None:
+    """The scheduler starts each constrained row's next mask before its forward pass (on the
+    mask worker thread), and a mask so prepared equals one computed when the logits are in."""
+    torch.set_num_threads(1)
+    engine = Engine.load(stories_meta(), device="cpu", dtype="float32")
+    constraint = GrammarCompiler(engine.tokenizer).constraint(structured.json_schema(PERSON))
+    log: list[str] = []
+
+    class Watched:
+        def __init__(self) -> None:
+            self.inner = constraint.processor(torch.device("cpu"))
+            self.twin = constraint.processor(torch.device("cpu"))  # never prepared
+
+        def prepare(self) -> None:
+            log.append("prepare")
+            self.inner.prepare()
+
+        def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+            log.append("mask")
+            out = self.inner(logits)
+            assert torch.equal(out, self.twin(logits))
+            return out
+
+        def push(self, token: torch.Tensor) -> None:
+            self.inner.push(token)
+            self.twin.push(token)
+
+    class Spy:
+        def processor(self, device: torch.device) -> Watched:
+            return Watched()
+
+    run = engine.scheduler.runner.run
+
+    def watched_run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        log.append("pass")
+        return run(*args, **kwargs)
+
+    engine.scheduler.runner.run = watched_run
+    try:
+        gen = engine.complete("Lily", sampling=SamplingParams.greedy(), max_new_tokens=60,
+                              constraint=Spy())
+        text = "".join(c.text for c in gen)
+    finally:
+        del engine.scheduler.runner.run
+    assert text.startswith('{"name": "')
+    masks = [i for i, e in enumerate(log) if e == "mask"]
+    assert len(masks) == gen.result.completion_tokens
+    for i in masks:  # the pass that made these logits ran after the mask was started
+        assert log[i - 2:i] == ["prepare", "pass"]
+
+
 def test_chat_session_takes_a_constraint(engine: Engine) -> None:
     constraint = GrammarCompiler(engine.tokenizer).constraint(structured.json_schema(PERSON))
     chat = engine.chat()
