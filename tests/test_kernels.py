@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from llamarun import kernels
 from llamarun.device import linear
 from llamarun.errors import InvalidArgumentError
-from llamarun.quant import Int8Linear, quantize_int8
+from llamarun.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 needs_bf16 = pytest.mark.skipif(not kernels.bf16_available(),
                                 reason="no AVX512-BF16 kernel on this machine")
 needs_int8 = pytest.mark.skipif(not kernels.int8_available(),
-                                reason="no AVX512-VNNI kernel on this machine")
+                                reason="no int8 kernel (AVX512-VNNI, or AVX2 without AVX-512) here")
+needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
+                                reason="no 4-bit kernel (AVX2 without AVX-512) on this machine")
 
 SHAPES = [(1, 1, 1), (1, 31, 5), (3, 33, 13), (8, 64, 64), (5, 77, 29), (2, 300, 7),
           (7, 129, 130), (4, 1000, 33)]  # (M, K, N): odd K and N, tails of every length
@@ -104,11 +106,112 @@ def test_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
+def _int4_data(m: int, k: int, n: int, group: int, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (m, k) with outlier channels, q (n, k) in 0..15, float16 scales and zeros (n, k / g)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, ::17] *= 20
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // group, generator=g) / 50).half()
+    zeros = (torch.randn(n, k // group, generator=g) / 20).half()
+    return x.to(dtype), q, scales, zeros
+
+
+def _int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    group = k // scales.shape[1]
+    w = (q.double() - 8).view(n, -1, group) * scales.double()[..., None]
+    return (w + zeros.double()[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("k", [1, 31, 32, 64, 96, 333])
+def test_int4_layout_round_trip(k: int) -> None:
+    q = torch.randint(0, 16, (5, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    packed = kernels.int4_pack(q)
+    assert packed.shape == (5, -(-k // 64) * 32)
+    assert torch.equal(kernels.int4_unpack(packed, k), q)
+
+
+@needs_int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,n,group", [(1, 32, 1, 32), (1, 96, 5, 32), (3, 160, 13, 32),
+                                         (8, 576, 64, 64), (5, 384, 29, 128), (2, 1024, 130, 32),
+                                         (7, 256, 33, 64), (4, 2048, 7, 128)])
+def test_int4_kernel_matches_float64(m: int, k: int, n: int, group: int,
+                                     dtype: torch.dtype) -> None:
+    x, q, scales, zeros = _int4_data(m, k, n, group, dtype)
+    y = kernels.int4_linear(x, kernels.int4_pack(q), scales, zeros, group)
+    assert y is not None and y.dtype == dtype and y.shape == (m, n)
+    w = _int4_weight(q, scales, zeros)
+    ref = x.double() @ w.t()
+    # activations in int8 blocks of 32: half a step per value, times the scaled nibble (the
+    # zero points meet exact float sums)
+    xd = x.double()
+    step = (xd.abs().view(m, -1, 32).amax(-1) / 127).repeat_interleave(32, dim=1)
+    nibbles = (q.double() - 8).abs().view(n, -1, group) * scales.double()[..., None]
+    bound = (step / 2) @ nibbles.view(n, k).t()
+    out_rounding = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    bound = bound * 1.001 + out_rounding * ref.abs() + 1e-5 * (xd.abs() @ w.abs().t()) + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+@needs_int4
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 256, generator=g)
+    parts = quantize_int4(w, group)
+    module = Int4Linear(256, 96, group_size=group, kernel=True)
+    assert module.layout == "llamarun"
+    module.load_state_dict(Int4Linear.state(parts, device=torch.device("cpu"),
+                                            dtype=torch.float32, kernel=True), assign=True)
+    dense = module.dense(torch.float32)
+    ref_w = _int4_weight(parts.q, parts.scale.half(), parts.zero.half()).float()
+    assert torch.equal(dense, ref_w)  # float16 scales and zeros, exact in float32
+    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):  # the kernel, then F.linear
+        x = torch.randn(rows, 256, generator=g)
+        y = module(x)
+        ref = x.double() @ ref_w.double().t()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < (1e-2 if rows <= 8 else 1e-6)
+
+
+@needs_int4
+@needs_int8
+@pytest.mark.parametrize("k,n", [(96, 29), (512, 130)])
+def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
+    x, q4, scales, zeros = _int4_data(8, k, n, 32, seed=3)
+    _, q8, s8 = _int8_data(8, k, n, torch.float32, seed=3)
+    packed = kernels.int4_pack(q4)
+    products = [lambda a: kernels.int4_linear(a, packed, scales, zeros, 32),
+                lambda a: kernels.int8_linear(a, q8, s8)]
+    for product in products:
+        alone = [product(x[i:i + 1]) for i in range(8)]
+        for m in range(1, 9):
+            batch = product(x[:m])
+            for i in range(m):
+                assert torch.equal(batch[i], alone[i][0]), (m, i)
+
+
+@needs_int4
+def test_compiled_calls_trace_through_the_int4_kernel() -> None:
+    torch._dynamo.reset()
+    x, q, scales, zeros = _int4_data(3, 128, 40, 64, seed=6)
+    packed = kernels.int4_pack(q)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_linear(x, packed, scales, zeros, 64) + 1
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(x), step(x))
+
+
 def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w = _bf16_data(2, 40, 9)
     xi, q, s = _int8_data(2, 64, 9, torch.bfloat16)
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.bf16_available() and not kernels.int8_available()
+    assert not kernels.int4_available() and not kernels.int4_layout(32)
     assert kernels.dense_linear(x, w) is None and kernels.int8_linear(xi, q, s) is None
     assert torch.equal(linear(x, w), F.linear(x, w))
     module = Int8Linear(64, 9, kernel=True)

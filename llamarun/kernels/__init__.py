@@ -1,15 +1,20 @@
 """llamarun's own CPU kernels for decode-sized products, and the one place that selects them.
 
 `linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows: bfloat16 weights with
-AVX512-BF16 (`vdpbf16ps`, float32 accumulation) and int8 weights with AVX512-VNNI (`vpdpbusd`,
+AVX512-BF16 (`vdpbf16ps`, float32 accumulation), int8 weights with AVX512-VNNI (`vpdpbusd`,
 activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
-blocks of 32). It is compiled at first use with torch.utils.cpp_extension into
-~/.cache/llamarun/kernels (a temporary folder without a home); without a compiler, on other
-CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
+blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
+(`vpmaddubsw`, activations in int8 blocks of 32, as llama.cpp's Q8 x Q8 and Q4 x Q8 products),
+where PyTorch's weight-only kernels have no fast path (its int4 one measured 2.7-3.1 GB/s of
+weights there). It is compiled at first use
+with torch.utils.cpp_extension into ~/.cache/llamarun/kernels (a temporary folder without a
+home); without a compiler, on other CPUs, or with LLAMARUN_KERNELS=0, every product takes
+PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
-`dense_linear` and `int8_linear` are the selection point: `device.linear` and the quantized
-modules call them and fall back to PyTorch's kernels when they return None.
+`dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
+layout at load) are the selection point: `device.linear` and the quantized modules call them
+and fall back to PyTorch's kernels when they return None.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def cache_dir() -> Path:
 @functools.cache
 def _extension() -> ModuleType | None:
     """The compiled kernels, built on first use; None (logged once) where they cannot run."""
-    if not (torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and torch.cpu._is_avx512_bf16_supported()):
+    avx512 = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+              and torch.cpu._is_avx512_bf16_supported())
+    if not (avx512 or _int4_cpu()):
         return None  # nothing here runs on this CPU: do not build
     from torch.utils import cpp_extension
 
@@ -68,13 +74,19 @@ def _extension() -> ModuleType | None:
     return ext
 
 
+def _int4_cpu() -> bool:
+    """A CPU the 4-bit kernel is for: AVX2 (torch's capability), not AVX-512 (where PyTorch's
+    own int4 kernel has its fast path and ours is not measured against it yet)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 @functools.cache
-def _features() -> tuple[bool, bool]:
+def _features() -> tuple[bool, bool, bool]:
     ext = _extension()
     if ext is None:
-        return False, False
-    bf16, vnni = ext.cpu_features()
-    return bool(bf16), bool(vnni)
+        return False, False, False
+    bf16, vnni, avx2 = ext.cpu_features()
+    return bool(bf16), bool(vnni), bool(avx2) and _int4_cpu()
 
 
 @torch.compiler.assume_constant_result
@@ -85,8 +97,15 @@ def bf16_available() -> bool:
 
 @torch.compiler.assume_constant_result
 def int8_available() -> bool:
-    """Whether the int8 kernel runs here (enabled, built, and the CPU has AVX512-VNNI)."""
-    return enabled() and _features()[1]
+    """Whether the int8 kernel runs here (enabled, built, and the CPU has AVX512-VNNI, or AVX2
+    without AVX-512: the same product with vpmaddubsw, activations in blocks of 32)."""
+    return enabled() and (_features()[1] or _features()[2])
+
+
+@torch.compiler.assume_constant_result
+def int4_available() -> bool:
+    """Whether the 4-bit kernel runs here (enabled, built, an AVX2 CPU without AVX-512)."""
+    return enabled() and _features()[2]
 
 
 # The ops make the kernels traceable by torch.compile (fullgraph): their schemas and fake forms
@@ -95,6 +114,7 @@ def int8_available() -> bool:
 _LIB = torch.library.Library("llamarun", "DEF")  # kept: the ops live as long as it does
 _LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
+_LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group) -> Tensor")
 
 
 @torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
@@ -104,6 +124,12 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("llamarun::int8_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("llamarun::int4_linear", lib=_LIB)
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+      group: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -150,4 +176,44 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor,
         y = torch.ops.llamarun.int8_linear(rows, weight, scales)
     else:  # the extension directly: no dispatcher on the eager path
         y = _extension().int8_linear(rows, weight, scales)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def int4_layout(group_size: int) -> bool:
+    """Whether 4-bit weights of this group size are best stored in int4_linear's layout (see
+    int4_pack) on this machine's CPU; decided once, when a model loads."""
+    return group_size % 32 == 0 and int4_available()
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) uint8 values 0..15 -> int4_linear's layout (N, ceil(K / 64) * 32) uint8: byte
+    32 p + j holds value 64 p + j in its low nibble and value 64 p + 32 + j in its high one."""
+    n, k = q.shape
+    ldk = -(-k // 64) * 64
+    padded = torch.zeros(n, ldk, dtype=torch.uint8, device=q.device)
+    padded[:, :k] = q
+    blocks = padded.view(n, ldk // 64, 2, 32)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, ldk // 2)
+
+
+def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int4_pack's inverse: (N, K) uint8 values 0..15 (also traceable by torch.compile)."""
+    n = packed.shape[0]
+    blocks = packed.view(n, -1, 1, 32)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, -1)[:, :k]
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group: int) -> torch.Tensor | None:
+    """x @ W.T with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group] and q in
+    int4_pack's layout, by the AVX2 kernel where it serves (bfloat16 or float32 x on CPU, 1..
+    MAX_ROWS rows), else None. Activations are quantized to int8 in blocks of 32 values."""
+    if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
+            and 0 < _rows(x) <= MAX_ROWS and int4_available()):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y = torch.ops.llamarun.int4_linear(rows, weight, scales, zeros, group)
+    else:  # the extension directly: no dispatcher on the eager path
+        y = _extension().int4_linear(rows, weight, scales, zeros, group)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,12 +1,13 @@
-// Decode-sized (M <= 8 rows) weight-streaming products for x86 CPUs with AVX512-BF16 / VNNI.
+// Decode-sized (M <= 8 rows) weight-streaming products for x86 CPUs: bf16 and int8 weights with
+// AVX512-BF16 / VNNI, 4-bit weights with AVX2.
 //
 // Row invariance: every output element y[m, n] is computed by the same instruction sequence
 // whatever M is (the same K chunks, in the same order, reduced by the same tree), so a row's
 // result does not depend on the other rows of the batch. Threads split the output columns N;
 // one element is never split across threads.
 //
-// Only the kernels carry AVX-512 target attributes: the module loads on any x86-64 CPU, and
-// Python calls a kernel only after checking the CPU's features (cpu_features below).
+// Only the kernels carry AVX-512 / AVX2 target attributes: the module loads on any x86-64 CPU,
+// and Python calls a kernel only after checking the CPU's features (cpu_features below).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,6 +25,7 @@ constexpr int64_t MB = 4;     // activation rows per pass over a block
 constexpr int64_t GRAIN = 8;  // blocks per thread task at least
 
 #define LLAMARUN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
+#define LLAMARUN_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // The block functions compute MR activation rows x NR weight rows. Both are template arguments
 // so that the accumulators stay in registers. One row streams 8 weight rows at once (more
@@ -249,15 +251,315 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
   });
 }
 
+
+// ---- 4-bit weights x int8 activations, AVX2 vpmaddubsw ----
+// A weight w[n, k] = (q - 8) * d[n, g] + z[n, g] with q in 0..15 and g = k / group. Activations
+// are quantized in blocks of Q4B = 32 values with one scale each (as llama.cpp's Q8_0), x ~ s * a.
+// Then y[n] = sum_b d[n, g(b)] s_b (q_b . a_b) + sum_g d[n, g] C_g + z[n, g] X_g, where
+// C_g = -8 sum_{b in g} s_b sum(a_b) and X_g = sum of x over the group (float): the last sum is
+// a short dot product over groups, the first the stream over the weights. vpmaddubsw multiplies
+// the unsigned nibbles by the signed activations (|pair sum| <= 2 * 15 * 127: no saturation).
+//
+// Layout (kernels.int4_pack in Python): each row's K is padded to a multiple of 64; byte 32 p + j holds value
+// 64 p + j in its low nibble and value 64 p + 32 + j in its high nibble, so one 32-byte load
+// gives two activation blocks' worth of weights.
+
+constexpr int64_t Q4B = 32;
+constexpr int64_t PREFETCH = 4096;  // bytes ahead in each weight row (past its end: harmless)
+
+// MR activation rows x NR weight rows (rows past nrows repeat the last one; their results are
+// dropped). Each output's accumulator sees the same instructions in the same order whatever
+// MR and NR are, so a row's result does not depend on the batch.
+template <int MR, int NR>
+LLAMARUN_AVX2 void int4_block(const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
+                              int64_t ldw, int64_t nrows, const float* d, int64_t G, int shift,
+                              int64_t pairs, float* out /* (MR, NB) */) {
+  const uint8_t* row[NR];
+  const float* dr[NR];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) {
+    row[j] = w + std::min<int64_t>(j, nrows - 1) * ldw;
+    dr[j] = d + std::min<int64_t>(j, nrows - 1) * G;
+  }
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = lda / Q4B;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t g0 = (2 * p) >> shift, g1 = std::min<int64_t>((2 * p + 1) >> shift, G - 1);
+    __m256i lo[NR], hi[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch((const char*)(row[j] + p * 32 + PREFETCH), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(row[j] + p * 32));
+      lo[j] = _mm256_and_si256(v, low);
+      hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a0 = _mm256_loadu_si256((const __m256i*)(a + i * lda + p * 64));
+      const __m256i a1 = _mm256_loadu_si256((const __m256i*)(a + i * lda + p * 64 + 32));
+      const __m256 s0 = _mm256_set1_ps(s[i * nb + 2 * p]);
+      const __m256 s1 = _mm256_set1_ps(s[i * nb + 2 * p + 1]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], a0), ones);
+        const __m256i i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], a1), ones);
+        const __m256 f0 = _mm256_mul_ps(_mm256_broadcast_ss(dr[j] + g0), s0);
+        const __m256 f1 = _mm256_mul_ps(_mm256_broadcast_ss(dr[j] + g1), s1);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f0, acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), f1, acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m128 h =
+          _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      out[i * NB + j] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    }
+}
+
+void int4_pass(int64_t mrows, const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
+               int64_t ldw, int64_t nrows, const float* d, int64_t G, int shift, int64_t pairs,
+               float* out) {
+  const int nr = mrows <= 2 ? 4 : 2;
+  for (int64_t j0 = 0; j0 < nrows; j0 += nr) {
+    const uint8_t* wj = w + j0 * ldw;
+    const float* dj = d + j0 * G;
+    const int64_t left = nrows - j0;
+    switch (mrows) {
+      case 1: int4_block<1, 4>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
+      case 2: int4_block<2, 4>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
+      case 3: int4_block<3, 2>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
+      default: int4_block<4, 2>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
+    }
+  }
+}
+
+// sum_g d[g] c[g] + z[g] x[g]: the groups' terms of one output (a short dot product, vectorized:
+// a scalar loop's dependency chain cost more than the weight stream on 16k-row matrices).
+LLAMARUN_AVX2 float group_terms(const float* d, const float* c, const float* z, const float* x,
+                                int64_t G) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(c + g), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(x + g), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  float sum = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  for (; g < G; ++g) sum += d[g] * c[g] + z[g] * x[g];
+  return sum;
+}
+
+// One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
+// (symmetric, round to nearest even), and per group C_g and X_g (see above). `v` is scratch
+// for ldk floats.
+template <typename InT>
+LLAMARUN_AVX2 void quantize_row_q4(const InT* x, int64_t K, int64_t ldk, int64_t group, float* v,
+                                   int8_t* a, float* s, float* c, float* xsum) {
+  for (int64_t k = 0; k < K; ++k) v[k] = float(x[k]);
+  std::fill(v + K, v + ldk, 0.f);
+  std::fill(c, c + K / group, 0.f);
+  std::fill(xsum, xsum + K / group, 0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < ldk / Q4B; ++b) {
+    const float* vb = v + b * Q4B;
+    __m256 f[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int t = 0; t < 4; ++t) {
+      f[t] = _mm256_loadu_ps(vb + 8 * t);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, f[t]));
+      sum = _mm256_add_ps(sum, f[t]);
+    }
+    float m8[8], s8[8];
+    _mm256_storeu_ps(m8, amax);
+    _mm256_storeu_ps(s8, sum);
+    float m = 0.f, total = 0.f;
+    for (int t = 0; t < 8; ++t) {
+      m = std::max(m, m8[t]);
+      total += s8[t];
+    }
+    const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    __m256i q[4];  // |v * inv| <= 127 (rounded: at most 127)
+    for (int t = 0; t < 4; ++t) q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(f[t], inv));
+    const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), r16 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, r16), order);
+    _mm256_storeu_si256((__m256i*)(a + b * Q4B), q8);
+    const __m256i w16 = _mm256_madd_epi16(_mm256_add_epi16(q16, r16), _mm256_set1_epi16(1));
+    int32_t i8[8], qsum = 0;
+    _mm256_storeu_si256((__m256i*)i8, w16);
+    for (int t = 0; t < 8; ++t) qsum += i8[t];
+    s[b] = m / 127.f;
+    if (b * Q4B < K) {
+      const int64_t g = b * Q4B / group;
+      c[g] += -8.f * s[b] * (float)qsum;
+      xsum[g] += total;
+    }
+  }
+}
+
+// ---- int8 weights x int8 activations, AVX2 vpmaddubsw (CPUs without AVX512-VNNI) ----
+// Activations as for the 4-bit kernel (int8 in blocks of Q4B = 32 with a scale each). vpmaddubsw
+// takes one unsigned operand: |w| times x with w's sign (vpsignb), as llama.cpp does; a pair
+// sums to at most 2 * 128 * 127 (no saturation). A block's 8 int32 lanes become float, scaled by
+// the block's scale; the row's weight scale comes last.
+
+template <int MR, int NR>
+LLAMARUN_AVX2 void int8_avx2_block(const int8_t* a, const float* s, int64_t lda, const int8_t* w,
+                                   int64_t nrows, int64_t K, float* out /* (MR, NB) */) {
+  const int8_t* row[NR];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) row[j] = w + std::min<int64_t>(j, nrows - 1) * K;
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = lda / Q4B;
+  alignas(32) int8_t tail[NR][Q4B];
+  for (int64_t k = 0; k < K; k += Q4B) {
+    __m256i wv[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      if (K - k >= Q4B) {
+        _mm_prefetch((const char*)(row[j] + k + PREFETCH), _MM_HINT_T0);
+        wv[j] = _mm256_loadu_si256((const __m256i*)(row[j] + k));
+      } else {  // the row's last, partial block (the activations past K are 0)
+        std::fill(tail[j], tail[j] + Q4B, 0);
+        std::copy(row[j] + k, row[j] + K, tail[j]);
+        wv[j] = _mm256_load_si256((const __m256i*)tail[j]);
+      }
+    }
+    __m256i wabs[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) wabs[j] = _mm256_abs_epi8(wv[j]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(a + i * lda + k));
+      const __m256 scale = _mm256_set1_ps(s[i * nb + k / Q4B]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        const __m256i prod =
+            _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[j], _mm256_sign_epi8(xv, wv[j])), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m128 h =
+          _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      out[i * NB + j] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    }
+}
+
+template <typename InT, typename OutT>
+void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscale, int64_t N,
+                    int64_t K, OutT* y) {
+  const int64_t ldk = (K + 63) / 64 * 64;
+  std::vector<int8_t> a(M * ldk);
+  std::vector<float> v(ldk), s(M * (ldk / Q4B)), c(M), xsum(M);
+  for (int64_t m = 0; m < M; ++m)  // (one "group" of all K: its terms are not used)
+    quantize_row_q4(x + m * K, K, ldk, K, v.data(), a.data() + m * ldk,
+                    s.data() + m * (ldk / Q4B), c.data() + m, xsum.data() + m);
+  const int64_t nblocks = (N + NB - 1) / NB;
+  at::parallel_for(0, nblocks, GRAIN, [&](int64_t b0, int64_t b1) {
+    float out[MB * NB];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mrows = std::min(MB, M - m0);
+        const int8_t* a0 = a.data() + m0 * ldk;
+        const float* s0 = s.data() + m0 * (ldk / Q4B);
+        const int nr = mrows <= 2 ? 4 : 2;
+        for (int64_t j0 = 0; j0 < nrows; j0 += nr) {
+          const int8_t* wj = w + (n0 + j0) * K;
+          const int64_t left = nrows - j0;
+          float* o = out + j0;
+          switch (mrows) {
+            case 1: int8_avx2_block<1, 4>(a0, s0, ldk, wj, left, K, o); break;
+            case 2: int8_avx2_block<2, 4>(a0, s0, ldk, wj, left, K, o); break;
+            case 3: int8_avx2_block<3, 2>(a0, s0, ldk, wj, left, K, o); break;
+            default: int8_avx2_block<4, 2>(a0, s0, ldk, wj, left, K, o); break;
+          }
+        }
+        for (int64_t i = 0; i < mrows; ++i)
+          for (int64_t j = 0; j < nrows; ++j)
+            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * wscale[n0 + j]);
+      }
+    }
+  });
+}
+
+// n float16 values -> float.
+LLAMARUN_AVX2 void halves_to_float(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
+
+template <typename InT, typename OutT>
+void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
+                      const uint16_t* z, int64_t N, int64_t K, int64_t group, OutT* y) {
+  const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
+  int shift = 0;
+  while ((Q4B << shift) < group) ++shift;  // group = 32 << shift
+  std::vector<int8_t> a(M * ldk);
+  std::vector<float> v(ldk), s(M * (ldk / Q4B)), c(M * G), xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q4(x + m * K, K, ldk, group, v.data(), a.data() + m * ldk,
+                    s.data() + m * (ldk / Q4B), c.data() + m * G, xsum.data() + m * G);
+  const int64_t nblocks = (N + NB - 1) / NB;
+  at::parallel_for(0, nblocks, GRAIN, [&](int64_t b0, int64_t b1) {
+    float out[MB * NB];
+    std::vector<float> df(NB * G), zf(NB * G);  // the block's scales and zeros as float
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
+      halves_to_float(d + n0 * G, nrows * G, df.data());
+      halves_to_float(z + n0 * G, nrows * G, zf.data());
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mrows = std::min(MB, M - m0);
+        int4_pass(mrows, a.data() + m0 * ldk, s.data() + m0 * (ldk / Q4B), ldk, w + n0 * ldw,
+                  ldw, nrows, df.data(), G, shift, pairs, out);
+        for (int64_t i = 0; i < mrows; ++i) {
+          const float* cm = c.data() + (m0 + i) * G;
+          const float* xm = xsum.data() + (m0 + i) * G;
+          for (int64_t j = 0; j < nrows; ++j)
+            y[(m0 + i) * N + n0 + j] = OutT(
+                out[i * NB + j] + group_terms(df.data() + j * G, cm, zf.data() + j * G, xm, G));
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// Which of the instructions the kernels need this CPU has: (avx512bf16, avx512vnni).
+// Which of the instructions the kernels need this CPU has: (avx512bf16, avx512vnni, avx2+fma+f16c).
 std::vector<bool> cpu_features() {
   __builtin_cpu_init();
   const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl");
   return {base && __builtin_cpu_supports("avx512bf16"),
-          base && __builtin_cpu_supports("avx512vnni")};
+          base && __builtin_cpu_supports("avx512vnni"),
+          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+              __builtin_cpu_supports("f16c")};
 }
 
 // y (M, N) = x (M, K) @ w (N, K)^T; x and w bfloat16; y in x's dtype.
@@ -288,6 +590,18 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<int8_t>();
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512vnni")) {  // AVX2 (Python checked that it has that)
+    if (x.scalar_type() == at::kBFloat16) {
+      int8_avx2_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
+                     sc.data_ptr<float>(), N, K, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
+    } else {
+      TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
+      int8_avx2_impl(xc.data_ptr<float>(), M, wp, sc.data_ptr<float>(), N, K,
+                     y.data_ptr<float>());
+    }
+    return y;
+  }
   if (x.scalar_type() == at::kBFloat16) {
     int8_linear_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
                      sc.data_ptr<float>(), N, K, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
@@ -299,16 +613,49 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
+// by kernels.int4_pack; d and z (N, K / group) float16; x bfloat16 or float32, y in x's dtype.
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& z, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kByte, "int4_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(group % Q4B == 0 && K % group == 0 && w.size(1) == (K + 63) / 64 * 32,
+              "int4_linear: group and K");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
+                  d.numel() == N * (K / group) && z.numel() == d.numel(),
+              "int4_linear: float16 (N, K / group) scales and zeros");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto dc = d.contiguous();
+  auto zc = z.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  const auto* wp = wc.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kBFloat16) {
+    int4_linear_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
+                     reinterpret_cast<const uint16_t*>(dc.data_ptr()),
+                     reinterpret_cast<const uint16_t*>(zc.data_ptr()), N, K, group,
+                     reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "int4_linear: x bfloat16 or float32");
+    int4_linear_impl(xc.data_ptr<float>(), M, wp, reinterpret_cast<const uint16_t*>(dc.data_ptr()),
+                     reinterpret_cast<const uint16_t*>(zc.data_ptr()), N, K, group,
+                     y.data_ptr<float>());
+  }
+  return y;
+}
+
 // The ops' schemas are defined in Python (llamarun/kernels/__init__.py, with their fake forms
 // for torch.compile) so that they exist before this library is built; this adds the CPU code,
 // which torch.compile's graphs then reach through the C++ dispatcher.
 TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", &cpu_features);
   m.def("bf16_linear", &bf16_linear);
   m.def("int8_linear", &int8_linear);
+  m.def("int4_linear", &int4_linear);
 }

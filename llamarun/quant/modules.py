@@ -1,9 +1,10 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
 On CPU, int8 products of up to kernels.MAX_ROWS rows run llamarun's own kernel where the CPU
-has AVX512-VNNI (llamarun.kernels decides); other products run PyTorch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other
-activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is
+has AVX512-VNNI, and 4-bit ones where it has AVX2 but not AVX-512 (llamarun.kernels decides);
+other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
+cast for the product only (a vector per token). Elsewhere the weight is
 dequantized into the activation dtype inside forward, which torch.compile fuses into the product.
 Under torch.compile a one-token int8 product is otherwise written as multiply + sum, one fused
 reduction over the int8 bytes.
@@ -62,15 +63,30 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T with W in 4-bit groups along `in` (see quant.formats for the convention)."""
+    """y = x @ W^T with W in 4-bit groups along `in` (see quant.formats for the convention).
+
+    Three layouts, chosen once at load: on CPUs where llamarun's 4-bit kernel serves
+    (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in blocks of 64
+    values, float16 scales and zeros, (out, groups)); on other CPUs PyTorch's int4pack
+    ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
+    nibbles ("plain", low nibble = even column), dequantized into the product. Products the
+    kernel does not serve (more than kernels.MAX_ROWS rows) dequantize the weight instead.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int,
                  kernel: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.kernel = group_size, kernel
-        # Two 4-bit values per byte; the CPU kernel's packing is its own, the generic one is
-        # low nibble = even column.
+        self.group_size = group_size
+        self.layout = _int4_layout(kernel, group_size)
+        self.kernel = self.layout == "int4pack"
+        if self.layout == "llamarun":
+            groups = in_features // group_size
+            self.register_buffer("weight", torch.empty(out_features, -(-in_features // 64) * 32,
+                                                       dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16))
+            return
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
                              torch.empty(in_features // group_size, out_features, 2))
@@ -80,35 +96,55 @@ class Int4Linear(nn.Module):
               kernel: bool) -> dict[str, torch.Tensor]:
         """The module's buffers for `parts`."""
         q = parts.q.to(device)
-        if kernel:
+        layout = _int4_layout(kernel, parts.group_size)
+        if layout == "llamarun":
+            return {"weight": kernels.int4_pack(q),
+                    "scales": parts.scale.to(device=device, dtype=torch.float16).contiguous(),
+                    "zeros": parts.zero.to(device=device, dtype=torch.float16).contiguous()}
+        if layout == "int4pack":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         else:
             packed = q[:, 0::2] | (q[:, 1::2] << 4)
         sz = torch.stack([parts.scale.t(), parts.zero.t()], dim=-1)  # (K // g, N, 2)
-        sz = sz.to(device=device, dtype=KERNEL_DTYPE if kernel else dtype).contiguous()
+        sz = sz.to(device=device, dtype=KERNEL_DTYPE if layout == "int4pack" else dtype).contiguous()
         return {"weight": packed.contiguous(), "scales_and_zeros": sz}
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight (out, in) in `dtype`."""
-        if self.kernel:  # the packing is opaque: run the kernel on the identity matrix
+        groups = self.in_features // self.group_size
+        if self.layout == "llamarun":
+            q = kernels.int4_unpack(self.weight, self.in_features)
+            w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
+            w = w * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
+            return w.view(self.out_features, self.in_features)
+        if self.layout == "int4pack":  # the packing is opaque: run the kernel on the identity
             eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight.device)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 eye, self.weight, self.group_size, self.scales_and_zeros).t().to(dtype)
         q = torch.stack([self.weight & 0x0F, self.weight >> 4], dim=-1).view(self.out_features, -1)
-        groups = self.in_features // self.group_size
         sz = self.scales_and_zeros.to(dtype)
         w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
         w = w * sz[:, :, 0].t()[..., None] + sz[:, :, 1].t()[..., None]
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel:
+        if self.layout == "llamarun":
+            y = kernels.int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
+            return y if y is not None else F.linear(x, self.dense(x.dtype))
+        if self.layout == "int4pack":
             rows = x.shape[:-1].numel()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.group_size,
                 self.scales_and_zeros)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense(x.dtype))
+
+
+def _int4_layout(kernel: bool, group_size: int) -> str:
+    """Int4Linear's layout: "llamarun", "int4pack" (CPU kernels) or "plain"."""
+    if not kernel:
+        return "plain"
+    return "llamarun" if kernels.int4_layout(group_size) else "int4pack"
 
 
 class Int8Embedding(nn.Module):
