@@ -11,7 +11,8 @@ Kernels:
   fp32:  device.linear's oneDNN path (for reference: the memory's rate)
   int8:  aten._weight_int8pack_mm (bf16 activations), compiled multiply + sum (Int8Linear's
          one-token form without PyTorch's kernel, --compile), ours (kernels.int8_linear: vpdpbusd)
-  int4:  aten._weight_int4pack_mm_for_cpu (group 32)
+  int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
+         vpmaddubsw, on CPUs without AVX-512; group 32, float16 scales and zeros)
 
     python benchmarks/kernels.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
         [--threads N] [--pool MiB]
@@ -77,6 +78,10 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     w4 = [p4.clone() for _ in range(_copies(n * k // 2, pool))]
     sz = torch.rand(k // 32, n, 2, generator=g).bfloat16()
     int4_bytes = n * k // 2 + sz.numel() * 2
+    o4 = [kernels.int4_pack(q4.to(torch.uint8)) for _ in range(_copies(n * k // 2, pool))]
+    d4 = (torch.rand(n, k // 32, generator=g) / 50).half()
+    z4 = (torch.randn(n, k // 32, generator=g) / 20).half()
+    ours4_bytes = n * k // 2 + d4.numel() * 4
     compiled = compiled_ours = compiled_int8 = None
     if compile_:  # model.Linear's and Int8Linear's one-token forms under torch.compile
         torch._dynamo.reset()  # one compile per shape; the recompile limit counts shapes
@@ -110,6 +115,10 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         runs.append(("int4 aten g32", int4_bytes,
                      lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4[i], 32, sz),
                      len(w4)))
+        if kernels.int4_available():
+            ext = kernels._extension()
+            runs.append(("int4 ours g32", ours4_bytes,
+                         lambda i: ext.int4_linear(x, o4[i], d4, z4, 32), len(o4)))
         with torch.inference_mode():
             secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
         out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]
@@ -137,7 +146,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, ours: "
-          f"bf16 {kernels.bf16_available()}, int8 {kernels.int8_available()}")
+          f"bf16 {kernels.bf16_available()}, int8 {kernels.int8_available()}, "
+          f"int4 {kernels.int4_available()}")
     print(f"{'model':8} {'matrix':7} {'N x K':>13} {'kernel':22} " +
           " ".join(f"{'M=' + str(m):>7}" for m in rows) + "   (GB/s of weights)")
     for model in args.models.split(","):
