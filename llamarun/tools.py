@@ -299,6 +299,16 @@ def _literal(s: str, i: int, *options: str) -> tuple[int, bool]:
     return -1, any(lit.startswith(s[i:]) for lit in options)
 
 
+def _literals(s: str, i: int, *steps: tuple[str, ...]) -> tuple[int, bool]:
+    """Past one of each step's options in turn, with whitespace after each (see _literal)."""
+    for options in steps:
+        i, fits = _literal(s, i, *options)
+        if i < 0:
+            return i, fits
+        i = _skip_ws(s, i)
+    return i, True
+
+
 def _value_end(s: str, i: int) -> int:
     """The end of the JSON object or array starting at i, or -1 if the text ends before it."""
     depth, in_string, j = 0, False, i
@@ -348,15 +358,9 @@ def scan_calls(text: str, names: list[str]) -> tuple[list[PartialCall], bool]:
             return calls, True
         if s[i] != "{":
             return calls, False
-        i = _skip_ws(s, i + 1)
-        i, fits = _literal(s, i, '"name"')
+        i, fits = _literals(s, _skip_ws(s, i + 1), ('"name"',), (":",))
         if i < 0:
             return calls, fits
-        i = _skip_ws(s, i)
-        i, fits = _literal(s, i, ":")
-        if i < 0:
-            return calls, fits
-        i = _skip_ws(s, i)
         if i == n:
             return calls, True
         if s[i] != '"':
@@ -368,12 +372,9 @@ def scan_calls(text: str, names: list[str]) -> tuple[list[PartialCall], bool]:
         if name not in names:
             return calls, False
         calls.append(PartialCall(name, "", False))
-        i = _skip_ws(s, end + 1)
-        for lits in ((",",), _KEYS, (":",)):
-            i, fits = _literal(s, i, *lits)
-            if i < 0:
-                return calls, fits
-            i = _skip_ws(s, i)
+        i, fits = _literals(s, _skip_ws(s, end + 1), (",",), _KEYS, (":",))
+        if i < 0:
+            return calls, fits
         if i == n:
             return calls, True
         if s[i] != "{":  # arguments as a string, say: not streamed

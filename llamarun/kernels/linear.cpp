@@ -265,6 +265,13 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 // gives two activation blocks' worth of weights.
 
 constexpr int64_t Q4B = 32;
+
+// The sum of a vector's 8 floats (always in the same order).
+LLAMARUN_AVX2 inline float hsum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
 constexpr int64_t PREFETCH = 4096;  // bytes ahead in each weight row (past its end: harmless)
 
 // MR activation rows x NR weight rows (rows past nrows repeat the last one; their results are
@@ -319,12 +326,7 @@ LLAMARUN_AVX2 void int4_block(const int8_t* a, const float* s, int64_t lda, cons
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const __m128 h =
-          _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      out[i * NB + j] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-    }
+    for (int j = 0; j < NR; ++j) out[i * NB + j] = hsum8(acc[i][j]);
 }
 
 void int4_pass(int64_t mrows, const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
@@ -354,10 +356,7 @@ LLAMARUN_AVX2 float group_terms(const float* d, const float* c, const float* z, 
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(c + g), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(x + g), acc1);
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  float sum = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  float sum = hsum8(_mm256_add_ps(acc0, acc1));
   for (; g < G; ++g) sum += d[g] * c[g] + z[g] * x[g];
   return sum;
 }
@@ -460,12 +459,7 @@ LLAMARUN_AVX2 void int8_avx2_block(const int8_t* a, const float* s, int64_t lda,
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const __m128 h =
-          _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      out[i * NB + j] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-    }
+    for (int j = 0; j < NR; ++j) out[i * NB + j] = hsum8(acc[i][j]);
 }
 
 template <typename InT, typename OutT>
