@@ -276,3 +276,24 @@ def test_compiled_calls_trace_through_the_kernels(cpp_wrapper: bool) -> None:
     compiled = torch.compile(step, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
     for a, b in zip(compiled(x, xi), step(x, xi)):
         assert torch.equal(a, b)
+
+
+def test_build_pending_says_when_the_first_use_will_build(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path) -> None:
+    class Unbuilt:
+        @staticmethod
+        def cache_info():  # noqa: ANN205
+            return type("Info", (), {"currsize": 0})()
+
+    monkeypatch.setattr(kernels, "_extension", Unbuilt)
+    monkeypatch.setattr(kernels, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(kernels, "_serves_cpu", lambda: True)
+    assert kernels.build_pending()
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.build_pending()
+    monkeypatch.setenv(kernels.ENV, "1")
+    (tmp_path / "llamarun_kernels.so").write_bytes(b"")
+    assert not kernels.build_pending()
+    (tmp_path / "llamarun_kernels.so").unlink()
+    monkeypatch.setattr(kernels, "_serves_cpu", lambda: False)  # nothing of ours runs here
+    assert not kernels.build_pending()

@@ -17,6 +17,8 @@ from llamarun.cli import console, settings
 from llamarun.cli.options import (
     ModelOptions, SpecOptions, apply_threads, check_threads, default_threads,
 )
+from llamarun import kernels
+from llamarun.device import resolve_device
 from llamarun.engine import Engine
 from llamarun import files
 from llamarun.errors import InvalidArgumentError, LlamarunError
@@ -125,6 +127,8 @@ def _load(opts: ModelOptions, slots: int = 1) -> Engine:
 
     tp, device = _tensor_parallel(opts.device)
     apply_threads(opts.threads)
+    if kernels.build_pending() and resolve_device(device).type == "cpu":
+        console.note("building llamarun's CPU kernels for this machine (once, about a minute)")
 
     def load(progress: Callable[[int, int], None] | None = None) -> Engine:
         return Engine.load(resolved.path, device=device, dtype=opts.dtype,

@@ -55,9 +55,7 @@ def cache_dir() -> Path:
 @functools.cache
 def _extension() -> ModuleType | None:
     """The compiled kernels, built on first use; None (logged once) where they cannot run."""
-    avx512 = (torch.backends.cpu.get_cpu_capability() == "AVX512"
-              and torch.cpu._is_avx512_bf16_supported())
-    if not (avx512 or _int4_cpu()):
+    if not _serves_cpu():
         return None  # nothing here runs on this CPU: do not build
     from torch.utils import cpp_extension
 
@@ -72,6 +70,21 @@ def _extension() -> ModuleType | None:
         log.warning("llamarun kernels unavailable, using PyTorch's (%s)", first)
         return None
     return ext
+
+
+def _serves_cpu() -> bool:
+    """Whether some kernel here runs on this CPU (AVX512-BF16, or AVX2 without AVX-512)."""
+    avx512 = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+              and torch.cpu._is_avx512_bf16_supported())
+    return avx512 or _int4_cpu()
+
+
+def build_pending() -> bool:
+    """Whether the kernels' first use here will build them (about a minute, once): the CLI
+    says so before loading a model."""
+    if not enabled() or _extension.cache_info().currsize or not _serves_cpu():
+        return False
+    return not any(cache_dir().glob("llamarun_kernels*.so"))
 
 
 def _int4_cpu() -> bool:
