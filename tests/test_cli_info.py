@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 import torch
 
+from llamarun import kernels
 from llamarun.cli import app
 from llamarun.device import default_dtype
 from engine_util import one_thread, stories_meta  # noqa: F401
@@ -30,6 +31,9 @@ def test_info_json(one_thread: None) -> None:
     assert d["layout"] == "meta" and d["parameters"] == 292_800 and d["tokenizer"] == "sentencepiece"
     assert d["chat_format"] == "llama2" and d["stop_tokens"] == {"2": "</s>"}
     assert d["config"]["n_layers"] == 5 and d["kv_cache_tokens"] == 512
+    ours = kernels.bf16_available() or kernels.int8_available()
+    assert d["kernels"].startswith("llamarun's" if ours else "PyTorch's")
+    assert ("int4" in d["kernels"]) == kernels.int4_available()
 
 
 def test_info_hf_layout(one_thread: None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from llamarun import kernels
 from llamarun.cli import app, console, settings
 from llamarun.cli.common import load_engine
 from llamarun.cli.options import ModelOptions, model_command
@@ -34,6 +35,7 @@ def describe(engine: Engine, *, dtype_spec: str = "auto") -> dict[str, object]:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "dtype_reason": _dtype_reason(engine, dtype_spec),
         "weights": engine.checkpoint.format_counts(),
+        "kernels": kernels.summary(engine.device),
         "stored_as": _stored_as(engine),
         "kv_cache_tokens": engine.max_seq_len,
         "tokenizer": tok.kind,

@@ -230,3 +230,18 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
     else:  # the extension directly: no dispatcher on the eager path
         y = _extension().int4_linear(rows, weight, scales, zeros, group)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def summary(device: torch.device) -> str:
+    """Which kernels a model's products run on `device`, in words (`llamarun info`)."""
+    if device.type != "cpu":
+        return "PyTorch's"
+    if not enabled():
+        return f"PyTorch's ({ENV}=0)"
+    bf16, vnni, avx2 = _features()
+    ours = [name for name, on in (("bf16", bf16), ("int8", vnni or avx2), ("int4", avx2)) if on]
+    if not ours:
+        return "PyTorch's (none of llamarun's serves this CPU)"
+    isa = "AVX-512" if bf16 or vnni else "AVX2"
+    return (f"llamarun's {isa} ones for {', '.join(ours)} weights (1-{MAX_ROWS} rows), "
+            "PyTorch's for the rest")
