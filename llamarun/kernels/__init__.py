@@ -6,10 +6,9 @@ activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activati
 blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
 (`vpmaddubsw`, activations in int8 blocks of 32, as llama.cpp's Q8 x Q8 and Q4 x Q8 products),
 where PyTorch's weight-only kernels have no fast path (its int4 one measured 2.7-3.1 GB/s of
-weights there). It is compiled at first use
-with torch.utils.cpp_extension into ~/.cache/llamarun/kernels (a temporary folder without a
-home); without a compiler, on other CPUs, or with LLAMARUN_KERNELS=0, every product takes
-PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
+weights there). It is compiled at first use with torch.utils.cpp_extension into
+~/.cache/llamarun/kernels (a temporary folder without a home); without a compiler, on other
+CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
 `dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
