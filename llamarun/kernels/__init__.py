@@ -192,9 +192,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor,
 
 
 def int4_layout(group_size: int) -> bool:
-    """Whether 4-bit weights of this group size are best stored in int4_linear's layout (see
-    int4_pack) on this machine's CPU; decided once, when a model loads."""
-    return group_size % 32 == 0 and int4_available()
+    """Whether 4-bit weights of this group size (the kernel takes 32 times a power of two) are
+    best stored in int4_linear's layout (see int4_pack) on this machine's CPU; decided once,
+    when a model loads."""
+    return group_size >= 32 and group_size & (group_size - 1) == 0 and int4_available()
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:

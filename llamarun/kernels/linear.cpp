@@ -260,9 +260,9 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 // a short dot product over groups, the first the stream over the weights. vpmaddubsw multiplies
 // the unsigned nibbles by the signed activations (|pair sum| <= 2 * 15 * 127: no saturation).
 //
-// Layout (kernels.int4_pack in Python): each row's K is padded to a multiple of 64; byte 32 p + j holds value
-// 64 p + j in its low nibble and value 64 p + 32 + j in its high nibble, so one 32-byte load
-// gives two activation blocks' worth of weights.
+// Layout (kernels.int4_pack in Python): each row's K is padded to a multiple of 64; byte
+// 32 p + j holds value 64 p + j in its low nibble and value 64 p + 32 + j in its high nibble,
+// so one 32-byte load gives two activation blocks' worth of weights.
 
 constexpr int64_t Q4B = 32;
 
@@ -329,19 +329,20 @@ LLAMARUN_AVX2 void int4_block(const int8_t* a, const float* s, int64_t lda, cons
     for (int j = 0; j < NR; ++j) out[i * NB + j] = hsum8(acc[i][j]);
 }
 
-void int4_pass(int64_t mrows, const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
-               int64_t ldw, int64_t nrows, const float* d, int64_t G, int shift, int64_t pairs,
-               float* out) {
+// Calls block(MR, NR, j0, left) (MR and NR as std::integral_constant) over the nrows weight rows
+// of a pass in steps of NR, with MR = mrows (1..MB): 4 weight rows at a time for 1-2 activation
+// rows, 2 for 3-4 (registers).
+template <typename Block>
+void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
+  using std::integral_constant;
   const int nr = mrows <= 2 ? 4 : 2;
   for (int64_t j0 = 0; j0 < nrows; j0 += nr) {
-    const uint8_t* wj = w + j0 * ldw;
-    const float* dj = d + j0 * G;
     const int64_t left = nrows - j0;
     switch (mrows) {
-      case 1: int4_block<1, 4>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
-      case 2: int4_block<2, 4>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
-      case 3: int4_block<3, 2>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
-      default: int4_block<4, 2>(a, s, lda, wj, ldw, left, dj, G, shift, pairs, out + j0); break;
+      case 1: block(integral_constant<int, 1>(), integral_constant<int, 4>(), j0, left); break;
+      case 2: block(integral_constant<int, 2>(), integral_constant<int, 4>(), j0, left); break;
+      case 3: block(integral_constant<int, 3>(), integral_constant<int, 2>(), j0, left); break;
+      default: block(integral_constant<int, 4>(), integral_constant<int, 2>(), j0, left); break;
     }
   }
 }
@@ -480,18 +481,9 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscal
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a.data() + m0 * ldk;
         const float* s0 = s.data() + m0 * (ldk / Q4B);
-        const int nr = mrows <= 2 ? 4 : 2;
-        for (int64_t j0 = 0; j0 < nrows; j0 += nr) {
-          const int8_t* wj = w + (n0 + j0) * K;
-          const int64_t left = nrows - j0;
-          float* o = out + j0;
-          switch (mrows) {
-            case 1: int8_avx2_block<1, 4>(a0, s0, ldk, wj, left, K, o); break;
-            case 2: int8_avx2_block<2, 4>(a0, s0, ldk, wj, left, K, o); break;
-            case 3: int8_avx2_block<3, 2>(a0, s0, ldk, wj, left, K, o); break;
-            default: int8_avx2_block<4, 2>(a0, s0, ldk, wj, left, K, o); break;
-          }
-        }
+        avx2_pass(mrows, nrows, [&](auto mr, auto nr, int64_t j0, int64_t left) {
+          int8_avx2_block<mr(), nr()>(a0, s0, ldk, w + (n0 + j0) * K, left, K, out + j0);
+        });
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j)
             y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * wscale[n0 + j]);
@@ -529,8 +521,12 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
       halves_to_float(z + n0 * G, nrows * G, zf.data());
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
-        int4_pass(mrows, a.data() + m0 * ldk, s.data() + m0 * (ldk / Q4B), ldk, w + n0 * ldw,
-                  ldw, nrows, df.data(), G, shift, pairs, out);
+        const int8_t* a0 = a.data() + m0 * ldk;
+        const float* s0 = s.data() + m0 * (ldk / Q4B);
+        avx2_pass(mrows, nrows, [&](auto mr, auto nr, int64_t j0, int64_t left) {
+          int4_block<mr(), nr()>(a0, s0, ldk, w + (n0 + j0) * ldw, ldw, left, df.data() + j0 * G,
+                                 G, shift, pairs, out + j0);
+        });
         for (int64_t i = 0; i < mrows; ++i) {
           const float* cm = c.data() + (m0 + i) * G;
           const float* xm = xsum.data() + (m0 + i) * G;
@@ -584,8 +580,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<int8_t>();
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512vnni")) {  // AVX2 (Python checked that it has that)
+  static const bool vnni = cpu_features()[1];
+  if (!vnni) {  // AVX2 (Python checked that it has that)
     if (x.scalar_type() == at::kBFloat16) {
       int8_avx2_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
                      sc.data_ptr<float>(), N, K, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
@@ -613,8 +609,9 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
                           const torch::Tensor& z, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kByte, "int4_linear: shapes");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(group % Q4B == 0 && K % group == 0 && w.size(1) == (K + 63) / 64 * 32,
-              "int4_linear: group and K");
+  TORCH_CHECK(group >= Q4B && group % Q4B == 0 && (group & (group - 1)) == 0 && K % group == 0 &&
+                  w.size(1) == (K + 63) / 64 * 32,
+              "int4_linear: group (32 times a power of two) and K");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
                   d.numel() == N * (K / group) && z.numel() == d.numel(),
               "int4_linear: float16 (N, K / group) scales and zeros");

@@ -79,7 +79,6 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size = group_size
         self.layout = _int4_layout(kernel, group_size)
-        self.kernel = self.layout == "int4pack"
         if self.layout == "llamarun":
             groups = in_features // group_size
             self.register_buffer("weight", torch.empty(out_features, -(-in_features // 64) * 32,
