@@ -343,8 +343,7 @@ def _calls(tools: tooling.Tools | None, text: str) -> list[tooling.ToolCall]:
     """The tool calls a finished reply makes (one unless parallel calls are allowed)."""
     if tools is None:
         return []
-    calls = tooling.parse_calls(text, tools.names)
-    return calls if tools.parallel else calls[:1]
+    return tooling.reply_calls(text, tools.names, tools.parallel)
 
 
 def _content(content: str | list[TextPart] | None) -> str:

@@ -268,6 +268,13 @@ def parse_calls(text: str, names: list[str]) -> list[ToolCall]:
     return calls
 
 
+def reply_calls(text: str, names: list[str], parallel: bool) -> list[ToolCall]:
+    """The tool calls a finished reply makes (parse_calls): the first only, unless parallel
+    calls are allowed."""
+    calls = parse_calls(text, names)
+    return calls if parallel else calls[:1]
+
+
 # -- streaming calls as they are generated ------------------------------------------------------
 
 _TAG = "<|python_tag|>"
@@ -423,9 +430,7 @@ class CallStream:
         token limit). A reply whose calls could not be streamed is judged whole here."""
         if self.content:
             return []
-        whole = parse_calls(self.text, self.names) if stopped else []
-        if not self.parallel:
-            whole = whole[:1]
+        whole = reply_calls(self.text, self.names, self.parallel) if stopped else []
         if not self._ids:
             if not whole:
                 self.content = True
