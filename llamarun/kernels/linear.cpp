@@ -539,6 +539,18 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   });
 }
 
+// Calls f(x, y) with x's and y's data as typed pointers: both bfloat16 or both float32.
+template <typename F>
+void with_activations(const torch::Tensor& x, torch::Tensor& y, const char* op, F&& f) {
+  if (x.scalar_type() == at::kBFloat16) {
+    f(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()),
+      reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x bfloat16 or float32");
+    f(x.data_ptr<float>(), y.data_ptr<float>());
+  }
+}
+
 }  // namespace
 
 // Which of the instructions the kernels need this CPU has: (avx512bf16, avx512vnni, avx2+fma+f16c).
@@ -580,26 +592,14 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<int8_t>();
-  static const bool vnni = cpu_features()[1];
-  if (!vnni) {  // AVX2 (Python checked that it has that)
-    if (x.scalar_type() == at::kBFloat16) {
-      int8_avx2_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
-                     sc.data_ptr<float>(), N, K, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-    } else {
-      TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
-      int8_avx2_impl(xc.data_ptr<float>(), M, wp, sc.data_ptr<float>(), N, K,
-                     y.data_ptr<float>());
-    }
-    return y;
-  }
-  if (x.scalar_type() == at::kBFloat16) {
-    int8_linear_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
-                     sc.data_ptr<float>(), N, K, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
-    int8_linear_impl(xc.data_ptr<float>(), M, wp, sc.data_ptr<float>(), N, K,
-                     y.data_ptr<float>());
-  }
+  const float* sp = sc.data_ptr<float>();
+  static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
+  with_activations(xc, y, "int8_linear", [&](const auto* xp, auto* yp) {
+    if (vnni)
+      int8_linear_impl(xp, M, wp, sp, N, K, yp);
+    else
+      int8_avx2_impl(xp, M, wp, sp, N, K, yp);
+  });
   return y;
 }
 
@@ -621,17 +621,11 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   auto zc = z.contiguous();
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kBFloat16) {
-    int4_linear_impl(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, wp,
-                     reinterpret_cast<const uint16_t*>(dc.data_ptr()),
-                     reinterpret_cast<const uint16_t*>(zc.data_ptr()), N, K, group,
-                     reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "int4_linear: x bfloat16 or float32");
-    int4_linear_impl(xc.data_ptr<float>(), M, wp, reinterpret_cast<const uint16_t*>(dc.data_ptr()),
-                     reinterpret_cast<const uint16_t*>(zc.data_ptr()), N, K, group,
-                     y.data_ptr<float>());
-  }
+  const auto* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr());
+  const auto* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr());
+  with_activations(xc, y, "int4_linear", [&](const auto* xp, auto* yp) {
+    int4_linear_impl(xp, M, wp, dp, zp, N, K, group, yp);
+  });
   return y;
 }
 
