@@ -169,11 +169,14 @@ def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None
     dense = module.dense(torch.float32)
     ref_w = _int4_weight(parts.q, parts.scale.half(), parts.zero.half()).float()
     assert torch.equal(dense, ref_w)  # float16 scales and zeros, exact in float32
-    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):  # the kernel, then F.linear
+    limit = kernels.INT4_MAX_ROWS
+    for rows in (1, 9, limit, limit + 1):  # the kernel (prefill chunks too), then F.linear
         x = torch.randn(rows, 256, generator=g)
         y = module(x)
         ref = x.double() @ ref_w.double().t()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < (1e-2 if rows <= 8 else 1e-6)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < (1e-2 if rows <= limit else 1e-6)
+        if rows <= limit:  # each row as the kernel computes it alone, bit for bit
+            assert torch.equal(y[-1], module(x[-1:])[0])
 
 
 @needs_int4

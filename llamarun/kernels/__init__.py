@@ -1,6 +1,7 @@
 """llamarun's own CPU kernels for decode-sized products, and the one place that selects them.
 
-`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows: bfloat16 weights with
+`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows (the 4-bit one: prefill
+chunks of up to INT4_MAX_ROWS too): bfloat16 weights with
 AVX512-BF16 (`vdpbf16ps`, float32 accumulation), int8 weights with AVX512-VNNI (`vpdpbusd`,
 activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
 blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
 MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured up to 8 only)
+# The AVX2 4-bit kernel also serves prefill chunks: up to this many rows it measured faster than
+# dequantizing the weight into PyTorch's float32 GEMM (README "CPU kernels"), and every row is
+# then computed alike however many a pass holds.
+INT4_MAX_ROWS = 256
 SOURCE = Path(__file__).with_name("linear.cpp")
 
 
@@ -220,9 +225,9 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
                 group: int) -> torch.Tensor | None:
     """x @ W.T with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group] and q in
     int4_pack's layout, by the AVX2 kernel where it serves (bfloat16 or float32 x on CPU, 1..
-    MAX_ROWS rows), else None. Activations are quantized to int8 in blocks of 32 values."""
+    INT4_MAX_ROWS rows), else None. Activations are quantized to int8 in blocks of 32 values."""
     if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
-            and 0 < _rows(x) <= MAX_ROWS and int4_available()):
+            and 0 < _rows(x) <= INT4_MAX_ROWS and int4_available()):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
@@ -243,5 +248,5 @@ def summary(device: torch.device) -> str:
     if not ours:
         return "PyTorch's (none of llamarun's serves this CPU)"
     isa = "AVX-512" if bf16 or vnni else "AVX2"
-    return (f"llamarun's {isa} ones for {', '.join(ours)} weights (1-{MAX_ROWS} rows), "
-            "PyTorch's for the rest")
+    rows = f"1-{MAX_ROWS} rows" + (f"; 4-bit 1-{INT4_MAX_ROWS}" if avx2 else "")
+    return f"llamarun's {isa} ones for {', '.join(ours)} weights ({rows}), PyTorch's for the rest"

@@ -70,7 +70,7 @@ class Int4Linear(nn.Module):
     values, float16 scales and zeros, (out, groups)); on other CPUs PyTorch's int4pack
     ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
     nibbles ("plain", low nibble = even column), dequantized into the product. Products the
-    kernel does not serve (more than kernels.MAX_ROWS rows) dequantize the weight instead.
+    kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int,
