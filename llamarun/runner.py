@@ -89,6 +89,32 @@ def verify_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, po
     return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS))
 
 
+def mixed_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               biased_rows: tuple[int, ...], lengths: tuple[int, ...], chunk_row: int,
+               chunk_end: int, chunk_len: int) -> torch.Tensor:
+    """Decode rows as decode_rows, followed by one prefill chunk of chunk_len >= 2 tokens at
+    positions chunk_end - chunk_len.. of cache row chunk_row - ROW_BIAS attending causally over
+    its row's past; logits (B + 1, vocab): each decode row's, then the chunk's last token's
+    (traced by torch.compile with every int a symbol)."""
+    spans = tuple(Span(r, n - 1, 1) for r, n in zip(biased_rows, lengths))
+    spans += (Span(chunk_row, chunk_end - chunk_len, chunk_len),)
+    positions = model.positions
+    mask = positions[None, :chunk_end] <= positions[chunk_end - chunk_len:chunk_end, None]
+    b = len(biased_rows)
+    wanted = torch.cat([positions[:b], positions[b + chunk_len - 1:b + chunk_len]])
+    step = Step(rows, pos, spans, (None,) * b + (mask,), ROW_BIAS)
+    return model.run_step(tokens, step, wanted)
+
+
+def is_mixed(writes: Sequence[Write]) -> bool:
+    """Whether a pass is decode rows (one token each, its logits) followed by one prefill chunk
+    (two tokens or more; its last token's logits or none): what mixed_rows computes."""
+    *decode, chunk = writes
+    n = len(chunk.ids)
+    return (bool(decode) and all(len(w.ids) == 1 and w.logits == (0, 1) for w in decode)
+            and n >= 2 and chunk.logits in ((n - 1, n), (0, 0)))
+
+
 class Runner:
     """Forward passes over a model's KV cache, recorded in its cache manager."""
 
@@ -102,8 +128,11 @@ class Runner:
         self._compile_thread: threading.Thread | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._verify: Callable[..., torch.Tensor] | None = None  # see enable_verify
+        self._mixed: Callable[..., torch.Tensor] | None = None  # decode rows + a prefill chunk
         if compile:
             self._compiled = self._make_compiled()
+            if len(cache) > 1:  # a chunk can share a pass only with other slots' decode rows
+                self._mixed = self._make_mixed()
 
     @property
     def max_seq_len(self) -> int:
@@ -133,6 +162,10 @@ class Runner:
         elif (compiled and self._verify is not None and self._compiled_ready
               and all(len(w.ids) >= 2 and w.logits == (0, len(w.ids)) for w in writes)):
             logits = self._verify(tokens, spans)
+        elif compiled and self._mixed is not None and self._compiled_ready and is_mixed(writes):
+            logits = self._mixed(tokens, spans)
+            if writes[-1].logits == (0, 0):  # a chunk before the prompt's last: none wanted
+                logits = logits[:-1]
         else:
             index, offset = [], 0
             for w in writes:
@@ -192,6 +225,28 @@ class Runner:
             return logits[:total]
         return run
 
+    def _make_mixed(self) -> Callable[..., torch.Tensor]:
+        compiled = torch.compile(_own_copy(mixed_rows), fullgraph=True, dynamic=True,
+                                 options=self._options)
+        model = self.model
+        max_rows = model.max_batch_size
+
+        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
+            *decode, chunk = spans
+            n = len(decode)
+            head, padded = _pad_to_bucket(tokens[:n], decode, max_rows)
+            tokens = torch.cat([head, tokens[n:]])
+            rows = torch.tensor([s.row for s in padded] + [chunk.row] * chunk.length,
+                                dtype=torch.long, device=self.device)
+            pos = torch.cat([torch.tensor([s.start for s in padded], dtype=torch.long,
+                                          device=self.device),
+                             model.positions[chunk.start:chunk.end]])
+            logits = compiled(model, tokens, rows, pos, tuple(s.row + ROW_BIAS for s in padded),
+                              tuple(s.start + 1 for s in padded), chunk.row + ROW_BIAS,
+                              chunk.end, chunk.length)
+            return torch.cat([logits[:n], logits[-1:]])
+        return run
+
     def enable_verify(self) -> None:
         """Compile verification graphs too (before the compile starts: speculative decoding)."""
         if self.compiled and self._verify is None:
@@ -217,6 +272,14 @@ class Runner:
                     tokens = torch.zeros(sum(s.length for s in spans), dtype=torch.long,
                                          device=self.device)
                     self._verify(tokens, spans)
+            if self._mixed is not None and self.max_seq_len >= 8:
+                # Decode rows and a chunk of 2 or 3 tokens in another slot, at scratch positions.
+                for size in buckets(self.model.max_batch_size):
+                    n = 2 + size % 2
+                    spans = [Span(i % (slots - 1), pos, 1) for i in range(size)]
+                    spans.append(Span(slots - 1, self.max_seq_len - 1 - n, n))
+                    tokens = torch.zeros(size + n, dtype=torch.long, device=self.device)
+                    self._mixed(tokens, spans)
         synchronize(self.device)
         self._compiled_ready = True
 

@@ -10,17 +10,20 @@ or a Scored for a perplexity window; or Failed) arrive in order. Each iteration 
    slot already holds;
 3. runs one decode pass for every request that is generating (one token each, in one forward
    pass; compiled graphs when they are in use), samples each row with its own settings and
-   hands each token on;
-4. prefills at most `prefill_chunk` prompt tokens of the requests still prefilling (chunked
-   prefill: a long prompt arriving while others stream delays their next tokens by a chunk,
-   not by the whole prompt; with nobody generating the chunk is at least SOLO_PREFILL_CHUNK).
+   hands each token on. The pass also carries the next chunk of at most `prefill_chunk` tokens
+   of the first request still prefilling (chunked prefill, as vLLM's: a long prompt arriving
+   while others stream delays their next tokens by a chunk's extra rows in their own pass,
+   not by the whole prompt, nor by a pass of its own);
+4. with nobody generating (or a perplexity window, or a speculative verification pass, in
+   the way), prefills in a pass of its own: at most SOLO_PREFILL_CHUNK tokens with nobody
+   generating, else `prefill_chunk`.
 The loop runs in a thread of its own (the server: `start`), or is driven by whoever waits for an
 event (`next_event`: the engine's synchronous generations), never both at once.
 
-Decode and prefill rows run as separate passes of the same forward function, so a generating
-row's pass holds only one-token rows: its tokens do not depend on what else is in the batch or
-being prefilled (bit for bit in float32 on CPU: each row's products and attention are computed
-as alone), and the compiled graphs have a small, fixed set of shapes.
+Every pass runs the same forward function, whose products treat rows independently and whose
+attention is computed per sequence: a generating row's tokens do not depend on what else is in
+the batch or being prefilled beside it (bit for bit in float32 on CPU), and the compiled graphs
+have a small, fixed set of shapes (a bucket of decode rows, with or without one chunk).
 
 Compiled graphs take over only when no request is running (between generations): a request's
 tokens never come from two kinds of step, so a one-shot command gives the same tokens whether
@@ -259,9 +262,10 @@ class Scheduler:
         if idle and draft is not None and not draft.use_compiled and draft.runner.compiled_ready:
             draft.use_compiled = True
         self._admit()
+        mixed = self.prefill_passes
         if self._decoding:
-            self._decode()
-        if self._prefilling:
+            self._decode()  # carrying a prompt chunk where one can share the pass
+        if self._prefilling and self.prefill_passes == mixed:
             self._prefill()
 
     def _leave_cancelled(self) -> None:
@@ -310,12 +314,15 @@ class Scheduler:
                 and self._verify(batch)):
             return
         writes = [Write.last(a.slot, [a.token]) for a in batch]
-        _prepare(batch)
+        chunk = self._chunk_to_mix()
+        if chunk is not None:
+            writes.append(chunk[1])
+        _prepare(batch + ([chunk[0]] if chunk is not None and chunk[2] else []))
         try:
             logits = self.runner.run(writes, compiled=self.use_compiled)
         except Exception as e:  # one failed pass ends its rows, not the loop
             log.exception("decode pass failed")
-            for a in batch:
+            for a in batch + ([chunk[0]] if chunk is not None else []):
                 self.cache.truncate(a.slot, 0)  # what the failed pass left is unknown
                 self._fail(a, e)
             return
@@ -323,7 +330,27 @@ class Scheduler:
         self.batched_rows += len(batch)
         for a in batch:
             a.steps += 1
-        self._take(batch, logits)
+        self._take(batch, logits[:len(batch)])
+        if chunk is not None:
+            self.prefill_passes += 1
+            a, write, _ = chunk
+            self._prefilled(a, len(write.ids), len(a.slot.ids) - len(write.ids),
+                            write.logits, logits[len(batch):])
+
+    def _chunk_to_mix(self) -> tuple[_Active, Write, bool] | None:
+        """The prompt chunk a decode pass carries (see the module's docstring): the first
+        prefilling generation's next chunk of at most prefill_chunk tokens, with the logits
+        after its last token when it ends the prompt; None when nothing can share the pass.
+        Returns (request, write, whether it samples next)."""
+        for a in self._prefilling:
+            if a.reply is None:  # a scoring request wants logits all along: a pass of its own
+                return None
+            n = min(len(a.pending), self.prefill_chunk)
+            if n < 2:  # a one-token row would look like a decode row: the prefill pass takes it
+                return None
+            final = n == len(a.pending)
+            return a, Write(a.slot, a.pending[:n], (n - 1, n) if final else (0, 0)), final
+        return None
 
     def _verify(self, batch: list[_Active]) -> bool:
         """A speculative decode pass: each row writes its last token and the tokens drafted
@@ -426,24 +453,30 @@ class Scheduler:
         self.prefill_passes += 1
         offset = 0
         for a, n, start, (lo, hi) in parts:
-            rows = logits[offset:offset + hi - lo]
+            self._prefilled(a, n, start, (lo, hi), logits[offset:offset + hi - lo])
             offset += hi - lo
-            del a.pending[:n]
-            req = a.ticket.request
-            if req.score_from is not None:
-                if hi > lo:
-                    targets = torch.tensor(req.prompt[start + lo + 1:start + hi + 1],
-                                           dtype=torch.long, device=rows.device)
-                    a.nll += _nll(rows, targets)
-                    a.scored += hi - lo
-                if not a.pending:
-                    self._prefilling.remove(a)
-                    self._release(a)
-                    self._send(a.ticket, [Scored(a.nll, a.scored)])
-            elif not a.pending:
+
+    def _prefilled(self, a: _Active, n: int, start: int, wanted: tuple[int, int],
+                   rows: torch.Tensor) -> None:
+        """Book a prompt chunk of n tokens written from `start`, with the logits `rows` of its
+        tokens wanted[0]..wanted[1]-1: score them, or sample the first token after the prompt."""
+        lo, hi = wanted
+        del a.pending[:n]
+        req = a.ticket.request
+        if req.score_from is not None:
+            if hi > lo:
+                targets = torch.tensor(req.prompt[start + lo + 1:start + hi + 1],
+                                       dtype=torch.long, device=rows.device)
+                a.nll += _nll(rows, targets)
+                a.scored += hi - lo
+            if not a.pending:
                 self._prefilling.remove(a)
-                self._decoding.append(a)
-                self._take([a], rows)
+                self._release(a)
+                self._send(a.ticket, [Scored(a.nll, a.scored)])
+        elif not a.pending:
+            self._prefilling.remove(a)
+            self._decoding.append(a)
+            self._take([a], rows)
 
     def _take(self, batch: list[_Active], logits: torch.Tensor) -> None:
         """Sample a token for each request from its row of logits (B, vocab) and hand it on."""

@@ -240,10 +240,11 @@ def test_background_compile_takes_over_between_generations(one_thread: None) -> 
 
 @pytest.mark.slow
 def test_compiled_batched_step_does_not_depend_on_the_batch(one_thread: None) -> None:
-    """The compiled decode graphs (one per batch bucket: 1, 2, 4 rows) give each request the
-    tokens it gets alone, whatever else is decoded with it, with no recompiles."""
+    """The compiled decode graphs (one per batch bucket: 1, 2, 4 rows, with or without a prompt
+    chunk beside them) give each request the tokens it gets alone, whatever else is decoded or
+    prefilled with it, with no recompiles."""
     eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=4,
-                      compile=True)
+                      compile=True, prefill_chunk=8)
     prompts = [PROMPT, "Lily went", "The cat sat on the", "Once"]
     try:
         eng.wait_compiled()
@@ -261,6 +262,23 @@ def test_compiled_batched_step_does_not_depend_on_the_batch(one_thread: None) ->
                 for g in gens:
                     list(g)
                 assert [g.result.token_ids for g in gens] == alone[:n]
+            # A prompt arriving while others generate is prefilled 8 tokens at a time inside
+            # their decode passes (the mixed graphs), and nobody's tokens change.
+            mixed, calls = eng.runner._mixed, []
+            eng.runner._mixed = lambda *a: calls.append(1) or mixed(*a)
+            long_prompt = eng.encode_prompt(prompts[0] + " and a dog named Max lived in a house")
+            gens = [eng.complete(p, sampling=GREEDY, max_new_tokens=16) for p in prompts[1:3]]
+            for g in gens:
+                next(g)  # both generating from here
+            late = eng.complete(long_prompt, sampling=GREEDY, max_new_tokens=16)
+            next(late)  # submitted (generations submit on their first chunk) and prefilled
+            for g in gens + [late]:
+                list(g)
+            assert len(calls) >= 2
+            assert [g.result.token_ids for g in gens] == alone[1:3]
+            alone_late = eng.complete(long_prompt, sampling=GREEDY, max_new_tokens=16)
+            list(alone_late)
+            assert late.result.token_ids == alone_late.result.token_ids
     finally:
         torch._dynamo.reset()
 
