@@ -122,6 +122,7 @@ class Engine:
         self.draft = draft
         self.runner.enable_verify()  # compiled verification graphs, when compiling
         if draft is not None:
+            draft.runner.mix = False  # it runs drafts only: no prompt chunks in decode passes
             draft.runner.enable_verify()  # its catch-up passes of a few tokens
 
     def load_draft(self, path: str | Path, *, config: SpecConfig = SpecConfig(),

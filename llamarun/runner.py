@@ -118,7 +118,8 @@ def is_mixed(writes: Sequence[Write]) -> bool:
 class Runner:
     """Forward passes over a model's KV cache, recorded in its cache manager."""
 
-    def __init__(self, model: Transformer, cache: CacheManager, *, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, cache: CacheManager, *, compile: bool = False,
+                 mix: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = model.positions.device
@@ -129,10 +130,12 @@ class Runner:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._verify: Callable[..., torch.Tensor] | None = None  # see enable_verify
         self._mixed: Callable[..., torch.Tensor] | None = None  # decode rows + a prefill chunk
+        # mix: compile graphs for decode passes that carry a prompt chunk (the scheduler's;
+        # a draft model's runner has no use for them). A chunk can share a pass only with other
+        # slots' decode rows.
+        self.mix = mix and len(cache) > 1
         if compile:
             self._compiled = self._make_compiled()
-            if len(cache) > 1:  # a chunk can share a pass only with other slots' decode rows
-                self._mixed = self._make_mixed()
 
     @property
     def max_seq_len(self) -> int:
@@ -272,7 +275,8 @@ class Runner:
                     tokens = torch.zeros(sum(s.length for s in spans), dtype=torch.long,
                                          device=self.device)
                     self._verify(tokens, spans)
-            if self._mixed is not None and self.max_seq_len >= 8:
+            if self.mix and self.max_seq_len >= 8:
+                self._mixed = self._make_mixed()
                 # Decode rows and a chunk of 2 or 3 tokens in another slot, at scratch positions.
                 for size in buckets(self.model.max_batch_size):
                     n = 2 + size % 2

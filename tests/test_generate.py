@@ -152,6 +152,24 @@ def test_batched_steps_do_not_depend_on_the_batch(one_thread: None) -> None:
             token = int(logits.argmax())
 
 
+def test_a_prompt_chunk_beside_decode_rows_changes_none_of_their_logits(one_thread: None) -> None:
+    """Decode rows and another slot's prompt chunk in one pass (the scheduler's chunked
+    prefill): the decode rows' logits are, bit for bit, those of the decode rows alone."""
+    eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=3)
+    cache, runner = eng.cache, eng.runner
+    a, b, c = cache.slots
+    runner.run([Write.silent(a, PROMPTS[2]), Write.silent(b, PROMPTS[0])])
+    alone = runner.run([Write.last(a, [300]), Write.last(b, [301])])
+    cache.truncate(a, len(PROMPTS[2]))
+    cache.truncate(b, len(PROMPTS[0]))
+    for chunk in (PROMPTS[2] * 3, PROMPTS[3]):
+        cache.truncate(c, 0)
+        mixed = runner.run([Write.last(a, [300]), Write.last(b, [301]), Write.last(c, chunk)])
+        assert mixed.shape[0] == 3 and torch.equal(mixed[:2], alone)
+        cache.truncate(a, len(PROMPTS[2]))
+        cache.truncate(b, len(PROMPTS[0]))
+
+
 def test_one_forward_serves_prefill_decode_and_verification_rows(one_thread: None) -> None:
     """A pass mixing a prefill span, one-token rows and a several-token row gives each row the
     logits it gets alone (to float32 rounding: the product shapes differ)."""
