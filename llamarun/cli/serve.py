@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # scheduler.DEFAULT_PREFILL_CHUNK, written out: importing the scheduler imports torch, which the
 # CLI does only once a command runs (a test checks they agree).
-PREFILL_CHUNK_SHOWN = "64"
+PREFILL_CHUNK_SHOWN = "8"
 
 
 @app.command()
@@ -40,9 +40,10 @@ def serve(
         "--quiet", "-q", help="No log line per request on stderr")] = False,
     prefill_chunk: Annotated[Optional[int], typer.Option(
         "--prefill-chunk", metavar="N", show_default=False,
-        help="Prompt tokens prefilled per step while other requests generate (chunked "
-             "prefill: a long prompt delays their next tokens by a chunk, not by the whole "
-             f"prompt; default {PREFILL_CHUNK_SHOWN})")] = None,
+        help="Prompt tokens prefilled per step while other requests generate, inside their "
+             "decode pass (chunked prefill: a long prompt slows their next tokens by a chunk, "
+             "instead of stopping them for the whole prompt; larger: faster prompts, slower "
+             f"streams meanwhile; default {PREFILL_CHUNK_SHOWN})")] = None,
     *,
     opts: ModelOptions,  # the model flags, checked already (options.model_command)
     spec: SpecOptions,
