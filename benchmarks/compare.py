@@ -9,8 +9,10 @@ TTFT (prefill of the N-token prompt + the first greedy sample, s), peak RSS, ach
 transformers where it ran) in the same run. Timings are medians over --reps after a warm-up
 (at least one run and 1 s; 3 s after a compile).
 
-Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF) and "1b" (a
-random Llama-3.2-1B-shaped model; opt-in: about 10 GB of GGUF files and a long run).
+Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF), "1b" (a
+random Llama-3.2-1B-shaped model; opt-in: about 10 GB of GGUF files and a long run) and "8b" (a
+random Llama-3.1-8B-shaped model, Q4_0 only: a 4.7 GB file; opt-in). "RSS / file+KV" is the
+peak resident memory over the GGUF file's size plus the engine's KV cache.
 Engines: llamarun (eager), llamarun-compiled (torch.compile'd decode step; compile time reported
 apart), transformers (eager; F32/BF16 of smollm2 only, loading the F32 GGUF), llama.cpp
 (llama-cpp-python).
@@ -19,6 +21,7 @@ apart), transformers (eager; F32/BF16 of smollm2 only, loading the F32 GGUF), ll
     python benchmarks/compare.py --models smollm2,1b --precisions q4,bf16 --prompt-tokens 512 \
         --gen-tokens 128 --reps 3 --threads 2 --engines llamarun,llama.cpp [--json]
     python benchmarks/compare.py --baseline ca7d8ff    # also llamarun at that commit, same run
+    python benchmarks/compare.py --models 8b --precisions q4 --prompt-tokens 64 --gen-tokens 32
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ PRECISIONS = {  # name -> (GGUF variant, llamarun dtype)
     "q8_0": ("Q8_0", "auto"),  # Q8_0 is kept as int8 (per-row scales)
     "q4": ("Q4_0", "auto"),  # Q4_0 is kept as int4 (groups of 32)
 }
-MODELS = ("smollm2", "1b")
+MODELS = ("smollm2", "1b", "8b")
+ONLY = {"8b": ("q4",)}  # models written in some precisions only
 TG_PROMPT = 8  # tokens prefilled before timing decode
 RESULT = "@@result "  # prefix of the worker's one JSON line on stdout
 
@@ -132,7 +136,9 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
     warmup_s = 3.0 if compiled else 1.0
     pp_tok_s, ttft = medians(first_token, reps, warmup_s=warmup_s)
     (tg_tok_s,) = medians(decode, reps, warmup_s=warmup_s)
-    return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft,
+    kv = sum(b.nbytes for name, b in ck.model.named_buffers()
+             if name.endswith(("k_cache", "v_cache")))
+    return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft, "kv_bytes": kv,
             "bytes_per_token": weight_bytes(engine)[1], "storage": llamarun_storage(ck),
             "dtype": str(ck.dtype).removeprefix("torch."), "load_s": load_s,
             "compile_s": compile_s}
@@ -314,9 +320,9 @@ def variant_files(model: str, types: tuple[str, ...]) -> dict[str, Path]:
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    from variants import llama_1b_variants, smollm2_variants
+    from variants import llama_1b_variants, llama_8b_variants, smollm2_variants
 
-    make = smollm2_variants if model == "smollm2" else llama_1b_variants
+    make = {"smollm2": smollm2_variants, "1b": llama_1b_variants, "8b": llama_8b_variants}[model]
     return make(types=types)
 
 
@@ -349,11 +355,15 @@ def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
     """Every row: model x precision x engine."""
     rows: list[dict] = []
     for model in a.models:
-        types = {PRECISIONS[p][0] for p in a.precisions}
+        precisions = [p for p in a.precisions if p in ONLY.get(model, PRECISIONS)]
+        if not precisions:
+            print(f"{model}: written in {', '.join(ONLY[model])} only: skipped", file=sys.stderr)
+            continue
+        types = {PRECISIONS[p][0] for p in precisions}
         if "transformers" in engines and model == "smollm2" and {"f32", "bf16"} & set(a.precisions):
             types.add("F32")
         files = variant_files(model, tuple(sorted(types)))
-        for prec in a.precisions:
+        for prec in precisions:
             for engine in engines:
                 job = engine_input(engine, model, prec, files)
                 if job is None:
@@ -371,6 +381,9 @@ def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
                     row["storage"], row["bytes_per_token"] = gguf_facts(path)
                 row["gb_s"] = row["bytes_per_token"] * row["tg_tok_s"] / 1e9
                 row["peak_rss_mib"] = row["peak_rss_bytes"] / 2**20
+                if "kv_bytes" in row:
+                    row["rss_vs_file_kv"] = row["peak_rss_bytes"] / (path.stat().st_size
+                                                                     + row["kv_bytes"])
                 print(f"  pp {row['pp_tok_s']:.1f} tok/s, tg {row['tg_tok_s']:.1f} tok/s "
                       f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
                 rows.append(row)
@@ -419,6 +432,8 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
         if any(r["engine"] == "transformers" for r in mine):
             cols += [("pp vs HF", "pp_vs_transformers", ".2f"),
                      ("tg vs HF", "tg_vs_transformers", ".2f")]
+        if any(r.get("rss_vs_file_kv") is not None for r in mine):
+            cols.append(("RSS / file+KV", "rss_vs_file_kv", ".2f"))
         if any(r.get("compile_s") is not None for r in mine):
             cols.append(("compile s", "compile_s", ".1f"))
         storage_w = max([7] + [len(r.get("storage", "")) for r in mine])
@@ -453,7 +468,7 @@ def parse_args() -> argparse.Namespace:
     """The command line (--worker and --file/--dtype are internal)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=_csv(MODELS), default=["smollm2"],
-                    help="smollm2,1b (1b is opt-in: ~10 GB of files, a long run)")
+                    help="smollm2,1b,8b (1b and 8b are opt-in: ~10 and 4.7 GB of files, long runs)")
     ap.add_argument("--precisions", type=_csv(tuple(PRECISIONS)), default=list(PRECISIONS))
     ap.add_argument("--engines", type=_csv(ENGINES), default=None,
                     help="default: every installed one of " + ",".join(ENGINES))

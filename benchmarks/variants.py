@@ -2,10 +2,13 @@
 
 smollm2_variants() re-encodes the embedded SmolLM2-135M Q4_1 GGUF (metadata copied, each tensor
 dequantized and quantized again); llama_1b_variants() writes a randomly initialised model shaped
-like Llama-3.2-1B. Both stream one tensor at a time into every requested file, so memory stays
-near the largest tensor, and skip a file that already exists with the expected size.
+like Llama-3.2-1B; llama_8b_variants() one shaped like Llama-3.1-8B (untied output), Q4_0 only
+(about 4.7 GB), its blocks drawn at random directly in their encoding (quantizing 8 billion
+random floats would take an hour here and give the same kind of weights). Each streams one
+tensor at a time into every requested file, so memory stays near the largest tensor, and skips
+a file that already exists with the expected size.
 
-    python benchmarks/variants.py [--out benchmarks/.cache] [--models smollm2,1b] [--types F32,Q4_0]
+    python benchmarks/variants.py [--out benchmarks/.cache] [--models smollm2,1b,8b] [--types F32,Q4_0]
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ _HEADER_KEYS = ("GGUF.", "general.architecture", "general.alignment", "general.f
 
 # (name, shape in PyTorch order (rows, cols)) -> float32 values
 TensorSource = Callable[[str, tuple[int, ...]], np.ndarray]
+# (name, shape, type) -> the tensor already encoded as that type (what encode() returns)
+EncodedSource = Callable[[str, tuple[int, ...], QT], np.ndarray]
 # (key, value, value type, array element type)
 Field = tuple[str, object, GGUFValueType, GGUFValueType | None]
 
@@ -105,9 +110,11 @@ def expected_size(w: gguf.GGUFWriter) -> int:
 
 
 def write_variants(out_dir: Path, stem: str, arch: str, fields: list[Field],
-                   plan: list[TensorPlan], source: TensorSource,
-                   types: tuple[str, ...]) -> dict[str, Path]:
+                   plan: list[TensorPlan], source: TensorSource | None,
+                   types: tuple[str, ...], encoded_source: EncodedSource | None = None
+                   ) -> dict[str, Path]:
     """Write `stem.TYPE.gguf` for each type, reading each tensor once; return type -> path.
+    `source` gives float values to encode; `encoded_source` (instead) the encoded tensors.
 
     A file already present with the expected size is kept as it is.
     """
@@ -128,12 +135,13 @@ def write_variants(out_dir: Path, stem: str, arch: str, fields: list[Field],
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
     for t in plan:
-        values = source(t.name, t.shape)
+        values = source(t.name, t.shape) if source is not None else None
         encoded: dict[QT, np.ndarray] = {}  # one encoding per type, shared by the files
         for variant, (w, _) in writers.items():
             qtype = tensor_type(t.name, t.shape, variant)
             if qtype not in encoded:
-                encoded[qtype] = encode(values, qtype)
+                encoded[qtype] = (encode(values, qtype) if values is not None
+                                  else encoded_source(t.name, t.shape, qtype))
             w.write_tensor_data(encoded[qtype])
     for variant, (w, part) in writers.items():
         w.close()
@@ -193,6 +201,13 @@ class Llama1BShape:
     rope_theta: float = 500000.0
     context: int = 2048
     norm_eps: float = 1e-5
+    tied: bool = True  # the output projection is the token embedding
+    name: str = "random Llama-3.2-1B-shaped"
+
+
+# Llama-3.1-8B's sizes (untied output; RoPE scaling left out: irrelevant for speed)
+LLAMA_8B = Llama1BShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                        tied=False, name="random Llama-3.1-8B-shaped")
 
 
 def _llama_fields(s: Llama1BShape) -> list[Field]:
@@ -206,7 +221,7 @@ def _llama_fields(s: Llama1BShape) -> list[Field]:
               int(gguf.TokenType.CONTROL)] + [int(gguf.TokenType.BYTE)] * 256
     ttypes += [int(gguf.TokenType.NORMAL)] * (s.vocab_size - len(ttypes))
     return [
-        ("general.name", "random Llama-3.2-1B-shaped", STR, None),
+        ("general.name", s.name, STR, None),
         ("llama.context_length", s.context, U32, None),
         ("llama.embedding_length", s.dim, U32, None),
         ("llama.block_count", s.n_layers, U32, None),
@@ -244,6 +259,8 @@ def _llama_plan(s: Llama1BShape) -> Iterator[TensorPlan]:
                             ("ffn_down", (s.dim, s.hidden_dim))):
             yield TensorPlan(f"blk.{i}.{name}.weight", shape)
     yield TensorPlan("output_norm.weight", (s.dim,))
+    if not s.tied:
+        yield TensorPlan("output.weight", (s.vocab_size, s.dim))
 
 
 def random_tensor(index: int, shape: tuple[int, ...], *, seed: int = 0) -> np.ndarray:
@@ -269,6 +286,45 @@ def llama_1b_variants(out_dir: Path = DEFAULT_DIR, types: tuple[str, ...] = TYPE
                           types)
 
 
+def random_encoded(index: int, shape: tuple[int, ...], qtype: QT, *, seed: int = 0) -> np.ndarray:
+    """A random tensor drawn directly in its encoding, seeded per tensor: Q4_0 and Q8_0 blocks of
+    uniform random quants, symmetric about 0, with the scale that gives their values a standard
+    deviation of about 0.02 (as random_tensor's), F32 norms of 1.0."""
+    if qtype == QT.F32:
+        return random_tensor(index, shape, seed=seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    if qtype not in (QT.Q4_0, QT.Q8_0):
+        raise ValueError(f"no random encoding for {qtype.name}")
+    rng = np.random.default_rng(seed * 100_003 + index)
+    blocks = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block)
+    out = np.empty((blocks, size), dtype=np.uint8)
+    if qtype == QT.Q4_0:  # nibbles 1..15 (values -7..7, symmetric: standard deviation 4.32)
+        lo = rng.integers(1, 16, size=(blocks, size - 2), dtype=np.uint8)
+        out[:, 2:] = lo | (rng.integers(1, 16, size=(blocks, size - 2), dtype=np.uint8) << 4)
+        scale = 0.02 / 4.32
+    else:  # int8 -127..127 (standard deviation 73.5)
+        out[:, 2:] = rng.integers(-127, 128, size=(blocks, size - 2), dtype=np.int8).view(np.uint8)
+        scale = 0.02 / 73.5
+    out[:, :2] = np.full((blocks, 1), scale, dtype=np.float16).view(np.uint8)
+    return out.reshape(-1)
+
+
+def llama_8b_variants(out_dir: Path = DEFAULT_DIR, types: tuple[str, ...] = ("Q4_0",), *,
+                      seed: int = 0) -> dict[str, Path]:
+    """A random Llama-3.1-8B-shaped model (Q4_0, its embedding Q8_0); type -> path."""
+    bad = [t for t in types if t != "Q4_0"]
+    if bad:
+        raise SystemExit(f"the 8B model is written as Q4_0 only (not {', '.join(bad)})")
+    plan = list(_llama_plan(LLAMA_8B))
+    index = {t.name: i for i, t in enumerate(plan)}
+
+    def encoded(name: str, tshape: tuple[int, ...], qtype: QT) -> np.ndarray:
+        return random_encoded(index[name], tshape, qtype, seed=seed)
+
+    return write_variants(out_dir, "llama-8b-random", "llama", _llama_fields(LLAMA_8B), plan,
+                          None, types, encoded)
+
+
 def time_one_1b_layer(types: tuple[str, ...] = TYPES) -> dict[str, float]:
     """Seconds to generate one 1B layer and encode it as each type (nothing written)."""
     s = Llama1BShape()
@@ -288,7 +344,7 @@ def main() -> None:
     """Write the variants named on the command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    ap.add_argument("--models", default="smollm2", help="smollm2,1b")
+    ap.add_argument("--models", default="smollm2", help="smollm2,1b,8b (8b: Q4_0 only)")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--time-1b-layer", action="store_true",
                     help="only time generating and encoding one layer of the 1B model")
@@ -299,8 +355,9 @@ def main() -> None:
             print(f"{k:7} {v:6.2f} s")
         return
     for model in a.models.split(","):
-        make = {"smollm2": smollm2_variants, "1b": llama_1b_variants}[model]
-        for variant, path in make(a.out, types).items():
+        make = {"smollm2": smollm2_variants, "1b": llama_1b_variants,
+                "8b": llama_8b_variants}[model]
+        for variant, path in make(a.out, ("Q4_0",) if model == "8b" else types).items():
             print(f"{variant:5} {path} {path.stat().st_size / 2**20:.1f} MiB")
 
 
