@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from llamarun.cache_manager import CacheManager, Slot
+from llamarun.device import release_cpu_worker_threads
 from llamarun.errors import InvalidArgumentError, LlamarunError, PromptTooLongError
 from llamarun.generation import (
     FINAL, Event, Failed, GenerationResult, Reply, Scored, TextChunk, Token,
@@ -225,6 +226,10 @@ class Scheduler:
             if self.running:
                 return
             self._stopping = False  # a stopped scheduler may serve again (a new app)
+        # From now on the loop's thread computes: the caller's idle CPU worker threads would
+        # only slow each of its parallel ops (device.release_cpu_worker_threads).
+        if self.device.type == "cpu":
+            release_cpu_worker_threads()
         self._thread = threading.Thread(target=self._loop, name="llamarun-scheduler", daemon=True)
         self._thread.start()
 

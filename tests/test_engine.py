@@ -310,3 +310,27 @@ def test_lone_surrogates_in_text_are_replaced(engine: Engine) -> None:
     assert gen.result.completion_tokens == 3
     session = engine.chat()
     list(session.send("Hi \ud800", sampling=GREEDY, max_new_tokens=2))
+
+
+def test_releasing_the_callers_cpu_worker_threads_keeps_every_thread_computing_alike() -> None:
+    """device.release_cpu_worker_threads (Scheduler.start calls it): with PyTorch's GNU OpenMP
+    it lets the calling thread's pool go; ops in this thread and in others give the same
+    results after it as before (the pool comes back when needed)."""
+    import sys
+    import threading
+
+    from llamarun.device import release_cpu_worker_threads
+
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))
+    before = x @ w
+    released = release_cpu_worker_threads()
+    if sys.platform == "linux" and torch.backends.openmp.is_available():
+        assert released  # PyTorch's Linux CPU builds use GNU OpenMP
+    out: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: out.append(x @ w))
+    t.start()
+    t.join()
+    assert torch.equal(out[0], before)
+    assert torch.equal(x @ w, before)
+    assert torch.equal(torch.add(x, 1.0).sum(0), (x + 1).sum(0))
