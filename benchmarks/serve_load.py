@@ -14,8 +14,14 @@ must not depend on the batch).
     python benchmarks/serve_load.py --long-prompt 2048 --clients 4   # a long prompt mid-stream
 
 llamarun is measured once its compiled decode step is in use (its /health says so; --no-compile
-measures the eager step). --long-prompt N: while --clients clients stream long replies, one more
-request brings an N-token prompt; reported are the streaming clients' inter-token latencies
+measures the eager step). --reference also times the same questions in one process, through
+the library (a chat session per question, as `llamarun chat` and `complete` run: no HTTP, the
+same slots and context, so the same compiled graphs): the single stream's decode rate (1 / its
+inter-token p50) against that one's tells what serving costs.
+
+--long-prompt N: while --clients clients stream long raw completions (counting on from "1, 2,
+..., 10,", which goes on for all of --long-stream-tokens), one more request brings an N-token
+prompt; reported are the streaming clients' inter-token latencies
 p50 outside the long prompt's prefill and p99 while it was being prefilled (from its arrival to
 its first token), and that prefill's time.
 
@@ -105,11 +111,16 @@ def wait_compiled(url: str, timeout: float) -> None:
 
 
 def one_request(url: str, question: str, a: argparse.Namespace,
-                max_tokens: int | None = None) -> dict[str, Any]:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": question}],
-                       "max_tokens": max_tokens or a.max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(url + "/chat/completions", data=body,
+                max_tokens: int | None = None, raw: bool = False) -> dict[str, Any]:
+    """A streamed greedy chat request (raw: a text completion of `question` instead)."""
+    body = {"model": "m", "max_tokens": max_tokens or a.max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if raw:
+        body["prompt"] = question
+    else:
+        body["messages"] = [{"role": "user", "content": question}]
+    req = urllib.request.Request(url + ("/completions" if raw else "/chat/completions"),
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     stamps: list[float] = []
@@ -123,7 +134,7 @@ def one_request(url: str, question: str, a: argparse.Namespace,
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
+                piece = choice.get("text") if raw else (choice.get("delta") or {}).get("content")
                 if piece:
                     stamps.append(time.perf_counter())
                     text.append(piece)
@@ -147,7 +158,10 @@ def long_prompt_level(url: str, name: str, a: argparse.Namespace) -> dict[str, A
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        out = one_request(url, QUESTIONS[i % len(QUESTIONS)], a, max_tokens=a.long_stream_tokens)
+        # Counting on: a reply that goes on for all of --long-stream-tokens (a chat answer
+        # ends at its own length, often before the long prompt's prefill does).
+        start = ", ".join(str(n) for n in range(1 + i, 11 + i)) + ","
+        out = one_request(url, start, a, max_tokens=a.long_stream_tokens, raw=True)
         with lock:
             streams.append(out)
 
@@ -162,7 +176,9 @@ def long_prompt_level(url: str, name: str, a: argparse.Namespace) -> dict[str, A
     long = one_request(url, "Summarize: " + text, a, max_tokens=4)
     for t in threads:
         t.join()
-    began, first = long["start"], long["start"] + (long["ttft"] or 0.0)
+    # Its first token's arrival ends the prefill (its end, if no chunk carried text).
+    began = long["start"]
+    first = began + long["ttft"] if long["ttft"] is not None else long["end"]
     during = [b - x for s in streams for x, b in zip(s["stamps"], s["stamps"][1:])
               if began <= b <= first + 1e-3]
     # Their p50 without the prefill (the streams' own pace), and p99 while it ran.
@@ -171,7 +187,7 @@ def long_prompt_level(url: str, name: str, a: argparse.Namespace) -> dict[str, A
     p50, p99 = pct(outside, 0.5), pct(during, 0.99)
     return {"engine": name, "clients": a.clients_n,
             "prompt_tokens": (long["usage"] or {}).get("prompt_tokens"),
-            "prefill_s": long["ttft"], "itl_p50": p50, "itl_p99_during": p99,
+            "prefill_s": first - began, "long_reply": long["text"], "itl_p50": p50, "itl_p99_during": p99,
             "gaps_during": len(during),
             "ratio": (p99 / p50) if p50 and p99 else None,
             "complete": all(s["finish"] in ("stop", "length") for s in streams)}
@@ -246,6 +262,40 @@ def show(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
               f"{'yes' if r['complete'] and not r['errors'] else 'NO':>3}")
 
 
+def reference(a: argparse.Namespace, slots: int) -> dict[str, Any]:
+    """Decode tok/s of the same questions in one process (in a subprocess of its own)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-worker",
+           "--max-seq-len", str(a.max_seq_len), "--max-tokens", str(a.max_tokens),
+           "--dtype", a.dtype, "--requests", str(a.requests), "--clients", str(slots),
+           "--compile" if a.compile else "--no-compile"] + (["--model", a.model] if a.model else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"the in-process reference failed: {out.stderr.strip()[-300:]}")
+    return json.loads(lines[-1])
+
+
+def reference_worker(a: argparse.Namespace) -> None:
+    """The library's chat decode on the server's settings: tok/s after each first token."""
+    from llamarun.default_model import default_model_path
+    from llamarun.engine import Engine
+    from llamarun.sampling import SamplingParams
+
+    model = a.model or default_model_path()
+    engine = Engine.load(model, device="cpu", dtype=a.dtype, max_seq_len=a.max_seq_len,
+                         compile=a.compile, slots=int(a.clients))
+    engine.wait_compiled()
+    rates = []
+    for i in range(1 + max(3, a.requests)):  # the first is a warm-up
+        gen = engine.chat().send(QUESTIONS[i % len(QUESTIONS)], sampling=SamplingParams.greedy(),
+                                 max_new_tokens=a.max_tokens)
+        stamps = [time.perf_counter() for _ in gen]
+        if i and len(stamps) > 2:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    print(json.dumps({"decode_tok_s": sorted(rates)[len(rates) // 2]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="1,4,8,16")
@@ -261,10 +311,16 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, help="llamarun serve --prefill-chunk")
     p.add_argument("--long-prompt", type=int, metavar="N",
                    help="instead of the levels: a prompt of about N tokens arriving mid-stream")
-    p.add_argument("--long-stream-tokens", type=int, default=400)
-    p.add_argument("--long-delay", type=float, default=1.0)
+    p.add_argument("--long-stream-tokens", type=int, default=1500)
+    p.add_argument("--long-delay", type=float, default=3.0)
+    p.add_argument("--reference", action="store_true",
+                   help="also time the same questions in one process, through the library")
+    p.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.reference_worker:
+        reference_worker(a)
+        return
     levels = [int(x) for x in a.clients.split(",")]
     if min(levels) < 1 or a.requests < 1 or not 1 <= a.max_tokens <= 4096:
         p.error("clients, requests and max-tokens must be positive")
@@ -301,9 +357,16 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+    ref = None
+    if a.reference and not a.long_prompt and 1 in levels:
+        ref = reference(a, max(levels))
+        one = next(r for r in rows if r["engine"] == "llamarun" and r["clients"] == 1)
+        ref["serve_decode_tok_s"] = 1 / one["itl_p50"] if one["itl_p50"] else None
     if a.json:
         for r in rows:
             r.pop("answers", None)
+        if ref is not None:
+            rows.append({"engine": "llamarun in process", **ref})
         print(json.dumps(rows, indent=1))
     elif a.long_prompt:
         for r in rows:
@@ -315,6 +378,11 @@ def main() -> None:
                   f"ratio {r['ratio']:.2f}; complete: {r['complete']}")
     else:
         show(rows, a)
+    if ref is not None and not a.json:
+        serve = ref["serve_decode_tok_s"]
+        print(f"one stream's decode: serve {serve:.1f} tok/s (1 / inter-token p50), in process "
+              f"{ref['decode_tok_s']:.1f} tok/s (a chat session, same slots and context): "
+              f"{serve / ref['decode_tok_s']:.2f}x")
 
 
 if __name__ == "__main__":
