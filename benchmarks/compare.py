@@ -47,8 +47,7 @@ PRECISIONS = {  # name -> (GGUF variant, llamarun dtype)
     "q8_0": ("Q8_0", "auto"),  # Q8_0 is kept as int8 (per-row scales)
     "q4": ("Q4_0", "auto"),  # Q4_0 is kept as int4 (groups of 32)
 }
-MODELS = ("smollm2", "1b", "8b")
-ONLY = {"8b": ("q4",)}  # models written in some precisions only
+MODELS = ("smollm2", "1b", "8b")  # variants.MAKERS
 TG_PROMPT = 8  # tokens prefilled before timing decode
 RESULT = "@@result "  # prefix of the worker's one JSON line on stdout
 
@@ -315,15 +314,19 @@ def run_one(engine: str, path: Path, dtype: str, a: argparse.Namespace) -> dict:
     return {"error": (lines[-1] if lines else f"exit status {proc.returncode}")[:200]}
 
 
-def variant_files(model: str, types: tuple[str, ...]) -> dict[str, Path]:
-    """GGUF type -> file for a model, written on first use."""
+def _variants() -> Any:
+    """benchmarks/variants.py (imported on first use: the workers do not need it)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    from variants import llama_1b_variants, llama_8b_variants, smollm2_variants
+    import variants
 
-    make = {"smollm2": smollm2_variants, "1b": llama_1b_variants, "8b": llama_8b_variants}[model]
-    return make(types=types)
+    return variants
+
+
+def variant_files(model: str, types: tuple[str, ...]) -> dict[str, Path]:
+    """GGUF type -> file for a model, written on first use."""
+    return _variants().MAKERS[model](types=types)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -355,9 +358,10 @@ def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
     """Every row: model x precision x engine."""
     rows: list[dict] = []
     for model in a.models:
-        precisions = [p for p in a.precisions if p in ONLY.get(model, PRECISIONS)]
+        only = _variants().ONLY_TYPES.get(model)
+        precisions = [p for p in a.precisions if only is None or PRECISIONS[p][0] in only]
         if not precisions:
-            print(f"{model}: written in {', '.join(ONLY[model])} only: skipped", file=sys.stderr)
+            print(f"{model}: written in {', '.join(only or ())} only: skipped", file=sys.stderr)
             continue
         types = {PRECISIONS[p][0] for p in precisions}
         if "transformers" in engines and model == "smollm2" and {"f32", "bf16"} & set(a.precisions):

@@ -187,7 +187,8 @@ def long_prompt_level(url: str, name: str, a: argparse.Namespace) -> dict[str, A
     p50, p99 = pct(outside, 0.5), pct(during, 0.99)
     return {"engine": name, "clients": a.clients_n,
             "prompt_tokens": (long["usage"] or {}).get("prompt_tokens"),
-            "prefill_s": first - began, "long_reply": long["text"], "itl_p50": p50, "itl_p99_during": p99,
+            "prefill_s": first - began, "long_reply": long["text"],
+            "itl_p50": p50, "itl_p99_during": p99,
             "gaps_during": len(during),
             "ratio": (p99 / p50) if p50 and p99 else None,
             "complete": all(s["finish"] in ("stop", "length") for s in streams)}

@@ -312,7 +312,7 @@ def random_encoded(index: int, shape: tuple[int, ...], qtype: QT, *, seed: int =
 def llama_8b_variants(out_dir: Path = DEFAULT_DIR, types: tuple[str, ...] = ("Q4_0",), *,
                       seed: int = 0) -> dict[str, Path]:
     """A random Llama-3.1-8B-shaped model (Q4_0, its embedding Q8_0); type -> path."""
-    bad = [t for t in types if t != "Q4_0"]
+    bad = [t for t in types if t not in ONLY_TYPES["8b"]]
     if bad:
         raise SystemExit(f"the 8B model is written as Q4_0 only (not {', '.join(bad)})")
     plan = list(_llama_plan(LLAMA_8B))
@@ -323,6 +323,10 @@ def llama_8b_variants(out_dir: Path = DEFAULT_DIR, types: tuple[str, ...] = ("Q4
 
     return write_variants(out_dir, "llama-8b-random", "llama", _llama_fields(LLAMA_8B), plan,
                           None, types, encoded)
+
+
+MAKERS = {"smollm2": smollm2_variants, "1b": llama_1b_variants, "8b": llama_8b_variants}
+ONLY_TYPES = {"8b": ("Q4_0",)}  # models written in these types only
 
 
 def time_one_1b_layer(types: tuple[str, ...] = TYPES) -> dict[str, float]:
@@ -355,9 +359,7 @@ def main() -> None:
             print(f"{k:7} {v:6.2f} s")
         return
     for model in a.models.split(","):
-        make = {"smollm2": smollm2_variants, "1b": llama_1b_variants,
-                "8b": llama_8b_variants}[model]
-        for variant, path in make(a.out, ("Q4_0",) if model == "8b" else types).items():
+        for variant, path in MAKERS[model](a.out, ONLY_TYPES.get(model, types)).items():
             print(f"{variant:5} {path} {path.stat().st_size / 2**20:.1f} MiB")
 
 
