@@ -126,8 +126,8 @@ def one_request(url: str, question: str, a: argparse.Namespace,
     stamps: list[float] = []
     text, finish, usage = [], None, None
     with urllib.request.urlopen(req, timeout=a.timeout) as r:
-        for raw in r:
-            line = raw.decode().strip()
+        for data in r:
+            line = data.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
