@@ -24,6 +24,7 @@ import torch
 
 from llamarun.cache_manager import CacheManager, Slot
 from llamarun import device as devices
+from llamarun import kernels
 from llamarun.device import compile_options, synchronize
 from llamarun.errors import PromptTooLongError
 from llamarun.model import Span, Step, Transformer
@@ -86,7 +87,9 @@ def verify_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, po
     spans = tuple(Span(r, e - n, n) for r, e, n in zip(biased_rows, ends, lengths))
     positions = model.positions
     masks = tuple(positions[None, :e] <= positions[e - n:e, None] for e, n in zip(ends, lengths))
-    return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS))
+    # (Runner.run sends rows of at most kernels.ATTEND_MAX_TOKENS here: short spans)
+    short = (True,) * len(spans)
+    return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS, short))
 
 
 def mixed_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
@@ -102,7 +105,8 @@ def mixed_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos
     mask = positions[None, :chunk_end] <= positions[chunk_end - chunk_len:chunk_end, None]
     b = len(biased_rows)
     wanted = torch.cat([positions[:b], positions[b + chunk_len - 1:b + chunk_len]])
-    step = Step(rows, pos, spans, (None,) * b + (mask,), ROW_BIAS)
+    # (Runner.run sends chunks of at most kernels.ATTEND_MAX_TOKENS here: short spans)
+    step = Step(rows, pos, spans, (None,) * b + (mask,), ROW_BIAS, (True,) * (b + 1))
     return model.run_step(tokens, step, wanted)
 
 
@@ -163,9 +167,11 @@ class Runner:
                 raise RuntimeError("the compiled step is not ready")
             logits = self._compiled(tokens, spans)
         elif (compiled and self._verify is not None and self._compiled_ready
-              and all(len(w.ids) >= 2 and w.logits == (0, len(w.ids)) for w in writes)):
+              and all(2 <= len(w.ids) <= kernels.ATTEND_MAX_TOKENS
+                      and w.logits == (0, len(w.ids)) for w in writes)):
             logits = self._verify(tokens, spans)
-        elif compiled and self._mixed is not None and self._compiled_ready and is_mixed(writes):
+        elif (compiled and self._mixed is not None and self._compiled_ready and is_mixed(writes)
+              and len(writes[-1].ids) <= kernels.ATTEND_MAX_TOKENS):
             logits = self._mixed(tokens, spans)
             if writes[-1].logits == (0, 0):  # a chunk before the prompt's last: none wanted
                 logits = logits[:-1]

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from llamarun import kernels
 from llamarun.cache_manager import CacheManager, Slot, common_prefix
 from llamarun.engine import Engine
 from llamarun.generation import GenerationResult, Scored, Token
@@ -154,7 +155,9 @@ def test_batched_steps_do_not_depend_on_the_batch(one_thread: None) -> None:
 
 def test_a_prompt_chunk_beside_decode_rows_changes_none_of_their_logits(one_thread: None) -> None:
     """Decode rows and another slot's prompt chunk in one pass (the scheduler's chunked
-    prefill): the decode rows' logits are, bit for bit, those of the decode rows alone."""
+    prefill): the decode rows' logits are, bit for bit, those of the decode rows alone, whether
+    the chunk attends through the same kernel as they do or (longer than
+    kernels.ATTEND_MAX_TOKENS) through SDPA."""
     eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=3)
     cache, runner = eng.cache, eng.runner
     a, b, c = cache.slots
@@ -162,7 +165,7 @@ def test_a_prompt_chunk_beside_decode_rows_changes_none_of_their_logits(one_thre
     alone = runner.run([Write.last(a, [300]), Write.last(b, [301])])
     cache.truncate(a, len(PROMPTS[2]))
     cache.truncate(b, len(PROMPTS[0]))
-    for chunk in (PROMPTS[2] * 3, PROMPTS[3]):
+    for chunk in (PROMPTS[2] * 3, PROMPTS[3], PROMPTS[2] * (kernels.ATTEND_MAX_TOKENS // 8 + 1)):
         cache.truncate(c, 0)
         mixed = runner.run([Write.last(a, [300]), Write.last(b, [301]), Write.last(c, chunk)])
         assert mixed.shape[0] == 3 and torch.equal(mixed[:2], alone)

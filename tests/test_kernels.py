@@ -20,6 +20,8 @@ needs_int8 = pytest.mark.skipif(not kernels.int8_available(),
                                 reason="no int8 kernel (AVX512-VNNI, or AVX2 without AVX-512) here")
 needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
                                 reason="no 4-bit kernel (AVX2 without AVX-512) on this machine")
+needs_attend = pytest.mark.skipif(not kernels.attend_available(),
+                                  reason="no attention kernel (AVX2 and FMA) on this machine")
 
 SHAPES = [(1, 1, 1), (1, 31, 5), (3, 33, 13), (8, 64, 64), (5, 77, 29), (2, 300, 7),
           (7, 129, 130), (4, 1000, 33)]  # (M, K, N): odd K and N, tails of every length
@@ -217,6 +219,7 @@ def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.bf16_available() and not kernels.int8_available()
     assert not kernels.int4_available() and not kernels.int4_layout(32)
+    assert not kernels.attend_available()
     assert kernels.dense_linear(x, w) is None and kernels.int8_linear(xi, q, s) is None
     assert torch.equal(linear(x, w), F.linear(x, w))
     module = Int8Linear(64, 9, kernel=True)
@@ -250,10 +253,12 @@ def test_failed_build_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     kernels._extension.cache_clear()
     kernels._features.cache_clear()
+    kernels._attend_cpu.cache_clear()
     kernels.log.addHandler(caplog.handler)  # the CLI's tests may stop propagation to the root
     try:
         with caplog.at_level(logging.WARNING, logger="llamarun.kernels"):
             assert not kernels.bf16_available() and not kernels.int8_available()
+            assert not kernels.attend_available()
         x, w = _bf16_data(1, 40, 9)
         assert torch.equal(linear(x, w), F.linear(x, w))
         lines = {r.getMessage() for r in caplog.records}  # once, whichever handler saw it
@@ -263,6 +268,7 @@ def test_failed_build_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPat
         kernels.log.removeHandler(caplog.handler)
         kernels._extension.cache_clear()
         kernels._features.cache_clear()
+        kernels._attend_cpu.cache_clear()
 
 
 @needs_bf16
@@ -300,3 +306,81 @@ def test_build_pending_says_when_the_first_use_will_build(monkeypatch: pytest.Mo
     (tmp_path / "llamarun_kernels.so").unlink()
     monkeypatch.setattr(kernels, "_serves_cpu", lambda: False)  # nothing of ours runs here
     assert not kernels.build_pending()
+
+
+def _attend_data(tokens: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int,
+                 rows: int = 4, positions: int = 1100,
+                 seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(rows, kv_heads, positions, head_dim, generator=g)
+    v = torch.randn(rows, kv_heads, positions, head_dim, generator=g)
+    q = torch.randn(len(tokens), heads, head_dim, generator=g) * 3  # peaked softmaxes too
+    r = torch.tensor([t[0] for t in tokens])
+    p = torch.tensor([t[1] for t in tokens])
+    return q, k, v, r, p
+
+
+ATTEND_CASES = [  # (tokens as (row, position), heads, kv heads, head_dim)
+    ([(0, 0)], 1, 1, 8),
+    ([(1, 4), (1, 5), (3, 12)], 4, 4, 64),  # MHA; lengths 5, 6, 13: every tail of 4 keys
+    ([(2, 999), (0, 31), (0, 32), (0, 33)], 9, 3, 64),  # SmolLM2's grouping
+    ([(3, 1099), (1, 70)], 8, 2, 128),  # Llama 3's head size: two passes of 64 values
+    ([(0, 6)], 6, 2, 24),  # a head size not a multiple of 64
+]
+
+
+@needs_attend
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ATTEND_CASES)
+def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_heads: int,
+                                head_dim: int) -> None:
+    q, k, v, rows, pos = _attend_data(tokens, heads, kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    y = kernels.attend(q, k, v, rows, pos, scale)
+    assert y.shape == q.shape and y.dtype == torch.float32
+    group = heads // kv_heads
+    for t, (row, p) in enumerate(tokens):
+        ks = k[row, :, :p + 1].double().repeat_interleave(group, 0)  # (heads, L, hd)
+        vs = v[row, :, :p + 1].double().repeat_interleave(group, 0)
+        w = torch.softmax(q[t].double()[:, None] @ ks.transpose(1, 2) * scale, dim=-1)
+        ref = (w @ vs)[:, 0]
+        assert (y[t].double() - ref).abs().max() < 2e-6 * max(1.0, ref.abs().max().item())
+        sdpa = F.scaled_dot_product_attention(q[t][None, :, None], k[row:row + 1, :, :p + 1],
+                                              v[row:row + 1, :, :p + 1],
+                                              enable_gqa=group > 1)[0, :, 0]
+        assert torch.allclose(y[t], sdpa, rtol=1e-5, atol=1e-5)
+
+
+@needs_attend
+def test_attend_tokens_do_not_depend_on_the_pass() -> None:
+    tokens = [(0, 50), (1, 3), (1, 4), (1, 5), (2, 1000), (3, 0), (3, 1)]
+    q, k, v, rows, pos = _attend_data(tokens, 9, 3, 64, seed=1)
+    together = kernels.attend(q, k, v, rows, pos, 0.125)
+    for t in range(len(tokens)):
+        alone = kernels.attend(q[t:t + 1], k, v, rows[t:t + 1], pos[t:t + 1], 0.125)
+        assert torch.equal(together[t], alone[0]), t
+
+
+@needs_attend
+def test_attend_checks_its_inputs() -> None:
+    q, k, v, rows, pos = _attend_data([(0, 3)], 4, 2, 16)
+    with pytest.raises(RuntimeError, match="row or position"):
+        kernels.attend(q, k, v, rows, torch.tensor([1100]), 0.25)
+    with pytest.raises(RuntimeError, match="row or position"):
+        kernels.attend(q, k, v, torch.tensor([4]), pos, 0.25)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.attend(q.bfloat16(), k, v, rows, pos, 0.25)
+    assert not kernels.serves_attention(q.bfloat16(), k)  # the model takes SDPA there
+    assert not kernels.serves_attention(torch.zeros(1, 4, 12), torch.zeros(1, 2, 8, 12))
+    assert kernels.serves_attention(q, k)
+
+
+@needs_attend
+def test_compiled_calls_trace_through_attend() -> None:
+    torch._dynamo.reset()
+    q, k, v, rows, pos = _attend_data([(0, 9), (2, 30), (2, 31)], 6, 3, 32, seed=2)
+
+    def step(q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return kernels.attend(q * 2, k, v, rows, pos, 0.2) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, pos), step(q, pos))

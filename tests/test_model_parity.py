@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamarun import kernels
 from llamarun.config import ModelArgs, RopeScaling
 from llamarun.loaders import load_checkpoint
 from model_util import random_meta_state_dict, rel_err, transformers_model, write_hf_folder
@@ -62,6 +63,25 @@ def test_token_by_token_logits_match(pair):
     theirs = ref(t).logits
     model.reset_caches()
     steps = [model(t[:, i:i + 1], torch.tensor([i])) for i in range(SEQ)]
+    assert rel_err(torch.cat(steps, dim=1), theirs) <= 1e-4
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_token_by_token_logits_match_by_either_attention(pair, attention, monkeypatch):
+    """Decode-sized spans attend through kernels.attend where it serves (float32 CPU), else
+    one SDPA call each: both match transformers."""
+    model, ref, args = pair
+    if attention == "sdpa":
+        monkeypatch.setattr(kernels, "serves_attention", lambda q, k: False)
+    elif not kernels.serves_attention(torch.zeros(1, 1, args.head_dim),
+                                      torch.zeros(1, 1, 1, args.head_dim)):
+        pytest.skip("no attention kernel on this machine")
+    t = tokens(args, batch=1)
+    theirs = ref(t).logits
+    model.reset_caches()
+    steps = [model(t[:, :5], torch.arange(5))]  # a span of several tokens, then one at a time
+    steps += [model(t[:, i:i + 1], torch.tensor([i])) for i in range(5, SEQ)]
     assert rel_err(torch.cat(steps, dim=1), theirs) <= 1e-4
 
 

@@ -38,7 +38,11 @@ MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured 
 # dequantizing the weight into PyTorch's float32 GEMM (README "CPU kernels"), and every row is
 # then computed alike however many a pass holds.
 INT4_MAX_ROWS = 256
-SOURCE = Path(__file__).with_name("linear.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
+# Spans of at most this many tokens attend through `attend` (decode rows, speculative
+# verification, the scheduler's prompt chunks beside decode rows); longer ones (a prompt
+# prefilled alone) through SDPA, whose blocked kernel is faster there.
+ATTEND_MAX_TOKENS = 64
 
 
 def enabled() -> bool:
@@ -67,7 +71,7 @@ def _extension() -> ModuleType | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         ext = cpp_extension.load(
-            name="llamarun_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+            name="llamarun_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or failed build: PyTorch's kernels serve
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -132,6 +136,7 @@ _LIB = torch.library.Library("llamarun", "DEF")  # kept: the ops live as long as
 _LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group) -> Tensor")
+_LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
 
 
 @torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
@@ -148,6 +153,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
       group: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("llamarun::attend", lib=_LIB)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+      scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -235,6 +246,36 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
     else:  # the extension directly: no dispatcher on the eager path
         y = _extension().int4_linear(rows, weight, scales, zeros, group)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def attend_available() -> bool:
+    """Whether `attend` runs here (enabled, built, and the CPU has AVX2 and FMA)."""
+    return enabled() and _attend_cpu()
+
+
+@functools.cache
+def _attend_cpu() -> bool:
+    ext = _extension()
+    return ext is not None and bool(ext.attend_supported())
+
+
+def serves_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether attend(q, k_cache, ...) runs this package's kernel: float32 on CPU (the KV
+    cache's dtype there), a head size that is a multiple of 8."""
+    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and q.device.type == "cpu" and q.shape[-1] % 8 == 0 and attend_available())
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+           pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every token t of q (T, heads, head_dim) attends positions 0..pos[t] of cache row
+    rows[t] of k_cache and v_cache (rows, kv heads, positions, head_dim), in one call (check
+    serves_attention first). Each token's result depends only on its query and its row's
+    past, bit for bit: what a batch holds besides changes nothing."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llamarun.attend(q, k_cache, v_cache, rows, pos, scale)
+    return _extension().attend(q, k_cache, v_cache, rows, pos, scale)
 
 
 def summary(device: torch.device) -> str:

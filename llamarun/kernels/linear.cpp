@@ -9,7 +9,7 @@
 // Only the kernels carry AVX-512 / AVX2 target attributes: the module loads on any x86-64 CPU,
 // and Python calls a kernel only after checking the CPU's features (cpu_features below).
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -643,4 +643,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear);
   m.def("int8_linear", &int8_linear);
   m.def("int4_linear", &int4_linear);
+  m.def("attend_supported", &llamarun::attend_supported);
+  m.def("attend", &llamarun::attend);
 }

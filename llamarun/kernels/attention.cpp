@@ -1,0 +1,174 @@
+// Attention of packed tokens over their own cache rows, for decode-sized passes on x86 CPUs
+// (AVX2 + FMA): every token t of a pass attends positions 0..pos[t] of cache row rows[t], one
+// call for all the pass's rows and heads.
+//
+// Row invariance: each (token, head) is computed alone, by the same instructions whatever else
+// the pass holds (its scores 4 keys at a time with the tail one at a time by the same dot
+// product, its softmax over its own length, its values summed in position order), so a
+// token's result depends only on its query and its row's past, bit for bit. (One SDPA call
+// over padded rows does not: its result changes in the last bits with the padded length.)
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#define LLAMARUN_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// The sum of a vector's 8 floats (always in the same order).
+LLAMARUN_AVX2 inline float hsum(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r;
+// about 1 ulp), 0 below -87 (where float's exp is denormal or 0).
+LLAMARUN_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// q . k over D values (D a multiple of 8): one accumulator, chunks in order.
+LLAMARUN_AVX2 inline float dot(const float* q, const float* k, int64_t D) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+  for (int64_t d = 8; d < D; d += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+  return hsum(acc);
+}
+
+// Four keys at once (independent chains, more work in flight); each result is what dot gives.
+LLAMARUN_AVX2 inline void dot4(const float* q, const float* k, int64_t ldk, int64_t D,
+                               float* out) {
+  __m256 qv = _mm256_loadu_ps(q);
+  __m256 a0 = _mm256_mul_ps(qv, _mm256_loadu_ps(k));
+  __m256 a1 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + ldk));
+  __m256 a2 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + 2 * ldk));
+  __m256 a3 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + 3 * ldk));
+  for (int64_t d = 8; d < D; d += 8) {
+    qv = _mm256_loadu_ps(q + d);
+    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + ldk + d), a1);
+    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
+    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
+  }
+  out[0] = hsum(a0);
+  out[1] = hsum(a1);
+  out[2] = hsum(a2);
+  out[3] = hsum(a3);
+}
+
+// One query head over L keys and values (rows ld apart): out (D) = softmax(scale q . k) v.
+// s is scratch for L rounded up to 8 floats.
+LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, int64_t ld,
+                              int64_t L, int64_t D, float scale, float* s, float* out) {
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) dot4(q, k + t * ld, ld, D, s + t);
+  for (; t < L; ++t) s[t] = dot(q, k + t * ld, D);
+  const int64_t L8 = (L + 7) / 8 * 8;
+  std::fill(s + L, s + L8, -std::numeric_limits<float>::infinity());
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (t = 0; t < L8; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+  float m8[8];
+  _mm256_storeu_ps(m8, mv);
+  const float m = *std::max_element(m8, m8 + 8);
+  // p = exp(scale (s - max)): the scale applied once, after the max (scale > 0).
+  const __m256 sc = _mm256_set1_ps(scale), mx = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (t = 0; t < L8; t += 8) {
+    const __m256 p = exp_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), mx), sc));
+    _mm256_storeu_ps(s + t, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  const float inv = 1.f / hsum(sum);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators (64 values) at a time
+    const int64_t n = std::min<int64_t>(64, D - d0) / 8;
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (t = 0; t < L; ++t) {
+      const __m256 p = _mm256_set1_ps(s[t]);
+      const float* vt = v + t * ld + d0;
+      for (int i = 0; i < n; ++i)
+        acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[i]);
+    }
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int i = 0; i < n; ++i) _mm256_storeu_ps(out + d0 + 8 * i, _mm256_mul_ps(acc[i], iv));
+  }
+}
+
+}  // namespace
+
+namespace llamarun {
+
+bool attend_supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// q (T, H, D) float32; k, v (R, KVH, S, D) float32 caches (H a multiple of KVH, D of 8);
+// rows, pos (T,) int64. Returns (T, H, D): token t's query heads attend positions 0..pos[t] of
+// cache row rows[t] (query head h reads key/value head h / (H / KVH)).
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "attend: shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat, "attend: float32 only");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
+  TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
+                  pos.scalar_type() == at::kLong, "attend: rows and pos");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
+  auto qc = q.contiguous();
+  auto rc = rows.contiguous();
+  auto pc = pos.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, "attend: row or position");
+  auto out = torch::empty({T, H, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KVH;
+  at::parallel_for(0, T * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / H, h = i % H;
+      const int64_t L = pp[t] + 1;
+      s.resize((L + 7) / 8 * 8);
+      const int64_t base = (rp[t] * KVH + h / group) * S * D;
+      attend_one(qp + i * D, kp + base, vp + base, D, L, D, float(scale), s.data(),
+                 op + i * D);
+    }
+  });
+  return out;
+}
+
+}  // namespace llamarun
+
+TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
+  m.impl("attend", &llamarun::attend);
+}
