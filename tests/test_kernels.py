@@ -127,12 +127,26 @@ def _int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     return (w + zeros.double()[..., None]).view(n, k)
 
 
+@pytest.mark.parametrize("n", [5, 13])
 @pytest.mark.parametrize("k", [1, 31, 32, 64, 96, 333])
-def test_int4_layout_round_trip(k: int) -> None:
-    q = torch.randint(0, 16, (5, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+def test_int4_layout_round_trip(n: int, k: int) -> None:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
     packed = kernels.int4_pack(q)
-    assert packed.shape == (5, -(-k // 64) * 32)
-    assert torch.equal(kernels.int4_unpack(packed, k), q)
+    rows = -(-n // 8) * 8  # tiles of 8 rows, zero rows after the last
+    assert packed.shape == (rows, -(-k // 64) * 32)
+    unpacked = kernels.int4_unpack(packed, k)
+    assert torch.equal(unpacked[:n], q) and not unpacked[n:].any()
+
+
+def test_int4_layout_places_each_value_as_documented() -> None:
+    # row 13 = tile 1, h 1, row 1 of its half; column 64 + 32 + 8 * 2 + 5: pair 1, high
+    # nibble, chunk c = 2, u = 5 -> byte 256 * 1 + 32 * (2 * 2 + 1) + 8 * 1 + 5 of tile 1
+    q = torch.zeros(16, 128, dtype=torch.uint8)
+    q[13, 64 + 32 + 16 + 5] = 11
+    q[2, 3] = 7  # tile 0, h 0, row 2, pair 0, low nibble, c 0, u 3 -> byte 8 * 2 + 3
+    flat = kernels.int4_pack(q).view(2, -1)  # per tile
+    assert flat[1, 256 + 32 * 5 + 8 + 5] == 11 << 4 and flat[0, 16 + 3] == 7
+    assert flat.count_nonzero() == 2
 
 
 @needs_int4

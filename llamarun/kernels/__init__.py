@@ -152,7 +152,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 @torch.library.register_fake("llamarun::int4_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
       group: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], scales.shape[0])  # (the weight's rows are padded to tiles)
 
 
 @torch.library.register_fake("llamarun::attend", lib=_LIB)
@@ -214,22 +214,33 @@ def int4_layout(group_size: int) -> bool:
     return group_size >= 32 and group_size & (group_size - 1) == 0 and int4_available()
 
 
+INT4_TILE = 8  # weight rows the 4-bit kernel computes together (its layout's tiles)
+
+
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) uint8 values 0..15 -> int4_linear's layout (N, ceil(K / 64) * 32) uint8: byte
-    32 p + j holds value 64 p + j in its low nibble and value 64 p + 32 + j in its high one."""
+    """q (N, K) uint8 values 0..15 -> int4_linear's layout, (ceil(N / 8) * 8, ceil(K / 64) * 32)
+    uint8: rows in tiles of 8 (zero rows pad N), K padded with zeros to a multiple of 64; each
+    tile a run of 256 bytes per 64 values p, 8 vectors of 32 bytes, vector 2c + h holding for
+    rows 4h..4h+3 of the tile 8 bytes each: values 64p + 8c + u (u < 8) in the low nibbles and
+    64p + 32 + 8c + u in the high ones (see linear.cpp)."""
     n, k = q.shape
-    ldk = -(-k // 64) * 64
-    padded = torch.zeros(n, ldk, dtype=torch.uint8, device=q.device)
-    padded[:, :k] = q
-    blocks = padded.view(n, ldk // 64, 2, 32)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, ldk // 2)
+    ldk, n8 = -(-k // 64) * 64, -(-n // INT4_TILE)
+    padded = torch.zeros(n8 * INT4_TILE, ldk, dtype=torch.uint8, device=q.device)
+    padded[:n, :k] = q
+    # (tile, h, row in half, p, nibble half, c, u)
+    v = padded.view(n8, 2, 4, ldk // 64, 2, 4, 8)
+    packed = v[:, :, :, :, 0] | (v[:, :, :, :, 1] << 4)  # (tile, h, r, p, c, u)
+    return packed.permute(0, 3, 4, 1, 2, 5).reshape(n8 * INT4_TILE, ldk // 2).contiguous()
 
 
 def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """int4_pack's inverse: (N, K) uint8 values 0..15 (also traceable by torch.compile)."""
-    n = packed.shape[0]
-    blocks = packed.view(n, -1, 1, 32)
-    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, -1)[:, :k]
+    """int4_pack's inverse, padding rows included: (ceil(N / 8) * 8, K) uint8 values 0..15
+    (also traceable by torch.compile)."""
+    rows, half = packed.shape
+    n8, pairs = rows // INT4_TILE, half // 32
+    v = packed.view(n8, pairs, 4, 2, 4, 8).permute(0, 3, 4, 1, 2, 5)  # (tile, h, r, p, c, u)
+    q = torch.stack([v & 0x0F, v >> 4], dim=4)  # (tile, h, r, p, nibble half, c, u)
+    return q.reshape(rows, pairs * 64)[:, :k]
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -245,7 +256,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
         y = torch.ops.llamarun.int4_linear(rows, weight, scales, zeros, group)
     else:  # the extension directly: no dispatcher on the eager path
         y = _extension().int4_linear(rows, weight, scales, zeros, group)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], scales.shape[0])
 
 
 @torch.compiler.assume_constant_result

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -261,9 +262,12 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 // a short dot product over groups, the first the stream over the weights. vpmaddubsw multiplies
 // the unsigned nibbles by the signed activations (|pair sum| <= 2 * 15 * 127: no saturation).
 //
-// Layout (kernels.int4_pack in Python): each row's K is padded to a multiple of 64; byte
-// 32 p + j holds value 64 p + j in its low nibble and value 64 p + 32 + j in its high nibble,
-// so one 32-byte load gives two activation blocks' worth of weights.
+// Layout (kernels.int4_pack in Python): rows in tiles of NB = 8 (N padded with zero rows), each
+// row's K padded to a multiple of 64. A tile is a run of 256-byte pairs, one per 64 values p:
+// 8 vectors of 32 bytes, vector 2c + h holding, for rows 4h..4h+3 of the tile (8 bytes each),
+// values 64p + 8c + u (u < 8) in the low nibbles and 64p + 32 + 8c + u in the high ones. So a
+// vector's low nibbles times 8 activations broadcast to its four quarters gives four rows'
+// partial sums at once (vpmaddubsw), and a tile streams as one contiguous run.
 
 constexpr int64_t Q4B = 32;
 
@@ -275,59 +279,64 @@ LLAMARUN_AVX2 inline float hsum8(__m256 v) {
 }
 constexpr int64_t PREFETCH = 4096;  // bytes ahead in each weight row (past its end: harmless)
 
-// MR activation rows x NR weight rows (rows past nrows repeat the last one; their results are
-// dropped). Each output's accumulator sees the same instructions in the same order whatever
-// MR and NR are, so a row's result does not depend on the batch.
-template <int MR, int NR>
-LLAMARUN_AVX2 void int4_block(const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
-                              int64_t ldw, int64_t nrows, const float* d, int64_t G, int shift,
-                              int64_t pairs, float* out /* (MR, NB) */) {
-  const uint8_t* row[NR];
-  const float* dr[NR];
+// The rows' order in a tile's lanes (see int4_tile: what _mm256_hadd_epi32 makes of two vectors
+// of four rows' pairs of partial sums).
+constexpr int LANE_ROW[NB] = {0, 1, 4, 5, 2, 3, 6, 7};
+
+// MR activation rows x one tile of NB = 8 weight rows, over every pair of blocks (layout: see
+// above): out[i * NB + l] = sum_b d[row(l), g(b)] s[i, b] (q . a) for the row in lane l. Within
+// a block the 32 products of a row are summed in int32 (exact: vpmaddubsw pair sums of at most
+// 2 * 15 * 127, four of them added in int16, then vpmaddwd), so each block costs a row one
+// float multiply-add, and the 8 rows share every instruction (one lane each). Each output's lane
+// sees the same instructions in the same order whatever MR is, so a row's result does not
+// depend on the batch.
+template <int MR>
+LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
+                             const float* dt /* (G, NB), lanes */, int shift, int64_t pairs,
+                             float* out /* (MR, NB) */) {
+  __m256 acc[MR];
 #pragma GCC unroll 8
-  for (int j = 0; j < NR; ++j) {
-    row[j] = w + std::min<int64_t>(j, nrows - 1) * ldw;
-    dr[j] = d + std::min<int64_t>(j, nrows - 1) * G;
-  }
-  __m256 acc[MR][NR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = lda / Q4B;
   for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t g0 = (2 * p) >> shift, g1 = std::min<int64_t>((2 * p + 1) >> shift, G - 1);
-    __m256i lo[NR], hi[NR];
+    const uint8_t* wp = w + p * 256;
+    _mm_prefetch((const char*)(wp + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 192), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {  // block 2p (low nibbles), then 2p + 1 (high)
+      const int64_t b = 2 * p + half;
+      __m256i wv[8];  // vector 2c + h: values 8c..8c+7 of the block for rows 4h..4h+3
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      _mm_prefetch((const char*)(row[j] + p * 32 + PREFETCH), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(row[j] + p * 32));
-      lo[j] = _mm256_and_si256(v, low);
-      hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    }
+      for (int v = 0; v < 8; ++v) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(wp + 32 * v));
+        wv[v] = _mm256_and_si256(half ? _mm256_srli_epi16(x, 4) : x, low);
+      }
+      const __m256 dv = _mm256_loadu_ps(dt + (b >> shift) * NB);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256i a0 = _mm256_loadu_si256((const __m256i*)(a + i * lda + p * 64));
-      const __m256i a1 = _mm256_loadu_si256((const __m256i*)(a + i * lda + p * 64 + 32));
-      const __m256 s0 = _mm256_set1_ps(s[i * nb + 2 * p]);
-      const __m256 s1 = _mm256_set1_ps(s[i * nb + 2 * p + 1]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-        const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], a0), ones);
-        const __m256i i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], a1), ones);
-        const __m256 f0 = _mm256_mul_ps(_mm256_broadcast_ss(dr[j] + g0), s0);
-        const __m256 f1 = _mm256_mul_ps(_mm256_broadcast_ss(dr[j] + g1), s1);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f0, acc[i][j]);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), f1, acc[i][j]);
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* ab = a + i * lda + b * Q4B;
+        __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          int64_t chunk;
+          std::memcpy(&chunk, ab + 8 * c, 8);
+          const __m256i ac = _mm256_set1_epi64x(chunk);
+          lo4 = _mm256_add_epi16(lo4, _mm256_maddubs_epi16(wv[2 * c], ac));
+          hi4 = _mm256_add_epi16(hi4, _mm256_maddubs_epi16(wv[2 * c + 1], ac));
+        }
+        const __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(lo4, ones),
+                                               _mm256_madd_epi16(hi4, ones));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                                 _mm256_mul_ps(dv, _mm256_set1_ps(s[i * nb + b])), acc[i]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) out[i * NB + j] = hsum8(acc[i][j]);
+  for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * NB, acc[i]);
 }
 
 // Calls block(MR, NR, j0, left) (MR and NR as std::integral_constant) over the nrows weight rows
@@ -390,13 +399,14 @@ void pieces_for(int64_t n, F&& f) {
   });
 }
 
-// src (NB, G) -> dst (G, NB): a block's per-output scales laid out one output per lane.
-LLAMARUN_AVX2 void transpose_block(const float* src, int64_t G, float* dst) {
+// src (NB, G) -> dst (G, NB): a block's per-output scales laid out one output per lane, output
+// order[l] in lane l.
+LLAMARUN_AVX2 void transpose_block(const float* src, int64_t G, const int* order, float* dst) {
   static_assert(NB == 8, "8 x 8 tiles");
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
     __m256 r[8], t[8];
-    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * G + g);
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + order[j] * G + g);
     for (int j = 0; j < 8; j += 2) {
       t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
       t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
@@ -413,7 +423,7 @@ LLAMARUN_AVX2 void transpose_block(const float* src, int64_t G, float* dst) {
     }
   }
   for (; g < G; ++g)
-    for (int64_t j = 0; j < NB; ++j) dst[g * NB + j] = src[j * G + g];
+    for (int64_t j = 0; j < NB; ++j) dst[g * NB + j] = src[order[j] * G + g];
 }
 
 // One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
@@ -565,30 +575,34 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q4(x + m * K, K, ldk, group, v.data(), a.data() + m * ldk,
                     s.data() + m * (ldk / Q4B), c.data() + m * G, xsum.data() + m * G);
-  const int64_t nblocks = (N + NB - 1) / NB;
-  pieces_for(nblocks, [&](int64_t b0, int64_t b1) {
+  const int64_t tiles = (N + NB - 1) / NB;
+  pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
-    // the block's scales and zeros as float, by output (df, zf) and transposed (dt, zt)
-    std::vector<float> df(NB * G), zf(NB * G), dt(G * NB, 0.f), zt(G * NB, 0.f);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
+    // the tile's scales and zeros as float, by output (df, zf) and by lane (dt, zt)
+    std::vector<float> df(NB * G, 0.f), zf(NB * G, 0.f), dt(G * NB), zt(G * NB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
       halves_to_float(d + n0 * G, nrows * G, df.data());
       halves_to_float(z + n0 * G, nrows * G, zf.data());
-      transpose_block(df.data(), G, dt.data());
-      transpose_block(zf.data(), G, zt.data());
+      transpose_block(df.data(), G, LANE_ROW, dt.data());
+      transpose_block(zf.data(), G, LANE_ROW, zt.data());
+      const uint8_t* wt = w + t * NB * ldw;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a.data() + m0 * ldk;
         const float* s0 = s.data() + m0 * (ldk / Q4B);
-        avx2_pass(mrows, nrows, [&](auto mr, auto nr, int64_t j0, int64_t left) {
-          int4_block<mr(), nr()>(a0, s0, ldk, w + (n0 + j0) * ldw, ldw, left, df.data() + j0 * G,
-                                 G, shift, pairs, out + j0);
-        });
+        switch (mrows) {
+          case 1: int4_tile<1>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
+          case 2: int4_tile<2>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
+          case 3: int4_tile<3>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
+          default: int4_tile<4>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
+        }
         for (int64_t i = 0; i < mrows; ++i) {
           group_terms(dt.data(), zt.data(), c.data() + (m0 + i) * G, xsum.data() + (m0 + i) * G,
                       G, terms);
-          for (int64_t j = 0; j < nrows; ++j)
-            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] + terms[j]);
+          for (int l = 0; l < NB; ++l)
+            if (LANE_ROW[l] < nrows)
+              y[(m0 + i) * N + n0 + LANE_ROW[l]] = OutT(out[i * NB + l] + terms[l]);
         }
       }
     }
@@ -663,11 +677,12 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
 // by kernels.int4_pack; d and z (N, K / group) float16; x bfloat16 or float32, y in x's dtype.
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
                           const torch::Tensor& z, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kByte, "int4_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && d.dim() == 2 && w.scalar_type() == at::kByte,
+              "int4_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1), N = d.size(0);
   TORCH_CHECK(group >= Q4B && group % Q4B == 0 && (group & (group - 1)) == 0 && K % group == 0 &&
-                  w.size(1) == (K + 63) / 64 * 32,
-              "int4_linear: group (32 times a power of two) and K");
+                  w.size(1) == (K + 63) / 64 * 32 && w.size(0) == (N + NB - 1) / NB * NB,
+              "int4_linear: group (32 times a power of two), K and N");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
                   d.numel() == N * (K / group) && z.numel() == d.numel(),
               "int4_linear: float16 (N, K / group) scales and zeros");

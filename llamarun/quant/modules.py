@@ -66,8 +66,8 @@ class Int4Linear(nn.Module):
     """y = x @ W^T with W in 4-bit groups along `in` (see quant.formats for the convention).
 
     Three layouts, chosen once at load: on CPUs where llamarun's 4-bit kernel serves
-    (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in blocks of 64
-    values, float16 scales and zeros, (out, groups)); on other CPUs PyTorch's int4pack
+    (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
+    and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros, (out, groups)); on other CPUs PyTorch's int4pack
     ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
     nibbles ("plain", low nibble = even column), dequantized into the product. Products the
     kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
@@ -81,7 +81,8 @@ class Int4Linear(nn.Module):
         self.layout = _int4_layout(kernel, group_size)
         if self.layout == "llamarun":
             groups = in_features // group_size
-            self.register_buffer("weight", torch.empty(out_features, -(-in_features // 64) * 32,
+            rows = -(-out_features // kernels.INT4_TILE) * kernels.INT4_TILE
+            self.register_buffer("weight", torch.empty(rows, -(-in_features // 64) * 32,
                                                        dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16))
@@ -112,7 +113,7 @@ class Int4Linear(nn.Module):
         """The dequantized weight (out, in) in `dtype`."""
         groups = self.in_features // self.group_size
         if self.layout == "llamarun":
-            q = kernels.int4_unpack(self.weight, self.in_features)
+            q = kernels.int4_unpack(self.weight, self.in_features)[:self.out_features]
             w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
             w = w * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
             return w.view(self.out_features, self.in_features)
