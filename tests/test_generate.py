@@ -153,6 +153,22 @@ def test_batched_steps_do_not_depend_on_the_batch(one_thread: None) -> None:
             token = int(logits.argmax())
 
 
+@pytest.mark.skipif(not kernels.int4_available(), reason="no 4-bit kernel on this machine")
+def test_prompts_prefilled_together_give_each_ones_logits_alone(one_thread: None) -> None:  # noqa: F811
+    """8 prompts of 40 tokens in one pass (as the scheduler prefills requests that arrive
+    together, nobody generating: 320 rows) give, bit for bit, each prompt's logits alone (40
+    rows): the 4-bit products run the same kernel for both (not a dequantized GEMM past 256
+    rows, which forked greedy replies of the default model)."""
+    eng = Engine.load(stories_meta(), device="cpu", dtype="float32", max_seq_len=128, slots=8,
+                      quantize="int4")
+    slots = eng.cache.slots
+    prompts = [[1] + [(37 * i + 11 * j) % 500 + 3 for j in range(39)] for i in range(8)]
+    together = eng.runner.run([Write.last(s, p) for s, p in zip(slots, prompts)])
+    for slot, prompt, logits in zip(slots, prompts, together):
+        eng.cache.truncate(slot, 0)
+        assert torch.equal(eng.runner.run([Write.last(slot, prompt)])[0], logits)
+
+
 def test_a_prompt_chunk_beside_decode_rows_changes_none_of_their_logits(one_thread: None) -> None:
     """Decode rows and another slot's prompt chunk in one pass (the scheduler's chunked
     prefill): the decode rows' logits are, bit for bit, those of the decode rows alone, whether

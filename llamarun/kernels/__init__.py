@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
 MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured up to 8 only)
-# The AVX2 4-bit kernel also serves prefill chunks: up to this many rows it measured faster than
-# dequantizing the weight into PyTorch's float32 GEMM (README "CPU kernels"), and every row is
-# then computed alike however many a pass holds.
-INT4_MAX_ROWS = 256
+# The AVX2 4-bit kernel also serves prefill: on tiles of 8 rows it measured 1.8-1.9x faster than
+# dequantizing the weight into PyTorch's float32 GEMM for 512- and 1,024-token passes of the
+# default model (README "CPU kernels"). Every pass the scheduler makes (at most 512 rows) runs it,
+# so a token's products never depend on how many others its pass holds (a pass over the limit
+# would round its activations differently: greedy tokens of a prompt prefilled together with 7
+# others forked from those of the same prompt alone, measured).
+INT4_MAX_ROWS = 4096
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
 # Spans of at most this many tokens attend through `attend` (decode rows, speculative
 # verification, the scheduler's prompt chunks beside decode rows); longer ones (a prompt
