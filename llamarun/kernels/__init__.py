@@ -12,9 +12,13 @@ weights there). It is compiled at first use with torch.utils.cpp_extension into
 CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
+`attention.cpp` holds `attend`: decode-sized rows (at most ATTEND_MAX_TOKENS tokens each) of
+float32 attention over the KV cache, every token over its own row's past in one call (AVX2).
+
 `dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
-layout at load) are the selection point: `device.linear` and the quantized modules call them
-and fall back to PyTorch's kernels when they return None.
+layout at load) are the selection point of the products: `device.linear` and the quantized
+modules call them and fall back to PyTorch's kernels when they return None; `serves_attention`
+is the attention's (the model falls back to SDPA).
 """
 
 from __future__ import annotations

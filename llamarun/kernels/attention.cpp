@@ -11,7 +11,6 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,15 +18,6 @@
 #include <vector>
 
 namespace {
-
-#define LLAMARUN_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-// The sum of a vector's 8 floats (always in the same order).
-LLAMARUN_AVX2 inline float hsum(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
 
 // exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r;
 // about 1 ulp), 0 below -87 (where float's exp is denormal or 0).
@@ -56,7 +46,7 @@ LLAMARUN_AVX2 inline float dot(const float* q, const float* k, int64_t D) {
   __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
   for (int64_t d = 8; d < D; d += 8)
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-  return hsum(acc);
+  return hsum8(acc);
 }
 
 // Four keys at once (independent chains, more work in flight); each result is what dot gives.
@@ -74,10 +64,10 @@ LLAMARUN_AVX2 inline void dot4(const float* q, const float* k, int64_t ldk, int6
     a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
   }
-  out[0] = hsum(a0);
-  out[1] = hsum(a1);
-  out[2] = hsum(a2);
-  out[3] = hsum(a3);
+  out[0] = hsum8(a0);
+  out[1] = hsum8(a1);
+  out[2] = hsum8(a2);
+  out[3] = hsum8(a3);
 }
 
 // One query head over L keys and values (rows ld apart): out (D) = softmax(scale q . k) v.
@@ -102,7 +92,7 @@ LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, in
     _mm256_storeu_ps(s + t, p);
     sum = _mm256_add_ps(sum, p);
   }
-  const float inv = 1.f / hsum(sum);
+  const float inv = 1.f / hsum8(sum);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators (64 values) at a time
     const int64_t n = std::min<int64_t>(64, D - d0) / 8;
     __m256 acc[8];

@@ -1,5 +1,5 @@
-// Decode-sized (M <= 8 rows) weight-streaming products for x86 CPUs: bf16 and int8 weights with
-// AVX512-BF16 / VNNI, 4-bit weights with AVX2.
+// Weight-streaming products for x86 CPUs: bf16 and int8 weights with AVX512-BF16 / VNNI and int8
+// weights with AVX2 for decode-sized M (<= 8 rows); 4-bit weights with AVX2, prefill-sized M too.
 //
 // Row invariance: every output element y[m, n] is computed by the same instruction sequence
 // whatever M is (the same K chunks, in the same order, reduced by the same tree), so a row's
@@ -27,7 +27,6 @@ constexpr int64_t MB = 4;     // activation rows per pass over a block
 constexpr int64_t GRAIN = 8;  // blocks per thread task at least
 
 #define LLAMARUN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
-#define LLAMARUN_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // The block functions compute MR activation rows x NR weight rows. Both are template arguments
 // so that the accumulators stay in registers. One row streams 8 weight rows at once (more
@@ -271,13 +270,8 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 
 constexpr int64_t Q4B = 32;
 
-// The sum of a vector's 8 floats (always in the same order).
-LLAMARUN_AVX2 inline float hsum8(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
-constexpr int64_t PREFETCH = 4096;  // bytes ahead in each weight row (past its end: harmless)
+// bytes ahead in a weight stream (a row, or a 4-bit tile's run; past its end: harmless)
+constexpr int64_t PREFETCH = 4096;
 
 // The rows' order in a tile's lanes (see int4_tile: what _mm256_hadd_epi32 makes of two vectors
 // of four rows' pairs of partial sums).

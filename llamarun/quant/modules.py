@@ -67,8 +67,8 @@ class Int4Linear(nn.Module):
 
     Three layouts, chosen once at load: on CPUs where llamarun's 4-bit kernel serves
     (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
-    and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros, (out, groups)); on other CPUs PyTorch's int4pack
-    ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
+    and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros, (out, groups)); on
+    other CPUs PyTorch's int4pack ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
     nibbles ("plain", low nibble = even column), dequantized into the product. Products the
     kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
     """
