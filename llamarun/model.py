@@ -62,7 +62,8 @@ class VocabShard(Protocol):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32."""
+    """Root-mean-square layer norm, computed in float32 (float32 rows on CPU: by
+    kernels.rms_norm, in eager and compiled passes alike)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -70,6 +71,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.serves_rowwise(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
@@ -199,8 +202,13 @@ class FeedForward(nn.Module):
         self.reduce: Reduce | None = None  # tensor parallelism: sums the ranks' partial outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        out = self.w2(F.silu(gate) * up)
+        gate_up = self.w13(x)
+        if kernels.serves_rowwise(gate_up):  # silu(gate) * up in eager and compiled passes alike
+            hidden = kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        out = self.w2(hidden)
         return out if self.reduce is None else self.reduce(out)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from llamarun import kernels
 from llamarun.device import linear
 from llamarun.errors import InvalidArgumentError
+from llamarun.model import RMSNorm
 from llamarun.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 needs_bf16 = pytest.mark.skipif(not kernels.bf16_available(),
@@ -398,3 +399,73 @@ def test_compiled_calls_trace_through_attend() -> None:
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, pos), step(q, pos))
+
+
+@needs_attend
+@pytest.mark.parametrize("dim", [576, 64, 13, 1])
+def test_rms_norm_matches_float64(dim: int) -> None:
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(3, 5, dim, generator=g) * 4
+    w = torch.randn(dim, generator=g)
+    ref = w.double() * x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    y = kernels.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=1e-6)
+    # each row alone gives its numbers in the batch, bit for bit
+    assert torch.equal(kernels.rms_norm(x[1, 3:4], w, 1e-5), y[1, 3:4])
+    # and the model's norm runs it
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data.copy_(w)
+    assert torch.equal(norm(x), y)
+
+
+@needs_attend
+@pytest.mark.parametrize("hidden", [1536, 86, 5])
+def test_silu_mul_matches_float64(hidden: int) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    x = torch.randn(4, 2 * hidden, generator=g) * 5
+    x[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])  # exp's clamps and signed zeros
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    y = kernels.silu_mul(x)
+    assert y.shape == (4, hidden) and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-30)
+    assert torch.equal(kernels.silu_mul(x[2:3]), y[2:3])
+
+
+@needs_attend
+def test_rowwise_kernels_check_their_inputs() -> None:
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.rms_norm(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        kernels.rms_norm(torch.zeros(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="even"):
+        kernels.silu_mul(torch.zeros(2, 7))
+    assert not kernels.serves_rowwise(torch.zeros(2, dtype=torch.bfloat16))
+    assert kernels.serves_rowwise(torch.zeros(2), torch.zeros(3))
+
+
+@pytest.mark.slow
+@needs_attend
+def test_compiled_code_gets_eagers_numbers_from_the_rowwise_kernels() -> None:
+    """Inductor's own code for the norm and silu rounds differently from eager PyTorch; through
+    the kernels, a compiled layer's feed-forward gives eager's numbers bit for bit, for any
+    number of rows (one graph, the rows a symbol)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data.copy_(torch.randn(64, generator=g))
+    w13 = torch.randn(2 * 172, 64, generator=g) / 8
+    w2 = torch.randn(64, 172, generator=g) / 13
+
+    def ffn(x: torch.Tensor) -> torch.Tensor:
+        return x + linear(kernels.silu_mul(linear(norm(x), w13)), w2)
+
+    compiled = torch.compile(ffn, fullgraph=True, dynamic=True)
+    try:
+        with torch.no_grad():
+            for rows in (3, 9, 40):
+                x = torch.randn(1, rows, 64, generator=g)
+                assert torch.equal(compiled(x), ffn(x)), rows
+    finally:
+        torch._dynamo.reset()

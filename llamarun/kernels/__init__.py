@@ -13,12 +13,13 @@ CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each outpu
 so a sequence's logits do not depend on the rest of its decode batch.
 
 `attention.cpp` holds `attend`: decode-sized rows (at most ATTEND_MAX_TOKENS tokens each) of
-float32 attention over the KV cache, every token over its own row's past in one call (AVX2).
+float32 attention over the KV cache, every token over its own row's past in one call (AVX2). `rowwise.cpp` holds the layers' other per-token float32 ops (`rms_norm`, `silu_mul`).
+With them, a float32 token's result on CPU does not depend on whether its pass ran compiled.
 
 `dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
 layout at load) are the selection point of the products: `device.linear` and the quantized
 modules call them and fall back to PyTorch's kernels when they return None; `serves_attention`
-is the attention's (the model falls back to SDPA).
+is the attention's (the model falls back to SDPA) and `serves_rowwise` the norm's and SwiGLU's.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured 
 # would round its activations differently: greedy tokens of a prompt prefilled together with 7
 # others forked from those of the same prompt alone, measured).
 INT4_MAX_ROWS = 4096
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
 # Spans of at most this many tokens attend through `attend` (decode rows, speculative
 # verification, the scheduler's prompt chunks beside decode rows); longer ones (a prompt
 # prefilled alone) through SDPA, whose blocked kernel is faster there.
 ATTEND_MAX_TOKENS = 64
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp", "rowwise.cpp")]
 
 
 def enabled() -> bool:
@@ -144,6 +145,8 @@ _LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group) -> Tensor")
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
+_LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_LIB.define("silu_mul(Tensor x) -> Tensor")
 
 
 @torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
@@ -160,6 +163,16 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
       group: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0])  # (the weight's rows are padded to tiles)
+
+
+@torch.library.register_fake("llamarun::rms_norm", lib=_LIB)
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("llamarun::silu_mul", lib=_LIB)
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
 @torch.library.register_fake("llamarun::attend", lib=_LIB)
@@ -294,6 +307,33 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: 
     if torch.compiler.is_compiling():
         return torch.ops.llamarun.attend(q, k_cache, v_cache, rows, pos, scale)
     return _extension().attend(q, k_cache, v_cache, rows, pos, scale)
+
+
+def serves_rowwise(*tensors: torch.Tensor) -> bool:
+    """Whether rms_norm and silu_mul run this package's kernels on these tensors: float32 on
+    CPU, where the attention kernel runs (the same instructions)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and attend_available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x ** 2, -1) + eps) by the kernel (check serves_rowwise first).
+
+    Eager and compiled passes both call it and silu_mul: they are the parts of a layer that
+    torch.compile's code and eager PyTorch compute with different roundings (the norm's sums of
+    squares add in different orders; silu's exp differs), so with them a prompt chunk prefilled
+    inside a compiled decode pass gets, bit for bit, the logits it gets prefilled alone. Each
+    row is computed alone, by the same instructions whatever the number of rows."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llamarun.rms_norm(x, weight, eps)
+    return _extension().rms_norm(x, weight, eps)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x (..., 2H) holding gate then up, by the kernel (see rms_norm)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llamarun.silu_mul(x)
+    return _extension().silu_mul(x)
 
 
 def summary(device: torch.device) -> str:

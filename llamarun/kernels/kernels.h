@@ -20,5 +20,8 @@ namespace llamarun {
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& rows, const torch::Tensor& pos, double scale);
+// rowwise.cpp (run where attend_supported says so: the same features)
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor silu_mul(const torch::Tensor& x);
 
 }  // namespace llamarun

@@ -710,4 +710,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
+  m.def("rms_norm", &llamarun::rms_norm);
+  m.def("silu_mul", &llamarun::silu_mul);
 }

@@ -1,0 +1,130 @@
+// The per-token float32 ops of a layer besides the products and the attention (AVX2 + FMA):
+// RMS norm, out = weight * (x / sqrt(mean(x^2) + eps)), and SwiGLU's silu(gate) * up.
+//
+// Why kernels for so small ops: they are the parts of a layer whose results torch.compile's
+// code and eager PyTorch compute with different roundings (the norm's float32 sums of squares
+// add in different orders; silu's exp and division differ), so a prompt chunk run inside a
+// compiled pass got other logits than the same prompt prefilled eagerly. Both now call these,
+// and each row is computed by the same instructions whatever the number of rows, so a token's
+// result depends only on its own values.
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+// One row of D values: sum of squares with one 8-lane accumulator in order (then the tail
+// one value at a time), the inverse root once, then weight * (x * r) as PyTorch's form.
+LLAMARUN_AVX2 void norm_row(const float* x, const float* w, int64_t D, float eps, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float sum = hsum8(acc);
+  for (; d < D; ++d) sum = std::fma(x[d], x[d], sum);
+  const float r = 1.f / std::sqrt(sum / float(D) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (d = 0; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(w + d),
+                                            _mm256_mul_ps(_mm256_loadu_ps(x + d), rv)));
+  for (; d < D; ++d) out[d] = w[d] * (x[d] * r);
+}
+
+// exp(x) for any float x (Cephes' expf, about 1 ulp): x clamped to [-87, 88], so it is
+// never infinite or denormal (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38).
+LLAMARUN_AVX2 inline __m256 exp_clamped(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// silu(g) * u = g / (1 + exp(-g)) * u for 8 values.
+LLAMARUN_AVX2 inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+}
+
+// One row: gate g and up u of H values each. The tail (H not a multiple of 8) goes through
+// the same 8-wide code on a padded copy.
+LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float* out) {
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8)
+    _mm256_storeu_ps(out + h, silu_mul8(_mm256_loadu_ps(g + h), _mm256_loadu_ps(u + h)));
+  if (h < H) {
+    float gb[8] = {0}, ub[8] = {0}, ob[8];
+    for (int64_t i = h; i < H; ++i) gb[i - h] = g[i], ub[i - h] = u[i];
+    _mm256_storeu_ps(ob, silu_mul8(_mm256_loadu_ps(gb), _mm256_loadu_ps(ub)));
+    for (int64_t i = h; i < H; ++i) out[i] = ob[i - h];
+  }
+}
+
+}  // namespace
+
+namespace llamarun {
+
+// x (..., D) float32, weight (D) float32: the norm of every row of x, in x's shape.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "rms_norm: float32 only");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: weight of the rows' size");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D > 0, "rms_norm: empty rows");
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t rows = xc.numel() / D;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = float(eps);
+  // A thread takes at least 16 rows: a decode pass's few rows stay on the calling thread.
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp, D, e, op + r * D);
+  });
+  return out;
+}
+
+// x (..., 2H) float32, gate then up: silu(x[..., :H]) * x[..., H:], shape (..., H).
+torch::Tensor silu_mul(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "silu_mul: float32 only");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0 && x.size(-1) > 0,
+              "silu_mul: rows of gate and up, of an even size");
+  const int64_t H = x.size(-1) / 2;
+  auto xc = x.contiguous();
+  auto sizes = xc.sizes().vec();
+  sizes.back() = H;
+  auto out = torch::empty(sizes, xc.options());
+  const int64_t rows = xc.numel() / (2 * H);
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      silu_mul_row(xp + r * 2 * H, xp + r * 2 * H + H, H, op + r * H);
+  });
+  return out;
+}
+
+}  // namespace llamarun
+
+TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
+  m.impl("rms_norm", &llamarun::rms_norm);
+  m.impl("silu_mul", &llamarun::silu_mul);
+}
