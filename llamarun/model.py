@@ -121,9 +121,10 @@ class Attention(nn.Module):
         (batch-invariant, bit for bit; one SDPA call over padded rows is not: its result
         changes in the last bits with the padded length and the batch size, measured).
 
-        Short spans (decode rows, verifications, prompt chunks beside decode rows) go to
-        kernels.attend where it serves (float32 on CPU): one call for a run of them, each token
-        computed alone. The rest take one SDPA call per span.
+        Where kernels.attend serves (float32 on CPU) every token of the pass goes through it in
+        one call, each token computed alone: a token's result depends neither on its pass nor
+        on how its prompt was cut into chunks (decode rows, verifications, prompt chunks and
+        whole prompts alike). Elsewhere each span takes one SDPA call.
 
         q (1, T, heads, head_dim), k and v (1, T, kv heads, head_dim); returns (1, T, heads,
         head_dim). (Each query keeps the (1, S, heads, hd) -> (1, heads, S, hd) view: CPU SDPA
@@ -133,26 +134,13 @@ class Attention(nn.Module):
         dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
         k_all, v_all = self.kv_cache.write(step.rows, step.pos, k[0].to(dt), v[0].to(dt))
         q = q.to(dt)
-        gqa = self.n_heads != self.n_kv_heads
-        short = step.short_spans() if kernels.serves_attention(q, k_all) else ()
-        if short and all(short):  # the usual pass: one call for every token
+        if kernels.serves_attention(q, k_all):
             y = kernels.attend(q[0], k_all, v_all, step.rows, step.pos, self.head_dim ** -0.5)
             return y[None]
+        gqa = self.n_heads != self.n_kv_heads
         out = []
         offset = 0
-        i = 0
-        while i < len(step.spans):
-            span, mask = step.spans[i], step.masks[i]
-            if short and short[i]:  # this span and the short ones after it: one call
-                n = 0
-                while i < len(step.spans) and short[i]:
-                    n += step.spans[i].length
-                    i += 1
-                part = slice(offset, offset + n)
-                out.append(kernels.attend(q[0, part], k_all, v_all, step.rows[part],
-                                          step.pos[part], self.head_dim ** -0.5)[None])
-                offset += n
-                continue
+        for span, mask in zip(step.spans, step.masks):
             row = span.row - step.row_bias
             qs = q[:, offset:offset + span.length].transpose(1, 2)  # (1, H, length, hd)
             ks = k_all[row:row + 1, :, :span.end]  # (1, kv heads, end, hd)
@@ -160,7 +148,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
             out.append(y.transpose(1, 2))
             offset += span.length
-            i += 1
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
@@ -179,17 +166,6 @@ class Step:
     spans: tuple[Span, ...]
     masks: tuple[torch.Tensor | None, ...]
     row_bias: int = 0
-    # per span, whether it is short enough for kernels.attend (see short_spans); a compiled
-    # step whose lengths are symbols says so itself (comparing them would guard on them)
-    short: tuple[bool, ...] | None = None
-
-    def short_spans(self) -> tuple[bool, ...]:
-        """Per span, whether it attends through kernels.attend where that serves (at most
-        kernels.ATTEND_MAX_TOKENS tokens): decided by its length alone, so a span takes the
-        same path whatever else its pass holds."""
-        if self.short is not None:
-            return self.short
-        return tuple(s.length <= kernels.ATTEND_MAX_TOKENS for s in self.spans)
 
 
 class FeedForward(nn.Module):

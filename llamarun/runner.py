@@ -24,7 +24,6 @@ import torch
 
 from llamarun.cache_manager import CacheManager, Slot
 from llamarun import device as devices
-from llamarun import kernels
 from llamarun.device import compile_options, synchronize
 from llamarun.errors import PromptTooLongError
 from llamarun.model import Span, Step, Transformer
@@ -87,9 +86,7 @@ def verify_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, po
     spans = tuple(Span(r, e - n, n) for r, e, n in zip(biased_rows, ends, lengths))
     positions = model.positions
     masks = tuple(positions[None, :e] <= positions[e - n:e, None] for e, n in zip(ends, lengths))
-    # (Runner.run sends rows of at most kernels.ATTEND_MAX_TOKENS here: short spans)
-    short = (True,) * len(spans)
-    return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS, short))
+    return model.run_step(tokens, Step(rows, pos, spans, masks, ROW_BIAS))
 
 
 def mixed_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
@@ -105,8 +102,7 @@ def mixed_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos
     mask = positions[None, :chunk_end] <= positions[chunk_end - chunk_len:chunk_end, None]
     b = len(biased_rows)
     wanted = torch.cat([positions[:b], positions[b + chunk_len - 1:b + chunk_len]])
-    # (Runner.run sends chunks of at most kernels.ATTEND_MAX_TOKENS here: short spans)
-    step = Step(rows, pos, spans, (None,) * b + (mask,), ROW_BIAS, (True,) * (b + 1))
+    step = Step(rows, pos, spans, (None,) * b + (mask,), ROW_BIAS)
     return model.run_step(tokens, step, wanted)
 
 
@@ -167,11 +163,9 @@ class Runner:
                 raise RuntimeError("the compiled step is not ready")
             logits = self._compiled(tokens, spans)
         elif (compiled and self._verify is not None and self._compiled_ready
-              and all(2 <= len(w.ids) <= kernels.ATTEND_MAX_TOKENS
-                      and w.logits == (0, len(w.ids)) for w in writes)):
+              and all(len(w.ids) >= 2 and w.logits == (0, len(w.ids)) for w in writes)):
             logits = self._verify(tokens, spans)
-        elif (compiled and self._mixed is not None and self._compiled_ready and is_mixed(writes)
-              and len(writes[-1].ids) <= kernels.ATTEND_MAX_TOKENS):
+        elif compiled and self._mixed is not None and self._compiled_ready and is_mixed(writes):
             logits = self._mixed(tokens, spans)
             if writes[-1].logits == (0, 0):  # a chunk before the prompt's last: none wanted
                 logits = logits[:-1]

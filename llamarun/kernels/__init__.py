@@ -12,9 +12,11 @@ weights there). It is compiled at first use with torch.utils.cpp_extension into
 CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
-`attention.cpp` holds `attend`: decode-sized rows (at most ATTEND_MAX_TOKENS tokens each) of
-float32 attention over the KV cache, every token over its own row's past in one call (AVX2). `rowwise.cpp` holds the layers' other per-token float32 ops (`rms_norm`, `silu_mul`).
-With them, a float32 token's result on CPU does not depend on whether its pass ran compiled.
+`attention.cpp` holds `attend`: float32 attention over the KV cache, every token of a pass
+(decode rows, verifications, prompt chunks, whole prompts) over its own row's past, in one call
+(AVX2). `rowwise.cpp` holds the layers' other per-token float32 ops (`rms_norm`, `silu_mul`).
+With them, a float32 token's result on CPU does not depend on its pass, on how its prompt was
+cut into chunks, or on whether the pass ran compiled.
 
 `dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
 layout at load) are the selection point of the products: `device.linear` and the quantized
@@ -46,10 +48,6 @@ MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured 
 # would round its activations differently: greedy tokens of a prompt prefilled together with 7
 # others forked from those of the same prompt alone, measured).
 INT4_MAX_ROWS = 4096
-# Spans of at most this many tokens attend through `attend` (decode rows, speculative
-# verification, the scheduler's prompt chunks beside decode rows); longer ones (a prompt
-# prefilled alone) through SDPA, whose blocked kernel is faster there.
-ATTEND_MAX_TOKENS = 64
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp", "rowwise.cpp")]
 
 

@@ -1,6 +1,10 @@
-// Attention of packed tokens over their own cache rows, for decode-sized passes on x86 CPUs
-// (AVX2 + FMA): every token t of a pass attends positions 0..pos[t] of cache row rows[t], one
-// call for all the pass's rows and heads.
+// Attention of packed tokens over their own cache rows on x86 CPUs (AVX2 + FMA): every token t
+// of a pass (decode rows, verifications, prompt chunks, whole prompts) attends positions
+// 0..pos[t] of cache row rows[t], one call for all the pass's rows and heads. (Against one
+// masked SDPA call per row it measured 1.0-1.3x SDPA's time for prompts of 512 and 2,048
+// tokens and 1.3-1.7x for a 512-token chunk at position 1,536; sharing each block of keys
+// between the queries of a GQA group and of a chunk, tried, measured no faster: the work is
+// the per-key sums and exponentials, not reading the cache.)
 //
 // Row invariance: each (token, head) is computed alone, by the same instructions whatever else
 // the pass holds (its scores 4 keys at a time with the tail one at a time by the same dot
