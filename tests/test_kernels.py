@@ -213,6 +213,24 @@ def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
+@needs_int4  # (an AVX2 CPU without AVX-512: the AVX2 int8 kernel)
+@needs_int8
+def test_avx2_int8_kernel_serves_prefill_sized_passes() -> None:
+    """Past 8 rows (an output head under 8 decode rows and a prompt chunk, verification passes,
+    perplexity) the AVX2 int8 kernel still computes each row as alone, through the module."""
+    assert kernels.int8_max_rows() == kernels.INT8_AVX2_MAX_ROWS
+    x, q, s = _int8_data(300, 96, 40, torch.float32, seed=6)
+    module = Int8Linear(96, 40, kernel=True)
+    module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
+    for rows in (9, 64, 300):
+        y = module(x[:rows])
+        assert torch.equal(y[rows - 1], module(x[rows - 1:rows])[0]), rows
+        sb = s.bfloat16().float()
+        ref = x[:rows].double() @ (q.double() * sb.double()[:, None]).t()
+        bound = _int8_bound(x[:rows], q, sb) * 1.001 + 1e-6 * ref.abs() + 1e-6
+        assert ((y.double() - ref).abs() <= bound).all(), rows
+
+
 @needs_int4
 def test_compiled_calls_trace_through_the_int4_kernel() -> None:
     torch._dynamo.reset()

@@ -1,7 +1,8 @@
 """llamarun's own CPU kernels for decode-sized products, and the one place that selects them.
 
-`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows (the 4-bit one: prefill
-chunks of up to INT4_MAX_ROWS too): bfloat16 weights with
+`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows (the 4-bit one and the
+AVX2 int8 one: prefill chunks of up to INT4_MAX_ROWS and INT8_AVX2_MAX_ROWS too): bfloat16
+weights with
 AVX512-BF16 (`vdpbf16ps`, float32 accumulation), int8 weights with AVX512-VNNI (`vpdpbusd`,
 activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
 blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
@@ -48,6 +49,12 @@ MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured 
 # would round its activations differently: greedy tokens of a prompt prefilled together with 7
 # others forked from those of the same prompt alone, measured).
 INT4_MAX_ROWS = 4096
+# The AVX2 int8 kernel (CPUs without VNNI) serves as many rows: against PyTorch's path past 8
+# rows (`_weight_int8pack_mm`, then a dequantized GEMM) it measured 2.2-3.1x faster at 9 rows
+# (the output head of 8 decode rows and a prompt chunk), 1.5-3.9x at 64 and 0.93-1.43x at 512
+# (benchmarks/kernels.py shapes of the default model), and a row's logits then never depend
+# on how many rows share its pass. The VNNI kernel keeps MAX_ROWS (not measured past it).
+INT8_AVX2_MAX_ROWS = 4096
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp", "rowwise.cpp")]
 
 
@@ -127,6 +134,14 @@ def int8_available() -> bool:
     """Whether the int8 kernel runs here (enabled, built, and the CPU has AVX512-VNNI, or AVX2
     without AVX-512: the same product with vpmaddubsw, activations in blocks of 32)."""
     return enabled() and (_features()[1] or _features()[2])
+
+
+@torch.compiler.assume_constant_result
+def int8_max_rows() -> int:
+    """The most rows int8_linear serves here (0 where it does not run)."""
+    if not int8_available():
+        return 0
+    return MAX_ROWS if _features()[1] else INT8_AVX2_MAX_ROWS
 
 
 @torch.compiler.assume_constant_result
@@ -210,12 +225,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor,
                 scales: torch.Tensor) -> torch.Tensor | None:
     """x @ (weight * scales[:, None]).T by the int8 kernel where it serves, else None.
 
-    It serves bfloat16 or float32 x on CPU for 1..MAX_ROWS rows: measured 1.3-2x faster than
-    `_weight_int8pack_mm`. Activations are quantized to int8 in blocks of 64 values, as
-    llama.cpp's Q8 activations are (in blocks of 32).
+    It serves bfloat16 or float32 x on CPU for 1..int8_max_rows() rows: measured 1.3-2x faster
+    than `_weight_int8pack_mm` for decode rows. Activations are quantized to int8 in blocks of
+    64 values (VNNI) or 32 (AVX2), as llama.cpp's Q8 activations are (in blocks of 32).
     """
     if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
-            and weight.dtype == torch.int8 and 0 < _rows(x) <= MAX_ROWS and int8_available()):
+            and weight.dtype == torch.int8 and 0 < _rows(x) <= int8_max_rows()):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():

@@ -1,7 +1,8 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
-On CPU, int8 products of up to kernels.MAX_ROWS rows run llamarun's own kernel where the CPU
-has AVX512-VNNI, and 4-bit ones where it has AVX2 but not AVX-512 (llamarun.kernels decides);
+On CPU, int8 products run llamarun's own kernel where the CPU has AVX512-VNNI (up to
+kernels.MAX_ROWS rows) or AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit
+ones where it has AVX2 but not AVX-512 (llamarun.kernels decides);
 other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
 cast for the product only (a vector per token). Elsewhere the weight is
