@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamarun import kernels
+from llamarun.config import ModelArgs
 from llamarun.engine import Engine
 from llamarun.errors import InvalidArgumentError, PromptTooLongError
+from llamarun.generation import Token
 from llamarun.sampling import SamplingParams
+from llamarun.scheduler import Request
 from engine_util import engine, one_thread, stories_meta  # noqa: F401
+from model_util import random_meta_state_dict, write_meta_folder
 
 GREEDY = SamplingParams.greedy()
 PROMPT = "Once upon a time"
@@ -279,6 +284,66 @@ def test_compiled_batched_step_does_not_depend_on_the_batch(one_thread: None) ->
             alone_late = eng.complete(long_prompt, sampling=GREEDY, max_new_tokens=16)
             list(alone_late)
             assert late.result.token_ids == alone_late.result.token_ids
+    finally:
+        torch._dynamo.reset()
+
+
+SMALL = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, hidden_dim=128,
+                  head_dim=8, rope_theta=10000.0, max_seq_len=128)
+SMALL_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 512,
+                "ffn_dim_multiplier": 0.75, "multiple_of": 128, "norm_eps": 1e-5,
+                "rope_theta": 10000.0}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (kernels.int4_available() and kernels.int8_available()
+                         and kernels.attend_available()),
+                    reason="llamarun's AVX2 kernels do not serve every op on this machine")
+def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_thread: None) -> None:  # noqa: F811
+    """With 4-bit weights on an AVX2 CPU, every op of a layer is one of llamarun's kernels or
+    exact: a prompt arriving while another request decodes, prefilled in 8-token chunks inside
+    the compiled mixed passes and then decoded beside it, gets at every step the
+    log-probabilities it gets alone (prefilled by an eager pass, decoded in the one-row graph),
+    bit for bit."""
+    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=4)])
+    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    eng = Engine.load(folder, device="cpu", dtype="float32", max_seq_len=128, slots=2,
+                      compile=True, quantize="int4", group_size=32, prefill_chunk=8)
+    g = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(3, 512, (39,), generator=g).tolist()
+    other = [1] + torch.randint(3, 512, (12,), generator=g).tolist()
+
+    def request(ids: list[int], n: int) -> Request:
+        return Request(ids, SamplingParams.greedy(), n, reuse=False, stop_ids=False, text=False,
+                       top_logprobs=3)
+
+    def drain(ticket) -> list:
+        out = []
+        while not (ticket.done and not ticket.events):
+            if not ticket.events:
+                eng.scheduler.step()
+            while ticket.events:
+                e = ticket.events.popleft()
+                if isinstance(e, Token):
+                    out.append((e.chunk.token_id, e.top))
+        return out
+
+    try:
+        eng.wait_compiled()
+        drain(eng.submit(request(other, 2)))
+        assert eng.compiled_in_use
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            alone = drain(eng.submit(request(prompt, 12)))
+            first = eng.submit(request(other, 60))
+            for _ in range(3):
+                eng.scheduler.step()  # `first` generating from here
+            passes = eng.scheduler.prefill_passes
+            late = drain(eng.submit(request(prompt, 12)))
+            assert eng.scheduler.prefill_passes - passes == 5  # 40 tokens: 5 chunks beside `first`
+            first.cancel()
+            drain(first)
+        assert len(late) == len(alone) == 12
+        assert late == alone  # ids and log-probabilities, bit for bit
     finally:
         torch._dynamo.reset()
 
