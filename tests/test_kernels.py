@@ -4,6 +4,11 @@ fallback (LLAMARUN_KERNELS=0, a failed build) and tracing by torch.compile."""
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -487,3 +492,22 @@ def test_compiled_code_gets_eagers_numbers_from_the_rowwise_kernels() -> None:
                 assert torch.equal(compiled(x), ffn(x)), rows
     finally:
         torch._dynamo.reset()
+
+
+def test_wheels_carry_the_kernel_sources(tmp_path: Path) -> None:
+    """The kernels are built from their C++ sources on the user's machine at first use: a wheel
+    of llamarun (pip install from PyPI or a folder, not editable) must hold every one of them."""
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: no build/ folder left from an earlier build can answer
+    shutil.copytree(repo / "llamarun", src / "llamarun",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("llamarun-*.whl"))).namelist())
+    folder = Path(kernels.__file__).parent
+    needed = [p.name for p in kernels.SOURCES] + [p.name for p in folder.glob("*.h")]
+    assert "kernels.h" in needed
+    assert {f"llamarun/kernels/{n}" for n in needed} <= names
