@@ -35,24 +35,11 @@ LLAMARUN_AVX2 void norm_row(const float* x, const float* w, int64_t D, float eps
   for (; d < D; ++d) out[d] = w[d] * (x[d] * r);
 }
 
-// exp(x) for any float x (Cephes' expf, about 1 ulp): x clamped to [-87, 88], so it is
-// never infinite or denormal (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38).
+// exp(x) for any float x (exp_in_range on x clamped to [-87, 88]): never infinite or
+// denormal (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38).
 LLAMARUN_AVX2 inline __m256 exp_clamped(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return exp_in_range(x);
 }
 
 // silu(g) * u = g / (1 + exp(-g)) * u for 8 values.
