@@ -4,6 +4,7 @@ fallback (LLAMARUN_KERNELS=0, a failed build) and tracing by torch.compile."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,34 @@ def test_avx2_int8_kernel_serves_prefill_sized_passes() -> None:
         ref = x[:rows].double() @ (q.double() * sb.double()[:, None]).t()
         bound = _int8_bound(x[:rows], q, sb) * 1.001 + 1e-6 * ref.abs() + 1e-6
         assert ((y.double() - ref).abs() <= bound).all(), rows
+
+
+@needs_int4
+def test_int4_kernel_reads_nothing_past_its_scales() -> None:
+    """K % 64 == 32 (a tensor-parallel shard's K = 32, or K = 96): the kernel's last 64-value
+    pair ends in a block past K. It once read that block's scale past the end of its vector,
+    0 * whatever the heap held there, and NaN at times. glibc's MALLOC_PERTURB_ fills freed
+    memory with 0xFF bytes (a float NaN), which makes such a read show on every run."""
+    script = """
+import torch
+from llamarun import kernels
+torch.manual_seed(0)
+bad = 0
+for k in (32, 96, 160):
+    for n in (8, 40):
+        x = torch.randn(3, k)
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        scales, zeros = torch.rand(n, k // 32).half(), torch.rand(n, k // 32).half()
+        for _ in range(10):
+            y = kernels.int4_linear(x, kernels.int4_pack(q), scales, zeros, 32)
+            bad += int(not torch.isfinite(y).all())
+print(bad)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "MALLOC_PERTURB_": "255"},
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "0", "products with non-finite values: " + r.stdout
 
 
 @needs_int4

@@ -572,8 +572,13 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   const int64_t tiles = (N + NB - 1) / NB;
   pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
-    // the tile's scales and zeros as float, by output (df, zf) and by lane (dt, zt)
-    std::vector<float> df(NB * G, 0.f), zf(NB * G, 0.f), dt(G * NB), zt(G * NB);
+    // the tile's scales and zeros as float, by output (df, zf) and by lane (dt, zt). dt has a
+    // zero group past the last when K % 64 == 32: int4_tile runs 64 values a pair, so the last
+    // pair's upper block (zero activations) reads one group past K; reading it past the vector
+    // read whatever the heap held there, NaN at times (0 * NaN: all-NaN logits, seen on 4
+    // tensor-parallel ranks whose feed-forward shard had K = 32).
+    const int64_t Gp = ((2 * pairs) >> shift) > G ? ((2 * pairs) >> shift) : G;
+    std::vector<float> df(NB * G, 0.f), zf(NB * G, 0.f), dt(Gp * NB, 0.f), zt(G * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
       halves_to_float(d + n0 * G, nrows * G, df.data());
