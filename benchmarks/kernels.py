@@ -8,7 +8,8 @@ Kernels:
   bf16:  F.linear (oneDNN/MKL), compiled (x.unsqueeze(-2) * w).sum(-1) (model.Linear's form
          under torch.compile, one row only, --compile), ours (kernels.bf16_linear: vdpbf16ps;
          also inside a compiled function with --compile)
-  fp32:  device.linear's oneDNN path (for reference: the memory's rate)
+  fp32:  oneDNN (device.linear's path where ours does not serve), compiled multiply + sum
+         (--compile, one row), ours (kernels.f32_linear: AVX2 FMA, CPUs without AVX-512)
   int8:  aten._weight_int8pack_mm (bf16 activations), compiled multiply + sum (Int8Linear's
          one-token form without PyTorch's kernel, --compile), ours (kernels.int8_linear: vpdpbusd)
   int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llamarun import kernels
-from llamarun.device import linear as device_linear
+from llamarun.device import _onednn_linear
 
 # (name, N, K) of each distinct product of a layer, and the output head.
 MODELS = {
@@ -123,12 +124,18 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
             secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
         out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]
     del wb
-    if 1 in rows:  # fp32 reference: the memory's rate through oneDNN
-        wf = [torch.randn(n, k, generator=g) for _ in range(_copies(n * k * 4, pool))]
-        x = torch.randn(1, k, generator=g)
+    wf = [torch.randn(n, k, generator=g) for _ in range(_copies(n * k * 4, pool))]
+    for m in rows:
+        x = torch.randn(m, k, generator=g)
+        runs = [("fp32 oneDNN", lambda i: _onednn_linear(x, wf[i]))]
+        if compiled is not None and m == 1:
+            runs.append(("fp32 compiled mul+sum", lambda i: compiled(x, wf[i])))
+        if kernels.f32_available():
+            ext = kernels._extension()
+            runs.append(("fp32 ours", lambda i: ext.f32_linear(x, wf[i])))
         with torch.inference_mode():
-            s = _interleaved([(lambda i: device_linear(x, wf[i]), len(wf))], reps)[0]
-        out.append(("fp32 device.linear", 1, n * k * 4 / s / 1e9))
+            secs = _interleaved([(fn, len(wf)) for _, fn in runs], reps)
+        out += [(name, m, n * k * 4 / s / 1e9) for (name, _), s in zip(runs, secs)]
     return out
 
 
@@ -147,7 +154,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, ours: "
           f"bf16 {kernels.bf16_available()}, int8 {kernels.int8_available()}, "
-          f"int4 {kernels.int4_available()}")
+          f"int4 {kernels.int4_available()}, fp32 {kernels.f32_available()}")
     print(f"{'model':8} {'matrix':7} {'N x K':>13} {'kernel':22} " +
           " ".join(f"{'M=' + str(m):>7}" for m in rows) + "   (GB/s of weights)")
     for model in args.models.split(","):

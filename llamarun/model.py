@@ -18,11 +18,13 @@ from llamarun.rope import apply_rope, rope_cache
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear whose one-token product, under torch.compile, is multiply + sum.
+    """A bias-free nn.Linear: device.linear, except for one token under torch.compile where no
+    llamarun kernel serves (llamarun.kernels.serves_dense), which is multiply + sum.
 
     Inductor turns (x * W).sum(-1) into one fused reduction that streams the weights at memory
     bandwidth; the vendor GEMV it would call instead reaches about half of it on CPU (on GPUs
-    inductor makes the same rewrite itself). Eager mode uses device.linear.
+    inductor makes the same rewrite itself). The kernels stream as fast and compute each row
+    as in any batch, which the reduction does not.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -32,7 +34,7 @@ class Linear(nn.Linear):
         rows = x.shape[:-1].numel()
         if torch.compiler.is_compiling() and rows == 1 and not kernels.serves_dense(x, self.weight):
             return (x.unsqueeze(-2) * self.weight).sum(-1)
-        return linear(x, self.weight)  # llamarun.kernels' bf16 product where it serves
+        return linear(x, self.weight)  # llamarun.kernels' product where one serves
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ needs_int8 = pytest.mark.skipif(not kernels.int8_available(),
                                 reason="no int8 kernel (AVX512-VNNI, or AVX2 without AVX-512) here")
 needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
                                 reason="no 4-bit kernel (AVX2 without AVX-512) on this machine")
+needs_f32 = pytest.mark.skipif(not kernels.f32_available(),
+                               reason="no float32 kernel (AVX2 without AVX-512) on this machine")
 needs_attend = pytest.mark.skipif(not kernels.attend_available(),
                                   reason="no attention kernel (AVX2 and FMA) on this machine")
 
@@ -59,6 +61,49 @@ def test_bf16_kernel_matches_float64(m: int, k: int, n: int) -> None:
     bound = 2.0**-8 * ref.abs() + 1e-6 * (x.double().abs() @ w.double().abs().t()) + 1e-30
     assert ((y.double() - ref).abs() <= bound).all()
     assert torch.allclose(y.float(), F.linear(x, w).float(), rtol=2**-7, atol=1e-2)
+
+
+@needs_f32
+@pytest.mark.parametrize("m,k,n", SHAPES + [(70, 96, 27), (513, 40, 50)])
+def test_f32_kernel_matches_float64(m: int, k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    x[:, ::17] *= 20
+    y = linear(x, w)  # the selector's choice: the kernel
+    assert kernels.serves_dense(x, w) and y.dtype == torch.float32 and y.shape == (m, n)
+    assert torch.equal(y, kernels.dense_linear(x, w))
+    ref = x.double() @ w.double().t()
+    # float32 sums of k products: at most about k ulps of the sum of magnitudes
+    bound = (k + 8) * 2.0**-24 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+@needs_f32
+@pytest.mark.parametrize("k,n", [(7, 5), (77, 29), (576, 130)])
+def test_f32_rows_do_not_depend_on_the_pass(k: int, n: int) -> None:
+    """Each row as computed alone, bit for bit, in passes of 1-9 rows (every split into
+    passes of at most 4) and of 70 and 300 (activation tiles of 64)."""
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(300, k, generator=g), torch.randn(n, k, generator=g)
+    alone = torch.stack([linear(x[i:i + 1], w)[0] for i in range(300)])
+    for m in [*range(1, 10), 70, 300]:
+        assert torch.equal(linear(x[:m], w), alone[:m]), m
+    assert torch.equal(linear(x[5:75], w), alone[5:75])  # other rows, other places in the tiles
+
+
+@needs_f32
+def test_compiled_one_row_step_runs_the_f32_kernel() -> None:
+    """A compiled one-token product is the kernel's (not inductor's multiply + sum, which
+    rounds otherwise), so compiled and eager rows are the same bit for bit."""
+    from llamarun.model import Linear
+
+    torch._dynamo.reset()
+    layer = Linear(96, 40)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        assert torch.equal(compiled, layer(x))
+        assert torch.equal(compiled, linear(torch.cat([x, x, x]), layer.weight)[:1])
 
 
 def _int8_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -286,8 +331,9 @@ def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.bf16_available() and not kernels.int8_available()
     assert not kernels.int4_available() and not kernels.int4_layout(32)
-    assert not kernels.attend_available()
+    assert not kernels.attend_available() and not kernels.f32_available()
     assert kernels.dense_linear(x, w) is None and kernels.int8_linear(xi, q, s) is None
+    assert kernels.dense_linear(x.float(), w.float()) is None
     assert torch.equal(linear(x, w), F.linear(x, w))
     module = Int8Linear(64, 9, kernel=True)
     module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
@@ -302,7 +348,11 @@ def test_selector_leaves_other_products_to_pytorch() -> None:
     assert kernels.dense_linear(x, w) is None  # a prefill-sized product
     assert not kernels.serves_dense(x, w)
     assert kernels.serves_dense(x[:1], w) == kernels.bf16_available()
-    assert kernels.dense_linear(x[:1].float(), w.float()) is None  # float32: oneDNN
+    # float32: the kernel on AVX2 CPUs (every pass size up to F32_MAX_ROWS), else oneDNN
+    assert kernels.serves_dense(x.float(), w.float()) == kernels.f32_available()
+    big = torch.zeros(kernels.F32_MAX_ROWS + 1, 40)
+    assert kernels.dense_linear(big, w.float()) is None
+    assert kernels.dense_linear(x.float(), w) is None  # mixed dtypes
     assert kernels.dense_linear(x[:1].half(), w.half()) is None
     assert kernels.int8_linear(x[:1].half(), torch.zeros(9, 40, dtype=torch.int8),
                                torch.ones(9)) is None

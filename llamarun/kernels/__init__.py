@@ -55,7 +55,14 @@ INT4_MAX_ROWS = 4096
 # (benchmarks/kernels.py shapes of the default model), and a row's logits then never depend
 # on how many rows share its pass. The VNNI kernel keeps MAX_ROWS (not measured past it).
 INT8_AVX2_MAX_ROWS = 4096
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp", "rowwise.cpp")]
+# The AVX2 float32 kernel (f32.cpp) serves every pass up to as many rows: against oneDNN (which
+# float32 products take otherwise) it measured 2.3-2.7x faster for one row and 1.5-2.0x for 2-8
+# rows with the weights streamed from memory, 1.1-1.3x at 64 rows and 0.86-1.08x at 512
+# (benchmarks/kernels.py). One kernel for every pass size makes a token's float32 products the
+# same whatever its pass holds: a prompt prefilled whole or in chunks, a row decoded alone or
+# beside 7 others, by a compiled step or eagerly.
+F32_MAX_ROWS = 4096
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "f32.cpp", "attention.cpp", "rowwise.cpp")]
 
 
 def enabled() -> bool:
@@ -124,6 +131,13 @@ def _features() -> tuple[bool, bool, bool]:
 
 
 @torch.compiler.assume_constant_result
+def f32_available() -> bool:
+    """Whether the float32 kernel runs here (enabled, built, and an AVX2 CPU without AVX-512,
+    where oneDNN's own products are not measured against it)."""
+    return enabled() and _features()[2]
+
+
+@torch.compiler.assume_constant_result
 def bf16_available() -> bool:
     """Whether the bfloat16 kernel runs here (enabled, built, and the CPU has AVX512-BF16)."""
     return enabled() and _features()[0]
@@ -155,6 +169,7 @@ def int4_available() -> bool:
 # op costs ~30 us a call). Eager calls go to the extension directly.
 _LIB = torch.library.Library("llamarun", "DEF")  # kept: the ops live as long as it does
 _LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
+_LIB.define("f32_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group) -> Tensor")
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
@@ -163,6 +178,11 @@ _LIB.define("silu_mul(Tensor x) -> Tensor")
 
 
 @torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("llamarun::f32_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -200,24 +220,29 @@ def _rows(x: torch.Tensor) -> int:
 
 def serves_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether dense_linear(x, weight) runs this package's kernel (else it returns None)."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and weight.dim() == 2 and 0 < _rows(x) <= MAX_ROWS
-            and bf16_available())
+    if x.device.type != "cpu" or weight.dim() != 2 or x.dtype != weight.dtype:
+        return False
+    if x.dtype == torch.float32:
+        return 0 < _rows(x) <= F32_MAX_ROWS and f32_available()
+    return x.dtype == torch.bfloat16 and 0 < _rows(x) <= MAX_ROWS and bf16_available()
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight.T by this package's bf16 kernel where it serves, else None.
+    """x @ weight.T by this package's kernels where they serve, else None.
 
-    It serves bfloat16 x and weight on CPU for 1..MAX_ROWS rows: measured 1.1-2.2x faster than
-    F.linear there (benchmarks/kernels.py, README "CPU kernels"). float32 stays with oneDNN.
+    bfloat16 x and weight on CPUs with AVX512-BF16, 1..MAX_ROWS rows: measured 1.1-2.2x faster
+    than F.linear there. float32 on AVX2 CPUs, 1..F32_MAX_ROWS rows (see there). Elsewhere
+    oneDNN or F.linear (benchmarks/kernels.py, README "CPU kernels").
     """
     if not serves_dense(x, weight):
         return None
     rows = x.reshape(-1, x.shape[-1])
+    f32 = x.dtype == torch.float32
     if torch.compiler.is_compiling():
-        y = torch.ops.llamarun.bf16_linear(rows, weight)
+        op = torch.ops.llamarun.f32_linear if f32 else torch.ops.llamarun.bf16_linear
+        y = op(rows, weight)
     else:  # the extension directly: no dispatcher on the eager path
-        y = _extension().bf16_linear(rows, weight)
+        y = (_extension().f32_linear if f32 else _extension().bf16_linear)(rows, weight)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -356,9 +381,10 @@ def summary(device: torch.device) -> str:
     if not enabled():
         return f"PyTorch's ({ENV}=0)"
     bf16, vnni, avx2 = _features()
-    ours = [name for name, on in (("bf16", bf16), ("int8", vnni or avx2), ("int4", avx2)) if on]
+    ours = [name for name, on in (("float32", avx2), ("bf16", bf16), ("int8", vnni or avx2),
+                                  ("int4", avx2)) if on]
     if not ours:
         return "PyTorch's (none of llamarun's serves this CPU)"
     isa = "AVX-512" if bf16 or vnni else "AVX2"
-    rows = f"1-{MAX_ROWS} rows" + (f"; 4-bit 1-{INT4_MAX_ROWS}" if avx2 else "")
+    rows = f"1-{int8_max_rows()} rows" if avx2 else f"1-{MAX_ROWS} rows"
     return f"llamarun's {isa} ones for {', '.join(ours)} weights ({rows}), PyTorch's for the rest"

@@ -22,6 +22,8 @@
 
 namespace {
 
+using llamarun::pieces_for;
+
 constexpr int64_t NB = 8;     // weight rows (outputs) per block: one thread step
 constexpr int64_t MB = 4;     // activation rows per pass over a block
 constexpr int64_t GRAIN = 8;  // blocks per thread task at least
@@ -365,34 +367,6 @@ LLAMARUN_AVX2 void group_terms(const float* dt, const float* zt, const float* c,
   _mm256_storeu_ps(out, _mm256_add_ps(accd, accz));
 }
 
-// Calls f(b0, b1) over blocks [0, n) in pieces. Each thread owns an equal contiguous share (one
-// long stream of weights, which the memory's prefetchers want) and, when done with it, takes
-// the next pieces of the shares still unfinished (a counter per share): a thread that another
-// process slows down does less of the work instead of keeping the others waiting at the end
-// (measured: the calling thread spent 16% of an 8-row decode pass waiting in the 4-bit products
-// on a shared 2-core machine). Which thread computes a block changes nothing in its results.
-template <typename F>
-void pieces_for(int64_t n, F&& f) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + GRAIN - 1) / GRAIN);
-  if (threads <= 1 || at::in_parallel_region()) {
-    f(int64_t(0), n);
-    return;
-  }
-  const int64_t share = (n + threads - 1) / threads;
-  const int64_t piece = std::clamp<int64_t>(share / 16, 1, GRAIN);
-  struct alignas(64) Counter { std::atomic<int64_t> next; };
-  std::vector<Counter> shares(threads);
-  for (int64_t t = 0; t < threads; ++t) shares[t].next.store(t * share);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t k = 0; k < threads; ++k) {  // its own share first, then the others'
-        const int64_t own = (t + k) % threads, end = std::min(n, (own + 1) * share);
-        for (int64_t b0; (b0 = shares[own].next.fetch_add(piece)) < end;)
-          f(b0, std::min(b0 + piece, end));
-      }
-  });
-}
-
 // src (NB, G) -> dst (G, NB): a block's per-output scales laid out one output per lane, output
 // order[l] in lane l.
 LLAMARUN_AVX2 void transpose_block(const float* src, int64_t G, const int* order, float* dst) {
@@ -706,6 +680,7 @@ TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("f32_linear", &llamarun::f32_linear);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -713,6 +688,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear);
   m.def("int8_linear", &int8_linear);
   m.def("int4_linear", &int4_linear);
+  m.def("f32_linear", &llamarun::f32_linear);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
   m.def("rms_norm", &llamarun::rms_norm);

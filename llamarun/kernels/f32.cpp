@@ -1,0 +1,158 @@
+// float32 products y = x @ w^T with AVX2 + FMA, w (N, K) as stored (no repacking).
+//
+// Why: oneDNN's product for a few rows (decode batches, speculative verification, prompt chunks)
+// ran at a third of the weights' streaming rate, and torch.compile's one-row multiply + sum
+// rounds otherwise than any batched product, so a row's logits depended on how many rows its
+// pass held. Here every y[m, n] is computed by one instruction sequence whatever M is: 8 lane
+// sums over k = lane, lane + 8, ... (fused multiply-adds in k order; the last partial chunk
+// loaded with zeros past K) and then the same 8-to-1 tree (hsum8).
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+using llamarun::pieces_for;
+
+constexpr int64_t NB = 12;  // weight rows per block
+constexpr int64_t MT = 64;  // activation rows sharing one pass over a piece of blocks (L2)
+
+// Lanes < n of a mask for _mm256_maskload_ps.
+LLAMARUN_AVX2 inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The loads of a k step: whole vectors, or the lanes below K (zeros past it).
+struct Plain {
+  LLAMARUN_AVX2 __m256 operator()(const float* p) const { return _mm256_loadu_ps(p); }
+};
+struct Masked {
+  __m256i mask;
+  LLAMARUN_AVX2 __m256 operator()(const float* p) const { return _mm256_maskload_ps(p, mask); }
+};
+
+// One k step of a block: acc[i][j] += x[i][k..k+8] * w[j][k..k+8]. The operand reused across
+// the other's rows stays in registers with the 12 accumulators, within AVX2's 16: MR = 4 holds
+// NR = 3 weight vectors and loads each row's x; MR < 4 holds its x vectors and loads each
+// weight vector once (spilled accumulators made a one-row product compute-bound: measured
+// 14 GB/s against 19 for a single sum chain on one core). Either way the same FMA per element.
+template <int MR, int NR, typename Load>
+LLAMARUN_AVX2 inline void f32_step(__m256 (&acc)[MR][NR], const float* x, int64_t ldx,
+                                   const float* const (&row)[NR], int64_t k, Load&& load) {
+  if constexpr (MR == 4) {
+    __m256 wv[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) wv[j] = load(row[j] + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = load(x + i * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  } else {
+    __m256 xv[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) xv[i] = load(x + i * ldx + k);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      const __m256 wv = load(row[j] + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+}
+
+// MR activation rows x NR weight rows (rows past nrows repeat the last; not stored).
+template <int MR, int NR>
+LLAMARUN_AVX2 void f32_block(const float* x, int64_t ldx, const float* w, int64_t nrows, int64_t K,
+                             const float* next /* rows to prefetch, or null */, float* y,
+                             int64_t ldy) {
+  static_assert(MR * NR <= 12, "12 accumulators at most");
+  const float* row[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) row[j] = w + std::min<int64_t>(j, nrows - 1) * K;
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (next != nullptr)  // short interleaved row streams: the hardware prefetcher lags
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(next + j * K + k), _MM_HINT_T0);
+    f32_step<MR, NR>(acc, x, ldx, row, k, Plain{});
+  }
+  if (k < K) {  // masked loads give zeros past K
+    f32_step<MR, NR>(acc, x, ldx, row, k, Masked{lanes_below(K - k)});
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j)
+      if (j < nrows) y[i * ldy + j] = hsum8(acc[i][j]);
+}
+
+// mrows (1..4) activation rows over one block of nrows (1..NB) weight rows, 12 accumulators
+// (the FMA's latency times its throughput needs 8 or more in flight). One row streams all 12
+// weight rows at once (memory requests in flight: it gains nothing from prefetching); more rows
+// share each weight load, and prefetch the next block.
+void f32_pass(int64_t mrows, const float* x, int64_t K, const float* w, int64_t nrows,
+              const float* next, float* y, int64_t ldy) {
+  static_assert(NB == 12, "12 / mrows weight rows a block");
+  if (mrows == 1) return f32_block<1, 12>(x, K, w, nrows, K, nullptr, y, ldy);
+  const int64_t nr = 12 / mrows;
+  for (int64_t j0 = 0; j0 < nrows; j0 += nr) {
+    const float* wj = w + j0 * K;
+    const float* nj = next != nullptr ? next + j0 * K : nullptr;
+    const int64_t left = nrows - j0;
+    switch (mrows) {
+      case 2: f32_block<2, 6>(x, K, wj, left, K, nj, y + j0, ldy); break;
+      case 3: f32_block<3, 4>(x, K, wj, left, K, nj, y + j0, ldy); break;
+      default: f32_block<4, 3>(x, K, wj, left, K, nj, y + j0, ldy); break;
+    }
+  }
+}
+
+}  // namespace
+
+namespace llamarun {
+
+// y (M, N) = x (M, K) @ w (N, K)^T, all float32.
+torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "f32_linear: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "f32_linear: float32 only");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  pieces_for((N + NB - 1) / NB, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = 0; t0 < M; t0 += MT) {
+      const int64_t t1 = std::min(M, t0 + MT);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
+        // the first pass over a block prefetches the next one
+        const bool ahead = t0 == 0 && nrows == NB && n0 + 2 * NB <= N;
+        // passes of at most 4 rows, as even as can be (5 rows: 3 + 2, not 4 + 1)
+        const int64_t passes = (t1 - t0 + 3) / 4, base = (t1 - t0) / passes;
+        for (int64_t p = 0, m0 = t0; p < passes; ++p) {
+          const int64_t rows = base + (p < (t1 - t0) % passes ? 1 : 0);
+          f32_pass(rows, xp + m0 * K, K, wp + n0 * K, nrows,
+                   ahead && m0 == 0 ? wp + (n0 + NB) * K : nullptr, yp + m0 * N + n0, N);
+          m0 += rows;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace llamarun
