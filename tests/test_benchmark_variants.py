@@ -3,6 +3,7 @@ way) are files llamarun loads, with the sizes, untied output and value spread as
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,8 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-variants = pytest.importorskip("variants")
+pytest.importorskip("gguf")
+
+
+def _load_variants():  # noqa: ANN202
+    """benchmarks/variants.py by its path: benchmarks/ never goes on sys.path, where its
+    script names would shadow installed packages for every later test (once a file named
+    kernels.py there hid Hugging Face's `kernels` package from transformers)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "variants.py"
+    spec = importlib.util.spec_from_file_location("llamarun_benchmarks_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+variants = _load_variants()
 
 from llamarun.loaders import load_checkpoint  # noqa: E402
 from llamarun.loaders.gguf import dequantize_tensor, read_gguf_file  # noqa: E402

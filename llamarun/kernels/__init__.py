@@ -52,13 +52,13 @@ INT4_MAX_ROWS = 4096
 # The AVX2 int8 kernel (CPUs without VNNI) serves as many rows: against PyTorch's path past 8
 # rows (`_weight_int8pack_mm`, then a dequantized GEMM) it measured 2.2-3.1x faster at 9 rows
 # (the output head of 8 decode rows and a prompt chunk), 1.5-3.9x at 64 and 0.93-1.43x at 512
-# (benchmarks/kernels.py shapes of the default model), and a row's logits then never depend
+# (benchmarks/products.py shapes of the default model), and a row's logits then never depend
 # on how many rows share its pass. The VNNI kernel keeps MAX_ROWS (not measured past it).
 INT8_AVX2_MAX_ROWS = 4096
 # The AVX2 float32 kernel (f32.cpp) serves every pass up to as many rows: against oneDNN (which
 # float32 products take otherwise) it measured 2.3-2.7x faster for one row and 1.5-2.0x for 2-8
 # rows with the weights streamed from memory, 1.1-1.3x at 64 rows and 0.86-1.08x at 512
-# (benchmarks/kernels.py). One kernel for every pass size makes a token's float32 products the
+# (benchmarks/products.py). One kernel for every pass size makes a token's float32 products the
 # same whatever its pass holds: a prompt prefilled whole or in chunks, a row decoded alone or
 # beside 7 others, by a compiled step or eagerly.
 F32_MAX_ROWS = 4096
@@ -232,7 +232,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
 
     bfloat16 x and weight on CPUs with AVX512-BF16, 1..MAX_ROWS rows: measured 1.1-2.2x faster
     than F.linear there. float32 on AVX2 CPUs, 1..F32_MAX_ROWS rows (see there). Elsewhere
-    oneDNN or F.linear (benchmarks/kernels.py, README "CPU kernels").
+    oneDNN or F.linear (benchmarks/products.py, README "CPU kernels").
     """
     if not serves_dense(x, weight):
         return None

@@ -15,7 +15,7 @@ Kernels:
   int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
          vpmaddubsw, on CPUs without AVX-512; group 32, float16 scales and zeros)
 
-    python benchmarks/kernels.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
+    python benchmarks/products.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
         [--threads N] [--pool MiB]
 """
 
