@@ -147,16 +147,11 @@ namespace llamarun {
 
 // y (M, N) = x (M, K) @ w (N, K)^T, all float32.
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "f32_linear: shapes");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "f32_linear: float32 only");
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32");
+  const int64_t M = d.M, K = d.K, N = d.N;
+  const float* xp = d.x.data_ptr<float>();
+  const float* wp = d.w.data_ptr<float>();
+  float* yp = d.y.data_ptr<float>();
   // Passes of more than 8 rows over long rows (K > 1024) run K in ranges of KC: a block's
   // activation and weight rows then stay in the L1 cache through a pass (measured 0.85x
   // oneDNN's time for 512 rows of K = 1536 in one range).
@@ -193,7 +188,7 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
       }
     }
   });
-  return y;
+  return d.y;
 }
 
 }  // namespace llamarun

@@ -41,6 +41,26 @@ LLAMARUN_AVX2 inline __m256 exp_in_range(__m256 x) {
 
 namespace llamarun {
 
+constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least
+
+// The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
+// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y allocated in x's options.
+struct DenseOperands {
+  torch::Tensor x, w, y;
+  int64_t M, K, N;
+};
+inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor& w,
+                                    at::ScalarType dtype, const char* op,
+                                    const char* dtype_name) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op, ": shapes");
+  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, op, ": ", dtype_name,
+              " only");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  return {xc, wc, torch::empty({M, N}, x.options()), M, K, N};
+}
+
 // Calls f(b0, b1) over blocks [0, n) in pieces. Each thread owns an equal contiguous share (one
 // long stream of weights, which the memory's prefetchers want) and, when done with it, takes
 // the next pieces of the shares still unfinished (a counter per share): a thread that another
@@ -49,7 +69,6 @@ namespace llamarun {
 // on a shared 2-core machine). Which thread computes a block changes nothing in its results.
 template <typename F>
 void pieces_for(int64_t n, F&& f) {
-  constexpr int64_t GRAIN = 8;  // blocks per thread task at least
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + GRAIN - 1) / GRAIN);
   if (threads <= 1 || at::in_parallel_region()) {
     f(int64_t(0), n);

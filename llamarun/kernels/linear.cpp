@@ -22,11 +22,11 @@
 
 namespace {
 
+using llamarun::GRAIN;
 using llamarun::pieces_for;
 
 constexpr int64_t NB = 8;     // weight rows (outputs) per block: one thread step
 constexpr int64_t MB = 4;     // activation rows per pass over a block
-constexpr int64_t GRAIN = 8;  // blocks per thread task at least
 
 #define LLAMARUN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
@@ -551,7 +551,7 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
     // pair's upper block (zero activations) reads one group past K; reading it past the vector
     // read whatever the heap held there, NaN at times (0 * NaN: all-NaN logits, seen on 4
     // tensor-parallel ranks whose feed-forward shard had K = 32).
-    const int64_t Gp = ((2 * pairs) >> shift) > G ? ((2 * pairs) >> shift) : G;
+    const int64_t Gp = std::max<int64_t>(G, (2 * pairs) >> shift);
     std::vector<float> df(NB * G, 0.f), zf(NB * G, 0.f), dt(Gp * NB, 0.f), zt(G * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
@@ -609,17 +609,11 @@ std::vector<bool> cpu_features() {
 
 // y (M, N) = x (M, K) @ w (N, K)^T; x and w bfloat16; y in x's dtype.
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_linear: shapes");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "bf16_linear: bfloat16 only");
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  bf16_linear_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M,
-                   reinterpret_cast<const uint16_t*>(wc.data_ptr()), N, K,
-                   reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-  return y;
+  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16");
+  bf16_linear_impl(reinterpret_cast<const uint16_t*>(d.x.data_ptr()), d.M,
+                   reinterpret_cast<const uint16_t*>(d.w.data_ptr()), d.N, d.K,
+                   reinterpret_cast<c10::BFloat16*>(d.y.data_ptr()));
+  return d.y;
 }
 
 // y (M, N) = x (M, K) @ (w * wscale[:, None])^T with x quantized to int8 in blocks of QB;
