@@ -1,7 +1,8 @@
 """Sampling as pure functions over logits: penalties, temperature, top-k, top-p, min-p, draws.
 
-Nothing here reads a tensor back to the host: `sample` returns a device tensor, so a decode loop
-only synchronises when it needs the token id (to stream it).
+Nothing here reads a tensor back to the host but top-p without top-k (one read-back, see
+`_most_likely`): `sample` returns a device tensor, so a decode loop only synchronises when it
+needs the token id (to stream it).
 """
 
 from __future__ import annotations
@@ -131,15 +132,20 @@ def logits_processors(params: SamplingParams, history: Sequence[int],
     return out
 
 
-def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0) -> torch.Tensor:
-    """Probabilities (..., vocab) after temperature, then top-k, top-p and min-p filtering.
+def candidates(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens that survive temperature, then top-k, top-p and min-p filtering, with their
+    probabilities: (ids (..., n), probs (..., n)), or (None, probs (..., vocab)) when every token
+    is a candidate. Dropped candidates have probability 0; each filter renormalises.
 
-    top-p keeps the smallest set of most likely tokens whose mass reaches top_p; min-p drops tokens
-    less likely than min_p times the most likely one. Each filter renormalises before the next.
+    top-k keeps exactly the k most likely tokens (as llama.cpp's sampler: ties at the k-th are
+    broken by torch.topk's order); top-p keeps the smallest set of most likely tokens whose mass
+    reaches top_p; min-p drops tokens less likely than min_p times the most likely one. Only
+    top-p without top-k needs the tokens in order, and then only the most likely ones: the
+    filters cost a partial sort of a few candidates, not a sort of the vocabulary.
     """
     if temperature <= 0:
-        raise InvalidArgumentError("logits_to_probs needs temperature > 0 (use argmax for greedy)")
+        raise InvalidArgumentError("sampling needs temperature > 0 (use argmax for greedy)")
     # Legal but degenerate temperatures must not make NaN: subtracting the row's maximum first
     # (softmax does not change) keeps every quotient <= 0, and the clamp keeps the divisor a
     # float32 (1e-300 would round to 0, 1e300 to inf) without changing the probabilities of
@@ -147,22 +153,50 @@ def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0,
     logits = logits.float()
     logits = logits - logits.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
     logits = logits / min(max(temperature, _MIN_TEMPERATURE), _MAX_TEMPERATURE)
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    vocab = logits.shape[-1]
+    ids: torch.Tensor | None = None
+    if 0 < top_k < vocab:
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # most likely first
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-        drop_sorted = mass_before >= top_p  # never drops the first token
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        if ids is None:
+            probs, ids = _most_likely(probs, top_p)
+        mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # never drops the first token
         probs = probs / probs.sum(-1, keepdim=True)
     if min_p > 0.0:
         threshold = min_p * probs.amax(-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return ids, probs
+
+
+def _most_likely(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of each row most likely first, enough of them for top-p at `mass`: the 256 or
+    4,096 most likely where that suffices (one read-back to check), else the whole vocabulary.
+
+    The k most likely suffice when the k-th already has `mass` before it: top-p drops it, and
+    every later token, whose mass before is no smaller.
+    """
+    vocab = probs.shape[-1]
+    for k in (256, 4096):
+        if k >= vocab:
+            break
+        top, ids = torch.topk(probs, k, dim=-1)
+        if bool(((top.sum(-1) - top[..., -1]) >= mass).all()):
+            return top, ids
+    return torch.sort(probs, dim=-1, descending=True)
+
+
+def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> torch.Tensor:
+    """Probabilities (..., vocab) after temperature, then top-k, top-p and min-p filtering (see
+    `candidates`), 0 for every dropped token."""
+    ids, probs = candidates(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p)
+    if ids is None:
+        return probs
+    return torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device).scatter_(-1, ids, probs)
 
 
 _MIN_TEMPERATURE = 1e-30  # below it, the most likely token(s) get all the mass anyway
@@ -170,9 +204,15 @@ _MAX_TEMPERATURE = 1e30  # above it, the distribution is uniform to float32 prec
 
 
 def multinomial(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of probs (..., vocab) without a host sync: argmax(p / Exponential(1))."""
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
+    """One draw per row of probs (..., n) without a host sync: the first index whose cumulative
+    probability reaches u times the row's total, u uniform in (0, 1] (one random number a row;
+    float64 sums, so that tokens of tiny probability keep their share). A token of probability
+    0 is never drawn: its cumulative sum equals its predecessor's, which comes first."""
+    cum = probs.double().cumsum(-1)
+    u = 1.0 - torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device,
+                         dtype=torch.float64)
+    pick = torch.searchsorted(cum, u * cum[..., -1:]).squeeze(-1)
+    return pick.clamp_(max=probs.shape[-1] - 1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
@@ -187,9 +227,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return torch.argmax(logits, dim=-1)
     if generator is None:
         raise InvalidArgumentError("sampling with temperature > 0 needs a torch.Generator")
-    probs = logits_to_probs(logits, temperature=params.temperature, top_k=params.top_k,
+    ids, probs = candidates(logits, temperature=params.temperature, top_k=params.top_k,
                             top_p=params.top_p, min_p=params.min_p)
-    return multinomial(probs, generator)
+    pick = multinomial(probs, generator)
+    return pick if ids is None else ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
 def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -115,6 +115,66 @@ def test_sample_follows_filtered_distribution() -> None:
     assert torch.allclose(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015), freq.tolist()
 
 
+def _reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                     min_p: float, edge: list[int] | None = None) -> torch.Tensor:
+    """The filters over the whole vocabulary in float64, one row, by a full sort. `edge` gets
+    the tokens whose fate float32 rounding may decide (mass before within 1e-5 of top_p)."""
+    z = logits.double() / temperature
+    order = torch.argsort(z, descending=True, stable=True)
+    p = torch.softmax(z[order], dim=0)
+    if 0 < top_k < len(p):
+        p[top_k:] = 0
+        p /= p.sum()
+    if top_p < 1.0:
+        before = p.cumsum(0) - p
+        if edge is not None:
+            edge += order[(before - top_p).abs() < 1e-5].tolist()
+        p[before >= top_p] = 0
+        p /= p.sum()
+    if min_p > 0:
+        p[p < min_p * p.max()] = 0
+        p /= p.sum()
+    return torch.zeros_like(p).scatter_(0, order, p)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat (a full sort), middling, peaked
+@pytest.mark.parametrize("top_k, top_p, min_p", [(40, 0.95, 0.05), (0, 0.9, 0.0), (0, 0.5, 0.0),
+                                                 (0, 0.999, 0.0), (300, 1.0, 0.0),
+                                                 (0, 1.0, 0.02), (7, 0.6, 0.1)])
+def test_filters_on_a_large_vocabulary_match_a_full_sort(scale: float, top_k: int, top_p: float,
+                                                         min_p: float) -> None:
+    # 20,000 tokens: top-k and top-p run on a few candidates (256 or 4,096 of them for top-p
+    # alone, where those hold the mass), and must keep what a sort of the whole vocabulary keeps
+    logits = torch.randn(3, 20000, generator=torch.Generator().manual_seed(5)) * scale
+    probs = logits_to_probs(logits, temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
+    for row in range(3):
+        edge: list[int] = []
+        expected = _reference_probs(logits[row], 0.8, top_k, top_p, min_p, edge)
+        differ = ((probs[row] > 0) != (expected > 0)).nonzero().flatten().tolist()
+        assert set(differ) <= set(edge)
+        if not differ:
+            assert torch.allclose(probs[row].double(), expected, atol=1e-6)
+
+
+def test_draws_over_a_large_vocabulary_follow_the_filtered_distribution() -> None:
+    # the candidates' draws mapped back to token ids: frequencies against the distribution
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * 4
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0)
+    expected = _reference_probs(logits, 1.0, 20, 0.9, 0.0)
+    draws = sample(logits.expand(40000, 5000), params, make_generator(torch.device("cpu"), 2))
+    freq = torch.bincount(draws, minlength=5000).double() / draws.numel()
+    assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert torch.allclose(freq, expected, atol=0.01), (freq - expected).abs().max()
+
+
+def test_multinomial_never_draws_a_token_of_probability_zero() -> None:
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0]).expand(20000, 6)
+    draws = multinomial(probs, make_generator(torch.device("cpu"), 4))
+    assert set(draws.unique().tolist()) == {1, 4}
+    tiny = torch.tensor([0.0, 1e-30, 0.0, 1.0, 0.0])  # float64 sums keep the tiny token's share
+    assert multinomial(tiny.expand(1000, 5), make_generator(torch.device("cpu"), 4)).eq(3).all()
+
+
 def test_seed_reproduces_and_differs() -> None:
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     logits = torch.zeros(64, 100)
