@@ -80,9 +80,9 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     sz = torch.rand(k // 32, n, 2, generator=g).bfloat16()
     int4_bytes = n * k // 2 + sz.numel() * 2
     o4 = [kernels.int4_pack(q4.to(torch.uint8)) for _ in range(_copies(n * k // 2, pool))]
-    d4 = (torch.rand(n, k // 32, generator=g) / 50).half()
-    z4 = (torch.randn(n, k // 32, generator=g) / 20).half()
-    ours4_bytes = n * k // 2 + d4.numel() * 4
+    d4 = kernels.int4_pack_groups((torch.rand(n, k // 32, generator=g) / 50).half(), k)
+    z4 = kernels.int4_pack_groups((torch.randn(n, k // 32, generator=g) / 20).half(), k)
+    ours4_bytes = n * k // 2 + n * (k // 32) * 4
     compiled = compiled_ours = compiled_int8 = None
     if compile_:  # model.Linear's and Int8Linear's one-token forms under torch.compile
         torch._dynamo.reset()  # one compile per shape; the recompile limit counts shapes
@@ -119,7 +119,7 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         if kernels.int4_available():
             ext = kernels._extension()
             runs.append(("int4 ours g32", ours4_bytes,
-                         lambda i: ext.int4_linear(x, o4[i], d4, z4, 32), len(o4)))
+                         lambda i: ext.int4_linear(x, o4[i], d4, z4, 32, n), len(o4)))
         with torch.inference_mode():
             secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
         out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]

@@ -172,6 +172,14 @@ def _int4_data(m: int, k: int, n: int, group: int, dtype: torch.dtype = torch.fl
     return x.to(dtype), q, scales, zeros
 
 
+def _int4_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group: int) -> torch.Tensor | None:
+    """kernels.int4_linear on q, scales and zeros (n, ...) packed into its layouts."""
+    k = q.shape[1]
+    return kernels.int4_linear(x, kernels.int4_pack(q), kernels.int4_pack_groups(scales, k),
+                               kernels.int4_pack_groups(zeros, k), group, q.shape[0])
+
+
 def _int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     group = k // scales.shape[1]
@@ -201,6 +209,28 @@ def test_int4_layout_places_each_value_as_documented() -> None:
     assert flat.count_nonzero() == 2
 
 
+# (the groups of K padded to a multiple of 64: 64 / 32 = 2, 128 / 32 = 4, 256 / 64, 384 / 128)
+@pytest.mark.parametrize("n,k,group,padded", [(5, 32, 32, 2), (13, 96, 32, 4), (16, 256, 64, 4),
+                                              (9, 384, 128, 3)])
+def test_int4_groups_layout_round_trip(n: int, k: int, group: int, padded: int) -> None:
+    t = torch.randn(n, k // group, generator=torch.Generator().manual_seed(n)).half()
+    packed = kernels.int4_pack_groups(t, k)
+    assert packed.shape == (-(-n // 8), padded, 8)
+    assert packed.dtype == torch.float16 and packed.count_nonzero() == t.count_nonzero()
+    assert torch.equal(kernels.int4_unpack_groups(packed, n, k // group), t)
+
+
+def test_int4_groups_layout_places_each_value_as_documented() -> None:
+    # row 13 = tile 1, row 5 of it, which lane 3 holds (lanes: rows 0, 1, 4, 5, 2, 3, 6, 7);
+    # K = 96 has a zero group 3 past the last (the kernel's last 64-value pair ends past K)
+    t = torch.zeros(16, 3, dtype=torch.float16)
+    t[13, 2] = 1.5
+    t[2, 0] = 2.0  # tile 0, group 0, lane 4
+    packed = kernels.int4_pack_groups(t, 96)
+    assert packed.shape == (2, 4, 8)
+    assert packed[1, 2, 3] == 1.5 and packed[0, 0, 4] == 2.0 and packed.count_nonzero() == 2
+
+
 @needs_int4
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m,k,n,group", [(1, 32, 1, 32), (1, 96, 5, 32), (3, 160, 13, 32),
@@ -209,7 +239,7 @@ def test_int4_layout_places_each_value_as_documented() -> None:
 def test_int4_kernel_matches_float64(m: int, k: int, n: int, group: int,
                                      dtype: torch.dtype) -> None:
     x, q, scales, zeros = _int4_data(m, k, n, group, dtype)
-    y = kernels.int4_linear(x, kernels.int4_pack(q), scales, zeros, group)
+    y = _int4_product(x, q, scales, zeros, group)
     assert y is not None and y.dtype == dtype and y.shape == (m, n)
     w = _int4_weight(q, scales, zeros)
     ref = x.double() @ w.t()
@@ -253,8 +283,7 @@ def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None
 def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
     x, q4, scales, zeros = _int4_data(8, k, n, 32, seed=3)
     _, q8, s8 = _int8_data(8, k, n, torch.float32, seed=3)
-    packed = kernels.int4_pack(q4)
-    products = [lambda a: kernels.int4_linear(a, packed, scales, zeros, 32),
+    products = [lambda a: _int4_product(a, q4, scales, zeros, 32),
                 lambda a: kernels.int8_linear(a, q8, s8)]
     for product in products:
         alone = [product(x[i:i + 1]) for i in range(8)]
@@ -299,7 +328,8 @@ for k in (32, 96, 160):
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
         scales, zeros = torch.rand(n, k // 32).half(), torch.rand(n, k // 32).half()
         for _ in range(10):
-            y = kernels.int4_linear(x, kernels.int4_pack(q), scales, zeros, 32)
+            y = kernels.int4_linear(x, kernels.int4_pack(q), kernels.int4_pack_groups(scales, k),
+                                    kernels.int4_pack_groups(zeros, k), 32, n)
             bad += int(not torch.isfinite(y).all())
 print(bad)
 """
@@ -315,9 +345,10 @@ def test_compiled_calls_trace_through_the_int4_kernel() -> None:
     torch._dynamo.reset()
     x, q, scales, zeros = _int4_data(3, 128, 40, 64, seed=6)
     packed = kernels.int4_pack(q)
+    d, z = kernels.int4_pack_groups(scales, 128), kernels.int4_pack_groups(zeros, 128)
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_linear(x, packed, scales, zeros, 64) + 1
+        return kernels.int4_linear(x, packed, d, z, 64, 40) + 1
 
     # aot_eager: dynamo and AOTAutograd trace the op through its fake form and call it as a
     # graph node (inductor adds nothing to that, and its compile costs ~15 s here)

@@ -171,7 +171,7 @@ _LIB = torch.library.Library("llamarun", "DEF")  # kept: the ops live as long as
 _LIB.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("f32_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
-_LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group) -> Tensor")
+_LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group, int n) -> Tensor")
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _LIB.define("silu_mul(Tensor x) -> Tensor")
@@ -194,8 +194,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 @torch.library.register_fake("llamarun::int4_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-      group: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], scales.shape[0])  # (the weight's rows are padded to tiles)
+      group: int, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)  # (the weight's rows are padded to tiles)
 
 
 @torch.library.register_fake("llamarun::rms_norm", lib=_LIB)
@@ -291,6 +291,37 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
     return packed.permute(0, 3, 4, 1, 2, 5).reshape(n8 * INT4_TILE, ldk // 2).contiguous()
 
 
+# The rows' order in a tile's lanes (linear.cpp's LANE_ROW: what the kernel's horizontal adds make
+# of two vectors of four rows' pairs of partial sums).
+_LANE_ROW = (0, 1, 4, 5, 2, 3, 6, 7)
+
+
+def int4_groups_shape(n: int, k: int, group: int) -> tuple[int, int, int]:
+    """The shape of int4_pack_groups' layout for an (n, k) weight: (tiles, G', 8), G' the groups
+    of K padded to a multiple of 64 (the kernel reads 64 values at a time)."""
+    padded_k = -(-k // 64) * 64
+    return -(-n // INT4_TILE), -(-padded_k // group), INT4_TILE
+
+
+def int4_pack_groups(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Scales or zeros t (N, G) of 4-bit weights with K = k -> int4_linear's layout, float16
+    (tiles, G', 8) (int4_groups_shape): per tile of 8 rows, group-major, row _LANE_ROW[l] in
+    lane l (one 16-byte load per block in the kernel); zero rows pad N, zero groups G."""
+    n, g = t.shape
+    tiles, gp, _ = int4_groups_shape(n, k, k // g)
+    padded = torch.zeros(tiles * INT4_TILE, gp, dtype=torch.float16, device=t.device)
+    padded[:n, :g] = t
+    lanes = torch.tensor(_LANE_ROW, device=t.device)
+    return padded.view(tiles, INT4_TILE, gp)[:, lanes].transpose(1, 2).contiguous()
+
+
+def int4_unpack_groups(packed: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """int4_pack_groups' inverse: (n, groups) float16 (also traceable by torch.compile)."""
+    order = torch.tensor(_LANE_ROW).argsort().tolist()  # lane of each row
+    rows = packed.transpose(1, 2)[:, order]  # (tiles, 8, G')
+    return rows.reshape(-1, packed.shape[1])[:n, :groups]
+
+
 def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     """int4_pack's inverse, padding rows included: (ceil(N / 8) * 8, K) uint8 values 0..15
     (also traceable by torch.compile)."""
@@ -302,19 +333,20 @@ def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group: int) -> torch.Tensor | None:
-    """x @ W.T with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group] and q in
-    int4_pack's layout, by the AVX2 kernel where it serves (bfloat16 or float32 x on CPU, 1..
-    INT4_MAX_ROWS rows), else None. Activations are quantized to int8 in blocks of 32 values."""
+                group: int, n: int) -> torch.Tensor | None:
+    """x @ W.T (n outputs) with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group],
+    q in int4_pack's layout and scales and zeros in int4_pack_groups', by the AVX2 kernel where
+    it serves (bfloat16 or float32 x on CPU, 1..INT4_MAX_ROWS rows), else None. Activations are
+    quantized to int8 in blocks of 32 values."""
     if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
             and 0 < _rows(x) <= INT4_MAX_ROWS and int4_available()):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
-        y = torch.ops.llamarun.int4_linear(rows, weight, scales, zeros, group)
+        y = torch.ops.llamarun.int4_linear(rows, weight, scales, zeros, group, n)
     else:  # the extension directly: no dispatcher on the eager path
-        y = _extension().int4_linear(rows, weight, scales, zeros, group)
-    return y.view(*x.shape[:-1], scales.shape[0])
+        y = _extension().int4_linear(rows, weight, scales, zeros, group, n)
+    return y.view(*x.shape[:-1], n)
 
 
 @torch.compiler.assume_constant_result

@@ -268,7 +268,10 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 // 8 vectors of 32 bytes, vector 2c + h holding, for rows 4h..4h+3 of the tile (8 bytes each),
 // values 64p + 8c + u (u < 8) in the low nibbles and 64p + 32 + 8c + u in the high ones. So a
 // vector's low nibbles times 8 activations broadcast to its four quarters gives four rows'
-// partial sums at once (vpmaddubsw), and a tile streams as one contiguous run.
+// partial sums at once (vpmaddubsw), and a tile streams as one contiguous run. The scales d and
+// zeros z are float16, per tile (G', NB) with row LANE_ROW[l] in lane l (kernels.int4_pack_groups:
+// one 16-byte load and one conversion a block, nothing to rearrange per call), G' the groups of
+// the padded K (a zero group past the last when K % 64 == 32: the last pair's upper block).
 
 constexpr int64_t Q4B = 32;
 
@@ -288,7 +291,7 @@ constexpr int LANE_ROW[NB] = {0, 1, 4, 5, 2, 3, 6, 7};
 // depend on the batch.
 template <int MR>
 LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
-                             const float* dt /* (G, NB), lanes */, int shift, int64_t pairs,
+                             const uint16_t* dt /* (G', NB), lanes */, int shift, int64_t pairs,
                              float* out /* (MR, NB) */) {
   __m256 acc[MR];
 #pragma GCC unroll 8
@@ -311,7 +314,7 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const
         const __m256i x = _mm256_loadu_si256((const __m256i*)(wp + 32 * v));
         wv[v] = _mm256_and_si256(half ? _mm256_srli_epi16(x, 4) : x, low);
       }
-      const __m256 dv = _mm256_loadu_ps(dt + (b >> shift) * NB);
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * NB)));
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const int8_t* ab = a + i * lda + b * Q4B;
@@ -353,45 +356,20 @@ void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
   }
 }
 
-// sum_g d[g] c[g] + z[g] x[g], the groups' terms of one activation row, for a block's NB = 8
-// outputs at once (one per lane; dt and zt hold the block's scales and zeros transposed, (G, NB)):
-// per output, the same two sums in group order whatever the block or the batch holds.
-LLAMARUN_AVX2 void group_terms(const float* dt, const float* zt, const float* c, const float* x,
-                               int64_t G, float* out /* (NB) */) {
+// sum_g d[g] c[g] + z[g] x[g], the groups' terms of one activation row, for a tile's NB = 8
+// outputs at once (one per lane; dt and zt the tile's float16 scales and zeros, (G', NB)): per
+// output, the same two sums in group order whatever the tile or the batch holds.
+LLAMARUN_AVX2 void group_terms(const uint16_t* dt, const uint16_t* zt, const float* c,
+                               const float* x, int64_t G, float* out /* (NB) */) {
   static_assert(NB == 8, "one output per lane");
   __m256 accd = _mm256_setzero_ps(), accz = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    accd = _mm256_fmadd_ps(_mm256_loadu_ps(dt + g * NB), _mm256_set1_ps(c[g]), accd);
-    accz = _mm256_fmadd_ps(_mm256_loadu_ps(zt + g * NB), _mm256_set1_ps(x[g]), accz);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + g * NB)));
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
+    accd = _mm256_fmadd_ps(d, _mm256_set1_ps(c[g]), accd);
+    accz = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), accz);
   }
   _mm256_storeu_ps(out, _mm256_add_ps(accd, accz));
-}
-
-// src (NB, G) -> dst (G, NB): a block's per-output scales laid out one output per lane, output
-// order[l] in lane l.
-LLAMARUN_AVX2 void transpose_block(const float* src, int64_t G, const int* order, float* dst) {
-  static_assert(NB == 8, "8 x 8 tiles");
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    __m256 r[8], t[8];
-    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + order[j] * G + g);
-    for (int j = 0; j < 8; j += 2) {
-      t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 8; j += 4) {
-      r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
-      r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
-      r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
-      r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
-    }
-    for (int k = 0; k < 4; ++k) {
-      _mm256_storeu_ps(dst + (g + k) * NB, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-      _mm256_storeu_ps(dst + (g + k + 4) * NB, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-    }
-  }
-  for (; g < G; ++g)
-    for (int64_t j = 0; j < NB; ++j) dst[g * NB + j] = src[order[j] * G + g];
 }
 
 // One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
@@ -524,17 +502,9 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscal
   });
 }
 
-// n float16 values -> float.
-LLAMARUN_AVX2 void halves_to_float(const uint16_t* h, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
-  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
-}
-
 template <typename InT, typename OutT>
 void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
-                      const uint16_t* z, int64_t N, int64_t K, int64_t group, OutT* y) {
+                      const uint16_t* z, int64_t Gp, int64_t N, int64_t K, int64_t group, OutT* y) {
   const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
   int shift = 0;
   while ((Q4B << shift) < group) ++shift;  // group = 32 << shift
@@ -546,33 +516,23 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   const int64_t tiles = (N + NB - 1) / NB;
   pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
-    // the tile's scales and zeros as float, by output (df, zf) and by lane (dt, zt). dt has a
-    // zero group past the last when K % 64 == 32: int4_tile runs 64 values a pair, so the last
-    // pair's upper block (zero activations) reads one group past K; reading it past the vector
-    // read whatever the heap held there, NaN at times (0 * NaN: all-NaN logits, seen on 4
-    // tensor-parallel ranks whose feed-forward shard had K = 32).
-    const int64_t Gp = std::max<int64_t>(G, (2 * pairs) >> shift);
-    std::vector<float> df(NB * G, 0.f), zf(NB * G, 0.f), dt(Gp * NB, 0.f), zt(G * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
-      halves_to_float(d + n0 * G, nrows * G, df.data());
-      halves_to_float(z + n0 * G, nrows * G, zf.data());
-      transpose_block(df.data(), G, LANE_ROW, dt.data());
-      transpose_block(zf.data(), G, LANE_ROW, zt.data());
+      const uint16_t* dt = d + t * Gp * NB;
+      const uint16_t* zt = z + t * Gp * NB;
       const uint8_t* wt = w + t * NB * ldw;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a.data() + m0 * ldk;
         const float* s0 = s.data() + m0 * (ldk / Q4B);
         switch (mrows) {
-          case 1: int4_tile<1>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
-          case 2: int4_tile<2>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
-          case 3: int4_tile<3>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
-          default: int4_tile<4>(a0, s0, ldk, wt, dt.data(), shift, pairs, out); break;
+          case 1: int4_tile<1>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 2: int4_tile<2>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 3: int4_tile<3>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          default: int4_tile<4>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
         }
         for (int64_t i = 0; i < mrows; ++i) {
-          group_terms(dt.data(), zt.data(), c.data() + (m0 + i) * G, xsum.data() + (m0 + i) * G,
-                      G, terms);
+          group_terms(dt, zt, c.data() + (m0 + i) * G, xsum.data() + (m0 + i) * G, G, terms);
           for (int l = 0; l < NB; ++l)
             if (LANE_ROW[l] < nrows)
               y[(m0 + i) * N + n0 + LANE_ROW[l]] = OutT(out[i * NB + l] + terms[l]);
@@ -641,18 +601,21 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
 }
 
 // y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
-// by kernels.int4_pack; d and z (N, K / group) float16; x bfloat16 or float32, y in x's dtype.
+// by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups; x bfloat16 or float32, y in
+// x's dtype.
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
-                          const torch::Tensor& z, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && d.dim() == 2 && w.scalar_type() == at::kByte,
+                          const torch::Tensor& z, int64_t group, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && d.dim() == 3 && w.scalar_type() == at::kByte,
               "int4_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = d.size(0);
+  const int64_t M = x.size(0), K = x.size(1), tiles = (N + NB - 1) / NB;
+  const int64_t ldk = (K + 63) / 64 * 64, Gp = (ldk + group - 1) / group;
   TORCH_CHECK(group >= Q4B && group % Q4B == 0 && (group & (group - 1)) == 0 && K % group == 0 &&
-                  w.size(1) == (K + 63) / 64 * 32 && w.size(0) == (N + NB - 1) / NB * NB,
+                  N > 0 && w.size(1) == ldk / 2 && w.size(0) == tiles * NB,
               "int4_linear: group (32 times a power of two), K and N");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
-                  d.numel() == N * (K / group) && z.numel() == d.numel(),
-              "int4_linear: float16 (N, K / group) scales and zeros");
+                  d.size(0) == tiles && d.size(1) == Gp && d.size(2) == NB &&
+                  z.sizes() == d.sizes(),
+              "int4_linear: float16 scales and zeros in tiles (kernels.int4_pack_groups)");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto dc = d.contiguous();
@@ -662,7 +625,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   const auto* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr());
   const auto* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr());
   with_activations(xc, y, "int4_linear", [&](const auto* xp, auto* yp) {
-    int4_linear_impl(xp, M, wp, dp, zp, N, K, group, yp);
+    int4_linear_impl(xp, M, wp, dp, zp, Gp, N, K, group, yp);
   });
   return y;
 }

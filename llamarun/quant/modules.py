@@ -68,9 +68,10 @@ class Int4Linear(nn.Module):
 
     Three layouts, chosen once at load: on CPUs where llamarun's 4-bit kernel serves
     (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
-    and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros, (out, groups)); on
-    other CPUs PyTorch's int4pack ("int4pack", `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain
-    nibbles ("plain", low nibble = even column), dequantized into the product. Products the
+    and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros in the same tiles,
+    see kernels.int4_pack_groups); on other CPUs PyTorch's int4pack ("int4pack",
+    `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain nibbles
+    ("plain", low nibble = even column), dequantized into the product. Products the
     kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
     """
 
@@ -81,12 +82,12 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.layout = _int4_layout(kernel, group_size)
         if self.layout == "llamarun":
-            groups = in_features // group_size
-            rows = -(-out_features // kernels.INT4_TILE) * kernels.INT4_TILE
-            self.register_buffer("weight", torch.empty(rows, -(-in_features // 64) * 32,
+            shape = kernels.int4_groups_shape(out_features, in_features, group_size)
+            self.register_buffer("weight", torch.empty(shape[0] * kernels.INT4_TILE,
+                                                       -(-in_features // 64) * 32,
                                                        dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16))
-            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16))
+            self.register_buffer("scales", torch.empty(shape, dtype=torch.float16))
+            self.register_buffer("zeros", torch.empty(shape, dtype=torch.float16))
             return
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
@@ -99,9 +100,10 @@ class Int4Linear(nn.Module):
         q = parts.q.to(device)
         layout = _int4_layout(kernel, parts.group_size)
         if layout == "llamarun":
+            k = q.shape[1]
             return {"weight": kernels.int4_pack(q),
-                    "scales": parts.scale.to(device=device, dtype=torch.float16).contiguous(),
-                    "zeros": parts.zero.to(device=device, dtype=torch.float16).contiguous()}
+                    "scales": kernels.int4_pack_groups(parts.scale.to(device), k),
+                    "zeros": kernels.int4_pack_groups(parts.zero.to(device), k)}
         if layout == "int4pack":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         else:
@@ -116,7 +118,9 @@ class Int4Linear(nn.Module):
         if self.layout == "llamarun":
             q = kernels.int4_unpack(self.weight, self.in_features)[:self.out_features]
             w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
-            w = w * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
+            scales = kernels.int4_unpack_groups(self.scales, self.out_features, groups)
+            zeros = kernels.int4_unpack_groups(self.zeros, self.out_features, groups)
+            w = w * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]
             return w.view(self.out_features, self.in_features)
         if self.layout == "int4pack":  # the packing is opaque: run the kernel on the identity
             eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight.device)
@@ -130,7 +134,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "llamarun":
-            y = kernels.int4_linear(x, self.weight, self.scales, self.zeros, self.group_size)
+            y = kernels.int4_linear(x, self.weight, self.scales, self.zeros, self.group_size,
+                                    self.out_features)
             return y if y is not None else F.linear(x, self.dense(x.dtype))
         if self.layout == "int4pack":
             rows = x.shape[:-1].numel()
