@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -172,12 +173,14 @@ def _int4_data(m: int, k: int, n: int, group: int, dtype: torch.dtype = torch.fl
     return x.to(dtype), q, scales, zeros
 
 
-def _int4_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  group: int) -> torch.Tensor | None:
-    """kernels.int4_linear on q, scales and zeros (n, ...) packed into its layouts."""
-    k = q.shape[1]
-    return kernels.int4_linear(x, kernels.int4_pack(q), kernels.int4_pack_groups(scales, k),
-                               kernels.int4_pack_groups(zeros, k), group, q.shape[0])
+def _int4_product(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """x -> kernels.int4_linear(x, ...) on q, scales and zeros (n, ...), packed once into its
+    layouts."""
+    n, k = q.shape
+    w = kernels.int4_pack(q)
+    d, z = kernels.int4_pack_groups(scales, k), kernels.int4_pack_groups(zeros, k)
+    return lambda x: kernels.int4_linear(x, w, d, z, group, n)
 
 
 def _int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,7 @@ def test_int4_groups_layout_places_each_value_as_documented() -> None:
 def test_int4_kernel_matches_float64(m: int, k: int, n: int, group: int,
                                      dtype: torch.dtype) -> None:
     x, q, scales, zeros = _int4_data(m, k, n, group, dtype)
-    y = _int4_product(x, q, scales, zeros, group)
+    y = _int4_product(q, scales, zeros, group)(x)
     assert y is not None and y.dtype == dtype and y.shape == (m, n)
     w = _int4_weight(q, scales, zeros)
     ref = x.double() @ w.t()
@@ -283,7 +286,7 @@ def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None
 def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
     x, q4, scales, zeros = _int4_data(8, k, n, 32, seed=3)
     _, q8, s8 = _int8_data(8, k, n, torch.float32, seed=3)
-    products = [lambda a: _int4_product(a, q4, scales, zeros, 32),
+    products = [_int4_product(q4, scales, zeros, 32),
                 lambda a: kernels.int8_linear(a, q8, s8)]
     for product in products:
         alone = [product(x[i:i + 1]) for i in range(8)]

@@ -294,6 +294,7 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
 # The rows' order in a tile's lanes (linear.cpp's LANE_ROW: what the kernel's horizontal adds make
 # of two vectors of four rows' pairs of partial sums).
 _LANE_ROW = (0, 1, 4, 5, 2, 3, 6, 7)
+_ROW_LANE = tuple(_LANE_ROW.index(r) for r in range(len(_LANE_ROW)))  # the lane of each row
 
 
 def int4_groups_shape(n: int, k: int, group: int) -> tuple[int, int, int]:
@@ -317,8 +318,7 @@ def int4_pack_groups(t: torch.Tensor, k: int) -> torch.Tensor:
 
 def int4_unpack_groups(packed: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     """int4_pack_groups' inverse: (n, groups) float16 (also traceable by torch.compile)."""
-    order = torch.tensor(_LANE_ROW).argsort().tolist()  # lane of each row
-    rows = packed.transpose(1, 2)[:, order]  # (tiles, 8, G')
+    rows = packed.transpose(1, 2)[:, list(_ROW_LANE)]  # (tiles, 8, G')
     return rows.reshape(-1, packed.shape[1])[:n, :groups]
 
 
