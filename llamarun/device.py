@@ -216,16 +216,18 @@ def release_cpu_worker_threads() -> bool:
 
 
 def uses_cuda_graphs(device: torch.device) -> bool:
-    """Whether the compiled decode step records CUDA graphs (it does on CUDA)."""
+    """Whether the compiled decode step is replayed from CUDA graphs (llamarun.graphs records
+    them; it does on CUDA)."""
     return device.type == "cuda"
 
 
 def compile_options(device: torch.device) -> dict[str, object]:
-    """Inductor options for the decode step: CUDA graphs on CUDA; on CPU a C++ wrapper around
-    the generated kernels (about 1.5 ms a token less Python for a 30-layer model)."""
-    if uses_cuda_graphs(device):
-        return {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
-    return {"cpp_wrapper": True}
+    """Inductor options for the compiled steps: on CPU a C++ wrapper around the generated
+    kernels (about 1.5 ms a token less Python for a 30-layer model); none on CUDA (llamarun
+    records its own CUDA graphs, inductor's would re-record at every new length)."""
+    if device.type == "cpu":
+        return {"cpp_wrapper": True}
+    return {}
 
 
 def runtime_version(device: torch.device) -> str | None:
@@ -234,9 +236,17 @@ def runtime_version(device: torch.device) -> str | None:
 
 
 def quant_kernels(device: torch.device) -> tuple[bool, bool]:
-    """Whether PyTorch's weight-only int8 and int4 kernels serve this device (CPU builds have both)."""
+    """Whether PyTorch's CPU weight-only int8 and int4 kernels serve this device (CPU builds
+    have both)."""
     cpu = device.type == "cpu"
     return cpu, cpu
+
+
+def cuda_int4_kernel(device: torch.device) -> bool:
+    """Whether PyTorch's CUDA 4-bit kernel (`_weight_int4pack_mm`, tensor cores of compute
+    capability 8.0 and up) serves this device."""
+    return (device.type == "cuda" and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 _NO_CACHE_PREFIX = "llamarun-inductor-"  # the private folder compiled code goes to without a cache

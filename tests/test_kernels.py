@@ -20,7 +20,7 @@ from llamarun import kernels
 from llamarun.device import linear
 from llamarun.errors import InvalidArgumentError
 from llamarun.model import RMSNorm
-from llamarun.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from llamarun.quant import Int4Linear, Int8Linear, int4_layout, quantize_int4, quantize_int8
 
 needs_bf16 = pytest.mark.skipif(not kernels.bf16_available(),
                                 reason="no AVX512-BF16 kernel on this machine")
@@ -263,10 +263,11 @@ def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None
     g = torch.Generator().manual_seed(5)
     w = torch.randn(96, 256, generator=g)
     parts = quantize_int4(w, group)
-    module = Int4Linear(256, 96, group_size=group, kernel=True)
-    assert module.layout == "llamarun"
-    module.load_state_dict(Int4Linear.state(parts, device=torch.device("cpu"),
-                                            dtype=torch.float32, kernel=True), assign=True)
+    cpu = torch.device("cpu")
+    assert int4_layout(cpu, 256, 96, group) == "llamarun"
+    module = Int4Linear(256, 96, group_size=group, layout="llamarun")
+    module.load_state_dict(Int4Linear.state(parts, device=cpu, dtype=torch.float32,
+                                            layout="llamarun"), assign=True)
     dense = module.dense(torch.float32)
     ref_w = _int4_weight(parts.q, parts.scale.half(), parts.zero.half()).float()
     assert torch.equal(dense, ref_w)  # float16 scales and zeros, exact in float32

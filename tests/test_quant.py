@@ -18,7 +18,7 @@ from llamarun.cli import app
 from llamarun.loaders import load_checkpoint
 from llamarun.quant import (
     Int4Linear, Int4Parts, Int8Linear, Int8Parts, dequantize_int4, dequantize_int8, gguf_int4,
-    quantize_int4, quantize_int8,
+    int4_layout, quantize_int4, quantize_int8,
 )
 
 CPU = torch.device("cpu")
@@ -63,8 +63,9 @@ def test_quantized_linear_computes_the_dequantized_product(kernel: bool, kind: s
         ref_w = dequantize_int8(parts)
     else:
         parts = quantize_int4(w, 32)
-        module = Int4Linear(256, 96, group_size=32, kernel=kernel)
-        state = Int4Linear.state(parts, device=CPU, dtype=torch.float32, kernel=kernel)
+        layout = int4_layout(CPU, 256, 96, 32) if kernel else "plain"
+        module = Int4Linear(256, 96, group_size=32, layout=layout)
+        state = Int4Linear.state(parts, device=CPU, dtype=torch.float32, layout=layout)
         ref_w = dequantize_int4(parts)
     module.load_state_dict(state, assign=True)
     x = torch.randn(2, rows, 256, generator=g)

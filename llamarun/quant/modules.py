@@ -1,6 +1,7 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
-On CPU, int8 products run llamarun's own kernel where the CPU has AVX512-VNNI (up to
+On CUDA (compute capability 8.0 and up), 4-bit products run PyTorch's `_weight_int4pack_mm`
+on weights packed once at load into its tile layout. On CPU, int8 products run llamarun's own kernel where the CPU has AVX512-VNNI (up to
 kernels.MAX_ROWS rows) or AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit
 ones where it has AVX2 but not AVX-512 (llamarun.kernels decides);
 other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamarun import kernels
-from llamarun.device import DENSE_ROWS, linear, quant_kernels
+from llamarun.device import DENSE_ROWS, cuda_int4_kernel, linear, quant_kernels
 from llamarun.quant.formats import Int4Parts, Int8Parts, WeightFormat
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU weight-only kernels
@@ -66,7 +67,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x @ W^T with W in 4-bit groups along `in` (see quant.formats for the convention).
 
-    Three layouts, chosen once at load: on CPUs where llamarun's 4-bit kernel serves
+    Four layouts, chosen once at load (int4_layout): on CUDA PyTorch's tensor-core kernel's
+    ("tinygemm", `_weight_int4pack_mm`, int32 tiles made by `_convert_weight_to_int4pack`,
+    bfloat16 scales and zeros); on CPUs where llamarun's 4-bit kernel serves
     (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
     and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros in the same tiles,
     see kernels.int4_pack_groups); on other CPUs PyTorch's int4pack ("int4pack",
@@ -76,11 +79,18 @@ class Int4Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int,
-                 kernel: bool) -> None:
+                 layout: str) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size = group_size
-        self.layout = _int4_layout(kernel, group_size)
+        self.layout = layout
+        if layout == "tinygemm":
+            inner = _inner_k_tiles(in_features)
+            self.register_buffer("weight", torch.empty(
+                out_features // 8, in_features // (inner * 16), 32, inner // 2, dtype=torch.int32))
+            self.register_buffer("scales_and_zeros", torch.empty(
+                in_features // group_size, out_features, 2, dtype=KERNEL_DTYPE))
+            return
         if self.layout == "llamarun":
             shape = kernels.int4_groups_shape(out_features, in_features, group_size)
             self.register_buffer("weight", torch.empty(shape[0] * kernels.INT4_TILE,
@@ -95,10 +105,17 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def state(parts: Int4Parts, *, device: torch.device, dtype: torch.dtype,
-              kernel: bool) -> dict[str, torch.Tensor]:
-        """The module's buffers for `parts`."""
+              layout: str) -> dict[str, torch.Tensor]:
+        """The module's buffers for `parts` in `layout`."""
         q = parts.q.to(device)
-        layout = _int4_layout(kernel, parts.group_size)
+        if layout == "tinygemm":  # even columns in the high nibble, as the converter takes them
+            q = q.to(torch.int32)
+            packed = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(),
+                                                                _inner_k_tiles(q.shape[1]))
+            sz = torch.stack([parts.scale.t(), parts.zero.t()], dim=-1)  # (K // g, N, 2)
+            return {"weight": weight,
+                    "scales_and_zeros": sz.to(device=device, dtype=KERNEL_DTYPE).contiguous()}
         if layout == "llamarun":
             k = q.shape[1]
             return {"weight": kernels.int4_pack(q),
@@ -122,10 +139,11 @@ class Int4Linear(nn.Module):
             zeros = kernels.int4_unpack_groups(self.zeros, self.out_features, groups)
             w = w * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]
             return w.view(self.out_features, self.in_features)
-        if self.layout == "int4pack":  # the packing is opaque: run the kernel on the identity
+        if self.layout in ("int4pack", "tinygemm"):  # opaque packings: the kernel on the identity
             eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight.device)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, self.weight, self.group_size, self.scales_and_zeros).t().to(dtype)
+            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "int4pack"
+                  else torch.ops.aten._weight_int4pack_mm)
+            return op(eye, self.weight, self.group_size, self.scales_and_zeros).t().to(dtype)
         q = torch.stack([self.weight & 0x0F, self.weight >> 4], dim=-1).view(self.out_features, -1)
         sz = self.scales_and_zeros.to(dtype)
         w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
@@ -137,20 +155,33 @@ class Int4Linear(nn.Module):
             y = kernels.int4_linear(x, self.weight, self.scales, self.zeros, self.group_size,
                                     self.out_features)
             return y if y is not None else F.linear(x, self.dense(x.dtype))
-        if self.layout == "int4pack":
+        if self.layout in ("int4pack", "tinygemm"):
             rows = x.shape[:-1].numel()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.group_size,
-                self.scales_and_zeros)
+            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "int4pack"
+                  else torch.ops.aten._weight_int4pack_mm)
+            y = op(x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous(), self.weight,
+                   self.group_size, self.scales_and_zeros)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense(x.dtype))
 
 
-def _int4_layout(kernel: bool, group_size: int) -> str:
-    """Int4Linear's layout: "llamarun", "int4pack" (CPU kernels) or "plain"."""
-    if not kernel:
+def int4_layout(device: torch.device, in_features: int, out_features: int,
+                group_size: int) -> str:
+    """Int4Linear's layout for a weight (out, in) on `device`: "tinygemm" (CUDA kernel),
+    "llamarun" or "int4pack" (CPU kernels), else "plain"."""
+    if cuda_int4_kernel(device):
+        # The CUDA kernel's tiles: 8 output rows, 32 to 128 inputs; groups of 32 to 256.
+        if out_features % 8 == 0 and in_features % 32 == 0 and group_size in (32, 64, 128, 256):
+            return "tinygemm"
+        return "plain"
+    if not quant_kernels(device)[1]:
         return "plain"
     return "llamarun" if kernels.int4_layout(group_size) else "int4pack"
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """The CUDA kernel's inner tiles along `in` (16 values each): the most of 8, 4, 2 that divide it."""
+    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
 
 
 class Int8Embedding(nn.Module):
@@ -172,30 +203,30 @@ class Int8Embedding(nn.Module):
         return rows * self.scales[tokens].to(self.dtype).unsqueeze(-1)
 
 
-def _kernels(device: torch.device, in_features: int) -> tuple[bool, bool]:
-    int8_kernel, int4_kernel = quant_kernels(device)
+def _int8_kernel(device: torch.device, in_features: int) -> bool:
     # _weight_int8pack_mm reads rows in blocks of 16 values: other widths give wrong results.
-    return int8_kernel and in_features % 16 == 0, int4_kernel
+    return quant_kernels(device)[0] and in_features % 16 == 0
 
 
 def quantized_module(fmt: WeightFormat, in_features: int, out_features: int, *,
                      device: torch.device) -> nn.Module:
     """An empty Int8Linear / Int4Linear for `fmt` (on the current default device)."""
-    int8_kernel, int4_kernel = _kernels(device, in_features)
     if fmt.kind == "int8":
-        return Int8Linear(in_features, out_features, kernel=int8_kernel)
+        return Int8Linear(in_features, out_features, kernel=_int8_kernel(device, in_features))
     if fmt.kind == "int4":
-        return Int4Linear(in_features, out_features, group_size=fmt.group_size, kernel=int4_kernel)
+        return Int4Linear(in_features, out_features, group_size=fmt.group_size,
+                          layout=int4_layout(device, in_features, out_features, fmt.group_size))
     raise ValueError(f"not a quantized format: {fmt}")
 
 
 def module_state(fmt: WeightFormat, parts: Int8Parts | Int4Parts, *, device: torch.device,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The buffers of the module quantized_module(fmt, ...) makes, for `parts`."""
-    int8_kernel, int4_kernel = _kernels(device, parts.q.shape[1])
+    n, k = parts.q.shape
     if isinstance(parts, Int8Parts):
-        return Int8Linear.state(parts, device=device, dtype=dtype, kernel=int8_kernel)
-    return Int4Linear.state(parts, device=device, dtype=dtype, kernel=int4_kernel)
+        return Int8Linear.state(parts, device=device, dtype=dtype, kernel=_int8_kernel(device, k))
+    layout = int4_layout(device, k, n, parts.group_size)
+    return Int4Linear.state(parts, device=device, dtype=dtype, layout=layout)
 
 
 def swap_modules(model: nn.Module, formats: dict[str, WeightFormat], *, device: torch.device,
