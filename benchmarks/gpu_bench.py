@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True,
                     help="a tokenizer folder (stories260K's)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--variants", default="eager,compiled,int8,int4,int4 compiled",
+                    help="comma-separated, of: eager, compiled, int8, int4, int4 compiled")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llamarun-gpu")
@@ -87,6 +89,11 @@ def main() -> None:
     chat = load_chat_format(tok, None)
     variants = [("eager", "none", False), ("compiled", "none", True),
                 ("int8", "int8", False), ("int4", "int4", False), ("int4 compiled", "int4", True)]
+    chosen = [v.strip() for v in a.variants.split(",")]
+    unknown = set(chosen) - {label for label, _, _ in variants}
+    if unknown:
+        ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    variants = [v for v in variants if v[0] in chosen]
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
     print(f"device {name}, torch {torch.__version__}, pp{a.prompt_tokens} tg{a.gen_tokens}, "
           f"best of {a.reps}")

@@ -139,6 +139,8 @@ class Attention(nn.Module):
         if kernels.serves_attention(q, k_all):
             y = kernels.attend(q[0], k_all, v_all, step.rows, step.pos, self.head_dim ** -0.5)
             return y[None]
+        if step.window:
+            return self._attend_window(q, k_all, v_all, step)
         gqa = self.n_heads != self.n_kv_heads
         out = []
         offset = 0
@@ -152,6 +154,21 @@ class Attention(nn.Module):
             offset += span.length
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
+    def _attend_window(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                       step: Step) -> torch.Tensor:
+        """One token per row, each attending over the first step.window positions of its row
+        masked to its own past (step.masks[0], (B, 1, 1, window)): one SDPA call for the pass,
+        whose shapes depend only on the batch size and the window (what a CUDA graph needs).
+        A row's query heads sharing a KV head are that call's query positions (no GQA
+        expansion of the cache)."""
+        b = q.shape[1]
+        group = self.n_heads // self.n_kv_heads
+        ks = k_all[:, :, :step.window].index_select(0, step.rows)  # (B, kv heads, window, hd)
+        vs = v_all[:, :, :step.window].index_select(0, step.rows)
+        qs = q[0].reshape(b, self.n_kv_heads, group, self.head_dim)
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=step.masks[0])
+        return y.reshape(1, b, self.n_heads, self.head_dim)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -160,7 +177,8 @@ class Step:
     rows, pos (T,) long: the cache row and position of every token; spans: each sequence's part,
     with `row_bias` added to its row (a compiled step passes rows >= 2: torch.compile would
     specialize its graph on a row index of 0 or 1); masks: per span, None (it may attend to its
-    whole past: one token) or its (length, end) causal mask.
+    whole past: one token) or its (length, end) causal mask. With a `window`, spans are empty
+    and masks holds one (B, 1, 1, window) mask: row i sees its positions <= pos[i].
     """
 
     rows: torch.Tensor
@@ -168,6 +186,7 @@ class Step:
     spans: tuple[Span, ...]
     masks: tuple[torch.Tensor | None, ...]
     row_bias: int = 0
+    window: int = 0  # > 0: one token a row, over that many positions (Attention._attend_window)
 
 
 class FeedForward(nn.Module):

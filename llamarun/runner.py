@@ -5,8 +5,10 @@ verification a few), runs them through one forward pass (Transformer.forward_spa
 what it wrote in the cache manager, and returns the logits asked for. A pass whose rows each
 carry one token (a decode step) can run a torch.compile'd graph instead: one graph per batch
 bucket (1, 2, 4, 8, ... rows; a batch is padded to its bucket by repeating its last row), every
-attention length served by the same graph. The graphs are compiled in the foreground or in a
-background thread while passes run eagerly; the scheduler decides when to switch.
+attention length served by the same graph. On CUDA the decode step attends over windows of
+fixed size instead (decode_window), so that its passes replay from CUDA graphs
+(llamarun.graphs). The graphs are compiled in the foreground or in a background thread while
+passes run eagerly; the scheduler decides when to switch.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from llamarun.cache_manager import CacheManager, Slot
 from llamarun import device as devices
 from llamarun.device import compile_options, synchronize
 from llamarun.errors import PromptTooLongError
+from llamarun.graphs import GraphedDecode
 from llamarun.model import Span, Step, Transformer
 
 log = logging.getLogger(__name__)
 
 ROW_BIAS = 2  # a compiled step's rows are passed as row + 2: no input is 0 or 1 (see model.Step)
+MIN_WINDOW = 64  # the shortest attention window of a recorded decode step (see windows)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,31 @@ def decode_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, po
     spans = tuple(Span(r, n - 1, 1) for r, n in zip(biased_rows, lengths))
     step = Step(rows, pos, spans, (None,) * len(spans), ROW_BIAS)
     return model.run_step(tokens, step)
+
+
+def decode_window(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                  window: int) -> torch.Tensor:
+    """Logits (B, vocab) after token i (B,) at pos[i] < window of cache row rows[i], every row
+    attending over the first `window` positions of its row masked to its past: no shape
+    depends on the positions, so a CUDA graph recorded once per batch and window bucket
+    replays for every position in the window (see GraphedDecode)."""
+    mask = model.positions[None, :window] <= pos[:, None]
+    step = Step(rows, pos, (), (mask[:, None, None, :],), window=window)
+    return model.run_step(tokens, step)
+
+
+def windows(max_seq_len: int) -> list[int]:
+    """The attention windows of recorded decode steps: powers of two from MIN_WINDOW up, the
+    last one max_seq_len."""
+    sizes = [min(MIN_WINDOW, max_seq_len)]
+    while sizes[-1] < max_seq_len:
+        sizes.append(min(sizes[-1] * 2, max_seq_len))
+    return sizes
+
+
+def window_for(positions: int, max_seq_len: int) -> int:
+    """The smallest window holding `positions` positions."""
+    return next(w for w in windows(max_seq_len) if w >= positions)
 
 
 def verify_rows(model: Transformer, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
@@ -128,6 +157,7 @@ class Runner:
         self._compiled_ready = False
         self._compile_thread: threading.Thread | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self.graphed: GraphedDecode | None = None  # CUDA: the decode step's graphs
         self._verify: Callable[..., torch.Tensor] | None = None  # see enable_verify
         self._mixed: Callable[..., torch.Tensor] | None = None  # decode rows + a prefill chunk
         # mix: compile graphs for decode passes that carry a prompt chunk (the scheduler's;
@@ -191,17 +221,19 @@ class Runner:
         if any(layer.attention.reduce is not None for layer in self.model.layers):
             # A tensor-parallel rank: inductor's C++ wrapper cannot call the collectives.
             options.pop("cpp_wrapper", None)
-        options.pop("triton.cudagraphs", None)  # rows' lengths vary: no fixed shapes to record
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip_module_guards is not None:  # torch >= 2.7
             options["guard_filter_fn"] = skip_module_guards
         self._options = options
-        compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
-                                 options=options)
         model = self.model
         max_rows = model.max_batch_size
+        if devices.uses_cuda_graphs(self.device) and not any(
+                layer.attention.reduce is not None for layer in model.layers):
+            return self._make_graphed()
+        compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
+                                 options=options)
 
-        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
+        def run(tokens: torch.Tensor, spans: Sequence[Span], record: bool = True) -> torch.Tensor:
             n = len(spans)
             tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
             rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
@@ -209,6 +241,25 @@ class Runner:
             logits = compiled(model, tokens, rows, pos, tuple(s.row + ROW_BIAS for s in padded),
                               tuple(s.start + 1 for s in padded))
             return logits[:n]
+        return run
+
+    def _make_graphed(self) -> Callable[..., torch.Tensor]:
+        """The decode step on CUDA: decode_window compiled, its passes replayed from CUDA
+        graphs per batch bucket and attention window (llamarun.graphs)."""
+        compiled = torch.compile(_own_copy(decode_window), fullgraph=True, dynamic=True,
+                                 options=self._options)
+        graphed = GraphedDecode(self.model, compiled, record=self.device.type == "cuda")
+        self.graphed = graphed
+        model = self.model
+        max_rows = model.max_batch_size
+
+        def run(tokens: torch.Tensor, spans: Sequence[Span], record: bool = True) -> torch.Tensor:
+            n = len(spans)
+            tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
+            rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
+            pos = torch.tensor([s.start for s in padded], dtype=torch.long, device=self.device)
+            window = window_for(max(s.start for s in padded) + 1, model.max_seq_len)
+            return graphed(tokens, rows, pos, window, record=record)[:n]
         return run
 
     def _make_verify(self) -> Callable[..., torch.Tensor]:
@@ -265,7 +316,7 @@ class Runner:
             for size in buckets(self.model.max_batch_size):
                 spans = [Span(i % slots, pos, 1) for i in range(size)]
                 tokens = torch.zeros(size, dtype=torch.long, device=self.device)
-                self._compiled(tokens, spans)
+                self._compiled(tokens, spans, record=False)  # record from the decoding thread
             if self._verify is not None and self.max_seq_len >= 8:
                 # Rows of 2 and 3 tokens ending at different scratch positions: every length
                 # and position is a symbol of the one graph per bucket.

@@ -53,7 +53,7 @@ def test_bfloat16_default_dtype_and_chat(engines):
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_weights_match_cpu(quantize):
-    # CUDA runs the dequantize-in-forward path (no CPU weight-only kernels there).
+    # CUDA: int4 through the tensor-core kernel, int8 dequantized in forward.
     folder = require_fixture("stories260K", "meta")
     ids = [1, 403, 407, 261, 378, 432, 383, 286]
     out = []
@@ -62,7 +62,7 @@ def test_quantized_weights_match_cpu(quantize):
         with torch.inference_mode():
             t = torch.tensor([ids], device=e.device)
             out.append(e.model(t, torch.arange(len(ids), device=e.device)).cpu())
-    # CPU's kernels round activations to bfloat16; CUDA computes in float32 here.
+    # Both round activations to bfloat16 for the weight-only kernels (CUDA: int4 only).
     rel = ((out[1] - out[0]).norm() / out[0].norm()).item()
     assert rel < 2e-2
 
@@ -71,13 +71,39 @@ def test_compiled_cuda_graph_step_gives_eager_tokens(engines):
     _, gpu = engines
     compiled = Engine(gpu.checkpoint, gpu.tokenizer, gpu.chat_format, compile=True)
     try:
-        assert compiled.compiles_in_background  # no CUDA graphs: rows' lengths vary
+        assert compiled.compiles_in_background
         compiled.warmup()
         results = []
         for e in (gpu, compiled):
-            gen = e.complete(PROMPT, sampling=SamplingParams.greedy(), max_new_tokens=32)
+            gen = e.complete(PROMPT, sampling=SamplingParams.greedy(), max_new_tokens=80)
             list(gen)
             results.append(gen.result.token_ids)
         assert results[1] == results[0]
+        graphed = compiled.runner.graphed
+        assert graphed is not None and graphed.failed is None
+        # one batch bucket, the windows of 64 and 128 positions: recorded, then replayed
+        assert {w for _, w in graphed.graphs} == {64, 128}
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n,k,group", [(96, 256, 32), (64, 576, 64), (40, 96, 32), (36, 256, 32)])
+def test_int4_tensor_core_layout_computes_the_dequantized_product(n, k, group):
+    from llamarun.quant import Int4Linear, dequantize_int4, int4_layout, quantize_int4
+
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(n + k)
+    parts = quantize_int4(torch.randn(n, k, generator=g), group)
+    layout = int4_layout(cuda, k, n, group)
+    assert layout == ("plain" if n % 8 else "tinygemm")
+    module = Int4Linear(k, n, group_size=group, layout=layout).to(cuda)
+    module.load_state_dict(Int4Linear.state(parts, device=cuda, dtype=torch.bfloat16,
+                                            layout=layout), assign=True)
+    ref_w = dequantize_int4(parts).double()
+    dense = module.dense(torch.float32).cpu().double()
+    assert ((dense - ref_w).norm() / ref_w.norm()).item() < 1e-2  # bfloat16 scales and zeros
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, k, generator=g)
+        y = module(x.to(cuda, torch.bfloat16)).float().cpu().double()
+        ref = x.double() @ ref_w.t()
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-2
