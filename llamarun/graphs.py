@@ -35,7 +35,8 @@ class _Recorded:
 class GraphedDecode:
     """fn(model, tokens, rows, pos, window) -> logits (B, vocab), run through CUDA graphs.
 
-    The first pass of a (batch size, window) runs fn directly and records its graph; later
+    The first pass of a (batch size, window) runs fn directly and records its graph (unless
+    can_record() says not now: another thread may be using the GPU); later
     ones copy their inputs into the graph's buffers and replay it. Recordings are dropped when
     the model's KV cache is allocated anew (their addresses would be stale). With
     record=False (no CUDA) every pass runs fn directly: the same shapes and windows, which
@@ -43,10 +44,12 @@ class GraphedDecode:
     forbids, say) is logged once and the passes go on without graphs.
     """
 
-    def __init__(self, model: Transformer, fn: DecodeFn, *, record: bool) -> None:
+    def __init__(self, model: Transformer, fn: DecodeFn, *, record: bool,
+                 can_record: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.fn = fn
         self.record = record
+        self.can_record = can_record  # False for now: run directly, record at a later pass
         self.graphs: dict[tuple[int, int], _Recorded] = {}
         self.failed: str | None = None
         self._cache_key: tuple[int, int] | None = None
@@ -66,7 +69,8 @@ class GraphedDecode:
             rec.graph.replay()
             return rec.logits.clone()  # the next replay overwrites the buffer
         logits = self.fn(self.model, tokens, rows, pos, window)
-        if record and self.record and self.failed is None:
+        if (record and self.record and self.failed is None
+                and (self.can_record is None or self.can_record())):
             self._record(key, tokens, rows, pos, window)
         return logits
 

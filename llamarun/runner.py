@@ -157,13 +157,20 @@ class Runner:
         self._compiled_ready = False
         self._compile_thread: threading.Thread | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self.graphed: GraphedDecode | None = None  # CUDA: the decode step's graphs
+        self.graphed: GraphedDecode | None = None  # CUDA: the compiled decode step's graphs
         self._verify: Callable[..., torch.Tensor] | None = None  # see enable_verify
         self._mixed: Callable[..., torch.Tensor] | None = None  # decode rows + a prefill chunk
         # mix: compile graphs for decode passes that carry a prompt chunk (the scheduler's;
         # a draft model's runner has no use for them). A chunk can share a pass only with other
         # slots' decode rows.
         self.mix = mix and len(cache) > 1
+        # CUDA: one-token passes replay graphs of the eager decode_window until compiled ones
+        # take over (recorded only while no background compile uses the GPU from its thread).
+        self.eager_graphed: GraphedDecode | None = None
+        self._eager: Callable[..., torch.Tensor] | None = None
+        if self._graphs_serve():
+            self._eager, self.eager_graphed = self._graphed_run(
+                decode_window, can_record=lambda: not self.compiling)
         if compile:
             self._compiled = self._make_compiled()
 
@@ -188,7 +195,8 @@ class Runner:
             spans.append(Span(w.slot.index, start, len(w.ids)))
         tokens = torch.tensor([i for w in writes for i in w.ids], dtype=torch.long,
                               device=self.device)
-        if compiled and all(len(w.ids) == 1 and w.logits == (0, 1) for w in writes):
+        one_token = all(len(w.ids) == 1 and w.logits == (0, 1) for w in writes)
+        if compiled and one_token:
             if not self._compiled_ready or self._compiled is None:
                 raise RuntimeError("the compiled step is not ready")
             logits = self._compiled(tokens, spans)
@@ -199,6 +207,8 @@ class Runner:
             logits = self._mixed(tokens, spans)
             if writes[-1].logits == (0, 0):  # a chunk before the prompt's last: none wanted
                 logits = logits[:-1]
+        elif one_token and self._eager is not None:
+            logits = self._eager(tokens, spans)
         else:
             index, offset = [], 0
             for w in writes:
@@ -227,9 +237,11 @@ class Runner:
         self._options = options
         model = self.model
         max_rows = model.max_batch_size
-        if devices.uses_cuda_graphs(self.device) and not any(
-                layer.attention.reduce is not None for layer in model.layers):
-            return self._make_graphed()
+        if self._graphs_serve():
+            compiled_window = torch.compile(_own_copy(decode_window), fullgraph=True,
+                                            dynamic=True, options=options)
+            run, self.graphed = self._graphed_run(compiled_window)
+            return run
         compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
                                  options=options)
 
@@ -243,13 +255,19 @@ class Runner:
             return logits[:n]
         return run
 
-    def _make_graphed(self) -> Callable[..., torch.Tensor]:
-        """The decode step on CUDA: decode_window compiled, its passes replayed from CUDA
-        graphs per batch bucket and attention window (llamarun.graphs)."""
-        compiled = torch.compile(_own_copy(decode_window), fullgraph=True, dynamic=True,
-                                 options=self._options)
-        graphed = GraphedDecode(self.model, compiled, record=self.device.type == "cuda")
-        self.graphed = graphed
+    def _graphs_serve(self) -> bool:
+        """Whether decode passes replay CUDA graphs here (CUDA, no tensor parallelism: the
+        collectives stay outside graphs)."""
+        return devices.uses_cuda_graphs(self.device) and not any(
+            layer.attention.reduce is not None for layer in self.model.layers)
+
+    def _graphed_run(self, fn: Callable[..., torch.Tensor], *,
+                     can_record: Callable[[], bool] | None = None,
+                     ) -> tuple[Callable[..., torch.Tensor], GraphedDecode]:
+        """A decode step running `fn` (decode_window, compiled or not) through CUDA graphs per
+        batch bucket and attention window (llamarun.graphs), and its GraphedDecode."""
+        graphed = GraphedDecode(self.model, fn, record=self.device.type == "cuda",
+                                can_record=can_record)
         model = self.model
         max_rows = model.max_batch_size
 
@@ -260,7 +278,7 @@ class Runner:
             pos = torch.tensor([s.start for s in padded], dtype=torch.long, device=self.device)
             window = window_for(max(s.start for s in padded) + 1, model.max_seq_len)
             return graphed(tokens, rows, pos, window, record=record)[:n]
-        return run
+        return run, graphed
 
     def _make_verify(self) -> Callable[..., torch.Tensor]:
         compiled = torch.compile(_own_copy(verify_rows), fullgraph=True, dynamic=True,

@@ -33,13 +33,18 @@ def test_float32_logits_match_cpu(engines):
 
 
 def test_streamed_greedy_tokens_match_cpu(engines):
-    # On CUDA the generator queues the next step before reading a token back (lookahead).
+    # On CUDA the generator queues the next step before reading a token back (lookahead), and
+    # eager decode passes replay CUDA graphs of decode_window (recorded at first use).
     results = []
     for e in engines:
-        gen = e.complete(PROMPT, sampling=SamplingParams.greedy(), max_new_tokens=32)
+        gen = e.complete(PROMPT, sampling=SamplingParams.greedy(), max_new_tokens=80)
         list(gen)
         results.append(gen.result.token_ids)
     assert results[1] == results[0]
+    graphed = engines[1].runner.eager_graphed
+    assert graphed is not None and graphed.failed is None
+    assert {w for _, w in graphed.graphs} == {64, 128}
+    assert engines[0].runner.eager_graphed is None  # CPU: no graphs
 
 
 def test_bfloat16_default_dtype_and_chat(engines):
