@@ -27,7 +27,7 @@ needs_bf16 = pytest.mark.skipif(not kernels.bf16_available(),
 needs_int8 = pytest.mark.skipif(not kernels.int8_available(),
                                 reason="no int8 kernel (AVX512-VNNI, or AVX2 without AVX-512) here")
 needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
-                                reason="no 4-bit kernel (AVX2 without AVX-512) on this machine")
+                                reason="no 4-bit kernel (AVX2 or AVX-512) on this machine")
 needs_f32 = pytest.mark.skipif(not kernels.f32_available(),
                                reason="no float32 kernel (AVX2 without AVX-512) on this machine")
 needs_attend = pytest.mark.skipif(not kernels.attend_available(),
@@ -297,7 +297,7 @@ def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
-@needs_int4  # (an AVX2 CPU without AVX-512: the AVX2 int8 kernel)
+@needs_f32  # (an AVX2 CPU without AVX-512: the AVX2 int8 kernel)
 @needs_int8
 def test_avx2_int8_kernel_serves_prefill_sized_passes() -> None:
     """Past 8 rows (an output head under 8 decode rows and a prompt chunk, verification passes,

@@ -1,9 +1,10 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
 On CUDA (compute capability 8.0 and up), 4-bit products run PyTorch's `_weight_int4pack_mm`
-on weights packed once at load into its tile layout. On CPU, int8 products run llamarun's own kernel where the CPU has AVX512-VNNI (up to
-kernels.MAX_ROWS rows) or AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit
-ones where it has AVX2 but not AVX-512 (llamarun.kernels decides);
+on weights packed once at load into its tile layout. On CPU, int8 products run llamarun's own
+kernel where the CPU has AVX512-VNNI (up to kernels.MAX_ROWS rows) or AVX2 without AVX-512 (up
+to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or AVX-512 (llamarun.kernels
+decides);
 other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
 cast for the product only (a vector per token). Elsewhere the weight is
@@ -70,7 +71,7 @@ class Int4Linear(nn.Module):
     Four layouts, chosen once at load (int4_layout): on CUDA PyTorch's tensor-core kernel's
     ("tinygemm", `_weight_int4pack_mm`, int32 tiles made by `_convert_weight_to_int4pack`,
     bfloat16 scales and zeros); on CPUs where llamarun's 4-bit kernel serves
-    (kernels.int4_layout: AVX2 without AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
+    (kernels.int4_layout: AVX2 or AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
     and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros in the same tiles,
     see kernels.int4_pack_groups); on other CPUs PyTorch's int4pack ("int4pack",
     `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain nibbles
