@@ -2,7 +2,7 @@
 
 For each number of concurrent streaming clients (1, 4, 8, 16 by default), every client sends
 --requests greedy chat requests one after another (a different question each), streaming the
-reply; the single client asks every question the others will. Reported per level: requests/s, time to first token (p50/p99), inter-token latency
+reply (--temperature T: sampled, each request seeded alike, so the check below still holds); the single client asks every question the others will. Reported per level: requests/s, time to first token (p50/p99), inter-token latency
 (p50/p99), aggregate decode tokens/s (all completion tokens / wall time of the level), and the
 ratio of aggregate tokens/s to the 1-client level. Every reply is checked complete (finish
 reason, token count) and equal to the same question's reply at the 1-client level (greedy output
@@ -12,6 +12,7 @@ must not depend on the batch).
     python benchmarks/serve_load.py --clients 1,8 --requests 2 --max-tokens 64 \
         [--model PATH] [--dtype float32] [--peer llama.cpp] [--json]
     python benchmarks/serve_load.py --long-prompt 2048 --clients 4   # a long prompt mid-stream
+    python benchmarks/serve_load.py --clients 1,8 --temperature 0.8  # sampled requests
 
 llamarun is measured once its compiled decode step is in use (its /health says so; --no-compile
 measures the eager step). --reference also times the same questions in one process, through
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+SEED = 1  # every sampled request's seed (--temperature)
 QUESTIONS = [
     "What is the capital of France?", "Name three colours of the rainbow.",
     "Why is the sky blue?", "Give me a short poem about the sea.", "What is 12 times 7?",
@@ -112,9 +114,13 @@ def wait_compiled(url: str, timeout: float) -> None:
 
 def one_request(url: str, question: str, a: argparse.Namespace,
                 max_tokens: int | None = None, raw: bool = False) -> dict[str, Any]:
-    """A streamed greedy chat request (raw: a text completion of `question` instead)."""
-    body = {"model": "m", "max_tokens": max_tokens or a.max_tokens, "temperature": 0,
+    """A streamed chat request, greedy or at --temperature with seed SEED (raw: a text
+    completion of `question` instead)."""
+    temperature = getattr(a, "temperature", 0.0)
+    body = {"model": "m", "max_tokens": max_tokens or a.max_tokens, "temperature": temperature,
             "stream": True, "stream_options": {"include_usage": True}}
+    if temperature > 0:  # seeded: a question's reply is the same whatever runs beside it
+        body["seed"] = SEED
     if raw:
         body["prompt"] = question
     else:
@@ -251,7 +257,9 @@ def bench(name: str, url: str, levels: list[int], a: argparse.Namespace) -> list
 def show(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x * 1000:.0f}"
-    print(f"{a.requests} greedy streamed chat requests per client, max_tokens {a.max_tokens}, "
+    kind = (f"sampled (temperature {a.temperature}, seed {SEED})" if a.temperature > 0
+            else "greedy")
+    print(f"{a.requests} {kind} streamed chat requests per client, max_tokens {a.max_tokens}, "
           f"{os.cpu_count()} CPUs")
     print(f"{'engine':<10} {'clients':>7} {'req/s':>6} {'tok/s':>7} {'x1':>5} {'TTFT p50/p99 ms':>16} "
           f"{'ITL p50/p99 ms':>15} {'same':>6} {'ok':>3}")
@@ -268,6 +276,7 @@ def reference(a: argparse.Namespace, slots: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-worker",
            "--max-seq-len", str(a.max_seq_len), "--max-tokens", str(a.max_tokens),
            "--dtype", a.dtype, "--requests", str(a.requests), "--clients", str(slots),
+           "--temperature", str(a.temperature),
            "--compile" if a.compile else "--no-compile"] + (["--model", a.model] if a.model else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -289,7 +298,9 @@ def reference_worker(a: argparse.Namespace) -> None:
     engine.wait_compiled()
     rates = []
     for i in range(1 + max(3, a.requests)):  # the first is a warm-up
-        gen = engine.chat().send(QUESTIONS[i % len(QUESTIONS)], sampling=SamplingParams.greedy(),
+        sampling = (SamplingParams(temperature=a.temperature, seed=SEED) if a.temperature > 0
+                    else SamplingParams.greedy())
+        gen = engine.chat().send(QUESTIONS[i % len(QUESTIONS)], sampling=sampling,
                                  max_new_tokens=a.max_tokens)
         stamps = [time.perf_counter() for _ in gen]
         if i and len(stamps) > 2:
@@ -302,6 +313,9 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (seeded, the other sampling settings the "
+                        "server's defaults) instead of greedy")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--model", help="llamarun --model (default: the embedded default model)")
     p.add_argument("--dtype", default="auto")
