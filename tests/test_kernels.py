@@ -282,6 +282,35 @@ def test_int4_module_runs_the_kernel_and_dequantizes_past_it(group: int) -> None
 
 
 @needs_int4
+@pytest.mark.parametrize("n,k,group", [(13, 96, 32), (40, 256, 128), (8, 64, 64)])
+def test_int4_dequant_gives_the_weight_in_bfloat16(n: int, k: int, group: int) -> None:
+    _, q, scales, zeros = _int4_data(1, k, n, group, seed=n)
+    scales, zeros = scales.half(), zeros.half()  # as the layout stores them
+    d, z = kernels.int4_pack_groups(scales, k), kernels.int4_pack_groups(zeros, k)
+    w = kernels.int4_dequant(kernels.int4_pack(q), d, z, group, n, k)
+    assert w.shape == (n, k) and w.dtype == torch.bfloat16
+    ref = _int4_weight(q, scales, zeros).float()  # exact: float16 parts, 4-bit values
+    assert torch.equal(w, ref.bfloat16())  # rounded once, to nearest even
+
+
+@needs_int4
+@pytest.mark.skipif(not kernels._amx(), reason="the dequantized GEMM serves CPUs with AMX")
+def test_int4_module_takes_the_bfloat16_gemm_for_prompt_sized_passes() -> None:
+    g = torch.Generator().manual_seed(8)
+    parts = quantize_int4(torch.randn(96, 256, generator=g), 32)
+    cpu = torch.device("cpu")
+    module = Int4Linear(256, 96, group_size=32, layout="llamarun")
+    module.load_state_dict(Int4Linear.state(parts, device=cpu, dtype=torch.bfloat16,
+                                            layout="llamarun"), assign=True)
+    ref_w = module.dense(torch.float32).double()
+    for rows in (kernels.INT4_GEMM_ROWS - 1, kernels.INT4_GEMM_ROWS, 300):
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        assert kernels.int4_gemm_serves(x, 96, 256) == (rows >= kernels.INT4_GEMM_ROWS)
+        ref = x.double() @ ref_w.t()
+        assert ((module(x).double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_int4
 @needs_int8
 @pytest.mark.parametrize("k,n", [(96, 29), (512, 130)])
 def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
@@ -437,6 +466,19 @@ def test_compiled_calls_trace_through_the_kernels(cpp_wrapper: bool) -> None:
     compiled = torch.compile(step, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
     for a, b in zip(compiled(x, xi), step(x, xi)):
         assert torch.equal(a, b)
+
+
+def test_the_kernels_build_wherever_they_serve() -> None:
+    # A build error (a C++ mistake) would otherwise only turn the kernel tests into skips.
+    if not (kernels.enabled() and kernels._serves_cpu()):
+        pytest.skip("none of llamarun's kernels serves this CPU")
+    assert kernels._extension() is not None
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "lock").touch()  # torch's lock file, as a build killed midway leaves it
+    with kernels._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()  # else every later build waits forever
 
 
 def test_build_pending_says_when_the_first_use_will_build(monkeypatch: pytest.MonkeyPatch,

@@ -27,10 +27,13 @@ is the attention's (the model falls back to SDPA) and `serves_rowwise` the norm'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -90,14 +93,37 @@ def _extension() -> ModuleType | None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        ext = cpp_extension.load(
-            name="llamarun_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
-            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        with _build_lock(folder):
+            ext = cpp_extension.load(
+                name="llamarun_kernels", sources=[str(p) for p in SOURCES],
+                build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or failed build: PyTorch's kernels serve
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("llamarun kernels unavailable, using PyTorch's (%s)", first)
         return None
     return ext
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an OS lock on the build folder while building: another llamarun process waits for
+    the build to end. torch's own lock is a file, which a build killed midway (Ctrl-C in the
+    first run) leaves behind, and every later build waits for it to go, forever: while this
+    process holds the OS lock (released by the OS when a holder dies) such a file is stale,
+    and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's file lock alone
+        yield
+        return
+    with open(folder / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing a build lock left by an interrupted build (%s)", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def _serves_cpu() -> bool:
@@ -338,6 +364,40 @@ def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     v = packed.view(n8, pairs, 4, 2, 4, 8).permute(0, 3, 4, 1, 2, 5)  # (tile, h, r, p, c, u)
     q = torch.stack([v & 0x0F, v >> 4], dim=4)  # (tile, h, r, p, nibble half, c, u)
     return q.reshape(rows, pairs * 64)[:, :k]
+
+
+# From this many rows on, a bfloat16 4-bit product on a CPU with AMX is a bfloat16 GEMM (oneDNN's,
+# on AMX tiles) over the weight dequantized by int4_dequant, not int4_linear. Measured on an Intel
+# Xeon with AMX, 2 threads, one 1B-shaped layer (30M 4-bit weights): int4_linear 34-36 ms at 64
+# rows, 64 at 128, 261 at 512; dequantized (10 ms, into a reused buffer) + GEMM 20, 23 and 47 ms.
+# (At 32 rows both took about 18 ms.)
+INT4_GEMM_ROWS = 64
+INT4_GEMM_MAX_WEIGHTS = 1 << 26  # larger matrices (an 8B model's output head) keep the kernel
+_workspace = threading.local()  # a dequantized weight, reused: fresh pages cost more than the work
+
+
+def int4_gemm_serves(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether x's product with a 4-bit (n, k) weight is best a bfloat16 GEMM over
+    int4_dequant's weight (bfloat16 x of INT4_GEMM_ROWS rows or more, a CPU with AMX, eager
+    passes)."""
+    return (x.dtype == torch.bfloat16 and _rows(x) >= INT4_GEMM_ROWS
+            and n * k <= INT4_GEMM_MAX_WEIGHTS and _amx() and not torch.compiler.is_compiling()
+            and int4_available())
+
+
+@functools.cache
+def _amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def int4_dequant(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                 n: int, k: int) -> torch.Tensor:
+    """The (n, k) bfloat16 weight of int4_linear's operands (int4_available() must hold), in
+    this thread's workspace: valid until the thread's next call."""
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < n * k:
+        buf = _workspace.buf = torch.empty(n * k, dtype=torch.bfloat16)
+    return _extension().int4_dequant(weight, scales, zeros, group, n, k, buf[:n * k].view(n, k))
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

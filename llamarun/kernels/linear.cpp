@@ -542,6 +542,60 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   });
 }
 
+// float32 -> bfloat16, rounded to nearest even (finite values: weights).
+LLAMARUN_AVX2 inline __m128i to_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// The weight of int4_linear's layout as bfloat16 rows (N, K): for products of many rows, where a
+// bfloat16 GEMM of the CPU's own (AMX) beats the kernel's stream. Each run of 8 bytes of a row in
+// a 64-value block holds 8 consecutive values in its low nibbles and the 8 values 32 further on in
+// its high ones (see the layout above); 8 consecutive values never straddle a group.
+LLAMARUN_AVX2 void int4_dequant_tile(const uint8_t* wt, const uint16_t* dt, const uint16_t* zt,
+                                     int64_t n0, int64_t N, int64_t K, int shift, uint16_t* out) {
+  const int64_t pairs = (K + 63) / 64;
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  for (int lane = 0; lane < NB; ++lane) {
+    const int64_t row = n0 + LANE_ROW[lane];
+    if (row >= N) continue;
+    const int h = LANE_ROW[lane] / 4, r = LANE_ROW[lane] % 4;
+    uint16_t* o = out + row * K;
+    for (int64_t p = 0; p < pairs; ++p) {
+      for (int c = 0; c < 4; ++c) {
+        const int64_t k = 64 * p + 8 * c;
+        if (k >= K) break;
+        const __m256i bytes = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64((const __m128i*)(wt + p * 256 + (2 * c + h) * 32 + r * 8)));
+        const __m256i qs[2] = {_mm256_and_si256(bytes, low), _mm256_srli_epi32(bytes, 4)};
+        for (int half = 0; half < 2; ++half) {
+          const int64_t kk = k + 32 * half;
+          if (kk >= K) break;
+          const int64_t g = kk >> (5 + shift);  // group = 32 << shift
+          const __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(qs[half]), eight),
+                                           _mm256_set1_ps(_cvtsh_ss(dt[g * NB + lane])),
+                                           _mm256_set1_ps(_cvtsh_ss(zt[g * NB + lane])));
+          _mm_storeu_si128((__m128i*)(o + kk), to_bf16(v));
+        }
+      }
+    }
+  }
+}
+
+void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, int64_t Gp,
+                       int64_t N, int64_t K, int shift, uint16_t* out) {
+  const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + NB - 1) / NB;
+  pieces_for(tiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      int4_dequant_tile(w + t * NB * ldw, d + t * Gp * NB, z + t * Gp * NB, t * NB, N, K, shift,
+                        out);
+  });
+}
+
 // Calls f(x, y) with x's and y's data as typed pointers: both bfloat16 or both float32.
 template <typename F>
 void with_activations(const torch::Tensor& x, torch::Tensor& y, const char* op, F&& f) {
@@ -630,6 +684,30 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   return y;
 }
 
+// int4_linear's weight (w, d, z as there) dequantized into out, bfloat16 (N, K); K a multiple of 8.
+torch::Tensor int4_dequant(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& z,
+                           int64_t group, int64_t N, int64_t K, torch::Tensor out) {
+  const int64_t tiles = (N + NB - 1) / NB;
+  const int64_t ldk = (K + 63) / 64 * 64, Gp = (ldk + group - 1) / group;
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.size(0) == tiles * NB && w.size(1) == ldk / 2 && K % 8 == 0 &&
+                  group >= Q4B && (group & (group - 1)) == 0 && K % group == 0,
+              "int4_dequant: shapes");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf && d.is_contiguous() &&
+                  z.is_contiguous() && d.dim() == 3 && d.size(0) == tiles && d.size(1) == Gp &&
+                  d.size(2) == NB && z.sizes() == d.sizes(),
+              "int4_dequant: float16 scales and zeros in tiles (kernels.int4_pack_groups)");
+  int shift = 0;
+  while ((Q4B << shift) < group) ++shift;
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == N && out.size(1) == K,
+              "int4_dequant: out (N, K) bfloat16");
+  int4_dequant_impl(w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()),
+                    reinterpret_cast<const uint16_t*>(z.data_ptr()), Gp, N, K, shift,
+                    reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
 // The ops' schemas are defined in Python (llamarun/kernels/__init__.py, with their fake forms
 // for torch.compile) so that they exist before this library is built; this adds the CPU code,
 // which torch.compile's graphs then reach through the C++ dispatcher.
@@ -645,6 +723,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear);
   m.def("int8_linear", &int8_linear);
   m.def("int4_linear", &int4_linear);
+  m.def("int4_dequant", &int4_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);

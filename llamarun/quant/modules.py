@@ -153,6 +153,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "llamarun":
+            if kernels.int4_gemm_serves(x, self.out_features, self.in_features):  # AMX, prompts
+                w = kernels.int4_dequant(self.weight, self.scales, self.zeros, self.group_size,
+                                         self.out_features, self.in_features)
+                return F.linear(x, w)
             y = kernels.int4_linear(x, self.weight, self.scales, self.zeros, self.group_size,
                                     self.out_features)
             return y if y is not None else F.linear(x, self.dense(x.dtype))
