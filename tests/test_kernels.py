@@ -294,6 +294,18 @@ def test_int4_dequant_gives_the_weight_in_bfloat16(n: int, k: int, group: int) -
 
 
 @needs_int4
+@pytest.mark.parametrize("n,k", [(13, 100), (64, 256)])
+def test_int8_dequant_gives_the_modules_dense_weight(n: int, k: int) -> None:
+    _, q, s = _int8_data(1, k, n, torch.float32, seed=k)
+    module = Int8Linear(k, n, kernel=True)
+    module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
+    w = kernels.int8_dequant(q, s.bfloat16())
+    assert w is not None and torch.equal(w, module.dense(torch.bfloat16))  # 100: an 8-value tail
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(module(x), F.linear(x, module.dense(torch.bfloat16)))  # 16+ rows: a GEMM
+
+
+@needs_int4
 @pytest.mark.skipif(not kernels._amx(), reason="the dequantized GEMM serves CPUs with AMX")
 def test_int4_module_takes_the_bfloat16_gemm_for_prompt_sized_passes() -> None:
     g = torch.Generator().manual_seed(8)

@@ -373,7 +373,20 @@ def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
 # (At 32 rows both took about 18 ms.)
 INT4_GEMM_ROWS = 64
 INT4_GEMM_MAX_WEIGHTS = 1 << 26  # larger matrices (an 8B model's output head) keep the kernel
-_workspace = threading.local()  # a dequantized weight, reused: fresh pages cost more than the work
+_workspace = threading.local()  # dequantized weights, reused: fresh pages cost more than the work
+
+
+def scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (n, k) buffer of this thread's, reused by the next call for the same dtype: for a
+    weight dequantized just before its product (on CPU, a fresh buffer of that size costs
+    more in page faults than the dequantizing itself)."""
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = bufs[dtype] = torch.empty(n * k, dtype=dtype)
+    return buf[:n * k].view(n, k)
 
 
 def int4_gemm_serves(x: torch.Tensor, n: int, k: int) -> bool:
@@ -393,11 +406,20 @@ def _amx() -> bool:
 def int4_dequant(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
                  n: int, k: int) -> torch.Tensor:
     """The (n, k) bfloat16 weight of int4_linear's operands (int4_available() must hold), in
-    this thread's workspace: valid until the thread's next call."""
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < n * k:
-        buf = _workspace.buf = torch.empty(n * k, dtype=torch.bfloat16)
-    return _extension().int4_dequant(weight, scales, zeros, group, n, k, buf[:n * k].view(n, k))
+    this thread's scratch buffer: valid until the thread's next use of it."""
+    return _extension().int4_dequant(weight, scales, zeros, group, n, k,
+                                     scratch(n, k, torch.bfloat16))
+
+
+def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """weight (n, k) int8 times scales (n,), bfloat16, in this thread's scratch buffer (the
+    numbers of weight.to(bfloat16) * scales.to(bfloat16)[:, None]); None where the kernels do
+    not run here."""
+    ext = _extension() if enabled() else None
+    if ext is None or not (_features()[3] and weight.device.type == "cpu"):
+        return None
+    n, k = weight.shape
+    return ext.int8_dequant(weight, scales.to(torch.bfloat16), scratch(n, k, torch.bfloat16))
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -586,6 +586,28 @@ LLAMARUN_AVX2 void int4_dequant_tile(const uint8_t* wt, const uint16_t* dt, cons
   }
 }
 
+// Rows of int8 weights times their scales, as bfloat16: the product's rounding of
+// q.to(bfloat16) * scale (a float product rounded once).
+LLAMARUN_AVX2 void int8_dequant_rows(const int8_t* q, const float* s, int64_t r0, int64_t r1,
+                                     int64_t K, uint16_t* out) {
+  for (int64_t n = r0; n < r1; ++n) {
+    const __m256 sv = _mm256_set1_ps(s[n]);
+    const int8_t* qn = q + n * K;
+    uint16_t* o = out + n * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qn + k)));
+      _mm_storeu_si128((__m128i*)(o + k), to_bf16(_mm256_mul_ps(_mm256_cvtepi32_ps(v), sv)));
+    }
+    for (; k < K; ++k) {  // the tail, by the same rounding
+      const float f = float(qn[k]) * s[n];
+      uint32_t b;
+      std::memcpy(&b, &f, 4);
+      o[k] = uint16_t((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+    }
+  }
+}
+
 void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, int64_t Gp,
                        int64_t N, int64_t K, int shift, uint16_t* out) {
   const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + NB - 1) / NB;
@@ -708,6 +730,22 @@ torch::Tensor int4_dequant(const torch::Tensor& w, const torch::Tensor& d, const
   return out;
 }
 
+// q (N, K) int8 times scales (N,) into out, bfloat16 (N, K).
+torch::Tensor int8_dequant(const torch::Tensor& q, const torch::Tensor& scales, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
+                  scales.dim() == 1 && scales.size(0) == q.size(0),
+              "int8_dequant: shapes");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.sizes() == q.sizes(),
+              "int8_dequant: out (N, K) bfloat16");
+  const int64_t N = q.size(0), K = q.size(1);
+  auto s = scales.to(at::kFloat).contiguous();
+  const auto* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  pieces_for(N, [&](int64_t r0, int64_t r1) { int8_dequant_rows(qp, sp, r0, r1, K, op); });
+  return out;
+}
+
 // The ops' schemas are defined in Python (llamarun/kernels/__init__.py, with their fake forms
 // for torch.compile) so that they exist before this library is built; this adds the CPU code,
 // which torch.compile's graphs then reach through the C++ dispatcher.
@@ -724,6 +762,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear);
   m.def("int4_linear", &int4_linear);
   m.def("int4_dequant", &int4_dequant);
+  m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
