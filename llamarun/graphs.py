@@ -38,27 +38,26 @@ class GraphedDecode:
     The first pass of a (batch size, window) runs fn directly and records its graph (unless
     can_record() says not now: another thread may be using the GPU); later
     ones copy their inputs into the graph's buffers and replay it. Recordings are dropped when
-    the model's KV cache is allocated anew (their addresses would be stale). With
-    record=False (no CUDA) every pass runs fn directly: the same shapes and windows, which
-    tests on CPU check. A recording that fails (another thread using the GPU in a way capture
-    forbids, say) is logged once and the passes go on without graphs.
+    the model's KV cache is allocated anew (their addresses would be stale). A model off CUDA
+    runs every pass directly: the same shapes and windows, which tests on CPU check. A
+    recording that fails (another thread using the GPU in a way capture forbids, say) is
+    logged once and the passes go on without graphs.
     """
 
-    def __init__(self, model: Transformer, fn: DecodeFn, *, record: bool,
+    def __init__(self, model: Transformer, fn: DecodeFn, *,
                  can_record: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.fn = fn
-        self.record = record
+        self.record = model.positions.device.type == "cuda"
         self.can_record = can_record  # False for now: run directly, record at a later pass
         self.graphs: dict[tuple[int, int], _Recorded] = {}
         self.failed: str | None = None
         self._cache_key: tuple[int, int] | None = None
         self._pool: tuple[int, int] | None = None  # one memory pool for every recording
 
-    def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, window: int,
-                 *, record: bool = True) -> torch.Tensor:
-        """Logits (B, vocab) of one pass; record=False runs it without recording a graph (a
-        warm-up from a background thread, where recording is not safe)."""
+    def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                 window: int) -> torch.Tensor:
+        """Logits (B, vocab) of one pass."""
         self._check_cache()
         key = (int(tokens.shape[0]), window)
         rec = self.graphs.get(key)
@@ -69,7 +68,7 @@ class GraphedDecode:
             rec.graph.replay()
             return rec.logits.clone()  # the next replay overwrites the buffer
         logits = self.fn(self.model, tokens, rows, pos, window)
-        if (record and self.record and self.failed is None
+        if (self.record and self.failed is None
                 and (self.can_record is None or self.can_record())):
             self._record(key, tokens, rows, pos, window)
         return logits

@@ -165,12 +165,12 @@ class Runner:
         # slots' decode rows.
         self.mix = mix and len(cache) > 1
         # CUDA: one-token passes replay graphs of the eager decode_window until compiled ones
-        # take over (recorded only while no background compile uses the GPU from its thread).
+        # take over.
+        self._building = False  # _build runs: no graph is recorded (see _graphed_run)
         self.eager_graphed: GraphedDecode | None = None
         self._eager: Callable[..., torch.Tensor] | None = None
         if self._graphs_serve():
-            self._eager, self.eager_graphed = self._graphed_run(
-                decode_window, can_record=lambda: not self.compiling)
+            self._eager, self.eager_graphed = self._graphed_run(decode_window)
         if compile:
             self._compiled = self._make_compiled()
 
@@ -245,7 +245,7 @@ class Runner:
         compiled = torch.compile(_own_copy(decode_rows), fullgraph=True, dynamic=True,
                                  options=options)
 
-        def run(tokens: torch.Tensor, spans: Sequence[Span], record: bool = True) -> torch.Tensor:
+        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
             n = len(spans)
             tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
             rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
@@ -261,23 +261,23 @@ class Runner:
         return devices.uses_cuda_graphs(self.device) and not any(
             layer.attention.reduce is not None for layer in self.model.layers)
 
-    def _graphed_run(self, fn: Callable[..., torch.Tensor], *,
-                     can_record: Callable[[], bool] | None = None,
+    def _graphed_run(self, fn: Callable[..., torch.Tensor],
                      ) -> tuple[Callable[..., torch.Tensor], GraphedDecode]:
         """A decode step running `fn` (decode_window, compiled or not) through CUDA graphs per
-        batch bucket and attention window (llamarun.graphs), and its GraphedDecode."""
-        graphed = GraphedDecode(self.model, fn, record=self.device.type == "cuda",
-                                can_record=can_record)
+        batch bucket and attention window (llamarun.graphs), and its GraphedDecode. No graph
+        is recorded while the compiled graphs are built: not their scratch passes, and not
+        from another thread while a background build uses the GPU (capture forbids that)."""
+        graphed = GraphedDecode(self.model, fn, can_record=lambda: not self._building)
         model = self.model
         max_rows = model.max_batch_size
 
-        def run(tokens: torch.Tensor, spans: Sequence[Span], record: bool = True) -> torch.Tensor:
+        def run(tokens: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
             n = len(spans)
             tokens, padded = _pad_to_bucket(tokens, spans, max_rows)
             rows = torch.tensor([s.row for s in padded], dtype=torch.long, device=self.device)
             pos = torch.tensor([s.start for s in padded], dtype=torch.long, device=self.device)
             window = window_for(max(s.start for s in padded) + 1, model.max_seq_len)
-            return graphed(tokens, rows, pos, window, record=record)[:n]
+            return graphed(tokens, rows, pos, window)[:n]
         return run, graphed
 
     def _make_verify(self) -> Callable[..., torch.Tensor]:
@@ -325,6 +325,13 @@ class Runner:
             self._verify = self._make_verify()
 
     def _build(self) -> None:
+        self._building = True  # no CUDA graph is recorded meanwhile (see _graphed_run)
+        try:
+            self._build_graphs()
+        finally:
+            self._building = False
+
+    def _build_graphs(self) -> None:
         # One step per bucket at scratch positions near the end of the rows compiles its graph.
         # (A sequence reaching those positions later writes them again before attending to them.)
         assert self._compiled is not None
@@ -334,7 +341,7 @@ class Runner:
             for size in buckets(self.model.max_batch_size):
                 spans = [Span(i % slots, pos, 1) for i in range(size)]
                 tokens = torch.zeros(size, dtype=torch.long, device=self.device)
-                self._compiled(tokens, spans, record=False)  # record from the decoding thread
+                self._compiled(tokens, spans)
             if self._verify is not None and self.max_seq_len >= 8:
                 # Rows of 2 and 3 tokens ending at different scratch positions: every length
                 # and position is a symbol of the one graph per bucket.

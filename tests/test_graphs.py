@@ -40,7 +40,7 @@ def test_windowed_decode_equals_the_exact_lengths_forward(dtype):
     steps = 10
     seqs = {r: torch.randint(0, ARGS.vocab_size, (n + steps,), generator=gen)
             for r, n in prompts.items()}
-    graphed = GraphedDecode(model, decode_window, record=False)
+    graphed = GraphedDecode(model, decode_window)
     seen_windows = set()
     with torch.inference_mode():
         expected = {r: ref.forward_spans(s, [Span(r, 0, len(s))]) for r, s in seqs.items()}
@@ -65,7 +65,7 @@ def test_windowed_decode_equals_the_exact_lengths_forward(dtype):
 def test_a_new_cache_drops_the_recordings():
     model = Transformer(ARGS).eval()
     model.setup_caches(max_batch_size=1, max_seq_len=MAX_SEQ)
-    graphed = GraphedDecode(model, decode_window, record=False)
+    graphed = GraphedDecode(model, decode_window)
     graphed._check_cache()
     graphed.graphs[(1, MIN_WINDOW)] = object()  # type: ignore[assignment] (a stand-in)
     graphed._check_cache()

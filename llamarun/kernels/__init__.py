@@ -415,11 +415,11 @@ def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | N
     """weight (n, k) int8 times scales (n,), bfloat16, in this thread's scratch buffer (the
     numbers of weight.to(bfloat16) * scales.to(bfloat16)[:, None]); None where the kernels do
     not run here."""
-    ext = _extension() if enabled() else None
-    if ext is None or not (_features()[3] and weight.device.type == "cpu"):
+    if weight.device.type != "cpu" or not int4_available():  # (the same AVX2 code's CPUs)
         return None
     n, k = weight.shape
-    return ext.int8_dequant(weight, scales.to(torch.bfloat16), scratch(n, k, torch.bfloat16))
+    return _extension().int8_dequant(weight, scales.to(torch.bfloat16),
+                                     scratch(n, k, torch.bfloat16))
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -599,12 +599,7 @@ LLAMARUN_AVX2 void int8_dequant_rows(const int8_t* q, const float* s, int64_t r0
       const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qn + k)));
       _mm_storeu_si128((__m128i*)(o + k), to_bf16(_mm256_mul_ps(_mm256_cvtepi32_ps(v), sv)));
     }
-    for (; k < K; ++k) {  // the tail, by the same rounding
-      const float f = float(qn[k]) * s[n];
-      uint32_t b;
-      std::memcpy(&b, &f, 4);
-      o[k] = uint16_t((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-    }
+    for (; k < K; ++k) o[k] = c10::BFloat16(float(qn[k]) * s[n]).x;  // the tail: the same rounding
   }
 }
 
@@ -679,19 +674,30 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
 // y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
 // by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups; x bfloat16 or float32, y in
 // x's dtype.
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
-                          const torch::Tensor& z, int64_t group, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && d.dim() == 3 && w.scalar_type() == at::kByte,
-              "int4_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1), tiles = (N + NB - 1) / NB;
+// Checks int4_linear's and int4_dequant's weight operands (w by kernels.int4_pack, d and z by
+// kernels.int4_pack_groups, for an (N, K) weight in groups of `group`); returns G', the groups
+// of the padded K.
+static int64_t check_int4_operands(const torch::Tensor& w, const torch::Tensor& d,
+                                   const torch::Tensor& z, int64_t group, int64_t N, int64_t K,
+                                   const char* op) {
+  const int64_t tiles = (N + NB - 1) / NB;
   const int64_t ldk = (K + 63) / 64 * 64, Gp = (ldk + group - 1) / group;
+  TORCH_CHECK(w.dim() == 2 && d.dim() == 3 && w.scalar_type() == at::kByte, op, ": shapes");
   TORCH_CHECK(group >= Q4B && group % Q4B == 0 && (group & (group - 1)) == 0 && K % group == 0 &&
                   N > 0 && w.size(1) == ldk / 2 && w.size(0) == tiles * NB,
-              "int4_linear: group (32 times a power of two), K and N");
+              op, ": group (32 times a power of two), K and N");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
                   d.size(0) == tiles && d.size(1) == Gp && d.size(2) == NB &&
                   z.sizes() == d.sizes(),
-              "int4_linear: float16 scales and zeros in tiles (kernels.int4_pack_groups)");
+              op, ": float16 scales and zeros in tiles (kernels.int4_pack_groups)");
+  return Gp;
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& z, int64_t group, int64_t N) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_linear");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto dc = d.contiguous();
@@ -709,16 +715,9 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 // int4_linear's weight (w, d, z as there) dequantized into out, bfloat16 (N, K); K a multiple of 8.
 torch::Tensor int4_dequant(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& z,
                            int64_t group, int64_t N, int64_t K, torch::Tensor out) {
-  const int64_t tiles = (N + NB - 1) / NB;
-  const int64_t ldk = (K + 63) / 64 * 64, Gp = (ldk + group - 1) / group;
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  w.size(0) == tiles * NB && w.size(1) == ldk / 2 && K % 8 == 0 &&
-                  group >= Q4B && (group & (group - 1)) == 0 && K % group == 0,
-              "int4_dequant: shapes");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf && d.is_contiguous() &&
-                  z.is_contiguous() && d.dim() == 3 && d.size(0) == tiles && d.size(1) == Gp &&
-                  d.size(2) == NB && z.sizes() == d.sizes(),
-              "int4_dequant: float16 scales and zeros in tiles (kernels.int4_pack_groups)");
+  const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_dequant");
+  TORCH_CHECK(w.is_contiguous() && d.is_contiguous() && z.is_contiguous() && K % 8 == 0,
+              "int4_dequant: contiguous operands, K a multiple of 8");
   int shift = 0;
   while ((Q4B << shift) < group) ++shift;
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&

@@ -146,9 +146,7 @@ class Int4Linear(nn.Module):
             return w.view(self.out_features, self.in_features)
         if self.layout in ("int4pack", "tinygemm"):  # opaque packings: the kernel on the identity
             eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight.device)
-            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "int4pack"
-                  else torch.ops.aten._weight_int4pack_mm)
-            return op(eye, self.weight, self.group_size, self.scales_and_zeros).t().to(dtype)
+            return self._packed_mm(eye).t().to(dtype)
         q = torch.stack([self.weight & 0x0F, self.weight >> 4], dim=-1).view(self.out_features, -1)
         sz = self.scales_and_zeros.to(dtype)
         w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
@@ -166,12 +164,17 @@ class Int4Linear(nn.Module):
             return y if y is not None else F.linear(x, self.dense(x.dtype))
         if self.layout in ("int4pack", "tinygemm"):
             rows = x.shape[:-1].numel()
-            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "int4pack"
-                  else torch.ops.aten._weight_int4pack_mm)
-            y = op(x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous(), self.weight,
-                   self.group_size, self.scales_and_zeros)
+            y = self._packed_mm(x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous())
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense(x.dtype))
+
+
+    def _packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) bfloat16 @ W^T by PyTorch's kernel of an opaque layout (int4pack on CPU,
+        tinygemm on CUDA)."""
+        op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.layout == "int4pack"
+              else torch.ops.aten._weight_int4pack_mm)
+        return op(rows, self.weight, self.group_size, self.scales_and_zeros)
 
 
 def int4_layout(device: torch.device, in_features: int, out_features: int,
