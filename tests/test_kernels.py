@@ -29,7 +29,9 @@ needs_int8 = pytest.mark.skipif(not kernels.int8_available(),
 needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
                                 reason="no 4-bit kernel (AVX2 or AVX-512) on this machine")
 needs_f32 = pytest.mark.skipif(not kernels.f32_available(),
-                               reason="no float32 kernel (AVX2 without AVX-512) on this machine")
+                               reason="no float32 kernel (AVX2 or AVX-512) on this machine")
+needs_avx2_int8 = pytest.mark.skipif(not (kernels.int8_available() and not kernels._features()[1]),
+                                     reason="no AVX2 int8 kernel (AVX2 without AVX-512) here")
 needs_attend = pytest.mark.skipif(not kernels.attend_available(),
                                   reason="no attention kernel (AVX2 and FMA) on this machine")
 
@@ -80,10 +82,10 @@ def test_f32_kernel_matches_float64(m: int, k: int, n: int) -> None:
 
 
 @needs_f32
-@pytest.mark.parametrize("k,n", [(7, 5), (77, 29), (576, 130)])
+@pytest.mark.parametrize("k,n", [(7, 5), (77, 29), (576, 130), (1537, 200)])
 def test_f32_rows_do_not_depend_on_the_pass(k: int, n: int) -> None:
     """Each row as computed alone, bit for bit, in passes of 1-9 rows (every split into
-    passes of at most 4) and of 70 and 300 (activation tiles of 64)."""
+    passes of at most 4) and of 70 and 300 (activation tiles of 64; K past 1024 in ranges)."""
     g = torch.Generator().manual_seed(k)
     x, w = torch.randn(300, k, generator=g), torch.randn(n, k, generator=g)
     alone = torch.stack([linear(x[i:i + 1], w)[0] for i in range(300)])
@@ -339,8 +341,7 @@ def test_avx2_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
-@needs_f32  # (an AVX2 CPU without AVX-512: the AVX2 int8 kernel)
-@needs_int8
+@needs_avx2_int8
 def test_avx2_int8_kernel_serves_prefill_sized_passes() -> None:
     """Past 8 rows (an output head under 8 decode rows and a prompt chunk, verification passes,
     perplexity) the AVX2 int8 kernel still computes each row as alone, through the module."""
@@ -425,7 +426,7 @@ def test_selector_leaves_other_products_to_pytorch() -> None:
     assert kernels.dense_linear(x, w) is None  # a prefill-sized product
     assert not kernels.serves_dense(x, w)
     assert kernels.serves_dense(x[:1], w) == kernels.bf16_available()
-    # float32: the kernel on AVX2 CPUs (every pass size up to F32_MAX_ROWS), else oneDNN
+    # float32: the kernel on AVX2 and AVX-512 CPUs (every pass size up to F32_MAX_ROWS), else oneDNN
     assert kernels.serves_dense(x.float(), w.float()) == kernels.f32_available()
     big = torch.zeros(kernels.F32_MAX_ROWS + 1, 40)
     assert kernels.dense_linear(big, w.float()) is None

@@ -58,12 +58,14 @@ INT4_MAX_ROWS = 4096
 # (benchmarks/products.py shapes of the default model), and a row's logits then never depend
 # on how many rows share its pass. The VNNI kernel keeps MAX_ROWS (not measured past it).
 INT8_AVX2_MAX_ROWS = 4096
-# The AVX2 float32 kernel (f32.cpp) serves every pass up to as many rows: against oneDNN (which
-# float32 products take otherwise) it measured 2.3-2.7x faster for one row and 1.5-2.0x for 2-8
-# rows with the weights streamed from memory, 1.1-1.3x at 64 rows and 0.86-1.08x at 512
-# (benchmarks/products.py). One kernel for every pass size makes a token's float32 products the
-# same whatever its pass holds: a prompt prefilled whole or in chunks, a row decoded alone or
-# beside 7 others, by a compiled step or eagerly.
+# The float32 kernel (f32.cpp: AVX2, or AVX-512 where the CPU has it) serves every pass up to as
+# many rows: against oneDNN (which float32 products take otherwise) it measured, on AVX2 CPUs,
+# 2.3-2.7x faster for one row and 1.5-2.0x for 2-8 rows with the weights streamed from memory,
+# 1.1-1.3x at 64 rows and 0.86-1.08x at 512; on an AVX-512 Intel Xeon 1.7-2.3x for one row,
+# 1.4-2.0x for 2-8, 1.3-1.7x at 16, 0.93-1.3x at 64 and 0.65-0.85x at 512 (benchmarks/
+# products.py, SmolLM2's shapes). One kernel for every pass size makes a token's float32
+# products the same whatever its pass holds: a prompt prefilled whole or in chunks, a row
+# decoded alone or beside 7 others, by a compiled step or eagerly.
 F32_MAX_ROWS = 4096
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "f32.cpp", "attention.cpp", "rowwise.cpp")]
 
@@ -142,21 +144,23 @@ def build_pending() -> bool:
 
 
 def _int4_cpu() -> bool:
-    """A CPU the 4-bit kernel (AVX2 code) is for: AVX2 or AVX-512 (torch's capability). On
-    AVX-512 it measured 1.3-1.45x faster than PyTorch's own int4 kernel for 1 to 512 rows (Intel
-    Xeon with AVX512-BF16 and AMX, the 1B shape's matrices, 2 threads)."""
+    """A CPU the 4-bit and float32 kernels are for: AVX2 or AVX-512 (torch's capability). On
+    AVX-512 the 4-bit one (AVX2 code) measured 1.3-1.45x faster than PyTorch's own int4 kernel
+    for 1 to 512 rows (Intel Xeon with AVX512-BF16 and AMX, the 1B shape's matrices, 2
+    threads); the float32 one runs AVX-512 code there (see F32_MAX_ROWS)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _avx2_only() -> bool:
-    """A CPU with AVX2 and no AVX-512 (torch's capability): the float32 and AVX2 int8 kernels
-    are for these (on AVX-512 oneDNN's products are not measured against them)."""
+    """A CPU with AVX2 and no AVX-512 (torch's capability): the AVX2 int8 kernel is for these
+    (AVX-512 CPUs with VNNI run the VNNI one)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 @functools.cache
 def _features() -> tuple[bool, bool, bool, bool]:
-    """(AVX512-BF16, AVX512-VNNI, AVX2 without AVX-512, a 4-bit kernel CPU), as this CPU has them."""
+    """(AVX512-BF16, AVX512-VNNI, AVX2 without AVX-512, AVX2 or AVX-512 (the 4-bit and float32
+    kernels)), as this CPU has them."""
     ext = _extension()
     if ext is None:
         return False, False, False, False
@@ -166,9 +170,8 @@ def _features() -> tuple[bool, bool, bool, bool]:
 
 @torch.compiler.assume_constant_result
 def f32_available() -> bool:
-    """Whether the float32 kernel runs here (enabled, built, and an AVX2 CPU without AVX-512,
-    where oneDNN's own products are not measured against it)."""
-    return enabled() and _features()[2]
+    """Whether the float32 kernel runs here (enabled, built, a CPU with AVX2 or AVX-512)."""
+    return enabled() and _features()[3]
 
 
 @torch.compiler.assume_constant_result
@@ -265,7 +268,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x @ weight.T by this package's kernels where they serve, else None.
 
     bfloat16 x and weight on CPUs with AVX512-BF16, 1..MAX_ROWS rows: measured 1.1-2.2x faster
-    than F.linear there. float32 on AVX2 CPUs, 1..F32_MAX_ROWS rows (see there). Elsewhere
+    than F.linear there. float32 on AVX2 and AVX-512 CPUs, 1..F32_MAX_ROWS rows (see there). Elsewhere
     oneDNN or F.linear (benchmarks/products.py, README "CPU kernels").
     """
     if not serves_dense(x, weight):
@@ -503,7 +506,7 @@ def summary(device: torch.device) -> str:
     if not enabled():
         return f"PyTorch's ({ENV}=0)"
     bf16, vnni, avx2, int4 = _features()
-    ours = [name for name, on in (("float32", avx2), ("bf16", bf16), ("int8", vnni or avx2),
+    ours = [name for name, on in (("float32", int4), ("bf16", bf16), ("int8", vnni or avx2),
                                   ("int4", int4)) if on]
     if not ours:
         return "PyTorch's (none of llamarun's serves this CPU)"

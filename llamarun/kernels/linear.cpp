@@ -763,6 +763,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequant", &int4_dequant);
   m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
+  m.def("f32_avx512", &llamarun::f32_avx512);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
   m.def("rms_norm", &llamarun::rms_norm);
