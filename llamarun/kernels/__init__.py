@@ -511,5 +511,9 @@ def summary(device: torch.device) -> str:
     if not ours:
         return "PyTorch's (none of llamarun's serves this CPU)"
     isa = "AVX-512" if bf16 or vnni else "AVX2"
-    rows = f"1-{int8_max_rows()} rows" if avx2 else f"1-{MAX_ROWS} rows"
+    every = [name for name in ours if name in ("float32", "int4") or (name == "int8" and avx2)]
+    few = [name for name in ours if name not in every]
+    rows = ", ".join(part for part in (
+        f"{' and '.join(every)}: passes of 1-{F32_MAX_ROWS} rows" if every else "",
+        f"{' and '.join(few)}: 1-{MAX_ROWS} rows" if few else "") if part)
     return f"llamarun's {isa} ones for {', '.join(ours)} weights ({rows}), PyTorch's for the rest"
