@@ -17,7 +17,9 @@ so a sequence's logits do not depend on the rest of its decode batch.
 (decode rows, verifications, prompt chunks, whole prompts) over its own row's past, in one call
 (AVX2). `rowwise.cpp` holds the layers' other per-token float32 ops (`rms_norm`, `silu_mul`).
 With them, a float32 token's result on CPU does not depend on its pass, on how its prompt was
-cut into chunks, or on whether the pass ran compiled.
+cut into chunks, or on whether the pass ran compiled. `f32.cpp` (with `f32_kernel.h`, its code
+for both vector widths) holds the float32 product: AVX-512 where the CPU has it, else AVX2,
+every pass of up to F32_MAX_ROWS rows.
 
 `dense_linear`, `int8_linear` and `int4_linear` (with `int4_layout`, which picks the weights'
 layout at load) are the selection point of the products: `device.linear` and the quantized
