@@ -73,6 +73,12 @@ struct V {
 
 }  // namespace avx512
 
+// Whether this CPU runs the AVX-512 code (else the AVX2 code).
+bool has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
 }  // namespace
 
 namespace llamarun {
@@ -80,15 +86,10 @@ namespace llamarun {
 // y (M, N) = x (M, K) @ w (N, K)^T, all float32.
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
   const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32");
-  static const bool wide = f32_avx512();
+  static const bool wide = has_avx512f();
   (wide ? avx512::f32_product : avx2::f32_product)(
       d.x.data_ptr<float>(), d.w.data_ptr<float>(), d.y.data_ptr<float>(), d.M, d.K, d.N);
   return d.y;
-}
-
-bool f32_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
 }
 
 }  // namespace llamarun

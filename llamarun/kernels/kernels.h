@@ -97,6 +97,5 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor silu_mul(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
-bool f32_avx512();  // whether f32_linear runs its AVX-512 code here (else AVX2)
 
 }  // namespace llamarun

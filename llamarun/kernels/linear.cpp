@@ -502,12 +502,18 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscal
   });
 }
 
+// s with group = Q4B << s (a group is 32 times a power of two).
+inline int group_shift(int64_t group) {
+  int shift = 0;
+  while ((Q4B << shift) < group) ++shift;
+  return shift;
+}
+
 template <typename InT, typename OutT>
 void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
                       const uint16_t* z, int64_t Gp, int64_t N, int64_t K, int64_t group, OutT* y) {
   const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
-  int shift = 0;
-  while ((Q4B << shift) < group) ++shift;  // group = 32 << shift
+  const int shift = group_shift(group);
   std::vector<int8_t> a(M * ldk);
   std::vector<float> v(ldk), s(M * (ldk / Q4B)), c(M * G), xsum(M * G);
   for (int64_t m = 0; m < M; ++m)
@@ -718,8 +724,7 @@ torch::Tensor int4_dequant(const torch::Tensor& w, const torch::Tensor& d, const
   const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_dequant");
   TORCH_CHECK(w.is_contiguous() && d.is_contiguous() && z.is_contiguous() && K % 8 == 0,
               "int4_dequant: contiguous operands, K a multiple of 8");
-  int shift = 0;
-  while ((Q4B << shift) < group) ++shift;
+  const int shift = group_shift(group);
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == N && out.size(1) == K,
               "int4_dequant: out (N, K) bfloat16");
@@ -763,7 +768,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequant", &int4_dequant);
   m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
-  m.def("f32_avx512", &llamarun::f32_avx512);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
   m.def("rms_norm", &llamarun::rms_norm);

@@ -168,7 +168,6 @@ class Int4Linear(nn.Module):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dense(x.dtype))
 
-
     def _packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, in) bfloat16 @ W^T by PyTorch's kernel of an opaque layout (int4pack on CPU,
         tinygemm on CUDA)."""
