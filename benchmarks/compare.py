@@ -7,7 +7,10 @@ pp (prefill of N prompt tokens, tok/s), tg (decode of M tokens after an 8-token 
 TTFT (prefill of the N-token prompt + the first greedy sample, s), peak RSS, achieved GB/s
 (weight bytes read per token x tg tok/s) and each engine's pp and tg relative to llama.cpp (and to
 transformers where it ran) in the same run. Timings are medians over --reps after a warm-up
-(at least one run and 1 s; 3 s after a compile).
+(at least one run and 1 s; 3 s after a compile). Above the tables: the machine's plain memory read
+rate with the same threads (a worker reading 1 GiB, the faster of two streaming PyTorch reads), and
+each row's decode GB/s over it ("GB/s vs read": a model larger than the caches cannot decode faster
+than its weights stream; a small one partly reads from cache and can exceed 1).
 
 Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF), "1b" (a
 random Llama-3.2-1B-shaped model; opt-in: about 10 GB of GGUF files and a long run) and "8b" (a
@@ -238,9 +241,38 @@ def run_llama_cpp(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict
     return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft, "load_s": load_s}
 
 
+READ_BYTES = 2**30  # the memory read's buffer: larger than any cache of these machines
+
+
+def run_memory_read(reps: int) -> dict:
+    """GB/s of a plain read of READ_BYTES from memory: the best median of two streaming reads
+    (a float32 dot product and a sum; both vectorized and split over the threads)."""
+    import torch
+
+    x = torch.ones(READ_BYTES // 8)
+    y = torch.ones(READ_BYTES // 8)  # the dot product reads both halves: READ_BYTES in all
+    forms = {"dot": lambda: torch.dot(x, y), "sum": lambda: x.sum() + y.sum()}
+    rates = {}
+    for name, fn in forms.items():
+        fn()
+        times = []
+        for _ in range(max(reps, 5)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rates[name] = READ_BYTES / statistics.median(times) / 1e9
+    best = max(rates, key=rates.__getitem__)
+    return {"read_gb_s": rates[best], "read_form": best}
+
+
 def run_worker(a: argparse.Namespace) -> dict:
     """Measure one engine on one file in this process; add its peak RSS."""
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    if a.worker == "memory-read":
+        import torch
+
+        torch.set_num_threads(a.threads)
+        return run_memory_read(a.reps)
     path = Path(a.file)
     if a.worker == "llama.cpp":
         out = run_llama_cpp(path, a.prompt_tokens, a.gen_tokens, a.reps, a.threads)
@@ -290,9 +322,10 @@ def baseline_tree(rev: str) -> Path:
     return tree
 
 
-def run_one(engine: str, path: Path, dtype: str, a: argparse.Namespace) -> dict:
+def run_one(engine: str, path: Path | None, dtype: str, a: argparse.Namespace) -> dict:
     """Run a worker process for one engine on one file; an error dict if it fails. An engine
-    named ENGINE@REV runs that engine from llamarun at git revision REV (--baseline)."""
+    named ENGINE@REV runs that engine from llamarun at git revision REV (--baseline);
+    "memory-read" (no file) measures the memory read rate."""
     script = Path(__file__).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     name, _, rev = engine.partition("@")
@@ -300,7 +333,7 @@ def run_one(engine: str, path: Path, dtype: str, a: argparse.Namespace) -> dict:
         tree = baseline_tree(rev)
         script = tree / "benchmarks" / "compare.py"
         env["PYTHONPATH"] = str(tree)
-    cmd = [sys.executable, str(script), "--worker", name, "--file", str(path),
+    cmd = [sys.executable, str(script), "--worker", name, "--file", str(path or ""),
            "--dtype", dtype, "--prompt-tokens", str(a.prompt_tokens),
            "--gen-tokens", str(a.gen_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]
     try:
@@ -426,12 +459,18 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
           f"{env.get('llama_cpp_python', '-')}, transformers {env.get('transformers', '-')}; "
           f"{env['threads']} threads; pp{env['prompt_tokens']}, tg{env['gen_tokens']} "
           f"(after {env['tg_prompt_tokens']} tokens); median of {env['reps']}")
+    if env.get("read_gb_s"):
+        print(f"memory read: {env['read_gb_s']:.1f} GB/s ({READ_BYTES >> 20} MiB, "
+              f"{env['read_form']}, {env['threads']} threads)")
+    else:
+        print(f"memory read: not measured ({env.get('read_form')})")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         cols: list[tuple[str, str, str]] = [  # header, key, format
             ("pp tok/s", "pp_tok_s", ".1f"), ("tg tok/s", "tg_tok_s", ".1f"),
             ("TTFT s", "ttft_s", ".3f"), ("peak RSS MiB", "peak_rss_mib", ".0f"),
-            ("GB/s", "gb_s", ".2f"), ("pp vs llama.cpp", "pp_vs_llama_cpp", ".2f"),
+            ("GB/s", "gb_s", ".2f"), ("GB/s vs read", "gb_s_vs_read", ".2f"),
+            ("pp vs llama.cpp", "pp_vs_llama_cpp", ".2f"),
             ("tg vs llama.cpp", "tg_vs_llama_cpp", ".2f")]
         if any(r["engine"] == "transformers" for r in mine):
             cols += [("pp vs HF", "pp_vs_transformers", ".2f"),
@@ -484,7 +523,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--baseline", metavar="REV",
                     help="also run llamarun's engines from git revision REV (a worktree)")
-    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=(*ENGINES, "memory-read"), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -505,6 +544,13 @@ def main() -> None:
                    for x in ([e, f"{e}@{a.baseline}"] if e.startswith("llamarun") else [e])]
     env = environment(a)
     rows = benchmark(a, engines)
+    print("memory read ...", file=sys.stderr, flush=True)
+    read = run_one("memory-read", None, "-", a)
+    env["read_gb_s"] = read.get("read_gb_s")
+    env["read_form"] = read.get("read_form", read.get("error"))
+    for r in rows:
+        if env["read_gb_s"] and "gb_s" in r:
+            r["gb_s_vs_read"] = r["gb_s"] / env["read_gb_s"]
     if a.json:
         print(json.dumps({"env": env, "rows": rows}, indent=2))
     else:
