@@ -236,6 +236,42 @@ def test_int4_groups_layout_places_each_value_as_documented() -> None:
     assert packed[1, 2, 3] == 1.5 and packed[0, 0, 4] == 2.0 and packed.count_nonzero() == 2
 
 
+needs_int4_vnni = pytest.mark.skipif(not (kernels.int4_available() and kernels._features()[1]),
+                                     reason="no AVX512-VNNI 4-bit tiles on this machine")
+
+
+@needs_int4_vnni
+@pytest.mark.parametrize("m,k,n,group", [(1, 32, 1, 32), (1, 96, 5, 32), (3, 160, 13, 32),
+                                         (8, 576, 64, 64), (5, 384, 29, 128), (2, 2048, 130, 32),
+                                         (7, 256, 33, 64), (4, 2048, 7, 128)])
+def test_int4_vnni_tiles_give_the_avx2_tiles_bits(m: int, k: int, n: int, group: int) -> None:
+    # The same int32 block sums, then the same float multiply-adds in the same order.
+    for dtype in (torch.float32, torch.bfloat16):
+        x, q, scales, zeros = _int4_data(m, k, n, group, dtype)
+        w, d = kernels.int4_pack(q), kernels.int4_pack_groups(scales, k)
+        z = kernels.int4_pack_groups(zeros, k)
+        ext = kernels._extension()
+        assert torch.equal(ext.int4_linear(x, w, d, z, group, n),
+                           ext.int4_linear_avx2(x, w, d, z, group, n))
+
+
+@needs_int4
+@pytest.mark.parametrize("m,k,n,group", [(1, 96, 5, 32), (5, 384, 29, 128), (8, 576, 64, 64)])
+def test_int4_kernel_without_zeros_equals_zeros_of_0(m: int, k: int, n: int, group: int) -> None:
+    # A symmetric weight passes no zeros (an empty tensor): nothing of them is read, and the
+    # product and the dequantized weight are those of zeros that are all 0.
+    x, q, scales, _ = _int4_data(m, k, n, group, torch.bfloat16)
+    w, d = kernels.int4_pack(q), kernels.int4_pack_groups(scales, k)
+    zero = kernels.int4_pack_groups(torch.zeros_like(scales), k)
+    none = torch.empty(0, dtype=torch.float16)
+    assert torch.equal(kernels.int4_linear(x, w, d, none, group, n),
+                       kernels.int4_linear(x, w, d, zero, group, n))
+    assert torch.equal(kernels._extension().int4_dequant(w, d, none, group, n, k,
+                                                         torch.empty(n, k, dtype=torch.bfloat16)),
+                       kernels._extension().int4_dequant(w, d, zero, group, n, k,
+                                                         torch.empty(n, k, dtype=torch.bfloat16)))
+
+
 @needs_int4
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m,k,n,group", [(1, 32, 1, 32), (1, 96, 5, 32), (3, 160, 13, 32),

@@ -103,6 +103,52 @@ def test_gguf_tensors_stay_quantized(qtype: QT, expect: str, tmp_path) -> None:
     assert _rel(got, expect_logits) < 0.05
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda q: q.name)
+def test_q4_0_weights_store_no_zeros(qtype: QT, tmp_path) -> None:
+    # Q4_0's zeros are all 0: in the CPU kernel's layout none is stored (or streamed per token);
+    # Q4_1's are the blocks' minimums and stay. Either way the logits are the file's.
+    sd, args = k_quant_model()
+    types = tensor_types(sd, qtype)
+    path = write_llama_gguf(tmp_path / f"k.{qtype.name}.gguf", sd, args, types)
+    ck = load_checkpoint(path, device="cpu", dtype="float32", max_seq_len=64)
+    symmetric = qtype == QT.Q4_0
+    int4 = {n: f for n, f in ck.formats.items() if f.kind == "int4"}
+    assert int4 and all(f.symmetric == symmetric for f in int4.values())
+    module = ck.model.layers[0].feed_forward.w13
+    assert isinstance(module, Int4Linear)
+    if module.layout == "llamarun":
+        assert (module.zeros.numel() == 0) == symmetric
+    ids = list(range(3, 40, 3))
+    dequantized = {k: roundtrip(v, types[k]) for k, v in sd.items()}
+    expect_logits = full_logits(model_from_meta(dequantized, args), ids)
+    assert _rel(full_logits(ck.model, ids), expect_logits) < 0.05
+    if symmetric:  # (a Q4_1 zero, m + 8 d, is rounded to float16 in the kernel's layout)
+        w = module.dense(torch.float32)
+        layer = dequantized["layers.0.feed_forward.w1.weight"]
+        assert torch.equal(w[:layer.shape[0]], layer.float())
+
+
+def test_symmetric_int4_module_equals_the_one_with_zeros_stored() -> None:
+    # The same Q4_0 numbers with and without stored zeros: the same product, bit for bit.
+    g = torch.Generator().manual_seed(5)
+    raw = quantize(torch.randn(48, 512, generator=g).numpy(), QT.Q4_0)
+    parts = gguf_int4(raw.reshape(-1), int(QT.Q4_0), (48, 512))
+    layout = int4_layout(CPU, 512, 48, 32)
+    x = torch.randn(3, 512, generator=g)
+    ys = []
+    for symmetric in (False, True):
+        module = Int4Linear(512, 48, group_size=32, layout=layout, symmetric=symmetric)
+        module.load_state_dict(Int4Linear.state(parts, device=CPU, dtype=torch.float32,
+                                                layout=layout, symmetric=symmetric), assign=True)
+        ys.append((module(x), module(x.bfloat16()), module.dense(torch.float32)))
+    for a, b in zip(*ys):
+        assert torch.equal(a, b)
+    assert torch.equal(ys[1][2], dequantize_int4(parts))
+    with pytest.raises(ValueError, match="not 0"):
+        Int4Linear.state(quantize_int4(torch.randn(48, 512, generator=g), 32), device=CPU,
+                         dtype=torch.float32, layout="llamarun", symmetric=True)
+
+
 def test_quantize_flag_on_a_dense_checkpoint() -> None:
     folder = require_fixture("stories260K", "meta")
     dense = load_checkpoint(folder, device="cpu", dtype="float32")

@@ -338,6 +338,70 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const
   for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * NB, acc[i]);
 }
 
+#define LLAMARUN_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+// int4_tile with AVX512-VNNI, giving the same bits: a block's 32 products of a row are the same
+// int32 (vpdpbusd sums four products exactly where vpmaddubsw sums two), and each block then
+// costs the row the same float multiply-add, in the same block order. A 64-byte load is one
+// chunk c of 8 values for all 8 rows (vectors 2c and 2c + 1: row r in quadword r), so one
+// vpdpbusd multiplies the chunk of 8 rows by the 8 activations broadcast to every quadword:
+// about half int4_tile's instructions per weight.
+template <int MR>
+LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, int64_t lda,
+                                         const uint8_t* w, const uint16_t* dt, int shift,
+                                         int64_t pairs, float* out /* (MR, NB) */) {
+  __m256 acc[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // doubleword 2r holds row r's low-nibble block sum, 2r + 1 its high one; lanes 0-7 take the
+  // first block's in LANE_ROW order, lanes 8-15 the second's
+  const __m512i order = _mm512_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14, 1, 3, 9, 11, 5, 7, 13, 15);
+  const int64_t nb = lda / Q4B;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint8_t* wp = w + p * 256;
+    _mm_prefetch((const char*)(wp + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wp + PREFETCH + 192), _MM_HINT_T0);
+    __m512i lo[4], hi[4];  // chunk c of blocks 2p (low nibbles) and 2p + 1 (high), row r in qword r
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512i x = _mm512_loadu_si512((const void*)(wp + 64 * c));
+      lo[c] = _mm512_and_si512(x, low);
+      hi[c] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+    }
+    const int64_t b = 2 * p;
+    const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * NB)));
+    const __m256 dhi =
+        _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + ((b + 1) >> shift) * NB)));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* ab = a + i * lda + b * Q4B;
+      __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        int64_t cl, ch;
+        std::memcpy(&cl, ab + 8 * c, 8);
+        std::memcpy(&ch, ab + Q4B + 8 * c, 8);
+        sl = _mm512_dpbusd_epi32(sl, lo[c], _mm512_set1_epi64(cl));
+        sh = _mm512_dpbusd_epi32(sh, hi[c], _mm512_set1_epi64(ch));
+      }
+      const __m512i both = _mm512_mask_blend_epi32(
+          0xAAAA, _mm512_add_epi32(sl, _mm512_srli_epi64(sl, 32)),
+          _mm512_add_epi32(sh, _mm512_slli_epi64(sh, 32)));
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(order, both));
+      const __m256 flo = _mm512_castps512_ps256(f);
+      const __m256 fhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
+      acc[i] = _mm256_fmadd_ps(flo, _mm256_mul_ps(dlo, _mm256_set1_ps(s[i * nb + b])), acc[i]);
+      acc[i] = _mm256_fmadd_ps(fhi, _mm256_mul_ps(dhi, _mm256_set1_ps(s[i * nb + b + 1])), acc[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * NB, acc[i]);
+}
+
 // Calls block(MR, NR, j0, left) (MR and NR as std::integral_constant) over the nrows weight rows
 // of a pass in steps of NR, with MR = mrows (1..MB): 4 weight rows at a time for 1-2 activation
 // rows, 2 for 3-4 (registers).
@@ -358,17 +422,21 @@ void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
 
 // sum_g d[g] c[g] + z[g] x[g], the groups' terms of one activation row, for a tile's NB = 8
 // outputs at once (one per lane; dt and zt the tile's float16 scales and zeros, (G', NB)): per
-// output, the same two sums in group order whatever the tile or the batch holds.
+// output, the same two sums in group order whatever the tile or the batch holds. zt null: no
+// zeros (a symmetric weight, as GGUF's Q4_0), the second sum is 0 and is neither read nor added.
 LLAMARUN_AVX2 void group_terms(const uint16_t* dt, const uint16_t* zt, const float* c,
                                const float* x, int64_t G, float* out /* (NB) */) {
   static_assert(NB == 8, "one output per lane");
   __m256 accd = _mm256_setzero_ps(), accz = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + g * NB)));
-    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
     accd = _mm256_fmadd_ps(d, _mm256_set1_ps(c[g]), accd);
-    accz = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), accz);
   }
+  if (zt != nullptr)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
+      accz = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), accz);
+    }
   _mm256_storeu_ps(out, _mm256_add_ps(accd, accz));
 }
 
@@ -509,9 +577,21 @@ inline int group_shift(int64_t group) {
   return shift;
 }
 
+// One tile of MR = 1..4 rows: int4_tile_vnni where the CPU has AVX512-VNNI (vnni), else int4_tile.
+template <int MR>
+inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, int64_t lda,
+                          const uint8_t* w, const uint16_t* dt, int shift, int64_t pairs,
+                          float* out) {
+  if (vnni)
+    int4_tile_vnni<MR>(a, s, lda, w, dt, shift, pairs, out);
+  else
+    int4_tile<MR>(a, s, lda, w, dt, shift, pairs, out);
+}
+
 template <typename InT, typename OutT>
 void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
-                      const uint16_t* z, int64_t Gp, int64_t N, int64_t K, int64_t group, OutT* y) {
+                      const uint16_t* z, int64_t Gp, int64_t N, int64_t K, int64_t group, OutT* y,
+                      bool vnni) {
   const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
   const int shift = group_shift(group);
   std::vector<int8_t> a(M * ldk);
@@ -525,17 +605,17 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
       const uint16_t* dt = d + t * Gp * NB;
-      const uint16_t* zt = z + t * Gp * NB;
+      const uint16_t* zt = z != nullptr ? z + t * Gp * NB : nullptr;
       const uint8_t* wt = w + t * NB * ldw;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a.data() + m0 * ldk;
         const float* s0 = s.data() + m0 * (ldk / Q4B);
         switch (mrows) {
-          case 1: int4_tile<1>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          case 2: int4_tile<2>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          case 3: int4_tile<3>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          default: int4_tile<4>(a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 1: int4_tile_any<1>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 2: int4_tile_any<2>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 3: int4_tile_any<3>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          default: int4_tile_any<4>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
         }
         for (int64_t i = 0; i < mrows; ++i) {
           group_terms(dt, zt, c.data() + (m0 + i) * G, xsum.data() + (m0 + i) * G, G, terms);
@@ -582,9 +662,10 @@ LLAMARUN_AVX2 void int4_dequant_tile(const uint8_t* wt, const uint16_t* dt, cons
           const int64_t kk = k + 32 * half;
           if (kk >= K) break;
           const int64_t g = kk >> (5 + shift);  // group = 32 << shift
-          const __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(qs[half]), eight),
-                                           _mm256_set1_ps(_cvtsh_ss(dt[g * NB + lane])),
-                                           _mm256_set1_ps(_cvtsh_ss(zt[g * NB + lane])));
+          const __m256 v = _mm256_fmadd_ps(
+              _mm256_sub_ps(_mm256_cvtepi32_ps(qs[half]), eight),
+              _mm256_set1_ps(_cvtsh_ss(dt[g * NB + lane])),
+              zt != nullptr ? _mm256_set1_ps(_cvtsh_ss(zt[g * NB + lane])) : _mm256_setzero_ps());
           _mm_storeu_si128((__m128i*)(o + kk), to_bf16(v));
         }
       }
@@ -614,8 +695,8 @@ void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, i
   const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + NB - 1) / NB;
   pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      int4_dequant_tile(w + t * NB * ldw, d + t * Gp * NB, z + t * Gp * NB, t * NB, N, K, shift,
-                        out);
+      int4_dequant_tile(w + t * NB * ldw, d + t * Gp * NB, z != nullptr ? z + t * Gp * NB : nullptr,
+                        t * NB, N, K, shift, out);
   });
 }
 
@@ -677,9 +758,6 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
-// y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
-// by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups; x bfloat16 or float32, y in
-// x's dtype.
 // Checks int4_linear's and int4_dequant's weight operands (w by kernels.int4_pack, d and z by
 // kernels.int4_pack_groups, for an (N, K) weight in groups of `group`); returns G', the groups
 // of the padded K.
@@ -694,13 +772,19 @@ static int64_t check_int4_operands(const torch::Tensor& w, const torch::Tensor& 
               op, ": group (32 times a power of two), K and N");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
                   d.size(0) == tiles && d.size(1) == Gp && d.size(2) == NB &&
-                  z.sizes() == d.sizes(),
-              op, ": float16 scales and zeros in tiles (kernels.int4_pack_groups)");
+                  (z.numel() == 0 || z.sizes() == d.sizes()),
+              op, ": float16 scales and zeros in tiles (kernels.int4_pack_groups; no zeros: "
+              "an empty tensor)");
   return Gp;
 }
 
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
-                          const torch::Tensor& z, int64_t group, int64_t N) {
+// y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
+// by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups (z empty: no zeros); x
+// bfloat16 or float32, y in x's dtype. vnni: the AVX512-VNNI tiles, else the AVX2 ones (the same
+// bits either way).
+static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor& w,
+                                    const torch::Tensor& d, const torch::Tensor& z, int64_t group,
+                                    int64_t N, bool vnni) {
   TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_linear");
@@ -711,11 +795,24 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<uint8_t>();
   const auto* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr());
-  const auto* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr());
+  const auto* zp = zc.numel() ? reinterpret_cast<const uint16_t*>(zc.data_ptr()) : nullptr;
   with_activations(xc, y, "int4_linear", [&](const auto* xp, auto* yp) {
-    int4_linear_impl(xp, M, wp, dp, zp, Gp, N, K, group, yp);
+    int4_linear_impl(xp, M, wp, dp, zp, Gp, N, K, group, yp, vnni);
   });
   return y;
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& z, int64_t group, int64_t N) {
+  static const bool vnni = cpu_features()[1];
+  return int4_linear_on(x, w, d, z, group, N, vnni);
+}
+
+// int4_linear on the AVX2 tiles whatever the CPU has (tests compare the two).
+torch::Tensor int4_linear_avx2(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& d, const torch::Tensor& z, int64_t group,
+                               int64_t N) {
+  return int4_linear_on(x, w, d, z, group, N, false);
 }
 
 // int4_linear's weight (w, d, z as there) dequantized into out, bfloat16 (N, K); K a multiple of 8.
@@ -729,7 +826,8 @@ torch::Tensor int4_dequant(const torch::Tensor& w, const torch::Tensor& d, const
                   out.size(0) == N && out.size(1) == K,
               "int4_dequant: out (N, K) bfloat16");
   int4_dequant_impl(w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr()),
-                    reinterpret_cast<const uint16_t*>(z.data_ptr()), Gp, N, K, shift,
+                    z.numel() ? reinterpret_cast<const uint16_t*>(z.data_ptr()) : nullptr, Gp, N,
+                    K, shift,
                     reinterpret_cast<uint16_t*>(out.data_ptr()));
   return out;
 }
@@ -765,6 +863,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear);
   m.def("int8_linear", &int8_linear);
   m.def("int4_linear", &int4_linear);
+  m.def("int4_linear_avx2", &int4_linear_avx2);
   m.def("int4_dequant", &int4_dequant);
   m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);

@@ -38,6 +38,7 @@ class RawCheckpoint:
     # name -> the tensor's exact int4 (group 32) form, or None where it has none (GGUF Q4 types)
     int4: Callable[[str], Int4Parts | None] | None = None
     int4_types: frozenset[str] = frozenset()  # stored types that int4() converts exactly
+    int4_symmetric_types: frozenset[str] = frozenset()  # those of them whose zeros are all 0
     # name -> drop the file pages behind a tensor that has been copied out (GGUF mmaps)
     release: Callable[[str], None] | None = None
     # (name, start, stop) -> rows start:stop of a tensor, read without the rest (GGUF)
@@ -191,7 +192,7 @@ def plan_formats(raw: RawCheckpoint, quantize: str = "auto", group_size: int = 3
                 fmt = DENSE
             elif (types <= raw.int4_types and name != "tok_embeddings.weight"
                   and int4_fits(out_features, in_features, 32)):
-                fmt = WeightFormat("int4", 32)
+                fmt = WeightFormat("int4", 32, symmetric=types <= raw.int4_symmetric_types)
             else:
                 fmt = INT8
         formats[name] = fmt

@@ -480,4 +480,5 @@ def read_gguf(path: Path) -> RawCheckpoint:
                          release=lambda name: file.release(to_gguf[name]),
                          get_rows=lambda name, a, b: dequantize_tensor(file, to_gguf[name],
                                                                        slice(a, b)),
-                         int4_types=frozenset(GGMLQuantizationType(t).name for t in GGUF_INT4_TYPES))
+                         int4_types=frozenset(GGMLQuantizationType(t).name for t in GGUF_INT4_TYPES),
+                         int4_symmetric_types=frozenset({GGMLQuantizationType.Q4_0.name}))

@@ -20,10 +20,12 @@ INT4_GROUP_SIZES = (32, 64, 128)
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight is stored: "dense", "int8" (per row) or "int4" (groupwise)."""
+    """How one weight is stored: "dense", "int8" (per row) or "int4" (groupwise; symmetric: every
+    zero is 0, as in GGUF's Q4_0, so that none is stored or read where the layout allows)."""
 
     kind: str
     group_size: int = 0  # int4 only
+    symmetric: bool = False  # int4 only
 
     def __str__(self) -> str:
         return f"int4 (group {self.group_size})" if self.kind == "int4" else self.kind

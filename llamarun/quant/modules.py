@@ -77,14 +77,15 @@ class Int4Linear(nn.Module):
     bfloat16 scales and zeros); on CPUs where llamarun's 4-bit kernel serves
     (kernels.int4_layout: AVX2 or AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
     and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros in the same tiles,
-    see kernels.int4_pack_groups); on other CPUs PyTorch's int4pack ("int4pack",
+    see kernels.int4_pack_groups; a symmetric weight's zeros, all 0, as an empty tensor: neither
+    stored nor read); on other CPUs PyTorch's int4pack ("int4pack",
     `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain nibbles
     ("plain", low nibble = even column), dequantized into the product. Products the
     kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int,
-                 layout: str) -> None:
+                 layout: str, symmetric: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size = group_size
@@ -102,7 +103,8 @@ class Int4Linear(nn.Module):
                                                        -(-in_features // 64) * 32,
                                                        dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(shape, dtype=torch.float16))
-            self.register_buffer("zeros", torch.empty(shape, dtype=torch.float16))
+            self.register_buffer("zeros", torch.empty(0 if symmetric else shape,
+                                                      dtype=torch.float16))
             return
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
@@ -110,8 +112,8 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def state(parts: Int4Parts, *, device: torch.device, dtype: torch.dtype,
-              layout: str) -> dict[str, torch.Tensor]:
-        """The module's buffers for `parts` in `layout`."""
+              layout: str, symmetric: bool = False) -> dict[str, torch.Tensor]:
+        """The module's buffers for `parts` in `layout` (symmetric: parts' zeros are all 0)."""
         q = parts.q.to(device)
         if layout == "tinygemm":  # even columns in the high nibble, as the converter takes them
             q = q.to(torch.int32)
@@ -123,9 +125,15 @@ class Int4Linear(nn.Module):
                     "scales_and_zeros": sz.to(device=device, dtype=KERNEL_DTYPE).contiguous()}
         if layout == "llamarun":
             k = q.shape[1]
+            if symmetric:
+                if parts.zero.any():
+                    raise ValueError("a symmetric int4 weight has zeros that are not 0")
+                zeros = torch.empty(0, dtype=torch.float16, device=device)
+            else:
+                zeros = kernels.int4_pack_groups(parts.zero.to(device), k)
             return {"weight": kernels.int4_pack(q),
                     "scales": kernels.int4_pack_groups(parts.scale.to(device), k),
-                    "zeros": kernels.int4_pack_groups(parts.zero.to(device), k)}
+                    "zeros": zeros}
         if layout == "int4pack":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         else:
@@ -141,8 +149,10 @@ class Int4Linear(nn.Module):
             q = kernels.int4_unpack(self.weight, self.in_features)[:self.out_features]
             w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
             scales = kernels.int4_unpack_groups(self.scales, self.out_features, groups)
-            zeros = kernels.int4_unpack_groups(self.zeros, self.out_features, groups)
-            w = w * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]
+            w = w * scales.to(dtype)[..., None]
+            if self.zeros.numel():
+                zeros = kernels.int4_unpack_groups(self.zeros, self.out_features, groups)
+                w = w + zeros.to(dtype)[..., None]
             return w.view(self.out_features, self.in_features)
         if self.layout in ("int4pack", "tinygemm"):  # opaque packings: the kernel on the identity
             eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight.device)
@@ -226,7 +236,8 @@ def quantized_module(fmt: WeightFormat, in_features: int, out_features: int, *,
         return Int8Linear(in_features, out_features, kernel=_int8_kernel(device, in_features))
     if fmt.kind == "int4":
         return Int4Linear(in_features, out_features, group_size=fmt.group_size,
-                          layout=int4_layout(device, in_features, out_features, fmt.group_size))
+                          layout=int4_layout(device, in_features, out_features, fmt.group_size),
+                          symmetric=fmt.symmetric)
     raise ValueError(f"not a quantized format: {fmt}")
 
 
@@ -237,7 +248,8 @@ def module_state(fmt: WeightFormat, parts: Int8Parts | Int4Parts, *, device: tor
     if isinstance(parts, Int8Parts):
         return Int8Linear.state(parts, device=device, dtype=dtype, kernel=_int8_kernel(device, k))
     layout = int4_layout(device, k, n, parts.group_size)
-    return Int4Linear.state(parts, device=device, dtype=dtype, layout=layout)
+    return Int4Linear.state(parts, device=device, dtype=dtype, layout=layout,
+                            symmetric=fmt.symmetric)
 
 
 def swap_modules(model: nn.Module, formats: dict[str, WeightFormat], *, device: torch.device,
