@@ -258,9 +258,10 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
 // ---- 4-bit weights x int8 activations, AVX2 vpmaddubsw ----
 // A weight w[n, k] = (q - 8) * d[n, g] + z[n, g] with q in 0..15 and g = k / group. Activations
 // are quantized in blocks of Q4B = 32 values with one scale each (as llama.cpp's Q8_0), x ~ s * a.
-// Then y[n] = sum_b d[n, g(b)] s_b (q_b . a_b) + sum_g d[n, g] C_g + z[n, g] X_g, where
-// C_g = -8 sum_{b in g} s_b sum(a_b) and X_g = sum of x over the group (float): the last sum is
-// a short dot product over groups, the first the stream over the weights. vpmaddubsw multiplies
+// Then y[n] = sum_b d[n, g(b)] s_b (q_b . a_b - 8 sum(a_b)) + sum_g z[n, g] X_g, where X_g is the
+// sum of x over the group (float): the first sum is the stream over the weights (the -8 of
+// every value folded into each block's exact integer sum, as llama.cpp's Q4_0 x Q8_0 does), the
+// second a short dot product over groups, left out for a weight without zeros. vpmaddubsw multiplies
 // the unsigned nibbles by the signed activations (|pair sum| <= 2 * 15 * 127: no saturation).
 //
 // Layout (kernels.int4_pack in Python): rows in tiles of NB = 8 (N padded with zero rows), each
@@ -283,16 +284,17 @@ constexpr int64_t PREFETCH = 4096;
 constexpr int LANE_ROW[NB] = {0, 1, 4, 5, 2, 3, 6, 7};
 
 // MR activation rows x one tile of NB = 8 weight rows, over every pair of blocks (layout: see
-// above): out[i * NB + l] = sum_b d[row(l), g(b)] s[i, b] (q . a) for the row in lane l. Within
-// a block the 32 products of a row are summed in int32 (exact: vpmaddubsw pair sums of at most
-// 2 * 15 * 127, four of them added in int16, then vpmaddwd), so each block costs a row one
+// above): out[i * NB + l] = sum_b d[row(l), g(b)] s[i, b] (q . a - 8 as[i, b]) for the row in
+// lane l (as: the sum of the block's activations). Within a block the 32 products of a row are
+// summed in int32 (exact: vpmaddubsw pair sums of at most 2 * 15 * 127, four of them added in
+// int16, then vpmaddwd, then the -8 as), so each block costs a row one
 // float multiply-add, and the 8 rows share every instruction (one lane each). Each output's lane
 // sees the same instructions in the same order whatever MR is, so a row's result does not
 // depend on the batch.
 template <int MR>
-LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const uint8_t* w,
-                             const uint16_t* dt /* (G', NB), lanes */, int shift, int64_t pairs,
-                             float* out /* (MR, NB) */) {
+LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as, int64_t lda,
+                             const uint8_t* w, const uint16_t* dt /* (G', NB), lanes */, int shift,
+                             int64_t pairs, float* out /* (MR, NB) */) {
   __m256 acc[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
@@ -327,8 +329,9 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const
           lo4 = _mm256_add_epi16(lo4, _mm256_maddubs_epi16(wv[2 * c], ac));
           hi4 = _mm256_add_epi16(hi4, _mm256_maddubs_epi16(wv[2 * c + 1], ac));
         }
-        const __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(lo4, ones),
-                                               _mm256_madd_epi16(hi4, ones));
+        const __m256i sums = _mm256_sub_epi32(
+            _mm256_hadd_epi32(_mm256_madd_epi16(lo4, ones), _mm256_madd_epi16(hi4, ones)),
+            _mm256_set1_epi32(8 * as[i * nb + b]));  // q . a - 8 sum(a): (q - 8) . a
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
                                  _mm256_mul_ps(dv, _mm256_set1_ps(s[i * nb + b])), acc[i]);
       }
@@ -348,9 +351,9 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, int64_t lda, const
 // vpdpbusd multiplies the chunk of 8 rows by the 8 activations broadcast to every quadword:
 // about half int4_tile's instructions per weight.
 template <int MR>
-LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, int64_t lda,
-                                         const uint8_t* w, const uint16_t* dt, int shift,
-                                         int64_t pairs, float* out /* (MR, NB) */) {
+LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const int32_t* as,
+                                         int64_t lda, const uint8_t* w, const uint16_t* dt,
+                                         int shift, int64_t pairs, float* out /* (MR, NB) */) {
   __m256 acc[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
@@ -379,7 +382,9 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, int64_
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int8_t* ab = a + i * lda + b * Q4B;
-      __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();
+      // -4 sum(a) in both doublewords of a row: their sum then is (q - 8) . a, as int4_tile's
+      __m512i sl = _mm512_set1_epi32(-4 * as[i * nb + b]);
+      __m512i sh = _mm512_set1_epi32(-4 * as[i * nb + b + 1]);
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         int64_t cl, ch;
@@ -420,35 +425,29 @@ void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
   }
 }
 
-// sum_g d[g] c[g] + z[g] x[g], the groups' terms of one activation row, for a tile's NB = 8
-// outputs at once (one per lane; dt and zt the tile's float16 scales and zeros, (G', NB)): per
-// output, the same two sums in group order whatever the tile or the batch holds. zt null: no
-// zeros (a symmetric weight, as GGUF's Q4_0), the second sum is 0 and is neither read nor added.
-LLAMARUN_AVX2 void group_terms(const uint16_t* dt, const uint16_t* zt, const float* c,
-                               const float* x, int64_t G, float* out /* (NB) */) {
+// sum_g z[g] x[g], the zeros' term of one activation row, for a tile's NB = 8 outputs at once
+// (one per lane; zt the tile's float16 zeros, (G', NB)): per output, the same sum in group order
+// whatever the tile or the batch holds.
+LLAMARUN_AVX2 void zero_terms(const uint16_t* zt, const float* x, int64_t G,
+                              float* out /* (NB) */) {
   static_assert(NB == 8, "one output per lane");
-  __m256 accd = _mm256_setzero_ps(), accz = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + g * NB)));
-    accd = _mm256_fmadd_ps(d, _mm256_set1_ps(c[g]), accd);
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
+    acc = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), acc);
   }
-  if (zt != nullptr)
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
-      accz = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), accz);
-    }
-  _mm256_storeu_ps(out, _mm256_add_ps(accd, accz));
+  _mm256_storeu_ps(out, acc);
 }
 
 // One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
-// (symmetric, round to nearest even), and per group C_g and X_g (see above). `v` is scratch
+// (symmetric, round to nearest even), per block the sum of its int8 values, and per group X_g
+// (see above). `v` is scratch
 // for ldk floats.
 template <typename InT>
 LLAMARUN_AVX2 void quantize_row_q4(const InT* x, int64_t K, int64_t ldk, int64_t group, float* v,
-                                   int8_t* a, float* s, float* c, float* xsum) {
+                                   int8_t* a, float* s, int32_t* asum, float* xsum) {
   for (int64_t k = 0; k < K; ++k) v[k] = float(x[k]);
   std::fill(v + K, v + ldk, 0.f);
-  std::fill(c, c + K / group, 0.f);
   std::fill(xsum, xsum + K / group, 0.f);
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -479,11 +478,8 @@ LLAMARUN_AVX2 void quantize_row_q4(const InT* x, int64_t K, int64_t ldk, int64_t
     _mm256_storeu_si256((__m256i*)i8, w16);
     for (int t = 0; t < 8; ++t) qsum += i8[t];
     s[b] = m / 127.f;
-    if (b * Q4B < K) {
-      const int64_t g = b * Q4B / group;
-      c[g] += -8.f * s[b] * (float)qsum;
-      xsum[g] += total;
-    }
+    asum[b] = qsum;  // (0 past K: the values there are 0)
+    if (b * Q4B < K) xsum[b * Q4B / group] += total;
   }
 }
 
@@ -546,10 +542,11 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscal
                     int64_t K, OutT* y) {
   const int64_t ldk = (K + 63) / 64 * 64;
   std::vector<int8_t> a(M * ldk);
-  std::vector<float> v(ldk), s(M * (ldk / Q4B)), c(M), xsum(M);
-  for (int64_t m = 0; m < M; ++m)  // (one "group" of all K: its terms are not used)
+  std::vector<float> v(ldk), s(M * (ldk / Q4B)), xsum(M);
+  std::vector<int32_t> asum(M * (ldk / Q4B));
+  for (int64_t m = 0; m < M; ++m)  // (one "group" of all K; the sums are not used)
     quantize_row_q4(x + m * K, K, ldk, K, v.data(), a.data() + m * ldk,
-                    s.data() + m * (ldk / Q4B), c.data() + m, xsum.data() + m);
+                    s.data() + m * (ldk / Q4B), asum.data() + m * (ldk / Q4B), xsum.data() + m);
   const int64_t nblocks = (N + NB - 1) / NB;
   pieces_for(nblocks, [&](int64_t b0, int64_t b1) {
     float out[MB * NB];
@@ -579,13 +576,13 @@ inline int group_shift(int64_t group) {
 
 // One tile of MR = 1..4 rows: int4_tile_vnni where the CPU has AVX512-VNNI (vnni), else int4_tile.
 template <int MR>
-inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, int64_t lda,
-                          const uint8_t* w, const uint16_t* dt, int shift, int64_t pairs,
-                          float* out) {
+inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, const int32_t* as,
+                          int64_t lda, const uint8_t* w, const uint16_t* dt, int shift,
+                          int64_t pairs, float* out) {
   if (vnni)
-    int4_tile_vnni<MR>(a, s, lda, w, dt, shift, pairs, out);
+    int4_tile_vnni<MR>(a, s, as, lda, w, dt, shift, pairs, out);
   else
-    int4_tile<MR>(a, s, lda, w, dt, shift, pairs, out);
+    int4_tile<MR>(a, s, as, lda, w, dt, shift, pairs, out);
 }
 
 template <typename InT, typename OutT>
@@ -595,10 +592,12 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
   const int shift = group_shift(group);
   std::vector<int8_t> a(M * ldk);
-  std::vector<float> v(ldk), s(M * (ldk / Q4B)), c(M * G), xsum(M * G);
+  std::vector<float> v(ldk), s(M * (ldk / Q4B)), xsum(M * G);
+  std::vector<int32_t> asum(M * (ldk / Q4B));
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q4(x + m * K, K, ldk, group, v.data(), a.data() + m * ldk,
-                    s.data() + m * (ldk / Q4B), c.data() + m * G, xsum.data() + m * G);
+                    s.data() + m * (ldk / Q4B), asum.data() + m * (ldk / Q4B),
+                    xsum.data() + m * G);
   const int64_t tiles = (N + NB - 1) / NB;
   pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
@@ -611,17 +610,21 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a.data() + m0 * ldk;
         const float* s0 = s.data() + m0 * (ldk / Q4B);
+        const int32_t* q0 = asum.data() + m0 * (ldk / Q4B);
         switch (mrows) {
-          case 1: int4_tile_any<1>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          case 2: int4_tile_any<2>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          case 3: int4_tile_any<3>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
-          default: int4_tile_any<4>(vnni, a0, s0, ldk, wt, dt, shift, pairs, out); break;
+          case 1: int4_tile_any<1>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
+          case 2: int4_tile_any<2>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
+          case 3: int4_tile_any<3>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
+          default: int4_tile_any<4>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
         }
         for (int64_t i = 0; i < mrows; ++i) {
-          group_terms(dt, zt, c.data() + (m0 + i) * G, xsum.data() + (m0 + i) * G, G, terms);
+          if (zt != nullptr) {
+            zero_terms(zt, xsum.data() + (m0 + i) * G, G, terms);
+            for (int l = 0; l < NB; ++l) out[i * NB + l] += terms[l];
+          }
           for (int l = 0; l < NB; ++l)
             if (LANE_ROW[l] < nrows)
-              y[(m0 + i) * N + n0 + LANE_ROW[l]] = OutT(out[i * NB + l] + terms[l]);
+              y[(m0 + i) * N + n0 + LANE_ROW[l]] = OutT(out[i * NB + l]);
         }
       }
     }
