@@ -8,7 +8,8 @@ activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activati
 blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
 (`vpmaddubsw`, activations in int8 blocks of 32, as llama.cpp's Q8 x Q8 and Q4 x Q8 products),
 where PyTorch's weight-only kernels have no fast path (its int4 one measured 2.7-3.1 GB/s of
-weights there). It is compiled at first use with torch.utils.cpp_extension into
+weights there); the 4-bit kernel serves AVX-512 CPUs too, with AVX512-VNNI tiles (`vpdpbusd`,
+the AVX2 tiles' bits) where the CPU has them. It is compiled at first use with torch.utils.cpp_extension into
 ~/.cache/llamarun/kernels (a temporary folder without a home); without a compiler, on other
 CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
@@ -147,9 +148,10 @@ def build_pending() -> bool:
 
 def _int4_cpu() -> bool:
     """A CPU the 4-bit and float32 kernels are for: AVX2 or AVX-512 (torch's capability). On
-    AVX-512 the 4-bit one (AVX2 code) measured 1.3-1.45x faster than PyTorch's own int4 kernel
-    for 1 to 512 rows (Intel Xeon with AVX512-BF16 and AMX, the 1B shape's matrices, 2
-    threads); the float32 one runs AVX-512 code there (see F32_MAX_ROWS)."""
+    AVX-512 the 4-bit one (then AVX2 code) measured 1.3-1.45x faster than PyTorch's own int4
+    kernel for 1 to 512 rows (Intel Xeon with AVX512-BF16 and AMX, the 1B shape's matrices, 2
+    threads); with AVX512-VNNI it runs VNNI tiles, and the float32 one AVX-512 code (see
+    F32_MAX_ROWS)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
@@ -430,9 +432,10 @@ def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | N
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group: int, n: int) -> torch.Tensor | None:
     """x @ W.T (n outputs) with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group],
-    q in int4_pack's layout and scales and zeros in int4_pack_groups', by the AVX2 kernel where
-    it serves (bfloat16 or float32 x on CPU, 1..INT4_MAX_ROWS rows), else None. Activations are
-    quantized to int8 in blocks of 32 values."""
+    q in int4_pack's layout and scales and zeros in int4_pack_groups' (zeros empty: all 0, as
+    a Q4_0 weight's), by the 4-bit kernel where it serves (bfloat16 or float32 x on CPU,
+    1..INT4_MAX_ROWS rows; AVX2 or AVX512-VNNI tiles), else None. Activations are quantized to
+    int8 in blocks of 32 values."""
     if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
             and 0 < _rows(x) <= INT4_MAX_ROWS and int4_available()):
         return None
