@@ -13,7 +13,7 @@ Kernels:
   int8:  aten._weight_int8pack_mm (bf16 activations), compiled multiply + sum (Int8Linear's
          one-token form without PyTorch's kernel, --compile), ours (kernels.int8_linear: vpdpbusd)
   int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
-         vpmaddubsw, on CPUs without AVX-512; group 32, float16 scales and zeros)
+         vpmaddubsw, or vpdpbusd on CPUs with AVX512-VNNI; group 32, float16 scales and zeros)
 
     python benchmarks/products.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
         [--threads N] [--pool MiB]
