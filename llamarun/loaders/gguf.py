@@ -29,7 +29,7 @@ from llamarun.config import ModelArgs, RopeScaling
 from llamarun.errors import CheckpointError, ConfigError
 from llamarun.loaders.files import check_regular
 from llamarun.loaders.fuse import RawCheckpoint
-from llamarun.quant import GGUF_INT4_TYPES, Int4Parts, gguf_int4
+from llamarun.quant import GGUF_INT4_TYPES, GGUF_SYMMETRIC_INT4_TYPES, Int4Parts, gguf_int4
 from llamarun.preflight import check_plausible
 from llamarun.rope import rope_frequencies
 
@@ -481,4 +481,5 @@ def read_gguf(path: Path) -> RawCheckpoint:
                          get_rows=lambda name, a, b: dequantize_tensor(file, to_gguf[name],
                                                                        slice(a, b)),
                          int4_types=frozenset(GGMLQuantizationType(t).name for t in GGUF_INT4_TYPES),
-                         int4_symmetric_types=frozenset({GGMLQuantizationType.Q4_0.name}))
+                         int4_symmetric_types=frozenset(GGMLQuantizationType(t).name
+                                                        for t in GGUF_SYMMETRIC_INT4_TYPES))

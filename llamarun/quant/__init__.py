@@ -1,7 +1,7 @@
 """Quantized weights: storage formats, conversions (GGUF blocks, int8, int4) and their modules."""
 
 from llamarun.quant.formats import (
-    DENSE, GGUF_INT4_TYPES, INT4_GROUP_SIZES, INT8, Int4Parts, Int8Parts, WeightFormat, cat_int4, dequantize_int4,
+    DENSE, GGUF_INT4_TYPES, GGUF_SYMMETRIC_INT4_TYPES, INT4_GROUP_SIZES, INT8, Int4Parts, Int8Parts, WeightFormat, cat_int4, dequantize_int4,
     dequantize_int8, gguf_int4, quantize_int4, quantize_int8,
 )
 from llamarun.quant.modules import (
@@ -10,7 +10,7 @@ from llamarun.quant.modules import (
 )
 
 __all__ = [
-    "DENSE", "GGUF_INT4_TYPES", "INT4_GROUP_SIZES", "INT8", "Int4Linear", "Int4Parts", "Int8Embedding", "Int8Linear",
+    "DENSE", "GGUF_INT4_TYPES", "GGUF_SYMMETRIC_INT4_TYPES", "INT4_GROUP_SIZES", "INT8", "Int4Linear", "Int4Parts", "Int8Embedding", "Int8Linear",
     "Int8Parts", "WeightFormat", "cat_int4", "dequantize_int4", "dequantize_int8", "gguf_int4",
     "int4_layout", "module_state", "quantize_int4", "quantize_int8", "quantized_module", "swap_modules",
 ]

@@ -105,6 +105,7 @@ def cat_int4(parts: list[Int4Parts]) -> Int4Parts:
 # GGUF blocks of 4-bit values that are exactly an affine map of q per 32 values.
 _Q4_0, _Q4_1, _Q4_K = 2, 3, 12  # GGMLQuantizationType values
 GGUF_INT4_TYPES = frozenset({_Q4_0, _Q4_1, _Q4_K})
+GGUF_SYMMETRIC_INT4_TYPES = frozenset({_Q4_0})  # those whose zeros gguf_int4 makes all 0
 
 
 def gguf_int4(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> Int4Parts:
