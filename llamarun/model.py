@@ -100,7 +100,17 @@ class Attention(nn.Module):
         _, n_tokens, _ = x.shape
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        qkv = self.wqkv(x)
+        cache = self.kv_cache
+        if step is not None and cache is not None and kernels.serves_rope(qkv, cache.k_cache):
+            # the kernels (CPU): rotation and cache write in one call, then attention in one
+            q = kernels.rope_write(qkv[0], freqs, cache.k_cache, cache.v_cache, step.rows,
+                                   step.pos, self.n_heads)
+            y = kernels.attend(q, cache.k_cache, cache.v_cache, step.rows, step.pos,
+                               self.head_dim ** -0.5)
+            out = self.wo(y.view(1, n_tokens, q_size).to(x.dtype))
+            return out if self.reduce is None else self.reduce(out)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         # One rotation for the query and key heads together: half the small ops of two.
         qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # (1, T, heads, head_dim)

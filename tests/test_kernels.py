@@ -20,6 +20,7 @@ from llamarun import kernels
 from llamarun.device import linear
 from llamarun.errors import InvalidArgumentError
 from llamarun.model import RMSNorm
+from llamarun.rope import apply_rope, rope_cache
 from llamarun.quant import Int4Linear, Int8Linear, int4_layout, quantize_int4, quantize_int8
 
 needs_bf16 = pytest.mark.skipif(not kernels.bf16_available(),
@@ -628,6 +629,82 @@ def test_compiled_calls_trace_through_attend() -> None:
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, pos), step(q, pos))
+
+
+def _rope_data(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 3).to(dtype)
+    pos = torch.randint(0, 200, (tokens,), generator=g)
+    return qkv, rope_cache(200, head_dim, 500000.0, None)[pos], pos
+
+
+ROPE_CASES = [(1, 9, 3, 64), (7, 4, 4, 8), (70, 32, 8, 128), (3, 6, 2, 24)]
+
+
+@needs_attend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ROPE_CASES)
+def test_rope_kernel_gives_pytorchs_rotation_bit_for_bit(tokens: int, heads: int, kv_heads: int,
+                                                         head_dim: int,
+                                                         dtype: torch.dtype) -> None:
+    """rope_qkv rotates as rope.apply_rope does in float32 (the same products and sums), so a
+    float32 model's numbers do not change with it; bfloat16 inputs are rotated in float32."""
+    qkv, freqs, _ = _rope_data(tokens, heads, kv_heads, head_dim, dtype)
+    q, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, heads, kv_heads)
+    x = qkv.float().view(1, tokens, heads + 2 * kv_heads, head_dim)
+    rotated = apply_rope(x[:, :, :heads + kv_heads], freqs)[0]
+    assert q.dtype == k.dtype == v.dtype == torch.float32
+    assert torch.equal(q, rotated[:, :heads]) and torch.equal(k, rotated[:, heads:])
+    assert torch.equal(v, x[0, :, heads + kv_heads:])
+    # and against float64: each pair turned by its angle
+    ref = x.double().unflatten(-1, (-1, 2))[0, :, :heads]
+    c, s = freqs.double()[:, None, :, 0], freqs.double()[:, None, :, 1]
+    turned = torch.stack([ref[..., 0] * c - ref[..., 1] * s, ref[..., 0] * s + ref[..., 1] * c], -1)
+    torch.testing.assert_close(q.double(), turned.flatten(-2), rtol=1e-6, atol=1e-5)
+
+
+@needs_attend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rope_write_writes_the_cache_as_index_put_does(dtype: torch.dtype) -> None:
+    qkv, freqs, pos = _rope_data(9, 6, 2, 16, dtype, seed=3)
+    rows = torch.tensor([0, 2, 2, 1, 0, 3, 3, 3, 1])
+    k_cache, v_cache = torch.randn(4, 2, 200, 16), torch.randn(4, 2, 200, 16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, 6)
+    q0, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, 6, 2)
+    k_ref[rows, :, pos] = k
+    v_ref[rows, :, pos] = v
+    assert torch.equal(q, q0) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert kernels.serves_rope(qkv, k_cache)
+    assert not kernels.serves_rope(qkv.half(), k_cache)
+    assert not kernels.serves_rope(qkv, k_cache.bfloat16())
+    with pytest.raises(RuntimeError, match="row or position"):
+        kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos + 200, 6)
+    with pytest.raises(RuntimeError, match="caches"):
+        kernels.rope_write(qkv, freqs, k_cache.bfloat16(), v_cache, rows, pos, 6)
+    with pytest.raises(RuntimeError, match="freqs"):
+        kernels.rope_write(qkv, freqs[:, :4], k_cache, v_cache, rows, pos, 6)
+
+
+@needs_attend
+def test_compiled_calls_trace_through_rope_write() -> None:
+    """A compiled pass rotates by the kernel and writes the cache in its graph: the same
+    queries and cache as the eager call."""
+    torch._dynamo.reset()
+    qkv, freqs, pos = _rope_data(5, 4, 2, 16, torch.float32, seed=4)
+    rows = torch.tensor([2, 2, 3, 2, 3])
+    caches = [torch.zeros(4, 2, 200, 16) for _ in range(4)]
+
+    def step(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kernels.rope_write(qkv * 2, freqs, k, v, rows, pos, 4) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    try:
+        assert torch.equal(compiled(qkv, caches[0], caches[1]), step(qkv, caches[2], caches[3]))
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    finally:
+        torch._dynamo.reset()
 
 
 @needs_attend

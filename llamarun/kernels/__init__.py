@@ -214,6 +214,7 @@ _LIB.define("f32_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group, int n) -> Tensor")
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
+_LIB.define("rope_qkv(Tensor qkv, Tensor freqs, int n_heads, int n_kv_heads) -> Tensor[]")
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _LIB.define("silu_mul(Tensor x) -> Tensor")
 
@@ -247,6 +248,13 @@ def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.library.register_fake("llamarun::silu_mul", lib=_LIB)
 def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("llamarun::rope_qkv", lib=_LIB)
+def _(qkv: torch.Tensor, freqs: torch.Tensor, n_heads: int,
+      n_kv_heads: int) -> list[torch.Tensor]:
+    t, d = qkv.shape[0], qkv.shape[1] // (n_heads + 2 * n_kv_heads)
+    return [qkv.new_empty(t, h, d, dtype=torch.float32) for h in (n_heads, n_kv_heads, n_kv_heads)]
 
 
 @torch.library.register_fake("llamarun::attend", lib=_LIB)
@@ -475,6 +483,32 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: 
     if torch.compiler.is_compiling():
         return torch.ops.llamarun.attend(q, k_cache, v_cache, rows, pos, scale)
     return _extension().attend(q, k_cache, v_cache, rows, pos, scale)
+
+
+def serves_rope(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether rope_write(qkv, ..., k_cache, ...) runs this package's kernel: float32 or
+    bfloat16 qkv into a float32 cache on CPU (where attend serves, the same head sizes)."""
+    return (qkv.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == torch.float32
+            and qkv.device.type == "cpu" and k_cache.shape[-1] % 8 == 0 and attend_available())
+
+
+def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               n_heads: int) -> torch.Tensor:
+    """Rotate the query and key heads of qkv (T, (n_heads + 2 kv heads) * head_dim: each
+    token's query, key and value heads) by freqs (T, head_dim // 2, 2: each token's cos and sin)
+    as rope.apply_rope does (the same bits in float32), write each token's keys and values at
+    pos[t] of cache row rows[t] (k_cache, v_cache: (rows, kv heads, positions, head_dim),
+    float32), and return the queries (T, n_heads, head_dim), float32 (check serves_rope first).
+
+    Eager passes do it in one call; compiled ones call the kernel's rotation (`rope_qkv`) and
+    write the cache in the graph, as KVCache.write does: the same numbers either way."""
+    if torch.compiler.is_compiling():
+        q, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, n_heads, k_cache.shape[1])
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
+        return q
+    return _extension().rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads)
 
 
 def serves_rowwise(*tensors: torch.Tensor) -> bool:

@@ -98,9 +98,126 @@ LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, in
   }
 }
 
+// 8 values (4 pairs) of a head -> float32 (from float32 or bfloat16).
+LLAMARUN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LLAMARUN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// One head of D values rotated pairwise: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) with (c, s)
+// the pair's entry of f (D / 2 pairs). Two products and one add or subtract a value, as
+// PyTorch's rope (rope.apply_rope) computes it in float32: the same bits.
+template <typename InT>
+LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* out) {
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 v = load8(x + d);
+    const __m256 cs = _mm256_loadu_ps(f + d);  // c0 s0 c1 s1 ...
+    const __m256 a = _mm256_mul_ps(v, _mm256_moveldup_ps(cs));                     // x c
+    const __m256 b = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_movehdup_ps(cs));  // x' s
+    _mm256_storeu_ps(out + d, _mm256_addsub_ps(a, b));  // even: x0 c - x1 s, odd: x1 c + x0 s
+  }
+}
+
+template <typename InT>
+LLAMARUN_AVX2 void copy_head(const InT* x, int64_t D, float* out) {
+  for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, load8(x + d));
+}
+
+// Token t of qkv (T, (H + 2 KVH) D): its H query heads rotated into q (H, D), its KVH key heads
+// rotated into k and its value heads copied into v (float32; k and v rows of ldkv floats apart).
+template <typename InT>
+LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t KVH, int64_t D,
+                              float* q, float* k, float* v, int64_t ldkv) {
+  for (int64_t h = 0; h < H; ++h) rotate_head(x + h * D, f, D, q + h * D);
+  for (int64_t h = 0; h < KVH; ++h) {
+    rotate_head(x + (H + h) * D, f, D, k + h * ldkv);
+    copy_head(x + (H + KVH + h) * D, D, v + h * ldkv);
+  }
+}
+
+// The checks both rope ops share; returns T.
+int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_t H,
+                    int64_t KVH) {
+  TORCH_CHECK(qkv.dim() == 2 && H > 0 && KVH > 0 && H % KVH == 0 &&
+                  qkv.size(1) % (H + 2 * KVH) == 0, "rope: shapes");
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (H + 2 * KVH);
+  TORCH_CHECK(D % 8 == 0, "rope: head size");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
+              "rope: float32 or bfloat16 only");
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.dim() == 3 && freqs.size(0) == T &&
+                  freqs.size(1) * 2 == D && freqs.size(2) == 2, "rope: freqs");
+  return T;
+}
+
+// Calls f(token pointer of qkv, f32 pointer of freqs, t) over the T tokens, in parallel where
+// there are many (a prompt); the float32 or bfloat16 type given to f as a pointer.
+template <typename F>
+void for_tokens(const torch::Tensor& qkv, const torch::Tensor& freqs, F&& f) {
+  const int64_t T = qkv.size(0), W = qkv.size(1), D2 = freqs.size(1) * 2;
+  const float* fp = freqs.data_ptr<float>();
+  auto run = [&](const auto* xp) {
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) f(xp + t * W, fp + t * D2, t);
+    });
+  };
+  if (qkv.scalar_type() == at::kFloat) run(qkv.data_ptr<float>());
+  else run(qkv.data_ptr<c10::BFloat16>());
+}
+
 }  // namespace
 
 namespace llamarun {
+
+// qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
+// freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs. Returns q (T, H, D), k and v
+// (T, KVH, D), float32: the query and key heads rotated pairwise (rope), the values as they are.
+std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                                    int64_t H, int64_t KVH) {
+  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
+  auto xc = qkv.contiguous();
+  auto fc = freqs.contiguous();
+  auto opts = qkv.options().dtype(at::kFloat);
+  auto q = torch::empty({T, H, D}, opts), k = torch::empty({T, KVH, D}, opts),
+       v = torch::empty({T, KVH, D}, opts);
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
+    rope_token(x, f, H, KVH, D, qp + t * H * D, kp + t * KVH * D, vp + t * KVH * D, D);
+  });
+  return {q, k, v};
+}
+
+// rope_qkv, writing each token's key and value heads at position pos[t] of row rows[t] of the
+// caches (R, KVH, S, D) float32 instead of returning them: returns q (T, H, D) float32. (What
+// rope_qkv and writing its k and v into the caches do, in one pass: the same bits.)
+torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                         torch::Tensor& k_cache, torch::Tensor& v_cache,
+                         const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_write: caches");
+  const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
+  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
+  TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
+  TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
+                  pos.scalar_type() == at::kLong, "rope_write: rows and pos");
+  auto rc = rows.contiguous();
+  auto pc = pos.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, "rope_write: row or position");
+  auto xc = qkv.contiguous();
+  auto fc = freqs.contiguous();
+  auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
+  float* qp = q.data_ptr<float>();
+  float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
+    const int64_t entry = (rp[t] * KVH * S + pp[t]) * D;  // the token's key head 0 in the cache
+    rope_token(x, f, H, KVH, D, qp + t * H * D, kp + entry, vp + entry, S * D);
+  });
+  return q;
+}
 
 bool attend_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -151,4 +268,5 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 
 TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
   m.impl("attend", &llamarun::attend);
+  m.impl("rope_qkv", &llamarun::rope_qkv);
 }
