@@ -632,11 +632,26 @@ def test_compiled_calls_trace_through_attend() -> None:
 
 
 def _rope_data(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """qkv, freqs, rows, pos and zeroed caches (4 rows of 200 positions) for rope_write."""
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 3).to(dtype)
-    pos = torch.randint(0, 200, (tokens,), generator=g)
-    return qkv, rope_cache(200, head_dim, 500000.0, None)[pos], pos
+    pos = torch.randperm(200, generator=g)[:tokens]  # distinct: each token its own entry
+    rows = torch.randint(0, 4, (tokens,), generator=g)
+    caches = [torch.zeros(4, kv_heads, 200, head_dim) for _ in range(2)]
+    return qkv, rope_cache(200, head_dim, 500000.0, None)[pos], rows, pos, *caches
+
+
+def _rope_reference(qkv: torch.Tensor, freqs: torch.Tensor, rows: torch.Tensor,
+                    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    heads: int) -> torch.Tensor:
+    """rope_write by PyTorch's ops: apply_rope on float32 heads, the cache by index_put."""
+    kv_heads = k_cache.shape[1]
+    x = qkv.float().view(1, qkv.shape[0], heads + 2 * kv_heads, -1)
+    qk = apply_rope(x[:, :, :heads + kv_heads], freqs)[0]
+    k_cache[rows, :, pos] = qk[:, heads:]
+    v_cache[rows, :, pos] = x[0, :, heads + kv_heads:]
+    return qk[:, :heads]
 
 
 ROPE_CASES = [(1, 9, 3, 64), (7, 4, 4, 8), (70, 32, 8, 128), (3, 6, 2, 24)]
@@ -645,64 +660,58 @@ ROPE_CASES = [(1, 9, 3, 64), (7, 4, 4, 8), (70, 32, 8, 128), (3, 6, 2, 24)]
 @needs_attend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ROPE_CASES)
-def test_rope_kernel_gives_pytorchs_rotation_bit_for_bit(tokens: int, heads: int, kv_heads: int,
-                                                         head_dim: int,
-                                                         dtype: torch.dtype) -> None:
-    """rope_qkv rotates as rope.apply_rope does in float32 (the same products and sums), so a
-    float32 model's numbers do not change with it; bfloat16 inputs are rotated in float32."""
-    qkv, freqs, _ = _rope_data(tokens, heads, kv_heads, head_dim, dtype)
-    q, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, heads, kv_heads)
-    x = qkv.float().view(1, tokens, heads + 2 * kv_heads, head_dim)
-    rotated = apply_rope(x[:, :, :heads + kv_heads], freqs)[0]
-    assert q.dtype == k.dtype == v.dtype == torch.float32
-    assert torch.equal(q, rotated[:, :heads]) and torch.equal(k, rotated[:, heads:])
-    assert torch.equal(v, x[0, :, heads + kv_heads:])
-    # and against float64: each pair turned by its angle
-    ref = x.double().unflatten(-1, (-1, 2))[0, :, :heads]
+def test_rope_write_gives_pytorchs_rotation_and_cache_bit_for_bit(
+        tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """rope_write rotates as rope.apply_rope does in float32 (the same products and sums) and
+    writes the cache as index_put does: a float32 model's numbers do not change with it."""
+    qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, heads, kv_heads, head_dim, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, heads)
+    q_ref = _rope_reference(qkv, freqs, rows, pos, k_ref, v_ref, heads)
+    assert q.dtype == torch.float32 and q.shape == (tokens, heads, head_dim)
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    # and against float64: each pair of a query head turned by its angle
+    x = qkv.double().view(tokens, heads + 2 * kv_heads, head_dim // 2, 2)[:, :heads]
     c, s = freqs.double()[:, None, :, 0], freqs.double()[:, None, :, 1]
-    turned = torch.stack([ref[..., 0] * c - ref[..., 1] * s, ref[..., 0] * s + ref[..., 1] * c], -1)
+    turned = torch.stack([x[..., 0] * c - x[..., 1] * s, x[..., 0] * s + x[..., 1] * c], -1)
     torch.testing.assert_close(q.double(), turned.flatten(-2), rtol=1e-6, atol=1e-5)
 
 
 @needs_attend
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rope_write_writes_the_cache_as_index_put_does(dtype: torch.dtype) -> None:
-    qkv, freqs, pos = _rope_data(9, 6, 2, 16, dtype, seed=3)
-    rows = torch.tensor([0, 2, 2, 1, 0, 3, 3, 3, 1])
-    k_cache, v_cache = torch.randn(4, 2, 200, 16), torch.randn(4, 2, 200, 16)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    q = kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, 6)
-    q0, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, 6, 2)
-    k_ref[rows, :, pos] = k
-    v_ref[rows, :, pos] = v
-    assert torch.equal(q, q0) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-    assert kernels.serves_rope(qkv, k_cache)
+def test_rope_write_checks_its_inputs() -> None:
+    qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(5, 6, 2, 16, torch.float32, seed=3)
+    assert kernels.serves_rope(qkv, k_cache) and kernels.serves_rope(qkv.bfloat16(), k_cache)
     assert not kernels.serves_rope(qkv.half(), k_cache)
     assert not kernels.serves_rope(qkv, k_cache.bfloat16())
     with pytest.raises(RuntimeError, match="row or position"):
         kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos + 200, 6)
+    with pytest.raises(RuntimeError, match="row or position"):
+        kernels.rope_write(qkv, freqs, k_cache, v_cache, rows + 4, pos, 6)
     with pytest.raises(RuntimeError, match="caches"):
         kernels.rope_write(qkv, freqs, k_cache.bfloat16(), v_cache, rows, pos, 6)
     with pytest.raises(RuntimeError, match="freqs"):
         kernels.rope_write(qkv, freqs[:, :4], k_cache, v_cache, rows, pos, 6)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.rope_write(qkv.half(), freqs, k_cache, v_cache, rows, pos, 6)
 
 
+@pytest.mark.slow
 @needs_attend
-def test_compiled_calls_trace_through_rope_write() -> None:
-    """A compiled pass rotates by the kernel and writes the cache in its graph: the same
-    queries and cache as the eager call."""
+def test_compiled_rope_write_gets_the_kernels_numbers() -> None:
+    """Compiled passes leave the rotation to inductor's code (PyTorch's form, fused): the same
+    queries and cache as the eager kernel, bit for bit, for any number of tokens."""
     torch._dynamo.reset()
-    qkv, freqs, pos = _rope_data(5, 4, 2, 16, torch.float32, seed=4)
-    rows = torch.tensor([2, 2, 3, 2, 3])
-    caches = [torch.zeros(4, 2, 200, 16) for _ in range(4)]
 
-    def step(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return kernels.rope_write(qkv * 2, freqs, k, v, rows, pos, 4) + 1
+    def step(qkv, freqs, rows, pos, k_cache, v_cache):  # type: ignore[no-untyped-def]
+        return kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, 6) * 2
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
     try:
-        assert torch.equal(compiled(qkv, caches[0], caches[1]), step(qkv, caches[2], caches[3]))
-        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        for tokens in (1, 3, 17):
+            data = _rope_data(tokens, 6, 2, 64, torch.float32, seed=tokens)
+            eager = [t.clone() for t in data]
+            assert torch.equal(compiled(*data), step(*eager)), tokens
+            assert torch.equal(data[4], eager[4]) and torch.equal(data[5], eager[5]), tokens
     finally:
         torch._dynamo.reset()
 
@@ -740,14 +749,44 @@ def test_silu_mul_matches_float64(hidden: int) -> None:
 
 
 @needs_attend
+@pytest.mark.parametrize("dim", [576, 64, 13])
+def test_bf16_rowwise_kernels_round_the_float32_results_once(dim: int) -> None:
+    """bfloat16 rows are computed as float32 ones and each value rounded to nearest even:
+    exactly the float32 kernels' results, rounded, and a row alone gives its numbers in a batch."""
+    g = torch.Generator().manual_seed(dim + 1)
+    x = torch.randn(2, 7, dim, generator=g).bfloat16() * 3
+    w = torch.randn(dim, generator=g).bfloat16()
+    y = kernels.rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert torch.equal(y, kernels.rms_norm(x.float(), w.float(), 1e-6).bfloat16())
+    assert torch.equal(kernels.rms_norm(x[1, 2:3], w, 1e-6), y[1, 2:3])
+    norm = RMSNorm(dim, 1e-6).bfloat16()
+    norm.weight.data.copy_(w)
+    assert torch.equal(norm(x), y)  # the model's norm runs it on bfloat16 too
+    gu = torch.randn(5, 2 * dim, generator=g).bfloat16() * 4
+    gu[0, :3] = torch.tensor([float("nan"), 1e30, -1e30])  # NaN stays NaN; huge values round
+    h = kernels.silu_mul(gu)
+    assert h.dtype == torch.bfloat16 and h.shape == (5, dim)
+    torch.testing.assert_close(h, kernels.silu_mul(gu.float()).bfloat16(), rtol=0, atol=0,
+                               equal_nan=True)
+    assert torch.equal(kernels.silu_mul(gu[3:4]), h[3:4])
+
+
+@needs_attend
 def test_rowwise_kernels_check_their_inputs() -> None:
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="x and weight alike"):
         kernels.rms_norm(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.rms_norm(torch.zeros(2, 8).half(), torch.ones(8).half(), 1e-5)
     with pytest.raises(RuntimeError, match="weight"):
         kernels.rms_norm(torch.zeros(2, 8), torch.ones(7), 1e-5)
     with pytest.raises(RuntimeError, match="even"):
         kernels.silu_mul(torch.zeros(2, 7))
-    assert not kernels.serves_rowwise(torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.silu_mul(torch.zeros(2, 8).half())
+    assert kernels.serves_rowwise(torch.zeros(2, dtype=torch.bfloat16))
+    assert not kernels.serves_rowwise(torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16))
+    assert not kernels.serves_rowwise(torch.zeros(2).half())
     assert kernels.serves_rowwise(torch.zeros(2), torch.zeros(3))
 
 

@@ -16,7 +16,8 @@ so a sequence's logits do not depend on the rest of its decode batch.
 
 `attention.cpp` holds `attend`: float32 attention over the KV cache, every token of a pass
 (decode rows, verifications, prompt chunks, whole prompts) over its own row's past, in one call
-(AVX2). `rowwise.cpp` holds the layers' other per-token float32 ops (`rms_norm`, `silu_mul`).
+(AVX2). `rowwise.cpp` holds the layers' other per-token ops (`rms_norm`, `silu_mul`; float32, and
+bfloat16 computed in float32).
 With them, a float32 token's result on CPU does not depend on its pass, on how its prompt was
 cut into chunks, or on whether the pass ran compiled. `f32.cpp` (with `f32_kernel.h`, its code
 for both vector widths) holds the float32 product: AVX-512 where the CPU has it, else AVX2,
@@ -43,6 +44,7 @@ from types import ModuleType
 import torch
 
 from llamarun.errors import InvalidArgumentError
+from llamarun.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,6 @@ _LIB.define("f32_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group, int n) -> Tensor")
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
-_LIB.define("rope_qkv(Tensor qkv, Tensor freqs, int n_heads, int n_kv_heads) -> Tensor[]")
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _LIB.define("silu_mul(Tensor x) -> Tensor")
 
@@ -248,13 +249,6 @@ def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.library.register_fake("llamarun::silu_mul", lib=_LIB)
 def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-
-
-@torch.library.register_fake("llamarun::rope_qkv", lib=_LIB)
-def _(qkv: torch.Tensor, freqs: torch.Tensor, n_heads: int,
-      n_kv_heads: int) -> list[torch.Tensor]:
-    t, d = qkv.shape[0], qkv.shape[1] // (n_heads + 2 * n_kv_heads)
-    return [qkv.new_empty(t, h, d, dtype=torch.float32) for h in (n_heads, n_kv_heads, n_kv_heads)]
 
 
 @torch.library.register_fake("llamarun::attend", lib=_LIB)
@@ -496,25 +490,32 @@ def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                n_heads: int) -> torch.Tensor:
     """Rotate the query and key heads of qkv (T, (n_heads + 2 kv heads) * head_dim: each
-    token's query, key and value heads) by freqs (T, head_dim // 2, 2: each token's cos and sin)
-    as rope.apply_rope does (the same bits in float32), write each token's keys and values at
-    pos[t] of cache row rows[t] (k_cache, v_cache: (rows, kv heads, positions, head_dim),
-    float32), and return the queries (T, n_heads, head_dim), float32 (check serves_rope first).
+    token's query, key and value heads) in float32 by freqs (T, head_dim // 2, 2: each token's
+    cos and sin), write each token's keys and values at pos[t] of cache row rows[t] (k_cache,
+    v_cache: (rows, kv heads, positions, head_dim), float32), and return the queries
+    (T, n_heads, head_dim), float32 (check serves_rope first).
 
-    Eager passes do it in one call; compiled ones call the kernel's rotation (`rope_qkv`) and
-    write the cache in the graph, as KVCache.write does: the same numbers either way."""
+    Eager passes do it in one call of the kernel, which rotates as rope.apply_rope does in
+    float32 (the same products and sums: the same bits). Compiled passes leave it to inductor,
+    which fuses PyTorch's form into the pass (a call of the kernel there measured 20-30% slower
+    decode of the default model) and computes the same numbers."""
     if torch.compiler.is_compiling():
-        q, k, v = torch.ops.llamarun.rope_qkv(qkv, freqs, n_heads, k_cache.shape[1])
-        k_cache[rows, :, pos] = k
-        v_cache[rows, :, pos] = v
-        return q
+        t, kv_heads, head_dim = qkv.shape[0], k_cache.shape[1], k_cache.shape[-1]
+        x = qkv.float().view(1, t, n_heads + 2 * kv_heads, head_dim)
+        qk = apply_rope(x[:, :, :n_heads + kv_heads], freqs)[0]
+        k_cache[rows, :, pos] = qk[:, n_heads:]
+        v_cache[rows, :, pos] = x[0, :, n_heads + kv_heads:]
+        return qk[:, :n_heads]
     return _extension().rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads)
 
 
 def serves_rowwise(*tensors: torch.Tensor) -> bool:
-    """Whether rms_norm and silu_mul run this package's kernels on these tensors: float32 on
-    CPU, where the attention kernel runs (the same instructions)."""
-    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    """Whether rms_norm and silu_mul run this package's kernels on these tensors: all float32 or
+    all bfloat16 (computed in float32) on CPU, where the attention kernel runs (the same
+    instructions)."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.bfloat16)
+            and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
             and attend_available())
 
 

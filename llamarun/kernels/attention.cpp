@@ -136,7 +136,7 @@ LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t K
   }
 }
 
-// The checks both rope ops share; returns T.
+// rope_write's checks of qkv and freqs; returns T.
 int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_t H,
                     int64_t KVH) {
   TORCH_CHECK(qkv.dim() == 2 && H > 0 && KVH > 0 && H % KVH == 0 &&
@@ -170,26 +170,10 @@ void for_tokens(const torch::Tensor& qkv, const torch::Tensor& freqs, F&& f) {
 namespace llamarun {
 
 // qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
-// freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs. Returns q (T, H, D), k and v
-// (T, KVH, D), float32: the query and key heads rotated pairwise (rope), the values as they are.
-std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                                    int64_t H, int64_t KVH) {
-  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
-  auto xc = qkv.contiguous();
-  auto fc = freqs.contiguous();
-  auto opts = qkv.options().dtype(at::kFloat);
-  auto q = torch::empty({T, H, D}, opts), k = torch::empty({T, KVH, D}, opts),
-       v = torch::empty({T, KVH, D}, opts);
-  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
-    rope_token(x, f, H, KVH, D, qp + t * H * D, kp + t * KVH * D, vp + t * KVH * D, D);
-  });
-  return {q, k, v};
-}
-
-// rope_qkv, writing each token's key and value heads at position pos[t] of row rows[t] of the
-// caches (R, KVH, S, D) float32 instead of returning them: returns q (T, H, D) float32. (What
-// rope_qkv and writing its k and v into the caches do, in one pass: the same bits.)
+// freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs; caches (R, KVH, S, D) float32.
+// Rotates the query and key heads pairwise (rope) in float32, writes token t's key and value
+// heads at position pos[t] of row rows[t] of the caches and returns its queries: q (T, H, D),
+// float32.
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
@@ -268,5 +252,4 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 
 TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
   m.impl("attend", &llamarun::attend);
-  m.impl("rope_qkv", &llamarun::rope_qkv);
 }

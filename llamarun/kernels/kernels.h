@@ -92,8 +92,6 @@ void pieces_for(int64_t n, F&& f) {
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& rows, const torch::Tensor& pos, double scale);
-std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                                    int64_t H, int64_t KVH);
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H);

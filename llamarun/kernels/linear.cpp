@@ -875,7 +875,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &llamarun::f32_linear);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
-  m.def("rope_qkv", &llamarun::rope_qkv);
   m.def("rope_write", &llamarun::rope_write);
   m.def("rms_norm", &llamarun::rms_norm);
   m.def("silu_mul", &llamarun::silu_mul);
