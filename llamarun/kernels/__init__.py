@@ -44,7 +44,6 @@ from types import ModuleType
 import torch
 
 from llamarun.errors import InvalidArgumentError
-from llamarun.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -490,22 +489,14 @@ def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                n_heads: int) -> torch.Tensor:
     """Rotate the query and key heads of qkv (T, (n_heads + 2 kv heads) * head_dim: each
-    token's query, key and value heads) in float32 by freqs (T, head_dim // 2, 2: each token's
-    cos and sin), write each token's keys and values at pos[t] of cache row rows[t] (k_cache,
-    v_cache: (rows, kv heads, positions, head_dim), float32), and return the queries
-    (T, n_heads, head_dim), float32 (check serves_rope first).
+    token's query, key and value heads) by freqs (T, head_dim // 2, 2: each token's cos and
+    sin), write each token's keys and values at pos[t] of cache row rows[t] (k_cache, v_cache:
+    (rows, kv heads, positions, head_dim), float32), and return the queries (T, n_heads,
+    head_dim), float32 (check serves_rope first; eager passes only).
 
-    Eager passes do it in one call of the kernel, which rotates as rope.apply_rope does in
-    float32 (the same products and sums: the same bits). Compiled passes leave it to inductor,
-    which fuses PyTorch's form into the pass (a call of the kernel there measured 20-30% slower
-    decode of the default model) and computes the same numbers."""
-    if torch.compiler.is_compiling():
-        t, kv_heads, head_dim = qkv.shape[0], k_cache.shape[1], k_cache.shape[-1]
-        x = qkv.float().view(1, t, n_heads + 2 * kv_heads, head_dim)
-        qk = apply_rope(x[:, :, :n_heads + kv_heads], freqs)[0]
-        k_cache[rows, :, pos] = qk[:, n_heads:]
-        v_cache[rows, :, pos] = x[0, :, n_heads + kv_heads:]
-        return qk[:, :n_heads]
+    The numbers are those of rope.apply_rope on qkv's heads (the same float32 products and
+    sums; bfloat16 heads rotated in float32 and rounded to bfloat16) then cast to float32 and
+    written by index_put, as compiled passes compute them: one call instead of about 20 ops."""
     return _extension().rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads)
 
 

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -105,9 +106,21 @@ LLAMARUN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// 8 float32 values rounded to bfloat16 (to nearest even, as c10::BFloat16; NaN stays NaN),
+// kept as float32.
+LLAMARUN_AVX2 inline __m256 round_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(
+      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+      _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 // One head of D values rotated pairwise: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) with (c, s)
 // the pair's entry of f (D / 2 pairs). Two products and one add or subtract a value, as
-// PyTorch's rope (rope.apply_rope) computes it in float32: the same bits.
+// PyTorch's rope (rope.apply_rope) computes it in float32: the same bits (and, for bfloat16
+// heads, the same rounding of the result to bfloat16).
 template <typename InT>
 LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* out) {
   for (int64_t d = 0; d < D; d += 8) {
@@ -115,7 +128,9 @@ LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* o
     const __m256 cs = _mm256_loadu_ps(f + d);  // c0 s0 c1 s1 ...
     const __m256 a = _mm256_mul_ps(v, _mm256_moveldup_ps(cs));                     // x c
     const __m256 b = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_movehdup_ps(cs));  // x' s
-    _mm256_storeu_ps(out + d, _mm256_addsub_ps(a, b));  // even: x0 c - x1 s, odd: x1 c + x0 s
+    __m256 y = _mm256_addsub_ps(a, b);  // even: x0 c - x1 s, odd: x1 c + x0 s
+    if constexpr (std::is_same_v<InT, c10::BFloat16>) y = round_bf16(y);
+    _mm256_storeu_ps(out + d, y);
   }
 }
 
@@ -171,7 +186,8 @@ namespace llamarun {
 
 // qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
 // freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs; caches (R, KVH, S, D) float32.
-// Rotates the query and key heads pairwise (rope) in float32, writes token t's key and value
+// Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads: rounded back to
+// bfloat16, as PyTorch's form in the model's dtype does), writes token t's key and value
 // heads at position pos[t] of row rows[t] of the caches and returns its queries: q (T, H, D),
 // float32.
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
