@@ -20,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -151,6 +152,22 @@ LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t K
   }
 }
 
+// rows and pos (T,) int64, checked against R cache rows of S positions ("<op>: rows and pos",
+// "<op>: row or position"), as contiguous tensors.
+std::pair<torch::Tensor, torch::Tensor> checked_rows_pos(const torch::Tensor& rows,
+                                                         const torch::Tensor& pos, int64_t T,
+                                                         int64_t R, int64_t S, const char* op) {
+  TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
+                  pos.scalar_type() == at::kLong, op, ": rows and pos");
+  auto rc = rows.contiguous();
+  auto pc = pos.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, op, ": row or position");
+  return {rc, pc};
+}
+
 // rope_write's checks of qkv and freqs; returns T.
 int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_t H,
                     int64_t KVH) {
@@ -199,14 +216,9 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
   const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
   const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
   TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
-  TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
-                  pos.scalar_type() == at::kLong, "rope_write: rows and pos");
-  auto rc = rows.contiguous();
-  auto pc = pos.contiguous();
+  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "rope_write");
   const int64_t* rp = rc.data_ptr<int64_t>();
   const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, "rope_write: row or position");
   auto xc = qkv.contiguous();
   auto fc = freqs.contiguous();
   auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
@@ -234,16 +246,11 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
-  TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
-                  pos.scalar_type() == at::kLong, "attend: rows and pos");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
-  auto qc = q.contiguous();
-  auto rc = rows.contiguous();
-  auto pc = pos.contiguous();
+  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "attend");
   const int64_t* rp = rc.data_ptr<int64_t>();
   const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, "attend: row or position");
+  auto qc = q.contiguous();
   auto out = torch::empty({T, H, D}, q.options());
   const float* qp = qc.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
