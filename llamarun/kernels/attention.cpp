@@ -100,24 +100,6 @@ LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, in
   }
 }
 
-// 8 values (4 pairs) of a head -> float32 (from float32 or bfloat16).
-LLAMARUN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-LLAMARUN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128((const __m128i*)p);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// 8 float32 values rounded to bfloat16 (to nearest even, as c10::BFloat16; NaN stays NaN),
-// kept as float32.
-LLAMARUN_AVX2 inline __m256 round_bf16(__m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_and_si256(
-      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
-      _mm256_set1_epi32(int(0xFFFF0000u)));
-  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
-
 // One head of D values rotated pairwise: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) with (c, s)
 // the pair's entry of f (D / 2 pairs). Two products and one add or subtract a value, as
 // PyTorch's rope (rope.apply_rope) computes it in float32: the same bits (and, for bfloat16

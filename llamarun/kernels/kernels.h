@@ -39,6 +39,25 @@ LLAMARUN_AVX2 inline __m256 exp_in_range(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// 8 values -> float32 (from float32, or from bfloat16: its bits in the upper half).
+LLAMARUN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LLAMARUN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 float32 values rounded to bfloat16 as c10::BFloat16 rounds (to nearest even; a NaN becomes
+// its quiet NaN 0x7FC0), kept as float32: the bfloat16 is the upper 16 bits of each lane.
+LLAMARUN_AVX2 inline __m256 round_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(
+      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+      _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                          _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 namespace llamarun {
 
 constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least

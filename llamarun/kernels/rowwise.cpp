@@ -65,22 +65,23 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
   }
 }
 
-// float32 -> bfloat16, rounding to nearest even as c10::BFloat16 does (a NaN stays a NaN).
-LLAMARUN_AVX2 void round_to_bf16(const float* x, int64_t n, c10::BFloat16* out) {
+// float32 -> bfloat16, rounding as c10::BFloat16 does (round_bf16).
+LLAMARUN_AVX2 void store_bf16(const float* x, int64_t n, c10::BFloat16* out) {
   int64_t i = 0;
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256i b = _mm256_castps_si256(v);
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(_mm256_loadu_ps(x + i))), 16);
     // 8 x 32-bit lanes -> 8 x 16-bit values (they fit: no saturation)
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128((__m128i*)(out + i), packed);
+    _mm_storeu_si128((__m128i*)(out + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
   }
   for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
+}
+
+// bfloat16 -> float32 (exact).
+LLAMARUN_AVX2 void load_bf16(const c10::BFloat16* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+  for (; i < n; ++i) out[i] = float(x[i]);
 }
 
 // Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
@@ -101,9 +102,9 @@ void rows_in_float(const torch::Tensor& x, int64_t rows, int64_t W, int64_t OW,
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> xf(W), of(OW);
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < W; ++i) xf[i] = float(xp[r * W + i]);
+      load_bf16(xp + r * W, W, xf.data());
       f(xf.data(), of.data());
-      round_to_bf16(of.data(), OW, op + r * OW);
+      store_bf16(of.data(), OW, op + r * OW);
     }
   });
 }
