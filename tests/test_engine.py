@@ -295,6 +295,54 @@ SMALL_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "vocab_
                 "rope_theta": 10000.0}
 
 
+def _greedy_request(ids: list[int], n: int) -> Request:
+    return Request(ids, SamplingParams.greedy(), n, reuse=False, stop_ids=False, text=False,
+                   top_logprobs=3)
+
+
+def _drain(eng: Engine, ticket) -> list:
+    """The (token id, top log-probabilities) of a ticket's tokens, stepping the scheduler."""
+    out = []
+    while not (ticket.done and not ticket.events):
+        if not ticket.events:
+            eng.scheduler.step()
+        while ticket.events:
+            e = ticket.events.popleft()
+            if isinstance(e, Token):
+                out.append((e.chunk.token_id, e.top))
+    return out
+
+
+@pytest.mark.skipif(not (kernels.int4_available() and kernels.attend_available()),
+                    reason="llamarun's AVX2 kernels do not serve every op on this machine")
+def test_bfloat16_4bit_prompt_gets_its_logits_alone_or_in_chunks(tmp_path, one_thread: None) -> None:  # noqa: F811
+    """bfloat16 with 4-bit weights, eager: a 100-token prompt prefilled alone (one pass of 100
+    rows: on a CPU with AMX, the 4-bit kernel's AMX tiles) and the same prompt prefilled in
+    8-token chunks beside a decoding request (9-row passes: its AVX512-VNNI or AVX2 tiles) get
+    the same log-probabilities at every step, bit for bit."""
+    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=6)])
+    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    eng = Engine.load(folder, device="cpu", dtype="bfloat16", max_seq_len=128, slots=2,
+                      quantize="int4", group_size=32, prefill_chunk=8)
+    assert kernels.INT4_GEMM_ROWS > 100  # (longer prompts alone: the dequantized GEMM)
+    g = torch.Generator().manual_seed(1)
+    prompt = [1] + torch.randint(3, 512, (99,), generator=g).tolist()
+    other = [1] + torch.randint(3, 512, (12,), generator=g).tolist()
+    passes = eng.scheduler.prefill_passes
+    alone = _drain(eng, eng.submit(_greedy_request(prompt, 8)))
+    assert eng.scheduler.prefill_passes - passes == 1
+    first = eng.submit(_greedy_request(other, 40))
+    for _ in range(3):
+        eng.scheduler.step()  # `first` generating from here
+    passes = eng.scheduler.prefill_passes
+    late = _drain(eng, eng.submit(_greedy_request(prompt, 8)))
+    assert eng.scheduler.prefill_passes - passes == 13  # 100 tokens: 13 chunks beside `first`
+    first.cancel()
+    _drain(eng, first)
+    assert len(late) == len(alone) == 8
+    assert late == alone
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (kernels.int4_available() and kernels.int8_available()
                          and kernels.attend_available()),
@@ -313,20 +361,10 @@ def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_th
     prompt = [1] + torch.randint(3, 512, (39,), generator=g).tolist()
     other = [1] + torch.randint(3, 512, (12,), generator=g).tolist()
 
-    def request(ids: list[int], n: int) -> Request:
-        return Request(ids, SamplingParams.greedy(), n, reuse=False, stop_ids=False, text=False,
-                       top_logprobs=3)
+    request = _greedy_request
 
     def drain(ticket) -> list:
-        out = []
-        while not (ticket.done and not ticket.events):
-            if not ticket.events:
-                eng.scheduler.step()
-            while ticket.events:
-                e = ticket.events.popleft()
-                if isinstance(e, Token):
-                    out.append((e.chunk.token_id, e.top))
-        return out
+        return _drain(eng, ticket)
 
     try:
         eng.wait_compiled()

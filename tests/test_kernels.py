@@ -252,8 +252,48 @@ def test_int4_vnni_tiles_give_the_avx2_tiles_bits(m: int, k: int, n: int, group:
         w, d = kernels.int4_pack(q), kernels.int4_pack_groups(scales, k)
         z = kernels.int4_pack_groups(zeros, k)
         ext = kernels._extension()
-        assert torch.equal(ext.int4_linear(x, w, d, z, group, n),
-                           ext.int4_linear_avx2(x, w, d, z, group, n))
+        assert torch.equal(ext.int4_linear_by(x, w, d, z, group, n, "vnni"),
+                           ext.int4_linear_by(x, w, d, z, group, n, "avx2"))
+
+
+needs_int4_amx = pytest.mark.skipif(kernels.int4_amx_rows() is None,
+                                    reason="no AMX tiles for the 4-bit kernel on this machine")
+
+
+@needs_int4_amx
+@pytest.mark.parametrize("m,k,n,group", [(1, 32, 1, 32), (5, 96, 5, 32), (16, 160, 13, 32),
+                                         (17, 576, 64, 64), (40, 384, 29, 128),
+                                         (64, 2048, 130, 32), (100, 256, 33, 64),
+                                         (33, 2048, 7, 128)])
+def test_int4_amx_tiles_give_the_vnni_tiles_bits(m: int, k: int, n: int, group: int) -> None:
+    # The same exact int32 block sums (tdpbssd on q - 8 against vpdpbusd on q, less 8 sum(a)),
+    # then the same float multiply-adds in the same block order, with zeros and without.
+    ext = kernels._extension()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, q, scales, zeros = _int4_data(m, k, n, group, dtype, seed=m + n)
+        w, d = kernels.int4_pack(q), kernels.int4_pack_groups(scales, k)
+        for z in (kernels.int4_pack_groups(zeros, k), torch.empty(0, dtype=torch.float16)):
+            amx = ext.int4_linear_by(x, w, d, z, group, n, "amx")
+            assert amx.dtype == dtype and amx.shape == (m, n)
+            assert torch.equal(amx, ext.int4_linear_by(x, w, d, z, group, n, "vnni"))
+
+
+@needs_int4_amx
+def test_int4_kernel_takes_amx_from_its_row_count_on_and_rows_stay_their_own() -> None:
+    # int4_linear picks the AMX tiles from int4_amx_rows() rows on: a row's numbers are the same
+    # in a pass of 1 row as in passes of 15, 16, 127 or 300 (the module's GEMM takes bfloat16
+    # passes from kernels.INT4_GEMM_ROWS on; the kernel itself serves them too).
+    k, n, group = 256, 40, 32
+    x, q, scales, zeros = _int4_data(300, k, n, group, torch.bfloat16, seed=4)
+    product = _int4_product(q, scales, zeros, group)
+    rows = kernels.int4_amx_rows()
+    alone = product(x[7:8])
+    for m in (rows - 1, rows, kernels.INT4_GEMM_ROWS - 1, 300):
+        assert torch.equal(product(x[:m])[7], alone[0])
+    with pytest.raises(RuntimeError, match="code avx2, vnni or amx"):
+        w, d = kernels.int4_pack(q), kernels.int4_pack_groups(scales, k)
+        kernels._extension().int4_linear_by(x, w, d, torch.empty(0, dtype=torch.float16),
+                                            group, n, "tiles")
 
 
 @needs_int4

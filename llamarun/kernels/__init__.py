@@ -375,11 +375,17 @@ def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # From this many rows on, a bfloat16 4-bit product on a CPU with AMX is a bfloat16 GEMM (oneDNN's,
-# on AMX tiles) over the weight dequantized by int4_dequant, not int4_linear. Measured on an Intel
-# Xeon with AMX, 2 threads, one 1B-shaped layer (30M 4-bit weights): int4_linear 34-36 ms at 64
-# rows, 64 at 128, 261 at 512; dequantized (10 ms, into a reused buffer) + GEMM 20, 23 and 47 ms.
-# (At 32 rows both took about 18 ms.)
-INT4_GEMM_ROWS = 64
+# on AMX tiles) over the weight dequantized by int4_dequant, not int4_linear (which runs on the
+# AMX int8 tiles from int4_amx_rows() rows on: the bits of its decode rows, but each 32-value
+# block's sums go through memory to be scaled, where the GEMM accumulates in its tiles). Measured
+# on an Intel Xeon with AMX, 2 threads, the 4 products of a 1B-shaped layer (Q4_0-like, medians of
+# 5): int4_linear 3.9 ms at 16 rows, 10.0 at 64, 18.4-20.0 at 128, 66 at 512; dequantized (into a
+# reused buffer) + GEMM 14.3, 17.5, 19.5-21.2 and 42-68 ms; SmolLM2's shapes alike (0.73 against
+# 1.16 ms at 64 rows, 1.29-1.55 against 1.33-1.47 at 128). A 512-token prompt of the 1B Q4_0 model
+# prefilled at 401 tok/s on the AMX tiles against 543 through the GEMM (benchmarks/compare.py).
+# So the 4-bit products of passes up to 127 rows (decode batches, prompt chunks beside them,
+# short prompts) have the numbers of the decode kernel; longer prompts those of the GEMM.
+INT4_GEMM_ROWS = 128
 INT4_GEMM_MAX_WEIGHTS = 1 << 26  # larger matrices (an 8B model's output head) keep the kernel
 _workspace = threading.local()  # dequantized weights, reused: fresh pages cost more than the work
 
@@ -417,6 +423,15 @@ def int4_dequant(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     this thread's scratch buffer: valid until the thread's next use of it."""
     return _extension().int4_dequant(weight, scales, zeros, group, n, k,
                                      scratch(n, k, torch.bfloat16))
+
+
+@functools.cache
+def int4_amx_rows() -> int | None:
+    """From how many rows on the 4-bit kernel computes a pass on AMX tiles here (the same bits
+    as its AVX512-VNNI tiles; linear.cpp measured and decides), None where it cannot: a CPU
+    without AMX-INT8, or an OS that does not let the process use the tiles."""
+    ext = _extension() if int4_available() else None
+    return int(ext.int4_amx_rows()) if ext is not None and ext.amx_ready() else None
 
 
 def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
