@@ -147,6 +147,21 @@ def test_int8_kernel_is_as_close_as_pytorchs(m: int) -> None:
     assert ours is not None and err(ours) < 1e-2 and err(theirs) < 1e-2
 
 
+@needs_int8
+def test_int8_rows_do_not_depend_on_the_batch_up_to_its_limit() -> None:
+    # Up to int8_max_rows() rows (32 with VNNI: 8 decode rows' logits beside a prompt chunk's
+    # last) each row is the same as alone; past it the product is PyTorch's (None here).
+    limit = kernels.int8_max_rows()
+    m = min(limit, 40)
+    xi, q, s = _int8_data(m + 1, 200, 37, torch.bfloat16, seed=9)
+    alone = [kernels.int8_linear(xi[i:i + 1], q, s)[0] for i in range(m)]
+    for rows in sorted({9, 17, m}):
+        batch = kernels.int8_linear(xi[:rows], q, s)
+        assert all(torch.equal(batch[i], alone[i]) for i in range(rows)), rows
+    if limit < m + 1:
+        assert kernels.int8_linear(xi, q, s) is None
+
+
 @needs_bf16
 @needs_int8
 @pytest.mark.parametrize("k,n", [(77, 29), (256, 130)])

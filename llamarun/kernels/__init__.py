@@ -1,8 +1,9 @@
 """llamarun's own CPU kernels for decode-sized products, and the one place that selects them.
 
-`linear.cpp` holds weight-streaming products for M <= MAX_ROWS rows (the 4-bit one and the
-AVX2 int8 one: prefill chunks of up to INT4_MAX_ROWS and INT8_AVX2_MAX_ROWS too): bfloat16
-weights with
+`linear.cpp` holds weight-streaming products for decode-sized M (bfloat16: MAX_ROWS rows; int8:
+INT8_VNNI_MAX_ROWS; the 4-bit one and the AVX2 int8 one serve prefill chunks of up to
+INT4_MAX_ROWS and INT8_AVX2_MAX_ROWS too, the 4-bit one on AMX int8 tiles from int4_amx_rows()
+rows on where the CPU has them, with the same bits): bfloat16 weights with
 AVX512-BF16 (`vdpbf16ps`, float32 accumulation), int8 weights with AVX512-VNNI (`vpdpbusd`,
 activations quantized to int8 in blocks of 64 values, as llama.cpp's Q8 activations are in
 blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights with AVX2
@@ -60,8 +61,16 @@ INT4_MAX_ROWS = 4096
 # rows (`_weight_int8pack_mm`, then a dequantized GEMM) it measured 2.2-3.1x faster at 9 rows
 # (the output head of 8 decode rows and a prompt chunk), 1.5-3.9x at 64 and 0.93-1.43x at 512
 # (benchmarks/products.py shapes of the default model), and a row's logits then never depend
-# on how many rows share its pass. The VNNI kernel keeps MAX_ROWS (not measured past it).
+# on how many rows share its pass.
 INT8_AVX2_MAX_ROWS = 4096
+# The AVX512-VNNI int8 kernel serves up to this many: against the path past it (the weight
+# dequantized into oneDNN's bfloat16 GEMM) it measured, on an Intel Xeon with AMX (2 threads,
+# bfloat16 activations, medians of 5), 3.6x faster at 9 rows for the default model's 49152 x 576
+# output head (1.8 against 6.5 ms), 2.1x at 16, 1.3x at 32 and 0.76x at 64; the 4 products of a
+# SmolLM2 layer 3.6x / 2.2x / 1.2x / 0.74x and of a 1B-shaped one 4.2x / 2.4x / 1.2x / 0.78x at
+# 9 / 16 / 32 / 64 rows. So the logits of up to 32 rows (8 decode rows and a prompt chunk's last,
+# a verification batch) have one kernel's numbers whatever else their pass holds.
+INT8_VNNI_MAX_ROWS = 32
 # The float32 kernel (f32.cpp: AVX2, or AVX-512 where the CPU has it) serves every pass up to as
 # many rows: against oneDNN (which float32 products take otherwise) it measured, on AVX2 CPUs,
 # 2.3-2.7x faster for one row and 1.5-2.0x for 2-8 rows with the weights streamed from memory,
@@ -197,7 +206,7 @@ def int8_max_rows() -> int:
     """The most rows int8_linear serves here (0 where it does not run)."""
     if not int8_available():
         return 0
-    return MAX_ROWS if _features()[1] else INT8_AVX2_MAX_ROWS
+    return INT8_VNNI_MAX_ROWS if _features()[1] else INT8_AVX2_MAX_ROWS
 
 
 @torch.compiler.assume_constant_result

@@ -2,9 +2,9 @@
 
 On CUDA (compute capability 8.0 and up), 4-bit products run PyTorch's `_weight_int4pack_mm`
 on weights packed once at load into its tile layout. On CPU, int8 products run llamarun's own
-kernel where the CPU has AVX512-VNNI (up to kernels.MAX_ROWS rows) or AVX2 without AVX-512 (up
-to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or AVX-512 (llamarun.kernels
-decides);
+kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or AVX2 without
+AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or AVX-512
+(llamarun.kernels decides);
 other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
 cast for the product only (a vector per token). Elsewhere the weight is
