@@ -223,10 +223,14 @@ def uses_cuda_graphs(device: torch.device) -> bool:
 
 def compile_options(device: torch.device) -> dict[str, object]:
     """Inductor options for the compiled steps: on CPU a C++ wrapper around the generated
-    kernels (about 1.5 ms a token less Python for a 30-layer model); none on CUDA (llamarun
-    records its own CUDA graphs, inductor's would re-record at every new length)."""
+    kernels (about 1.5 ms a token less Python for a 30-layer model), and bfloat16 values
+    rounded where eager PyTorch rounds them (`emulate_precision_casts`: inductor's fused code
+    otherwise keeps some in float32, a residual sum for one, so a prompt chunk prefilled inside
+    a compiled bfloat16 pass got other logits than alone, prefilled eagerly: tested); none on
+    CUDA (llamarun records its own CUDA graphs, inductor's would re-record at every new
+    length)."""
     if device.type == "cpu":
-        return {"cpp_wrapper": True}
+        return {"cpp_wrapper": True, "emulate_precision_casts": True}
     return {}
 
 

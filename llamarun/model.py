@@ -114,8 +114,11 @@ class Attention(nn.Module):
             out = self.wo(y.view(1, n_tokens, q_size).to(x.dtype))
             return out if self.reduce is None else self.reduce(out)
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        # One rotation for the query and key heads together: half the small ops of two.
-        qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs)
+        # One rotation for the query and key heads together: half the small ops of two. With a
+        # cache, the rotated heads come out in its dtype (the attention's), as rope_write's do.
+        out_dtype = cache.k_cache.dtype if step is not None and cache is not None else None
+        qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs,
+                        out_dtype)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # (1, T, heads, head_dim)
         v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim)
         if step is None:

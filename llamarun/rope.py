@@ -38,8 +38,12 @@ def rope_cache(max_seq_len: int, head_dim: int, theta: float, scaling: RopeScali
     return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (B, S, H, head_dim) by freqs (S or B, S, head_dim // 2, 2)."""
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, S, H, head_dim) by freqs (S or B, S, head_dim // 2, 2),
+    in float32; the result in `dtype` (default x's). The model asks for its attention's dtype:
+    on CPU float32, so bfloat16 heads are rotated without a round trip through bfloat16, which
+    torch.compile's code would leave out where eager PyTorch rounds (compiled and eager passes
+    would then differ in the last bits)."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, head_dim // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     if freqs.dim() == 3:  # the same positions for every sequence
@@ -47,4 +51,4 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     cos = freqs[:, :, None, :, 0]
     sin = freqs[:, :, None, :, 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    return out.flatten(-2).to(x.dtype if dtype is None else dtype)

@@ -347,15 +347,18 @@ def test_bfloat16_4bit_prompt_gets_its_logits_alone_or_in_chunks(tmp_path, one_t
 @pytest.mark.skipif(not (kernels.int4_available() and kernels.int8_available()
                          and kernels.attend_available()),
                     reason="llamarun's AVX2 kernels do not serve every op on this machine")
-def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_thread: None) -> None:  # noqa: F811
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_thread: None,  # noqa: F811
+                                                                dtype: str) -> None:
     """With 4-bit weights on an AVX2 CPU, every op of a layer is one of llamarun's kernels or
     exact: a prompt arriving while another request decodes, prefilled in 8-token chunks inside
     the compiled mixed passes and then decoded beside it, gets at every step the
     log-probabilities it gets alone (prefilled by an eager pass, decoded in the one-row graph),
-    bit for bit."""
+    bit for bit; in bfloat16 too (the rotary embedding into float32, with no bfloat16 round
+    trip that inductor's code would leave out)."""
     folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=4)])
     (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
-    eng = Engine.load(folder, device="cpu", dtype="float32", max_seq_len=128, slots=2,
+    eng = Engine.load(folder, device="cpu", dtype=dtype, max_seq_len=128, slots=2,
                       compile=True, quantize="int4", group_size=32, prefill_chunk=8)
     g = torch.Generator().manual_seed(0)
     prompt = [1] + torch.randint(3, 512, (39,), generator=g).tolist()

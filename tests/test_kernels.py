@@ -701,10 +701,10 @@ def _rope_reference(qkv: torch.Tensor, freqs: torch.Tensor, rows: torch.Tensor,
                     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     heads: int) -> torch.Tensor:
     """rope_write by PyTorch's ops, as the model's compiled passes compute it: apply_rope on
-    the heads in qkv's dtype, then float32, the cache by index_put."""
+    the heads into float32 (the cache's dtype), the cache by index_put."""
     kv_heads = k_cache.shape[1]
     x = qkv.view(1, qkv.shape[0], heads + 2 * kv_heads, -1)
-    qk = apply_rope(x[:, :, :heads + kv_heads], freqs)[0].float()
+    qk = apply_rope(x[:, :, :heads + kv_heads], freqs, torch.float32)[0]
     k_cache[rows, :, pos] = qk[:, heads:]
     v_cache[rows, :, pos] = x[0, :, heads + kv_heads:].float()
     return qk[:, :heads]
@@ -718,8 +718,8 @@ ROPE_CASES = [(1, 9, 3, 64), (7, 4, 4, 8), (70, 32, 8, 128), (3, 6, 2, 24)]
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ROPE_CASES)
 def test_rope_write_gives_pytorchs_rotation_and_cache_bit_for_bit(
         tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-    """rope_write rotates as rope.apply_rope does (the same float32 products and sums, bfloat16
-    heads rounded back to bfloat16) and writes the cache as index_put does: the model's numbers
+    """rope_write rotates as rope.apply_rope into float32 does (the same float32 products and
+    sums, for bfloat16 heads too) and writes the cache as index_put does: the model's numbers
     do not change with it."""
     qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, heads, kv_heads, head_dim, dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -731,8 +731,7 @@ def test_rope_write_gives_pytorchs_rotation_and_cache_bit_for_bit(
     x = qkv.double().view(tokens, heads + 2 * kv_heads, head_dim // 2, 2)[:, :heads]
     c, s = freqs.double()[:, None, :, 0], freqs.double()[:, None, :, 1]
     turned = torch.stack([x[..., 0] * c - x[..., 1] * s, x[..., 0] * s + x[..., 1] * c], -1)
-    tol = 1e-6 if dtype == torch.float32 else 4e-3  # (bfloat16: one rounding of the result)
-    torch.testing.assert_close(q.double(), turned.flatten(-2), rtol=tol, atol=1e-5)
+    torch.testing.assert_close(q.double(), turned.flatten(-2), rtol=1e-6, atol=1e-5)
 
 
 @needs_attend
@@ -756,15 +755,16 @@ def test_rope_write_checks_its_inputs() -> None:
 @pytest.mark.slow
 @needs_attend
 def test_compiled_rotation_gets_the_kernels_numbers() -> None:
-    """Compiled passes rotate by PyTorch's form, which inductor fuses into its own code: in
-    float32 the same queries and cache as the eager kernel, bit for bit, for any number of
-    tokens. (In bfloat16 inductor's code rounds otherwise than eager PyTorch: compiled and eager
-    bfloat16 steps differ in the last bits, as they did before the kernel.)"""
+    """Compiled passes rotate by PyTorch's form, which inductor fuses into its own code: the
+    same queries and cache as the eager kernel, bit for bit, for any number of tokens, from
+    float32 and from bfloat16 heads (rotated into float32: a bfloat16 result, which eager
+    PyTorch rounds to and inductor's code does not, would make the two differ)."""
     torch._dynamo.reset()
     compiled = torch.compile(_rope_reference, fullgraph=True, dynamic=True)
     try:
-        for tokens in (1, 3, 17):
-            qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, 6, 2, 64, torch.float32,
+        for tokens, dtype in [(1, torch.float32), (3, torch.float32), (17, torch.float32),
+                              (2, torch.bfloat16), (9, torch.bfloat16)]:
+            qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, 6, 2, 64, dtype,
                                                                  seed=tokens)
             k_ref, v_ref = k_cache.clone(), v_cache.clone()
             q = kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, 6)

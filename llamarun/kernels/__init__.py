@@ -518,9 +518,9 @@ def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
     (rows, kv heads, positions, head_dim), float32), and return the queries (T, n_heads,
     head_dim), float32 (check serves_rope first; eager passes only).
 
-    The numbers are those of rope.apply_rope on qkv's heads (the same float32 products and
-    sums; bfloat16 heads rotated in float32 and rounded to bfloat16) then cast to float32 and
-    written by index_put, as compiled passes compute them: one call instead of about 20 ops."""
+    The numbers are those of rope.apply_rope on qkv's heads into float32 (the same products
+    and sums; bfloat16 heads rotated in float32, not rounded back) written by index_put, as
+    compiled passes compute them: one call instead of about 20 ops."""
     return _extension().rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads)
 
 

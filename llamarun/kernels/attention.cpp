@@ -102,8 +102,8 @@ LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, in
 
 // One head of D values rotated pairwise: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) with (c, s)
 // the pair's entry of f (D / 2 pairs). Two products and one add or subtract a value, as
-// PyTorch's rope (rope.apply_rope) computes it in float32: the same bits (and, for bfloat16
-// heads, the same rounding of the result to bfloat16).
+// PyTorch's rope (rope.apply_rope) computes it in float32: the same bits, bfloat16 heads
+// included (read as float32; the result stays float32, as the model asks apply_rope for).
 template <typename InT>
 LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* out) {
   for (int64_t d = 0; d < D; d += 8) {
@@ -111,9 +111,7 @@ LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* o
     const __m256 cs = _mm256_loadu_ps(f + d);  // c0 s0 c1 s1 ...
     const __m256 a = _mm256_mul_ps(v, _mm256_moveldup_ps(cs));                     // x c
     const __m256 b = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_movehdup_ps(cs));  // x' s
-    __m256 y = _mm256_addsub_ps(a, b);  // even: x0 c - x1 s, odd: x1 c + x0 s
-    if constexpr (std::is_same_v<InT, c10::BFloat16>) y = round_bf16(y);
-    _mm256_storeu_ps(out + d, y);
+    _mm256_storeu_ps(out + d, _mm256_addsub_ps(a, b));  // even: x0 c - x1 s, odd: x1 c + x0 s
   }
 }
 
