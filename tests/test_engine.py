@@ -343,6 +343,30 @@ def test_bfloat16_4bit_prompt_gets_its_logits_alone_or_in_chunks(tmp_path, one_t
     assert late == alone
 
 
+@pytest.mark.skipif(not (kernels.int4_available() and kernels.attend_available()),
+                    reason="llamarun's AVX2 kernels do not serve every op on this machine")
+def test_short_prompt_packed_with_a_long_one_gets_its_logits_alone(tmp_path, one_thread: None) -> None:  # noqa: F811
+    """Two prompts arriving together are prefilled in one pass of 150 + 40 rows, past
+    kernels.INT4_GEMM_ROWS; the 40-token prompt's part is not (kernels.shortest_part), so the
+    pass's 4-bit products stay the kernel's (on a CPU with AMX the dequantized GEMM would take
+    them all) and the short prompt gets the log-probabilities it gets alone, bit for bit
+    (bfloat16, eager)."""
+    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=7)])
+    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    eng = Engine.load(folder, device="cpu", dtype="bfloat16", max_seq_len=256, slots=2,
+                      quantize="int4", group_size=32)
+    g = torch.Generator().manual_seed(2)
+    short = [1] + torch.randint(3, 512, (39,), generator=g).tolist()
+    long = [1] + torch.randint(3, 512, (149,), generator=g).tolist()
+    assert len(short) < kernels.INT4_GEMM_ROWS <= len(short) + len(long)
+    alone = _drain(eng, eng.submit(_greedy_request(short, 6)))
+    passes = eng.scheduler.prefill_passes
+    both = [eng.submit(_greedy_request(long, 6)), eng.submit(_greedy_request(short, 6))]
+    replies = [_drain(eng, t) for t in both]
+    assert eng.scheduler.prefill_passes - passes == 1  # one pass for the two
+    assert replies[1] == alone
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (kernels.int4_available() and kernels.int8_available()
                          and kernels.attend_available()),

@@ -412,13 +412,34 @@ def scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n * k].view(n, k)
 
 
+_pass = threading.local()  # what shortest_part says of the eager pass running in this thread
+
+
+@contextlib.contextmanager
+def shortest_part(tokens: int) -> Iterator[None]:
+    """Within: the eager pass this thread runs packs sequences' parts of `tokens` tokens or more
+    (model.Transformer.forward_spans says so). A 4-bit product then takes the GEMM only if every
+    part is long enough for it alone (int4_gemm_serves): a short prompt packed into one pass
+    with others keeps the numbers it gets alone (the 4-bit kernel's), however many rows the
+    pass has."""
+    before = getattr(_pass, "shortest", None)
+    _pass.shortest = tokens
+    try:
+        yield
+    finally:
+        _pass.shortest = before
+
+
 def int4_gemm_serves(x: torch.Tensor, n: int, k: int) -> bool:
     """Whether x's product with a 4-bit (n, k) weight is best a bfloat16 GEMM over
-    int4_dequant's weight (bfloat16 x of INT4_GEMM_ROWS rows or more, a CPU with AMX, eager
-    passes)."""
+    int4_dequant's weight: bfloat16 x of INT4_GEMM_ROWS rows or more, each of its pass's
+    sequence parts that long too (shortest_part), a CPU with AMX, eager passes."""
+    if torch.compiler.is_compiling():  # (first: nothing below is traced, or guarded on)
+        return False
+    shortest = getattr(_pass, "shortest", None)
     return (x.dtype == torch.bfloat16 and _rows(x) >= INT4_GEMM_ROWS
-            and n * k <= INT4_GEMM_MAX_WEIGHTS and _amx() and not torch.compiler.is_compiling()
-            and int4_available())
+            and (shortest is None or shortest >= INT4_GEMM_ROWS)
+            and n * k <= INT4_GEMM_MAX_WEIGHTS and _amx() and int4_available())
 
 
 @functools.cache
