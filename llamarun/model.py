@@ -344,7 +344,7 @@ class Transformer(nn.Module):
             if not 0 <= s.row < self.max_batch_size:
                 raise ValueError(f"span {s}: row outside the KV cache's {self.max_batch_size} rows")
         step = self.make_step(spans)
-        with kernels.shortest_part(min(s.length for s in spans)):  # (products' kernels, by size)
+        with kernels.shortest_part(min((s.length for s in spans), default=0)):  # (products by size)
             return self.run_step(tokens, step, output_idx)
 
     def run_step(self, tokens: torch.Tensor, step: Step,
