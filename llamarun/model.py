@@ -105,8 +105,8 @@ class Attention(nn.Module):
         if (step is not None and cache is not None and not torch.compiler.is_compiling()
                 and kernels.serves_rope(qkv, cache.k_cache)):
             # eager on CPU: rotation and cache write in one kernel call, then attention in one
-            # (compiled passes take PyTorch's form below, which inductor fuses: in float32 the
-            # same bits; measured faster there than a call of the kernel)
+            # (compiled passes take PyTorch's form below, which inductor fuses: the same bits,
+            # float32 or bfloat16 heads; measured faster there than a call of the kernel)
             q = kernels.rope_write(qkv[0], freqs, cache.k_cache, cache.v_cache, step.rows,
                                    step.pos, self.n_heads)
             y = kernels.attend(q, cache.k_cache, cache.v_cache, step.rows, step.pos,

@@ -295,6 +295,13 @@ SMALL_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "vocab_
                 "rope_theta": 10000.0}
 
 
+def _small_folder(tmp_path, seed: int):
+    """A Meta folder of a random SMALL model (weights from `seed`) with stories260K's tokenizer."""
+    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=seed)])
+    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    return folder
+
+
 def _greedy_request(ids: list[int], n: int) -> Request:
     return Request(ids, SamplingParams.greedy(), n, reuse=False, stop_ids=False, text=False,
                    top_logprobs=3)
@@ -320,8 +327,7 @@ def test_bfloat16_4bit_prompt_gets_its_logits_alone_or_in_chunks(tmp_path, one_t
     rows: on a CPU with AMX, the 4-bit kernel's AMX tiles) and the same prompt prefilled in
     8-token chunks beside a decoding request (9-row passes: its AVX512-VNNI or AVX2 tiles) get
     the same log-probabilities at every step, bit for bit."""
-    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=6)])
-    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    folder = _small_folder(tmp_path, seed=6)
     eng = Engine.load(folder, device="cpu", dtype="bfloat16", max_seq_len=128, slots=2,
                       quantize="int4", group_size=32, prefill_chunk=8)
     assert kernels.INT4_GEMM_ROWS > 100  # (longer prompts alone: the dequantized GEMM)
@@ -351,8 +357,7 @@ def test_short_prompt_packed_with_a_long_one_gets_its_logits_alone(tmp_path, one
     pass's 4-bit products stay the kernel's (on a CPU with AMX the dequantized GEMM would take
     them all) and the short prompt gets the log-probabilities it gets alone, bit for bit
     (bfloat16, eager)."""
-    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=7)])
-    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    folder = _small_folder(tmp_path, seed=7)
     eng = Engine.load(folder, device="cpu", dtype="bfloat16", max_seq_len=256, slots=2,
                       quantize="int4", group_size=32)
     g = torch.Generator().manual_seed(2)
@@ -380,8 +385,7 @@ def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_th
     log-probabilities it gets alone (prefilled by an eager pass, decoded in the one-row graph),
     bit for bit; in bfloat16 too (the rotary embedding into float32, with no bfloat16 round
     trip that inductor's code would leave out)."""
-    folder = write_meta_folder(tmp_path / "m", SMALL_PARAMS, [random_meta_state_dict(SMALL, seed=4)])
-    (folder / "tokenizer.model").write_bytes((stories_meta() / "tokenizer.model").read_bytes())
+    folder = _small_folder(tmp_path, seed=4)
     eng = Engine.load(folder, device="cpu", dtype=dtype, max_seq_len=128, slots=2,
                       compile=True, quantize="int4", group_size=32, prefill_chunk=8)
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -183,8 +182,8 @@ namespace llamarun {
 
 // qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
 // freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs; caches (R, KVH, S, D) float32.
-// Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads: rounded back to
-// bfloat16, as PyTorch's form in the model's dtype does), writes token t's key and value
+// Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads too, the result
+// float32, as rope.apply_rope into the cache's dtype does), writes token t's key and value
 // heads at position pos[t] of row rows[t] of the caches and returns its queries: q (T, H, D),
 // float32.
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,

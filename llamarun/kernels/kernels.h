@@ -58,6 +58,15 @@ LLAMARUN_AVX2 inline __m256 round_bf16(__m256 v) {
                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+// 8 float32 values -> p (float32 as they are; bfloat16 rounded by round_bf16): load8's inverse.
+LLAMARUN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+LLAMARUN_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(v)), 16);
+  // 8 x 32-bit lanes -> 8 x 16-bit values (they fit: no saturation)
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                                 _mm256_extracti128_si256(r, 1)));
+}
+
 namespace llamarun {
 
 constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least

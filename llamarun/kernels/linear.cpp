@@ -19,7 +19,6 @@
 #include <cpuid.h>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -804,15 +803,8 @@ LLAMARUN_AVX2 void amx_store_tile(const float* acc, const uint16_t* zt, const fl
     v = _mm256_add_ps(v, _mm256_permutevar8x32_ps(_mm256_load_ps(terms), rows));
   }
   if (count == NB) {
-    if constexpr (std::is_same_v<OutT, float>) {
-      _mm256_storeu_ps(y, v);
-      return;
-    } else {
-      const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(v)), 16);
-      _mm_storeu_si128((__m128i*)y, _mm_packus_epi32(_mm256_castsi256_si128(h),
-                                                     _mm256_extracti128_si256(h, 1)));
-      return;
-    }
+    store8(y, v);
+    return;
   }
   alignas(32) float o[NB];
   _mm256_store_ps(o, v);
@@ -1058,7 +1050,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 }
 
 // int4_linear by the given code whatever the row count: "avx2", "vnni" or "amx" (tests compare
-// them; benchmarks time them), which the CPU must have (kernels.int4_codes()).
+// them; benchmarks time them), which the CPU must have (cpu_features, amx_ready).
 torch::Tensor int4_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                              const torch::Tensor& d, const torch::Tensor& z, int64_t group,
                              int64_t N, const std::string& code) {

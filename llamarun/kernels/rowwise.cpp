@@ -68,12 +68,7 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
 // float32 -> bfloat16, rounding as c10::BFloat16 does (round_bf16).
 LLAMARUN_AVX2 void store_bf16(const float* x, int64_t n, c10::BFloat16* out) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(_mm256_loadu_ps(x + i))), 16);
-    // 8 x 32-bit lanes -> 8 x 16-bit values (they fit: no saturation)
-    _mm_storeu_si128((__m128i*)(out + i),
-                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-  }
+  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(x + i));
   for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
 }
 
