@@ -100,6 +100,42 @@ def test_sigterm_ends_with_one_line_and_143() -> None:
     assert one_line_error(err) == "error: terminated (SIGTERM)"
 
 
+def test_sigterm_while_a_rank_leaves_on_a_lost_peer_ends_as_sigterm(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --tp rank whose peer died is itself told to stop (SIGTERM from the launcher) while it
+    is on its way out: it must still end with 143, which the launcher reads as a follower's
+    status, not with an uncaught `Terminated` (status 1, blamed as the job's first failure)."""
+    import llamarun.cli as cli
+    from llamarun.cli import distributed
+
+    def lost() -> None:
+        raise RuntimeError("Connection reset by peer")
+
+    def sigterm_on_the_way_out(e: BaseException) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in here
+
+    codes: list[int] = []
+
+    def record(code: int) -> None:
+        codes.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "_main", lost)
+    monkeypatch.setattr(cli, "_exit", record)
+    monkeypatch.setattr(distributed, "joined", lambda: True)
+    monkeypatch.setattr(distributed, "is_peer_failure", lambda e: True)
+    monkeypatch.setattr(distributed, "stopped_by_launcher", lambda: True)
+    monkeypatch.setattr(distributed, "peer_lost", sigterm_on_the_way_out)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert codes == [128 + signal.SIGTERM]
+
+
 def test_ctrl_c_while_torch_imports_has_no_traceback() -> None:
     for delay in (0.3, 0.8):
         proc = subprocess.Popen([sys.executable, "-m", "llamarun", "list"],

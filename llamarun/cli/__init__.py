@@ -189,6 +189,22 @@ def main() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     try:
+        _guarded()
+    except Terminated:
+        # Also where SIGTERM came while another ending was under way (a rank that lost its peer
+        # is told to stop by the launcher as it leaves its group): that ending stops here, and
+        # the exit status is SIGTERM's, which the launcher knows to be a follower's.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping
+        from llamarun.cli import distributed
+
+        if not distributed.stopped_by_launcher():
+            sys.stderr.write("error: terminated (SIGTERM)\n")
+        _exit(128 + signal.SIGTERM)
+
+
+def _guarded() -> None:
+    try:
         _main()
     except BrokenPipeError:
         _quiet_stdout()
@@ -205,12 +221,6 @@ def main() -> None:
             raise
         distributed.peer_lost(e)
         _exit(distributed.PEER_LOST)
-    except Terminated:
-        from llamarun.cli import distributed
-
-        if not distributed.stopped_by_launcher():
-            sys.stderr.write("error: terminated (SIGTERM)\n")
-        _exit(128 + signal.SIGTERM)
 
 
 def _main() -> None:
