@@ -622,7 +622,7 @@ def _attend_data(tokens: list[tuple[int, int]], heads: int, kv_heads: int, head_
 
 ATTEND_CASES = [  # (tokens as (row, position), heads, kv heads, head_dim)
     ([(0, 0)], 1, 1, 8),
-    ([(1, 4), (1, 5), (3, 12)], 4, 4, 64),  # MHA; lengths 5, 6, 13: every tail of 4 keys
+    ([(1, 4), (1, 5), (3, 12), (3, 7), (2, 15)], 4, 4, 64),  # MHA; 5, 6, 13, 8, 16 keys: blocks of 8 and tails
     ([(2, 999), (0, 31), (0, 32), (0, 33)], 9, 3, 64),  # SmolLM2's grouping
     ([(3, 1099), (1, 70)], 8, 2, 128),  # Llama 3's head size: two passes of 64 values
     ([(0, 6)], 6, 2, 24),  # a head size not a multiple of 64

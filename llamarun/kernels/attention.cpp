@@ -2,12 +2,13 @@
 // of a pass (decode rows, verifications, prompt chunks, whole prompts) attends positions
 // 0..pos[t] of cache row rows[t], one call for all the pass's rows and heads. (Against one
 // masked SDPA call per row it measured 1.0-1.3x SDPA's time for prompts of 512 and 2,048
-// tokens and 1.3-1.7x for a 512-token chunk at position 1,536; sharing each block of keys
-// between the queries of a GQA group and of a chunk, tried, measured no faster: the work is
-// the per-key sums and exponentials, not reading the cache.)
+// tokens and 1.3-1.7x for a 512-token chunk at position 1,536, AMD EPYC, before the work
+// below; on an Intel Xeon a 512-token prompt of SmolLM2's heads took 5.4 ms a layer, then
+// 3.6-3.7 with the values' sums in registers, the scores 8 keys at a time and the heads of a
+// GQA group sharing each block of keys and values, against 2.4 for float32 SDPA.)
 //
 // Row invariance: each (token, head) is computed alone, by the same instructions whatever else
-// the pass holds (its scores 4 keys at a time with the tail one at a time by the same dot
+// the pass holds (its scores 8 keys at a time with the tail one at a time by the same dot
 // product, its softmax over its own length, its values summed in position order), so a
 // token's result depends only on its query and its row's past, bit for bit. (One SDPA call
 // over padded rows does not: its result changes in the last bits with the padded length.)
@@ -40,62 +41,123 @@ LLAMARUN_AVX2 inline float dot(const float* q, const float* k, int64_t D) {
   return hsum8(acc);
 }
 
-// Four keys at once (independent chains, more work in flight); each result is what dot gives.
-LLAMARUN_AVX2 inline void dot4(const float* q, const float* k, int64_t ldk, int64_t D,
-                               float* out) {
-  __m256 qv = _mm256_loadu_ps(q);
-  __m256 a0 = _mm256_mul_ps(qv, _mm256_loadu_ps(k));
-  __m256 a1 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + ldk));
-  __m256 a2 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + 2 * ldk));
-  __m256 a3 = _mm256_mul_ps(qv, _mm256_loadu_ps(k + 3 * ldk));
-  for (int64_t d = 8; d < D; d += 8) {
-    qv = _mm256_loadu_ps(q + d);
-    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
-    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + ldk + d), a1);
-    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
-    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
-  }
-  out[0] = hsum8(a0);
-  out[1] = hsum8(a1);
-  out[2] = hsum8(a2);
-  out[3] = hsum8(a3);
+// hsum8 of eight vectors at once: r[j] = hsum8(a[j]), by the same additions in the same order
+// (lower half + upper half; then lanes 0 + 2 and 1 + 3; then those two), done for the eight
+// sums together instead of one by one.
+LLAMARUN_AVX2 inline __m256 hsum8x8(const __m256 (&a)[8]) {
+  __m256 h[4];  // h[j]: [halves' sums of a[j] | of a[j + 4]]
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+    h[j] = _mm256_add_ps(_mm256_permute2f128_ps(a[j], a[j + 4], 0x20),
+                         _mm256_permute2f128_ps(a[j], a[j + 4], 0x31));
+  // [0 + 2, 1 + 3 of a[j], of a[j + 1] | of a[j + 4], of a[j + 5]], j = 0 and 2
+  const __m256 p = _mm256_add_ps(_mm256_shuffle_ps(h[0], h[1], 0x44),
+                                 _mm256_shuffle_ps(h[0], h[1], 0xEE));
+  const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(h[2], h[3], 0x44),
+                                 _mm256_shuffle_ps(h[2], h[3], 0xEE));
+  return _mm256_add_ps(_mm256_shuffle_ps(p, r, 0x88), _mm256_shuffle_ps(p, r, 0xDD));
 }
 
-// One query head over L keys and values (rows ld apart): out (D) = softmax(scale q . k) v.
-// s is scratch for L rounded up to 8 floats.
-LLAMARUN_AVX2 void attend_one(const float* q, const float* k, const float* v, int64_t ld,
-                              int64_t L, int64_t D, float scale, float* s, float* out) {
-  int64_t t = 0;
-  for (; t + 4 <= L; t += 4) dot4(q, k + t * ld, ld, D, s + t);
-  for (; t < L; ++t) s[t] = dot(q, k + t * ld, D);
+// Eight keys at once (independent chains, more work in flight); each result is what dot gives.
+LLAMARUN_AVX2 inline void dot8(const float* q, const float* k, int64_t ldk, int64_t D,
+                               float* out) {
+  __m256 a[8];
+  __m256 qv = _mm256_loadu_ps(q);
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(qv, _mm256_loadu_ps(k + j * ldk));
+  for (int64_t d = 8; d < D; d += 8) {
+    qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ldk + d), a[j]);
+  }
+  _mm256_storeu_ps(out, hsum8x8(a));
+}
+
+// acc (8 N values) += sum over t in [t0, t1) of p[t] v[t] (rows ld apart), in position order,
+// the sums kept in registers through the range (N is known when compiling: a loop bound known
+// only at run time had kept them in memory, each add waiting on a store, 3x slower).
+template <int N>
+LLAMARUN_AVX2 inline void weigh_values(const float* p, const float* v, int64_t ld, int64_t t0,
+                                       int64_t t1, float* acc) {
+  __m256 a[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  for (int64_t t = t0; t < t1; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    const float* vt = v + t * ld;
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * i), a[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+// weigh_values over all D values of the rows (a multiple of 8), 64 at a time.
+LLAMARUN_AVX2 inline void weigh_rows(const float* p, const float* v, int64_t ld, int64_t D,
+                                     int64_t t0, int64_t t1, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weigh_values<8>(p, v + d0, ld, t0, t1, acc + d0);
+  switch ((D - d0) / 8) {  // what is left of D: 8 to 56 values
+    case 1: weigh_values<1>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 2: weigh_values<2>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 3: weigh_values<3>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 4: weigh_values<4>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 5: weigh_values<5>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 6: weigh_values<6>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 7: weigh_values<7>(p, v + d0, ld, t0, t1, acc + d0); break;
+    default: break;
+  }
+}
+
+// s (L scores, room for L rounded up to 8) becomes exp(scale (s - max s)); returns 1 / their
+// sum. The scale is applied once, after the max (scale > 0).
+LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale) {
   const int64_t L8 = (L + 7) / 8 * 8;
   std::fill(s + L, s + L8, -std::numeric_limits<float>::infinity());
   __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for (t = 0; t < L8; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+  for (int64_t t = 0; t < L8; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
   float m8[8];
   _mm256_storeu_ps(m8, mv);
   const float m = *std::max_element(m8, m8 + 8);
-  // p = exp(scale (s - max)): the scale applied once, after the max (scale > 0).
   const __m256 sc = _mm256_set1_ps(scale), mx = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
-  for (t = 0; t < L8; t += 8) {
+  for (int64_t t = 0; t < L8; t += 8) {
     const __m256 p = exp_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), mx), sc));
     _mm256_storeu_ps(s + t, p);
     sum = _mm256_add_ps(sum, p);
   }
-  const float inv = 1.f / hsum8(sum);
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators (64 values) at a time
-    const int64_t n = std::min<int64_t>(64, D - d0) / 8;
-    __m256 acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-    for (t = 0; t < L; ++t) {
-      const __m256 p = _mm256_set1_ps(s[t]);
-      const float* vt = v + t * ld + d0;
-      for (int i = 0; i < n; ++i)
-        acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[i]);
-    }
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (int i = 0; i < n; ++i) _mm256_storeu_ps(out + d0 + 8 * i, _mm256_mul_ps(acc[i], iv));
+  return 1.f / hsum8(sum);
+}
+
+// The G query heads of one token that read the same key/value head (a GQA group; rows of q and
+// out D apart) over its L keys and values (rows ld apart): out[g] = softmax(scale q[g] . k) v.
+// Each head is computed alone: its scores (8 keys at a time, the tail one at a time, by the
+// same dot product), its softmax over its own length, its values summed in position order, so
+// a head's result depends only on its query and the keys and values, bit for bit. The heads
+// share the reading: keys and values go by in blocks that every head of the group uses while
+// they are in the L1 cache (read once from the L2 cache, not G times: those reads were what
+// the kernel waited on). s is scratch for G L8 floats, acc for G D.
+LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const float* v,
+                                int64_t ld, int64_t L, int64_t D, float scale, float* s,
+                                float* acc, float* out) {
+  const int64_t L8 = (L + 7) / 8 * 8;
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8)
+    for (int64_t g = 0; g < G; ++g) dot8(q + g * D, k + t * ld, ld, D, s + g * L8 + t);
+  for (; t < L; ++t)
+    for (int64_t g = 0; g < G; ++g) s[g * L8 + t] = dot(q + g * D, k + t * ld, D);
+  std::fill(acc, acc + G * D, 0.f);
+  float inv[64];
+  for (int64_t g = 0; g < G; ++g) inv[g] = softmax_weights(s + g * L8, L, scale);
+  const int64_t block = std::max<int64_t>(8, 2048 / D);  // keys of 8 KiB of values
+  for (int64_t t0 = 0; t0 < L; t0 += block)
+    for (int64_t g = 0; g < G; ++g)
+      weigh_rows(s + g * L8, v, ld, D, t0, std::min(L, t0 + block), acc + g * D);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 iv = _mm256_set1_ps(inv[g]);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + d), iv));
   }
 }
 
@@ -236,15 +298,21 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / KVH;
-  at::parallel_for(0, T * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s;
+  // Heads attended together: a whole group, or parts of it where the pass has too few tokens
+  // to keep every thread busy (one decode row of 3 key/value heads on 2 threads).
+  int64_t G = std::min<int64_t>(group, 64);
+  while (G > 1 && T * KVH * ((group + G - 1) / G) < 4 * at::get_num_threads()) G = (G + 1) / 2;
+  const int64_t parts = (group + G - 1) / G;
+  at::parallel_for(0, T * KVH * parts, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s, acc(G * D);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / H, h = i % H;
+      const int64_t t = i / (KVH * parts), kvh = i / parts % KVH;
+      const int64_t h0 = kvh * group + i % parts * G, g = std::min(G, (kvh + 1) * group - h0);
       const int64_t L = pp[t] + 1;
-      s.resize((L + 7) / 8 * 8);
-      const int64_t base = (rp[t] * KVH + h / group) * S * D;
-      attend_one(qp + i * D, kp + base, vp + base, D, L, D, float(scale), s.data(),
-                 op + i * D);
+      s.resize(g * ((L + 7) / 8 * 8));
+      const int64_t base = (rp[t] * KVH + kvh) * S * D;
+      attend_group(qp + (t * H + h0) * D, g, kp + base, vp + base, D, L, D, float(scale),
+                   s.data(), acc.data(), op + (t * H + h0) * D);
     }
   });
   return out;
