@@ -392,25 +392,20 @@ def test_compiled_prefill_chunks_give_a_prompt_its_logits_alone(tmp_path, one_th
     prompt = [1] + torch.randint(3, 512, (39,), generator=g).tolist()
     other = [1] + torch.randint(3, 512, (12,), generator=g).tolist()
 
-    request = _greedy_request
-
-    def drain(ticket) -> list:
-        return _drain(eng, ticket)
-
     try:
         eng.wait_compiled()
-        drain(eng.submit(request(other, 2)))
+        _drain(eng, eng.submit(_greedy_request(other, 2)))
         assert eng.compiled_in_use
         with torch._dynamo.config.patch(error_on_recompile=True):
-            alone = drain(eng.submit(request(prompt, 12)))
-            first = eng.submit(request(other, 60))
+            alone = _drain(eng, eng.submit(_greedy_request(prompt, 12)))
+            first = eng.submit(_greedy_request(other, 60))
             for _ in range(3):
                 eng.scheduler.step()  # `first` generating from here
             passes = eng.scheduler.prefill_passes
-            late = drain(eng.submit(request(prompt, 12)))
+            late = _drain(eng, eng.submit(_greedy_request(prompt, 12)))
             assert eng.scheduler.prefill_passes - passes == 5  # 40 tokens: 5 chunks beside `first`
             first.cancel()
-            drain(first)
+            _drain(eng, first)
         assert len(late) == len(alone) == 12
         assert late == alone  # ids and log-probabilities, bit for bit
     finally:
