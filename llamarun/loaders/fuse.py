@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from llamarun import hugepages
 from llamarun.config import ModelArgs
 from llamarun.errors import CheckpointError
 from llamarun.quant import (
@@ -240,10 +241,18 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             for n in names:
                 raw.release(n)
 
-    def dense(*names: str) -> torch.Tensor:
+    def streamed(name: str) -> bool:
+        """Whether every decode pass reads all of the model weight `name` (an embedding table
+        is read a row a token, unless it is the output layer too)."""
+        return name != "tok_embeddings.weight" or raw.args.tie_embeddings
+
+    def dense(*names: str, hot: bool = False) -> torch.Tensor:
+        """The dense tensor of `names` (fused when several); hot: in huge pages on CPU."""
         if len(names) == 1:
             src = read(names[0])
             t = src.to(device=device, dtype=dtype)
+            if hot:
+                t = hugepages.placed(t.contiguous())
             # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever
             # its data happened to be; matmul kernels run measurably slower on weights that are
             # not 64-byte aligned, which a fresh allocation is.
@@ -254,7 +263,9 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             return t
         # Copy each part straight into its rows of the fused tensor: no converted temporaries.
         rows = sum(shapes[n][0] for n in names)
-        out = torch.empty((rows, shapes[names[0]][1]), dtype=dtype, device=device)
+        shape = (rows, shapes[names[0]][1])
+        out = (hugepages.empty(shape, dtype) if hot and device.type == "cpu"
+               else torch.empty(shape, dtype=dtype, device=device))
         start = 0
         for n in names:
             part = read(n)
@@ -283,7 +294,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         fmt = formats.get(name, DENSE)
         prefix = name.removesuffix("weight")
         if fmt.kind == "dense":
-            sd[name] = dense(*parts)
+            sd[name] = dense(*parts, hot=streamed(name))
             return
         if fmt.kind == "int8":
             cut = shard.slice_of(parts[0]) if shard is not None else None
@@ -311,6 +322,9 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             state = Int8Embedding.state(q, device=device)
         else:
             state = module_state(fmt, q, device=device, dtype=dtype)
+        del q
+        if streamed(name):
+            state = {k: hugepages.placed(v) for k, v in state.items()}
         sd.update({prefix + k: v for k, v in state.items()})
 
     sd: dict[str, torch.Tensor] = {}
