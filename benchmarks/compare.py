@@ -8,8 +8,9 @@ TTFT (prefill of the N-token prompt + the first greedy sample, s), peak RSS, ach
 (weight bytes read per token x tg tok/s) and each engine's pp and tg relative to llama.cpp (and to
 transformers where it ran) in the same run. Timings are medians over --reps after a warm-up
 (at least one run and 1 s; 3 s after a compile). Above the tables: the machine's plain memory read
-rate with the same threads (a worker reading 1 GiB, the faster of two streaming PyTorch reads), and
-each row's decode GB/s over it ("GB/s vs read": a model larger than the caches cannot decode faster
+rate with the same threads (a worker reading 1 GiB, the fastest of two streaming PyTorch reads in
+ordinary and in huge pages, where llamarun keeps its weights; the best read in ordinary pages is
+shown beside it), and each row's decode GB/s over it ("GB/s vs read": a model larger than the caches cannot decode faster
 than its weights stream; a small one partly reads from cache and can exceed 1).
 
 Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF), "1b" (a
@@ -246,23 +247,33 @@ READ_BYTES = 2**30  # the memory read's buffer: larger than any cache of these m
 
 def run_memory_read(reps: int) -> dict:
     """GB/s of a plain read of READ_BYTES from memory: the best median of two streaming reads
-    (a float32 dot product and a sum; both vectorized and split over the threads)."""
+    (a float32 dot product and a sum; both vectorized and split over the threads), each over
+    memory in ordinary pages and in huge pages (llamarun.hugepages, where llamarun's weights
+    are: the ratios compare against the faster)."""
     import torch
 
-    x = torch.ones(READ_BYTES // 8)
-    y = torch.ones(READ_BYTES // 8)  # the dot product reads both halves: READ_BYTES in all
-    forms = {"dot": lambda: torch.dot(x, y), "sum": lambda: x.sum() + y.sum()}
+    from llamarun import hugepages
+
+    def buffers(huge: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        make = hugepages.empty if huge else torch.empty
+        return tuple(make((READ_BYTES // 8,), torch.float32).fill_(1.0) for _ in range(2))
+
     rates = {}
-    for name, fn in forms.items():
-        fn()
-        times = []
-        for _ in range(max(reps, 5)):
-            start = time.perf_counter()
+    for pages in ("4 KiB pages", "huge pages"):
+        x, y = buffers(pages == "huge pages")  # the dot product reads both: READ_BYTES in all
+        forms = {"dot": lambda: torch.dot(x, y), "sum": lambda: x.sum() + y.sum()}
+        for name, fn in forms.items():
             fn()
-            times.append(time.perf_counter() - start)
-        rates[name] = READ_BYTES / statistics.median(times) / 1e9
+            times = []
+            for _ in range(max(reps, 5)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            rates[f"{name}, {pages}"] = READ_BYTES / statistics.median(times) / 1e9
+        del x, y
     best = max(rates, key=rates.__getitem__)
-    return {"read_gb_s": rates[best], "read_form": best}
+    plain = max(v for k, v in rates.items() if k.endswith("4 KiB pages"))
+    return {"read_gb_s": rates[best], "read_form": best, "read_plain_gb_s": plain}
 
 
 def run_worker(a: argparse.Namespace) -> dict:
@@ -460,8 +471,10 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
           f"{env['threads']} threads; pp{env['prompt_tokens']}, tg{env['gen_tokens']} "
           f"(after {env['tg_prompt_tokens']} tokens); median of {env['reps']}")
     if env.get("read_gb_s"):
+        plain = env.get("read_plain_gb_s")
         print(f"memory read: {env['read_gb_s']:.1f} GB/s ({READ_BYTES >> 20} MiB, "
-              f"{env['read_form']}, {env['threads']} threads)")
+              f"{env['read_form']}, {env['threads']} threads"
+              + (f"; {plain:.1f} in 4 KiB pages" if plain else "") + ")")
     else:
         print(f"memory read: not measured ({env.get('read_form')})")
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -547,6 +560,7 @@ def main() -> None:
     print("memory read ...", file=sys.stderr, flush=True)
     read = run_one("memory-read", None, "-", a)
     env["read_gb_s"] = read.get("read_gb_s")
+    env["read_plain_gb_s"] = read.get("read_plain_gb_s")
     env["read_form"] = read.get("read_form", read.get("error"))
     for r in rows:
         if env["read_gb_s"] and "gb_s" in r:
