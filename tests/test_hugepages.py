@@ -34,27 +34,36 @@ def vm_flags(t: torch.Tensor) -> set[str]:
 
 
 @linux_thp
-def test_empty_starts_on_a_huge_page_marked_for_huge_pages():
-    t = hugepages.empty((3, hugepages.HUGE_PAGE // 4), torch.float32)  # 3 huge pages
-    assert t.shape == (3, hugepages.HUGE_PAGE // 4) and t.dtype == torch.float32
-    assert t.data_ptr() % hugepages.HUGE_PAGE == 0
-    assert "hg" in vm_flags(t)  # MADV_HUGEPAGE
-    t.fill_(1.5)
-    assert float(t.sum()) == 1.5 * t.numel()
+def test_arena_memory_is_marked_for_huge_pages_and_shared_in_order():
+    arena = hugepages.Arena()
+    a = arena.empty((3, hugepages.HUGE_PAGE // 4), torch.float32)  # 3 huge pages
+    assert a.shape == (3, hugepages.HUGE_PAGE // 4) and a.dtype == torch.float32
+    assert a.data_ptr() % hugepages.HUGE_PAGE == 0  # a mapping's first tensor
+    assert "hg" in vm_flags(a)  # MADV_HUGEPAGE
+    b = arena.empty((5,), torch.bfloat16)  # 10 bytes: the next tensor starts a line later
+    c = arena.empty((7, 3), torch.int8)
+    assert b.data_ptr() == a.data_ptr() + a.nbytes
+    assert c.data_ptr() == b.data_ptr() + hugepages.ALIGN
+    big = arena.empty((hugepages.CHUNK,), torch.uint8)  # past the mapping's end: a new one
+    assert big.data_ptr() % hugepages.HUGE_PAGE == 0 and "hg" in vm_flags(big)
+    for t, v in ((a, 1.5), (b, -2.0), (c, 3), (big, 7)):
+        t.fill_(v)
+    assert float(a.sum()) == 1.5 * a.numel() and b.tolist() == [-2.0] * 5
+    assert c.sum() == 63 and int(big[-1]) == 7
 
 
 @linux_thp
-def test_placed_copies_values_and_leaves_small_or_other_tensors_alone():
-    big = torch.randint(-128, 128, (1500, 2048), dtype=torch.int8)  # ~2.9 MiB
-    out = hugepages.placed(big)
-    assert out.data_ptr() != big.data_ptr() and torch.equal(out, big) and out.dtype == torch.int8
-    assert "hg" in vm_flags(out)
-    small = torch.randn(100, 100)
-    assert hugepages.placed(small) is small
+def test_placed_copies_values_and_leaves_strided_or_other_device_tensors_alone():
+    arena = hugepages.Arena()
+    for t in (torch.randint(-128, 128, (1500, 2048), dtype=torch.int8), torch.randn(100, 100),
+              torch.randn(3, 5).bfloat16()):
+        out = arena.placed(t)
+        assert out.data_ptr() != t.data_ptr() and torch.equal(out, t) and out.dtype == t.dtype
+        assert out.data_ptr() % hugepages.ALIGN == 0 and "hg" in vm_flags(out)
     strided = torch.randn(2048, 1024).t()
-    assert hugepages.placed(strided) is strided
+    assert arena.placed(strided) is strided
     on_meta = torch.empty(4096, 4096, device="meta")
-    assert hugepages.placed(on_meta) is on_meta
+    assert arena.placed(on_meta) is on_meta
 
 
 @linux_thp
@@ -75,17 +84,12 @@ def test_loaded_weights_are_in_huge_pages_but_an_untied_embedding(tmp_path, monk
 
     model = load()
     placed = model.state_dict()
-    big = [name for name, t in placed.items() if hugepages.serves(t)]
-    # the feed-forward's fused weight at least (dense 22 MiB, int8 5.5, int4 2.8)
-    assert "layers.0.feed_forward.w13.weight" in big
-    for name in big:
-        t = placed[name]
-        if name == "tok_embeddings.weight" and not tied:  # read a row a token: left as made
-            assert "hg" not in vm_flags(t)
+    for name, t in placed.items():
+        if name.startswith("tok_embeddings.") and not tied:  # read a row a token: left as made
+            assert "hg" not in vm_flags(t), name
         else:
-            assert "hg" in vm_flags(t) and t.data_ptr() % hugepages.HUGE_PAGE == 0, name
+            assert "hg" in vm_flags(t) and t.data_ptr() % hugepages.ALIGN == 0, name
     if quantize == "none":
-        assert "tok_embeddings.weight" in big  # (4 MiB: so the case above was checked)
         assert torch.equal(placed["layers.0.feed_forward.w13.weight"],
                            torch.cat([sd["layers.0.feed_forward.w1.weight"],
                                       sd["layers.0.feed_forward.w3.weight"]]))

@@ -217,6 +217,8 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
     shapes = expected_shapes(raw.args, shard)
     sources = linear_sources(raw.args)
     formats = formats or {}
+    # on CPU, what every decode pass reads goes into huge pages, in the order it is loaded
+    arena = hugepages.Arena() if device.type == "cpu" else None
 
     def get(name: str) -> torch.Tensor:
         cut = shard.slice_of(name) if shard is not None else None
@@ -251,8 +253,8 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         if len(names) == 1:
             src = read(names[0])
             t = src.to(device=device, dtype=dtype)
-            if hot:
-                t = hugepages.placed(t.contiguous())
+            if hot and arena is not None:
+                t = arena.placed(t.contiguous())
             # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever
             # its data happened to be; matmul kernels run measurably slower on weights that are
             # not 64-byte aligned, which a fresh allocation is.
@@ -264,7 +266,7 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         # Copy each part straight into its rows of the fused tensor: no converted temporaries.
         rows = sum(shapes[n][0] for n in names)
         shape = (rows, shapes[names[0]][1])
-        out = (hugepages.empty(shape, dtype) if hot and device.type == "cpu"
+        out = (arena.empty(shape, dtype) if hot and arena is not None
                else torch.empty(shape, dtype=dtype, device=device))
         start = 0
         for n in names:
@@ -323,20 +325,21 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         else:
             state = module_state(fmt, q, device=device, dtype=dtype)
         del q
-        if streamed(name):
-            state = {k: hugepages.placed(v) for k, v in state.items()}
+        if streamed(name) and arena is not None:
+            state = {k: arena.placed(v) for k, v in state.items()}
         sd.update({prefix + k: v for k, v in state.items()})
 
     sd: dict[str, torch.Tensor] = {}
     add("tok_embeddings.weight")
-    sd["norm.weight"] = dense("norm.weight")
+    sd["norm.weight"] = dense("norm.weight", hot=True)
     tied_fmt = formats.get("tok_embeddings.weight", DENSE)
     if raw.args.tie_embeddings and tied_fmt.kind == "dense":
         sd["output.weight"] = sd["tok_embeddings.weight"]
     elif raw.args.tie_embeddings:  # the same int8 rows; the scales in the product's dtype
         sd["output.weight"] = sd["tok_embeddings.weight"]
         int8 = Int8Parts(sd["tok_embeddings.weight"], sd["tok_embeddings.scales"])
-        sd["output.scales"] = module_state(INT8, int8, device=device, dtype=dtype)["scales"]
+        scales = module_state(INT8, int8, device=device, dtype=dtype)["scales"]
+        sd["output.scales"] = arena.placed(scales) if arena is not None else scales
     else:
         add("output.weight")
     total = raw.args.n_layers + 1
@@ -346,8 +349,8 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         p = f"layers.{i}."
         for key in _LAYER_SOURCES:
             add(p + key)
-        sd[p + "attention_norm.weight"] = dense(p + "attention_norm.weight")
-        sd[p + "ffn_norm.weight"] = dense(p + "ffn_norm.weight")
+        sd[p + "attention_norm.weight"] = dense(p + "attention_norm.weight", hot=True)
+        sd[p + "ffn_norm.weight"] = dense(p + "ffn_norm.weight", hot=True)
         trim_heap()
         if progress is not None:
             progress(i + 2, total)
