@@ -255,8 +255,9 @@ def run_memory_read(reps: int) -> dict:
     from llamarun import hugepages
 
     def buffers(huge: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        make = hugepages.empty if huge else torch.empty
-        return tuple(make((READ_BYTES // 8,), torch.float32).fill_(1.0) for _ in range(2))
+        arena = hugepages.Arena()
+        return tuple((arena.empty((READ_BYTES // 8,), torch.float32) if huge
+                      else torch.empty(READ_BYTES // 8)).fill_(1.0) for _ in range(2))
 
     rates = {}
     for pages in ("4 KiB pages", "huge pages"):
