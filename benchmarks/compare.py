@@ -10,8 +10,9 @@ transformers where it ran) in the same run. Timings are medians over --reps afte
 (at least one run and 1 s; 3 s after a compile). Above the tables: the machine's plain memory read
 rate with the same threads (a worker reading 1 GiB, the fastest of two streaming PyTorch reads in
 ordinary and in huge pages, where llamarun keeps its weights; the best read in ordinary pages is
-shown beside it), and each row's decode GB/s over it ("GB/s vs read": a model larger than the caches cannot decode faster
-than its weights stream; a small one partly reads from cache and can exceed 1).
+shown beside it), and each row's decode GB/s over it ("GB/s vs read": a model larger than the
+caches cannot decode faster than its weights stream; a small one partly reads from cache and can
+exceed 1).
 
 Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF), "1b" (a
 random Llama-3.2-1B-shaped model; opt-in: about 10 GB of GGUF files and a long run) and "8b" (a
