@@ -249,12 +249,12 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
         return name != "tok_embeddings.weight" or raw.args.tie_embeddings
 
     def dense(*names: str, hot: bool = False) -> torch.Tensor:
-        """The dense tensor of `names` (fused when several); hot: in huge pages on CPU."""
-        if len(names) == 1:
+        """The dense tensor of `names` (fused along rows when several); hot: in huge pages on
+        CPU (the arena's memory)."""
+        into_arena = hot and arena is not None
+        if len(names) == 1 and not into_arena:
             src = read(names[0])
             t = src.to(device=device, dtype=dtype)
-            if hot and arena is not None:
-                t = arena.placed(t.contiguous())
             # A tensor still backed by the file (same dtype, mmapped) or by numpy sits wherever
             # its data happened to be; matmul kernels run measurably slower on weights that are
             # not 64-byte aligned, which a fresh allocation is.
@@ -263,10 +263,11 @@ def build_state_dict(raw: RawCheckpoint, *, dtype: torch.dtype, device: torch.de
             if t.data_ptr() != src.data_ptr():
                 copied(names[0])
             return t
-        # Copy each part straight into its rows of the fused tensor: no converted temporaries.
+        # Copy each part straight into its rows of the result (fused, or in the arena): one
+        # converting copy, no temporaries.
         rows = sum(shapes[n][0] for n in names)
-        shape = (rows, shapes[names[0]][1])
-        out = (arena.empty(shape, dtype) if hot and arena is not None
+        shape = (rows, *shapes[names[0]][1:])
+        out = (arena.empty(shape, dtype) if into_arena
                else torch.empty(shape, dtype=dtype, device=device))
         start = 0
         for n in names:
