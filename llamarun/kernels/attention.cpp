@@ -138,8 +138,8 @@ LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale) {
 // same dot product), its softmax over its own length, its values summed in position order, so
 // a head's result depends only on its query and the keys and values, bit for bit. The heads
 // share the reading: keys and values go by in blocks that every head of the group uses while
-// they are in the L1 cache (read once from the L2 cache, not G times). s is scratch for G L8
-// floats, acc for G D.
+// they are in the L1 cache (read once from the L2 cache, not G times). G is at most 64 (attend
+// caps it: inv below). s is scratch for G L8 floats, acc for G D.
 LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const float* v,
                                 int64_t ld, int64_t L, int64_t D, float scale, float* s,
                                 float* acc, float* out) {
