@@ -228,9 +228,15 @@ def compile_options(device: torch.device) -> dict[str, object]:
     otherwise keeps some in float32, a residual sum for one, so a prompt chunk prefilled inside
     a compiled bfloat16 pass got other logits than alone, prefilled eagerly: tested); none on
     CUDA (llamarun records its own CUDA graphs, inductor's would re-record at every new
-    length)."""
+    length).
+
+    Without `size_asserts`: the wrapper otherwise checks the sizes and strides of every weight
+    and every op's result at each step (about 10 checks a layer); the weights never change
+    after loading and the ops' results are made by the ops the graph was traced with. Measured
+    on the default model (Q4_0, Intel Xeon, 2 threads, two engines alternating in one process,
+    medians of 8): compiled decode 263.8 -> 283.4 tok/s."""
     if device.type == "cpu":
-        return {"cpp_wrapper": True, "emulate_precision_casts": True}
+        return {"cpp_wrapper": True, "emulate_precision_casts": True, "size_asserts": False}
     return {}
 
 
