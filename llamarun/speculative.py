@@ -40,7 +40,7 @@ import torch
 
 from llamarun.cache_manager import CacheManager, Slot
 from llamarun.errors import InvalidArgumentError
-from llamarun.sampling import SamplingParams, logits_to_probs, multinomial
+from llamarun.sampling import SamplingParams, greedy, logits_to_probs, multinomial
 
 if TYPE_CHECKING:
     from llamarun.runner import Runner
@@ -218,7 +218,7 @@ class Speculator:
             for j, i in enumerate(active):
                 _, _, _, params, generator = rows[i]
                 if params.is_greedy:
-                    picks.append(torch.argmax(logits[j]))
+                    picks.append(greedy(logits[j]))
                 else:
                     q = logits_to_probs(logits[j], temperature=params.temperature,
                                         top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
@@ -273,7 +273,7 @@ def accept(logits: torch.Tensor, draft: Draft, params: SamplingParams,
     (len(draft.ids) + 1, vocab) after the row's last token and after each draft token."""
     k = len(draft.ids)
     if params.is_greedy:
-        best = torch.argmax(logits, dim=-1).tolist()
+        best = greedy(logits).tolist()
         n = 0
         while n < k and best[n] == draft.ids[n]:
             n += 1

@@ -11,6 +11,7 @@ from llamarun.errors import InvalidArgumentError
 from llamarun.sampling import (
     SamplingParams,
     apply_repeat_penalty,
+    greedy,
     logits_to_probs,
     make_generator,
     multinomial,
@@ -99,6 +100,20 @@ def test_greedy_is_argmax_and_needs_no_generator() -> None:
     logits = torch.tensor([[0.1, 5.0, 0.2], [3.0, 1.0, 2.0]])
     assert sample(logits, SamplingParams.greedy()).tolist() == [1, 0]
     assert SamplingParams(temperature=0.7, top_k=1).is_greedy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_matches_argmax_ties_and_nan_included(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 49152, generator=g).to(dtype)
+    logits[1, [7, 40000, 123]] = 50.0  # a tie: the first index wins, as argmax's
+    logits[2] = 0.0  # all tied
+    logits[3, [9000, 10]] = float("nan")  # NaN counts as the largest, as in argmax
+    logits[4, -1] = float("inf")
+    logits[5, :] = float("-inf")
+    want = torch.argmax(logits, dim=-1)
+    assert greedy(logits).tolist() == want.tolist() == [want[0].item(), 7, 0, 10, 49151, 0]
+    assert [greedy(row).item() for row in logits] == want.tolist()
 
 
 def test_multinomial_frequencies_match_probabilities() -> None:
