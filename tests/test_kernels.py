@@ -612,6 +612,7 @@ def _attend_data(tokens: list[tuple[int, int]], heads: int, kv_heads: int, head_
                  rows: int = 4, positions: int = 1100,
                  seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
+    positions = max(positions, max(p for _, p in tokens) + 1)
     k = torch.randn(rows, kv_heads, positions, head_dim, generator=g)
     v = torch.randn(rows, kv_heads, positions, head_dim, generator=g)
     q = torch.randn(len(tokens), heads, head_dim, generator=g) * 3  # peaked softmaxes too
@@ -626,6 +627,10 @@ ATTEND_CASES = [  # (tokens as (row, position), heads, kv heads, head_dim)
     ([(2, 999), (0, 31), (0, 32), (0, 33)], 9, 3, 64),  # SmolLM2's grouping
     ([(3, 1099), (1, 70)], 8, 2, 128),  # Llama 3's head size: two passes of 64 values
     ([(0, 6)], 6, 2, 24),  # a head size not a multiple of 64
+    # past CHUNK (1,024) keys: parts combined; alone, a decode row's parts go to their own items
+    ([(1, 2599)], 9, 3, 64),
+    ([(2, 1023), (0, 1024), (3, 2047), (1, 2048), (1, 3500)], 9, 3, 64),
+    ([(0, 1500)], 8, 8, 64),  # MHA (its 8 heads keep 2 threads busy: no part gets its own item)
 ]
 
 
@@ -652,7 +657,7 @@ def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_he
 
 @needs_attend
 def test_attend_tokens_do_not_depend_on_the_pass() -> None:
-    tokens = [(0, 50), (1, 3), (1, 4), (1, 5), (2, 1000), (3, 0), (3, 1)]
+    tokens = [(0, 50), (1, 3), (1, 4), (1, 5), (2, 1000), (3, 0), (3, 1), (0, 2500), (2, 1024)]
     q, k, v, rows, pos = _attend_data(tokens, 9, 3, 64, seed=1)
     together = kernels.attend(q, k, v, rows, pos, 0.125)
     for t in range(len(tokens)):

@@ -7,12 +7,17 @@
 // a 512-token prompt 5.1 -> 2.8 ms a layer, 2,048 tokens 108 -> 41, one decode row at 1,700
 // 0.058 -> 0.052; float32 SDPA took 2.4 ms for the 512 tokens. What did it: the values' sums
 // kept in registers, the scores 8 keys at a time, the heads of a GQA group sharing each block
-// of keys and values, and each thread's tokens reading one key/value head at a time.)
+// of keys and values, and each thread's tokens reading one key/value head at a time. Then
+// keys past 1,024 in parts of their own (CHUNK), which a decode row's threads share: SmolLM2's
+// heads, one decode row, same machine, medians of 7 over 30 layers' caches: 0.33 -> 0.28 ms a
+// layer at 3,000 keys, 0.97 -> 0.56 at 6,000, the same at 1,000 and below; a 512-token chunk
+// at 1,536 and a 2,048-token prompt 2-4% slower.)
 //
 // Row invariance: each (token, head) is computed alone, by the same instructions whatever else
 // the pass holds (its scores 8 keys at a time with the tail one at a time by the same dot
-// product, its softmax over its own length, its values summed in position order), so a
-// token's result depends only on its query and its row's past, bit for bit. (One SDPA call
+// product, its softmax over each part of its keys, the parts combined in order, its values
+// summed in position order), so a token's result depends only on its query and its row's
+// past, bit for bit. (One SDPA call
 // over padded rows does not: its result changes in the last bits with the padded length.)
 
 #include "kernels.h"
@@ -112,16 +117,16 @@ LLAMARUN_AVX2 inline void weigh_rows(const float* p, const float* v, int64_t ld,
   }
 }
 
-// s (L scores, room for L rounded up to 8) becomes exp(scale (s - max s)); returns 1 / their
-// sum. The scale is applied once, after the max (scale > 0).
-LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale) {
+// s (L scores, room for L rounded up to 8) becomes exp(scale (s - max s)); returns their sum
+// and sets m to max s. The scale is applied once, after the max (scale > 0).
+LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale, float& max_score) {
   const int64_t L8 = (L + 7) / 8 * 8;
   std::fill(s + L, s + L8, -std::numeric_limits<float>::infinity());
   __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t t = 0; t < L8; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
   float m8[8];
   _mm256_storeu_ps(m8, mv);
-  const float m = *std::max_element(m8, m8 + 8);
+  const float m = max_score = *std::max_element(m8, m8 + 8);
   const __m256 sc = _mm256_set1_ps(scale), mx = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
   for (int64_t t = 0; t < L8; t += 8) {
@@ -129,20 +134,22 @@ LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale) {
     _mm256_storeu_ps(s + t, p);
     sum = _mm256_add_ps(sum, p);
   }
-  return 1.f / hsum8(sum);
+  return hsum8(sum);
 }
 
-// The G query heads of one token that read the same key/value head (a GQA group; rows of q and
-// out D apart) over its L keys and values (rows ld apart): out[g] = softmax(scale q[g] . k) v.
+// The G query heads of one token that read the same key/value head (a GQA group; rows of q
+// D apart) over L keys and values (rows ld apart; a part of the token's positions, see
+// CHUNK): for each head g, m[g] = its largest score q . k, sum[g] = the sum over the keys of
+// exp(scale (q . k - m[g])) and acc[g] (D values) = the sum of those weights times the values.
 // Each head is computed alone: its scores (8 keys at a time, the tail one at a time, by the
-// same dot product), its softmax over its own length, its values summed in position order, so
-// a head's result depends only on its query and the keys and values, bit for bit. The heads
+// same dot product), its weights over the part, its values summed in position order, so a
+// head's result depends only on its query and the keys and values, bit for bit. The heads
 // share the reading: keys and values go by in blocks that every head of the group uses while
-// they are in the L1 cache (read once from the L2 cache, not G times). G is at most 64 (attend
-// caps it: inv below). s is scratch for G L8 floats, acc for G D.
-LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const float* v,
-                                int64_t ld, int64_t L, int64_t D, float scale, float* s,
-                                float* acc, float* out) {
+// they are in the L1 cache (read once from the L2 cache, not G times). s is scratch for G L8
+// floats.
+LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const float* k, const float* v,
+                               int64_t ld, int64_t L, int64_t D, float scale, float* s,
+                               float* acc, float* m, float* sum) {
   const int64_t L8 = (L + 7) / 8 * 8;
   int64_t t = 0;
   for (; t + 8 <= L; t += 8)
@@ -150,17 +157,80 @@ LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const
   for (; t < L; ++t)
     for (int64_t g = 0; g < G; ++g) s[g * L8 + t] = dot(q + g * D, k + t * ld, D);
   std::fill(acc, acc + G * D, 0.f);
-  float inv[64];
-  for (int64_t g = 0; g < G; ++g) inv[g] = softmax_weights(s + g * L8, L, scale);
+  for (int64_t g = 0; g < G; ++g) sum[g] = softmax_weights(s + g * L8, L, scale, m[g]);
   const int64_t block = std::max<int64_t>(8, 2048 / D);  // keys of 8 KiB of values
   for (int64_t t0 = 0; t0 < L; t0 += block)
     for (int64_t g = 0; g < G; ++g)
       weigh_rows(s + g * L8, v, ld, D, t0, std::min(L, t0 + block), acc + g * D);
+}
+
+// out[g] (D values) = acc[g] / sum[g] for G heads.
+LLAMARUN_AVX2 void normalize(const float* acc, const float* sum, int64_t G, int64_t D,
+                             float* out) {
   for (int64_t g = 0; g < G; ++g) {
-    const __m256 iv = _mm256_set1_ps(inv[g]);
+    const __m256 iv = _mm256_set1_ps(1.f / sum[g]);
     for (int64_t d = 0; d < D; d += 8)
       _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + d), iv));
   }
+}
+
+// A token's positions go in parts of CHUNK keys (the last shorter), each weighed against its
+// own largest score (attend_part), and the parts combined in order (combine_parts). The parts
+// are the same whatever the pass holds, so a token's result still depends only on its query
+// and its row's past; where few tokens share a pass (a decode row) the parts of one token go
+// to different threads, every head of a group reading each key once. A token of up to CHUNK
+// keys is one part: its numbers are those of a plain softmax. (SmolLM2's heads, one decode row,
+// 2 threads, Intel Xeon: see attend.)
+constexpr int64_t CHUNK = 1024;
+
+// The floats of one part's partial results of G heads: acc (G D), then m (G), then sum (G).
+inline int64_t part_floats(int64_t G, int64_t D) { return G * (D + 2); }
+
+// The partial results of G heads over n parts (stride floats apart, each laid out as
+// part_floats says) combined in order into out (G heads of D values): out[g] =
+// sum_c w_c acc_c[g] / sum_c w_c sum_c[g], w_c = exp(scale (m_c[g] - max_c m_c[g])). acc is
+// scratch for D floats.
+LLAMARUN_AVX2 void combine_parts(const float* parts, int64_t n, int64_t stride, int64_t G,
+                                 int64_t D, float scale, float* acc, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < n; ++c) top = std::max(top, parts[c * stride + G * D + g]);
+    float total = 0.f;
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t c = 0; c < n; ++c) {
+      const float* part = parts + c * stride;
+      const float w = std::exp(scale * (part[G * D + g] - top));
+      total = std::fma(w, part[G * D + G + g], total);
+      const __m256 wv = _mm256_set1_ps(w);
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(part + g * D + d),
+                                                  _mm256_loadu_ps(acc + d)));
+    }
+    normalize(acc, &total, 1, D, out + g * D);
+  }
+}
+
+// The G heads of one token (as attend_part) over all its L keys and values, into out: one part
+// (L <= CHUNK) normalized at once, else every part into `parts` (room for ceil(L / CHUNK) of
+// part_floats(G, D)) and combined. s is scratch for G CHUNK floats, acc for G D.
+LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const float* v,
+                                int64_t ld, int64_t L, int64_t D, float scale, float* s,
+                                float* acc, std::vector<float>& parts, float* out) {
+  float m[64], sum[64];  // G is at most 64 (attend caps it)
+  if (L <= CHUNK) {
+    attend_part(q, G, k, v, ld, L, D, scale, s, acc, m, sum);
+    normalize(acc, sum, G, D, out);
+    return;
+  }
+  const int64_t n = (L + CHUNK - 1) / CHUNK, stride = part_floats(G, D);
+  parts.resize(n * stride);
+  for (int64_t c = 0; c < n; ++c) {
+    float* part = parts.data() + c * stride;
+    const int64_t t0 = c * CHUNK;
+    attend_part(q, G, k + t0 * ld, v + t0 * ld, ld, std::min(CHUNK, L - t0), D, scale, s, part,
+                part + G * D, part + G * D + G);
+  }
+  combine_parts(parts.data(), n, stride, G, D, scale, acc, out);
 }
 
 // One head of D values rotated pairwise: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) with (c, s)
@@ -300,28 +370,65 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / KVH;
-  // Heads attended together: a whole group, or parts of it where the pass has too few tokens
-  // to keep every thread busy (one decode row of 3 key/value heads on 2 threads).
+  int64_t most = 1;  // the most parts (CHUNK keys) a token of the pass has
+  for (int64_t t = 0; t < T; ++t) most = std::max(most, (pp[t] + CHUNK) / CHUNK);
+  // Work items: (token, key/value head, part of its group, part of its keys). Where the pass
+  // has too few tokens to keep every thread busy (a decode row), a token's parts of keys go to
+  // items of their own (its heads sharing each key), and then, if still too few, its groups
+  // are cut (one decode row of 3 key/value heads and 1,024 keys or fewer on 2 threads).
+  const int64_t busy = 4 * at::get_num_threads();
+  const int64_t split = T * KVH < busy ? most : 1;  // parts of keys a token's items take
   int64_t G = std::min<int64_t>(group, 64);
-  while (G > 1 && T * KVH * ((group + G - 1) / G) < 4 * at::get_num_threads()) G = (G + 1) / 2;
-  const int64_t parts = (group + G - 1) / G;
-  at::parallel_for(0, T * KVH * parts, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s, acc(G * D);
+  while (G > 1 && T * KVH * ((group + G - 1) / G) * split < busy) G = (G + 1) / 2;
+  const int64_t parts = (group + G - 1) / G, slots = T * parts * split;
+  const int64_t stride = part_floats(G, D);
+  // split > 1: the partial results of each item's part of keys, combined after
+  std::vector<float> partial(split > 1 ? T * KVH * parts * split * stride : 0);
+  // (token, key/value head, part of group) of an item index within its head's items
+  auto locate = [&](int64_t i, int64_t& t, int64_t& kvh, int64_t& h0, int64_t& g) {
+    // Items by key/value head, so that a thread's run of them reads one head's keys and
+    // values (a long prompt's heads together outgrow the L2 cache), and within a head by
+    // tokens from both ends in turn (t = 0, T - 1, 1, T - 2, ...: a prompt's later tokens
+    // attend longer), so that both threads' halves are about as long.
+    kvh = i / slots;
+    const int64_t j = i % slots / (parts * split);
+    t = j % 2 == 0 ? j / 2 : T - 1 - j / 2;
+    h0 = kvh * group + i % (parts * split) / split * G;
+    g = std::min(G, (kvh + 1) * group - h0);
+  };
+  at::parallel_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(G * std::min<int64_t>(CHUNK, S + 7)), acc(G * D), own;
     for (int64_t i = i0; i < i1; ++i) {
-      // Items by key/value head, so that a thread's run of them reads one head's keys and
-      // values (a long prompt's heads together outgrow the L2 cache), and within a head by
-      // tokens from both ends in turn (t = 0, T - 1, 1, T - 2, ...: a prompt's later tokens
-      // attend longer), so that both threads' halves are about as long.
-      const int64_t kvh = i / (T * parts), j = i % (T * parts) / parts;
-      const int64_t t = j % 2 == 0 ? j / 2 : T - 1 - j / 2;
-      const int64_t h0 = kvh * group + i % parts * G, g = std::min(G, (kvh + 1) * group - h0);
-      const int64_t L = pp[t] + 1;
-      s.resize(g * ((L + 7) / 8 * 8));
-      const int64_t base = (rp[t] * KVH + kvh) * S * D;
-      attend_group(qp + (t * H + h0) * D, g, kp + base, vp + base, D, L, D, float(scale),
-                   s.data(), acc.data(), op + (t * H + h0) * D);
+      int64_t t, kvh, h0, g;
+      locate(i, t, kvh, h0, g);
+      const int64_t L = pp[t] + 1, base = (rp[t] * KVH + kvh) * S * D;
+      const float* qh = qp + (t * H + h0) * D;
+      if (split == 1 || L <= CHUNK) {  // the whole token (its one item when split)
+        if (i % split == 0)
+          attend_group(qh, g, kp + base, vp + base, D, L, D, float(scale), s.data(), acc.data(),
+                       own, op + (t * H + h0) * D);
+        continue;
+      }
+      const int64_t t0 = i % split * CHUNK;
+      if (t0 >= L) continue;  // this token has fewer parts
+      float* part = partial.data() + i * stride;
+      attend_part(qh, g, kp + base + t0 * D, vp + base + t0 * D, D, std::min(CHUNK, L - t0), D,
+                  float(scale), s.data(), part, part + g * D, part + g * D + g);
     }
   });
+  if (split > 1 && most > 1) {  // combine the parts of tokens of more than CHUNK keys
+    at::parallel_for(0, KVH * slots / split, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> acc(D);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t t, kvh, h0, g;
+        locate(i * split, t, kvh, h0, g);
+        const int64_t L = pp[t] + 1;
+        if (L > CHUNK)
+          combine_parts(partial.data() + i * split * stride, (L + CHUNK - 1) / CHUNK, stride, g,
+                        D, float(scale), acc.data(), op + (t * H + h0) * D);
+      }
+    });
+  }
   return out;
 }
 
