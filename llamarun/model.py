@@ -115,8 +115,12 @@ class Attention(nn.Module):
             return out if self.reduce is None else self.reduce(out)
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         # One rotation for the query and key heads together: half the small ops of two. With a
-        # cache, the rotated heads come out in its dtype (the attention's), as rope_write's do.
-        out_dtype = cache.k_cache.dtype if step is not None and cache is not None else None
+        # cache, the rotated heads come out in the attention's dtype, as rope_write's do: float32
+        # where kernels.attend serves the cache (a bfloat16 cache's keys are rounded as they are
+        # written), else the cache's.
+        out_dtype = None
+        if step is not None and cache is not None:
+            out_dtype = torch.float32 if kernels.serves_cache(cache.k_cache) else cache.k_cache.dtype
         qk = apply_rope(qk.view(1, n_tokens, self.n_heads + self.n_kv_heads, self.head_dim), freqs,
                         out_dtype)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # (1, T, heads, head_dim)
@@ -139,9 +143,9 @@ class Attention(nn.Module):
         (batch-invariant, bit for bit; one SDPA call over padded rows is not: its result
         changes in the last bits with the padded length and the batch size, measured).
 
-        Where kernels.attend serves (float32 on CPU) every token of the pass goes through it in
-        one call, each token computed alone: a token's result depends neither on its pass nor
-        on how its prompt was cut into chunks (decode rows, verifications, prompt chunks and
+        Where kernels.attend serves (float32 or bfloat16 caches on CPU) every token of the
+        pass goes through it in one call, each token computed alone: a token's result depends
+        neither on its pass nor on how its prompt was cut into chunks (decode rows, verifications, prompt chunks and
         whole prompts alike). Elsewhere each span takes one SDPA call.
 
         q (1, T, heads, head_dim), k and v (1, T, kv heads, head_dim); returns (1, T, heads,
@@ -151,10 +155,10 @@ class Attention(nn.Module):
         assert self.kv_cache is not None
         dt = self.kv_cache.k_cache.dtype  # attention may run wider than the model
         k_all, v_all = self.kv_cache.write(step.rows, step.pos, k[0].to(dt), v[0].to(dt))
-        q = q.to(dt)
-        if kernels.serves_attention(q, k_all):
+        if kernels.serves_attention(q, k_all):  # float32 queries, whatever the cache holds
             y = kernels.attend(q[0], k_all, v_all, step.rows, step.pos, self.head_dim ** -0.5)
             return y[None]
+        q = q.to(dt)
         if step.window:
             return self._attend_window(q, k_all, v_all, step)
         gqa = self.n_heads != self.n_kv_heads

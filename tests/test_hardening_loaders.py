@@ -379,7 +379,8 @@ def test_absurd_max_seq_len_suggests_what_fits(tmp_path: Path, sd: dict) -> None
     assert "\n" not in message
 
 
-def test_preflight_numbers_and_hints() -> None:
+def test_preflight_numbers_and_hints(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamarun import kernels
     from llamarun.preflight import check_memory, memory_need
 
     args = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
@@ -387,8 +388,13 @@ def test_preflight_numbers_and_hints() -> None:
     cpu = torch.device("cpu")
     need = memory_need(args, device=cpu, dtype=torch.bfloat16, max_seq_len=8192, slots=2)
     assert need.weights == args.n_params * 2  # bfloat16, untied
-    # float32 on CPU: 2 x layers x slots x kv heads x positions x head_dim x 4 bytes
-    assert need.kv_cache == 2 * 32 * 2 * 8 * 8192 * 128 * 4
+    # 2 x layers x slots x kv heads x positions x head_dim values: on CPU a bfloat16 model's
+    # cache is bfloat16 where llamarun's attention kernel serves, else float32
+    values = 2 * 32 * 2 * 8 * 8192 * 128
+    assert need.kv_cache == values * (2 if kernels.attend_available() else 4)
+    monkeypatch.setattr(kernels, "attend_available", lambda: False)  # below: a float32 cache
+    need = memory_need(args, device=cpu, dtype=torch.bfloat16, max_seq_len=8192, slots=2)
+    assert need.kv_cache == values * 4
     with pytest.raises(CheckpointError) as e:
         check_memory(args, device=cpu, dtype=torch.float32, max_seq_len=131072,
                      available=24 << 30)

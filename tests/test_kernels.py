@@ -635,12 +635,15 @@ ATTEND_CASES = [  # (tokens as (row, position), heads, kv heads, head_dim)
 
 
 @needs_attend
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ATTEND_CASES)
 def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_heads: int,
-                                head_dim: int) -> None:
+                                head_dim: int, cache_dtype: torch.dtype) -> None:
+    """Against float64 over the cache's values (a bfloat16 cache's widened exactly)."""
     q, k, v, rows, pos = _attend_data(tokens, heads, kv_heads, head_dim)
     scale = head_dim ** -0.5
-    y = kernels.attend(q, k, v, rows, pos, scale)
+    y = kernels.attend(q, k.to(cache_dtype), v.to(cache_dtype), rows, pos, scale)
+    k, v = k.to(cache_dtype).float(), v.to(cache_dtype).float()
     assert y.shape == q.shape and y.dtype == torch.float32
     group = heads // kv_heads
     for t, (row, p) in enumerate(tokens):
@@ -656,9 +659,11 @@ def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_he
 
 
 @needs_attend
-def test_attend_tokens_do_not_depend_on_the_pass() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
+def test_attend_tokens_do_not_depend_on_the_pass(cache_dtype: torch.dtype) -> None:
     tokens = [(0, 50), (1, 3), (1, 4), (1, 5), (2, 1000), (3, 0), (3, 1), (0, 2500), (2, 1024)]
     q, k, v, rows, pos = _attend_data(tokens, 9, 3, 64, seed=1)
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
     together = kernels.attend(q, k, v, rows, pos, 0.125)
     for t in range(len(tokens)):
         alone = kernels.attend(q[t:t + 1], k, v, rows[t:t + 1], pos[t:t + 1], 0.125)
@@ -676,7 +681,10 @@ def test_attend_checks_its_inputs() -> None:
         kernels.attend(q.bfloat16(), k, v, rows, pos, 0.25)
     assert not kernels.serves_attention(q.bfloat16(), k)  # the model takes SDPA there
     assert not kernels.serves_attention(torch.zeros(1, 4, 12), torch.zeros(1, 2, 8, 12))
-    assert kernels.serves_attention(q, k)
+    assert kernels.serves_attention(q, k) and kernels.serves_attention(q, k.bfloat16())
+    assert not kernels.serves_attention(q, k.half())
+    with pytest.raises(RuntimeError, match="bfloat16 caches"):
+        kernels.attend(q, k.bfloat16(), v, rows, pos, 0.25)  # keys and values alike
 
 
 @needs_attend
@@ -692,13 +700,13 @@ def test_compiled_calls_trace_through_attend() -> None:
 
 
 def _rope_data(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-               seed: int = 0) -> tuple[torch.Tensor, ...]:
+               seed: int = 0, cache_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """qkv, freqs, rows, pos and zeroed caches (4 rows of 200 positions) for rope_write."""
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 3).to(dtype)
     pos = torch.randperm(200, generator=g)[:tokens]  # distinct: each token its own entry
     rows = torch.randint(0, 4, (tokens,), generator=g)
-    caches = [torch.zeros(4, kv_heads, 200, head_dim) for _ in range(2)]
+    caches = [torch.zeros(4, kv_heads, 200, head_dim, dtype=cache_dtype) for _ in range(2)]
     return qkv, rope_cache(200, head_dim, 500000.0, None)[pos], rows, pos, *caches
 
 
@@ -706,12 +714,12 @@ def _rope_reference(qkv: torch.Tensor, freqs: torch.Tensor, rows: torch.Tensor,
                     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     heads: int) -> torch.Tensor:
     """rope_write by PyTorch's ops, as the model's compiled passes compute it: apply_rope on
-    the heads into float32 (the cache's dtype), the cache by index_put."""
+    the heads into float32, the cache by index_put (rounding into a bfloat16 cache)."""
     kv_heads = k_cache.shape[1]
     x = qkv.view(1, qkv.shape[0], heads + 2 * kv_heads, -1)
     qk = apply_rope(x[:, :, :heads + kv_heads], freqs, torch.float32)[0]
-    k_cache[rows, :, pos] = qk[:, heads:]
-    v_cache[rows, :, pos] = x[0, :, heads + kv_heads:].float()
+    k_cache[rows, :, pos] = qk[:, heads:].to(k_cache.dtype)
+    v_cache[rows, :, pos] = x[0, :, heads + kv_heads:].float().to(v_cache.dtype)
     return qk[:, :heads]
 
 
@@ -719,14 +727,18 @@ ROPE_CASES = [(1, 9, 3, 64), (7, 4, 4, 8), (70, 32, 8, 128), (3, 6, 2, 24)]
 
 
 @needs_attend
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ROPE_CASES)
 def test_rope_write_gives_pytorchs_rotation_and_cache_bit_for_bit(
-        tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+        cache_dtype: torch.dtype) -> None:
     """rope_write rotates as rope.apply_rope into float32 does (the same float32 products and
-    sums, for bfloat16 heads too) and writes the cache as index_put does: the model's numbers
-    do not change with it."""
-    qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, heads, kv_heads, head_dim, dtype)
+    sums, for bfloat16 heads too) and writes the cache as index_put does (a bfloat16 cache's
+    keys and values rounded once, as .to(bfloat16) rounds): the model's numbers do not change
+    with it."""
+    qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(tokens, heads, kv_heads, head_dim, dtype,
+                                                         cache_dtype=cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     q = kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos, heads)
     q_ref = _rope_reference(qkv, freqs, rows, pos, k_ref, v_ref, heads)
@@ -744,7 +756,7 @@ def test_rope_write_checks_its_inputs() -> None:
     qkv, freqs, rows, pos, k_cache, v_cache = _rope_data(5, 6, 2, 16, torch.float32, seed=3)
     assert kernels.serves_rope(qkv, k_cache) and kernels.serves_rope(qkv.bfloat16(), k_cache)
     assert not kernels.serves_rope(qkv.half(), k_cache)
-    assert not kernels.serves_rope(qkv, k_cache.bfloat16())
+    assert kernels.serves_rope(qkv, k_cache.bfloat16()) and not kernels.serves_rope(qkv, k_cache.half())
     with pytest.raises(RuntimeError, match="row or position"):
         kernels.rope_write(qkv, freqs, k_cache, v_cache, rows, pos + 200, 6)
     with pytest.raises(RuntimeError, match="row or position"):

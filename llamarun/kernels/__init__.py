@@ -15,7 +15,8 @@ the AVX2 tiles' bits) where the CPU has them. It is compiled at first use with t
 CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
 
-`attention.cpp` holds `attend`: float32 attention over the KV cache, every token of a pass
+`attention.cpp` holds `attend`: float32 attention over a float32 or bfloat16 KV cache (and
+`rope_write`, which fills it), every token of a pass
 (decode rows, verifications, prompt chunks, whole prompts) over its own row's past, in one call
 (AVX2). `rowwise.cpp` holds the layers' other per-token ops (`rms_norm`, `silu_mul`; float32, and
 bfloat16 computed in float32).
@@ -505,11 +506,18 @@ def _attend_cpu() -> bool:
     return ext is not None and bool(ext.attend_supported())
 
 
+def serves_cache(k_cache: torch.Tensor) -> bool:
+    """Whether attend and rope_write serve this KV cache: float32 or bfloat16 on CPU (see
+    device.attention_dtype), a head size that is a multiple of 8. Attention over it then
+    computes in float32 (the queries' dtype)."""
+    return (k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.device.type == "cpu"
+            and k_cache.shape[-1] % 8 == 0 and attend_available())
+
+
 def serves_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether attend(q, k_cache, ...) runs this package's kernel: float32 on CPU (the KV
-    cache's dtype there), a head size that is a multiple of 8."""
-    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and q.device.type == "cpu" and q.shape[-1] % 8 == 0 and attend_available())
+    """Whether attend(q, k_cache, ...) runs this package's kernel: float32 queries over a cache
+    it serves (serves_cache)."""
+    return q.dtype == torch.float32 and q.device.type == "cpu" and serves_cache(k_cache)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
@@ -525,9 +533,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: 
 
 def serves_rope(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether rope_write(qkv, ..., k_cache, ...) runs this package's kernel: float32 or
-    bfloat16 qkv into a float32 cache on CPU (where attend serves, the same head sizes)."""
-    return (qkv.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == torch.float32
-            and qkv.device.type == "cpu" and k_cache.shape[-1] % 8 == 0 and attend_available())
+    bfloat16 qkv into a cache attend serves (serves_cache)."""
+    return (qkv.dtype in (torch.float32, torch.bfloat16) and qkv.device.type == "cpu"
+            and serves_cache(k_cache))
 
 
 def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
@@ -536,12 +544,13 @@ def rope_write(qkv: torch.Tensor, freqs: torch.Tensor, k_cache: torch.Tensor,
     """Rotate the query and key heads of qkv (T, (n_heads + 2 kv heads) * head_dim: each
     token's query, key and value heads) by freqs (T, head_dim // 2, 2: each token's cos and
     sin), write each token's keys and values at pos[t] of cache row rows[t] (k_cache, v_cache:
-    (rows, kv heads, positions, head_dim), float32), and return the queries (T, n_heads,
-    head_dim), float32 (check serves_rope first; eager passes only).
+    (rows, kv heads, positions, head_dim), float32 or bfloat16), and return the queries
+    (T, n_heads, head_dim), float32 (check serves_rope first; eager passes only).
 
     The numbers are those of rope.apply_rope on qkv's heads into float32 (the same products
-    and sums; bfloat16 heads rotated in float32, not rounded back) written by index_put, as
-    compiled passes compute them: one call instead of about 20 ops."""
+    and sums; bfloat16 heads rotated in float32, not rounded back) written by index_put (which
+    rounds them once into a bfloat16 cache), as compiled passes compute them: one call instead
+    of about 20 ops."""
     return _extension().rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads)
 
 

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -145,23 +146,50 @@ LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale, float& max
 // same dot product), its weights over the part, its values summed in position order, so a
 // head's result depends only on its query and the keys and values, bit for bit. The heads
 // share the reading: keys and values go by in blocks that every head of the group uses while
-// they are in the L1 cache (read once from the L2 cache, not G times). s is scratch for G L8
-// floats.
-LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const float* k, const float* v,
-                               int64_t ld, int64_t L, int64_t D, float scale, float* s,
+// they are in the L1 cache (read once from the L2 cache, not G times). A bfloat16 cache's
+// blocks are widened to float32 once (into kf: room for a block of keys or values, `block`
+// rows of D), then read as a float32 cache's are. s is scratch for G L8 floats.
+inline int64_t key_block(int64_t D) { return std::max<int64_t>(8, 2048 / D); }  // 8 KiB of float32
+
+LLAMARUN_AVX2 inline void widen_rows(const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
+                                     float* out) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + r * D + d, load8(x + r * ld + d));
+}
+
+template <typename CT>
+LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const CT* k, const CT* v, int64_t ld,
+                               int64_t L, int64_t D, float scale, float* s, float* kf,
                                float* acc, float* m, float* sum) {
-  const int64_t L8 = (L + 7) / 8 * 8;
-  int64_t t = 0;
-  for (; t + 8 <= L; t += 8)
-    for (int64_t g = 0; g < G; ++g) dot8(q + g * D, k + t * ld, ld, D, s + g * L8 + t);
-  for (; t < L; ++t)
-    for (int64_t g = 0; g < G; ++g) s[g * L8 + t] = dot(q + g * D, k + t * ld, D);
+  const int64_t L8 = (L + 7) / 8 * 8, block = key_block(D);
+  constexpr bool wide = std::is_same_v<CT, float>;
+  for (int64_t t0 = 0; t0 < L; t0 += block) {
+    const int64_t n = std::min(block, L - t0);
+    const float* kb;  // the block's keys as float32, rows kld apart
+    int64_t kld;
+    if constexpr (wide) {
+      kb = k + t0 * ld, kld = ld;
+    } else {
+      widen_rows(k + t0 * ld, ld, n, D, kf), kb = kf, kld = D;
+    }
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8)
+      for (int64_t g = 0; g < G; ++g) dot8(q + g * D, kb + t * kld, kld, D, s + g * L8 + t0 + t);
+    for (; t < n; ++t)
+      for (int64_t g = 0; g < G; ++g) s[g * L8 + t0 + t] = dot(q + g * D, kb + t * kld, D);
+  }
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) sum[g] = softmax_weights(s + g * L8, L, scale, m[g]);
-  const int64_t block = std::max<int64_t>(8, 2048 / D);  // keys of 8 KiB of values
-  for (int64_t t0 = 0; t0 < L; t0 += block)
-    for (int64_t g = 0; g < G; ++g)
-      weigh_rows(s + g * L8, v, ld, D, t0, std::min(L, t0 + block), acc + g * D);
+  for (int64_t t0 = 0; t0 < L; t0 += block) {
+    const int64_t t1 = std::min(L, t0 + block);
+    if constexpr (wide) {
+      for (int64_t g = 0; g < G; ++g) weigh_rows(s + g * L8, v, ld, D, t0, t1, acc + g * D);
+    } else {
+      widen_rows(v + t0 * ld, ld, t1 - t0, D, kf);
+      for (int64_t g = 0; g < G; ++g)
+        weigh_rows(s + g * L8 + t0, kf, D, D, 0, t1 - t0, acc + g * D);
+    }
+  }
 }
 
 // out[g] (D values) = acc[g] / sum[g] for G heads.
@@ -212,13 +240,15 @@ LLAMARUN_AVX2 void combine_parts(const float* parts, int64_t n, int64_t stride, 
 
 // The G heads of one token (as attend_part) over all its L keys and values, into out: one part
 // (L <= CHUNK) normalized at once, else every part into `parts` (room for ceil(L / CHUNK) of
-// part_floats(G, D)) and combined. s is scratch for G CHUNK floats, acc for G D.
-LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const float* v,
-                                int64_t ld, int64_t L, int64_t D, float scale, float* s,
+// part_floats(G, D)) and combined. s is scratch for G CHUNK floats, kf for a block of D-value
+// rows, acc for G D.
+template <typename CT>
+LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const CT* k, const CT* v, int64_t ld,
+                                int64_t L, int64_t D, float scale, float* s, float* kf,
                                 float* acc, std::vector<float>& parts, float* out) {
   float m[64], sum[64];  // G is at most 64 (attend caps it)
   if (L <= CHUNK) {
-    attend_part(q, G, k, v, ld, L, D, scale, s, acc, m, sum);
+    attend_part(q, G, k, v, ld, L, D, scale, s, kf, acc, m, sum);
     normalize(acc, sum, G, D, out);
     return;
   }
@@ -227,8 +257,8 @@ LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const
   for (int64_t c = 0; c < n; ++c) {
     float* part = parts.data() + c * stride;
     const int64_t t0 = c * CHUNK;
-    attend_part(q, G, k + t0 * ld, v + t0 * ld, ld, std::min(CHUNK, L - t0), D, scale, s, part,
-                part + G * D, part + G * D + G);
+    attend_part(q, G, k + t0 * ld, v + t0 * ld, ld, std::min(CHUNK, L - t0), D, scale, s, kf,
+                part, part + G * D, part + G * D + G);
   }
   combine_parts(parts.data(), n, stride, G, D, scale, acc, out);
 }
@@ -237,27 +267,28 @@ LLAMARUN_AVX2 void attend_group(const float* q, int64_t G, const float* k, const
 // the pair's entry of f (D / 2 pairs). Two products and one add or subtract a value, as
 // PyTorch's rope (rope.apply_rope) computes it in float32: the same bits, bfloat16 heads
 // included (read as float32; the result stays float32, as the model asks apply_rope for).
-template <typename InT>
-LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, float* out) {
+template <typename InT, typename OutT>
+LLAMARUN_AVX2 void rotate_head(const InT* x, const float* f, int64_t D, OutT* out) {
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 v = load8(x + d);
     const __m256 cs = _mm256_loadu_ps(f + d);  // c0 s0 c1 s1 ...
     const __m256 a = _mm256_mul_ps(v, _mm256_moveldup_ps(cs));                     // x c
     const __m256 b = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_movehdup_ps(cs));  // x' s
-    _mm256_storeu_ps(out + d, _mm256_addsub_ps(a, b));  // even: x0 c - x1 s, odd: x1 c + x0 s
+    store8(out + d, _mm256_addsub_ps(a, b));  // even: x0 c - x1 s, odd: x1 c + x0 s
   }
 }
 
-template <typename InT>
-LLAMARUN_AVX2 void copy_head(const InT* x, int64_t D, float* out) {
-  for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, load8(x + d));
+template <typename InT, typename OutT>
+LLAMARUN_AVX2 void copy_head(const InT* x, int64_t D, OutT* out) {
+  for (int64_t d = 0; d < D; d += 8) store8(out + d, load8(x + d));
 }
 
-// Token t of qkv (T, (H + 2 KVH) D): its H query heads rotated into q (H, D), its KVH key heads
-// rotated into k and its value heads copied into v (float32; k and v rows of ldkv floats apart).
-template <typename InT>
+// Token t of qkv (T, (H + 2 KVH) D): its H query heads rotated into q (H, D, float32), its KVH
+// key heads rotated into k and its value heads copied into v (float32, or rounded to bfloat16
+// once; k and v rows of ldkv values apart).
+template <typename InT, typename CT>
 LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t KVH, int64_t D,
-                              float* q, float* k, float* v, int64_t ldkv) {
+                              float* q, CT* k, CT* v, int64_t ldkv) {
   for (int64_t h = 0; h < H; ++h) rotate_head(x + h * D, f, D, q + h * D);
   for (int64_t h = 0; h < KVH; ++h) {
     rotate_head(x + (H + h) * D, f, D, k + h * ldkv);
@@ -310,65 +341,11 @@ void for_tokens(const torch::Tensor& qkv, const torch::Tensor& freqs, F&& f) {
   else run(qkv.data_ptr<c10::BFloat16>());
 }
 
-}  // namespace
-
-namespace llamarun {
-
-// qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
-// freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs; caches (R, KVH, S, D) float32.
-// Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads too, the result
-// float32, as rope.apply_rope into the cache's dtype does), writes token t's key and value
-// heads at position pos[t] of row rows[t] of the caches and returns its queries: q (T, H, D),
-// float32.
-torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                         torch::Tensor& k_cache, torch::Tensor& v_cache,
-                         const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_write: caches");
-  const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
-  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
-  TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
-  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "rope_write");
-  const int64_t* rp = rc.data_ptr<int64_t>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  auto xc = qkv.contiguous();
-  auto fc = freqs.contiguous();
-  auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
-  float* qp = q.data_ptr<float>();
-  float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
-  for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
-    const int64_t entry = (rp[t] * KVH * S + pp[t]) * D;  // the token's key head 0 in the cache
-    rope_token(x, f, H, KVH, D, qp + t * H * D, kp + entry, vp + entry, S * D);
-  });
-  return q;
-}
-
-bool attend_supported() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-// q (T, H, D) float32; k, v (R, KVH, S, D) float32 caches (H a multiple of KVH, D of 8);
-// rows, pos (T,) int64. Returns (T, H, D): token t's query heads attend positions 0..pos[t] of
-// cache row rows[t] (query head h reads key/value head h / (H / KVH)).
-torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                     const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "attend: shapes");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat, "attend: float32 only");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
-  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "attend");
-  const int64_t* rp = rc.data_ptr<int64_t>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  auto qc = q.contiguous();
-  auto out = torch::empty({T, H, D}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// attend's work on checked operands (caches of float32 or bfloat16 CT; see attend).
+template <typename CT>
+void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* rp,
+                   const int64_t* pp, int64_t T, int64_t H, int64_t D, int64_t KVH, int64_t S,
+                   float scale, float* op) {
   const int64_t group = H / KVH;
   int64_t most = 1;  // the most parts (CHUNK keys) a token of the pass has
   for (int64_t t = 0; t < T; ++t) most = std::max(most, (pp[t] + CHUNK) / CHUNK);
@@ -398,6 +375,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   };
   at::parallel_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s(G * std::min<int64_t>(CHUNK, S + 7)), acc(G * D), own;
+    std::vector<float> kf(std::is_same_v<CT, float> ? 0 : key_block(D) * D);
     for (int64_t i = i0; i < i1; ++i) {
       int64_t t, kvh, h0, g;
       locate(i, t, kvh, h0, g);
@@ -405,15 +383,15 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
       const float* qh = qp + (t * H + h0) * D;
       if (split == 1 || L <= CHUNK) {  // the whole token (its one item when split)
         if (i % split == 0)
-          attend_group(qh, g, kp + base, vp + base, D, L, D, float(scale), s.data(), acc.data(),
-                       own, op + (t * H + h0) * D);
+          attend_group(qh, g, kp + base, vp + base, D, L, D, scale, s.data(), kf.data(),
+                       acc.data(), own, op + (t * H + h0) * D);
         continue;
       }
       const int64_t t0 = i % split * CHUNK;
       if (t0 >= L) continue;  // this token has fewer parts
       float* part = partial.data() + i * stride;
       attend_part(qh, g, kp + base + t0 * D, vp + base + t0 * D, D, std::min(CHUNK, L - t0), D,
-                  float(scale), s.data(), part, part + g * D, part + g * D + g);
+                  scale, s.data(), kf.data(), part, part + g * D, part + g * D + g);
     }
   });
   if (split > 1 && most > 1) {  // combine the parts of tokens of more than CHUNK keys
@@ -425,10 +403,84 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
         const int64_t L = pp[t] + 1;
         if (L > CHUNK)
           combine_parts(partial.data() + i * split * stride, (L + CHUNK - 1) / CHUNK, stride, g,
-                        D, float(scale), acc.data(), op + (t * H + h0) * D);
+                        D, scale, acc.data(), op + (t * H + h0) * D);
       }
     });
   }
+}
+
+}  // namespace
+
+namespace llamarun {
+
+// qkv (T, (H + 2 KVH) D) float32 or bfloat16, each token's query, key and value heads in a row;
+// freqs (T, D / 2, 2) float32, each token's (cos, sin) pairs; caches (R, KVH, S, D) float32 or
+// bfloat16. Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads too, the
+// result float32, as rope.apply_rope into float32 does), writes token t's key and value heads
+// at position pos[t] of row rows[t] of the caches (rounded once into a bfloat16 cache, as
+// .to(bfloat16) rounds) and returns its queries: q (T, H, D), float32.
+torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                         torch::Tensor& k_cache, torch::Tensor& v_cache,
+                         const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_write: caches");
+  const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
+  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
+  TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
+  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "rope_write");
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  auto xc = qkv.contiguous();
+  auto fc = freqs.contiguous();
+  auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
+  float* qp = q.data_ptr<float>();
+  auto write = [&](auto* kp, auto* vp) {
+    for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
+      const int64_t entry = (rp[t] * KVH * S + pp[t]) * D;  // the token's key head 0 in the cache
+      rope_token(x, f, H, KVH, D, qp + t * H * D, kp + entry, vp + entry, S * D);
+    });
+  };
+  if (k_cache.scalar_type() == at::kFloat)
+    write(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else
+    write(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+  return q;
+}
+
+bool attend_supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// q (T, H, D) float32; k, v (R, KVH, S, D) float32 or bfloat16 caches (computed in float32: a
+// bfloat16 cache's values widened exactly; H a multiple of KVH, D of 8);
+// rows, pos (T,) int64. Returns (T, H, D): token t's query heads attend positions 0..pos[t] of
+// cache row rows[t] (query head h reads key/value head h / (H / KVH)).
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "attend: shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) &&
+                  v.scalar_type() == k.scalar_type(),
+              "attend: float32 queries, float32 or bfloat16 caches");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
+  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "attend");
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  auto qc = q.contiguous();
+  auto out = torch::empty({T, H, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (k.scalar_type() == at::kFloat)
+    attend_tokens(qp, k.data_ptr<float>(), v.data_ptr<float>(), rp, pp, T, H, D, KVH, S,
+                  float(scale), op);
+  else
+    attend_tokens(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), rp, pp, T, H, D,
+                  KVH, S, float(scale), op);
   return out;
 }
 
