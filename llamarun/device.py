@@ -103,7 +103,8 @@ def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
         return dtype
     from llamarun import kernels  # (not at import: the kernels' module imports torch's library)
 
-    return torch.bfloat16 if dtype == torch.bfloat16 and kernels.attend_available() else torch.float32
+    bf16 = dtype == torch.bfloat16 and kernels.attend_available()
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def synchronize(device: torch.device) -> None:

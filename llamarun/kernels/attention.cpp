@@ -41,11 +41,13 @@ LLAMARUN_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(under, exp_in_range(x));
 }
 
-// q . k over D values (D a multiple of 8): one accumulator, chunks in order.
-LLAMARUN_AVX2 inline float dot(const float* q, const float* k, int64_t D) {
-  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+// q . k over D values (D a multiple of 8; k float32, or bfloat16 widened as it is read): one
+// accumulator, chunks in order.
+template <typename CT>
+LLAMARUN_AVX2 inline float dot(const float* q, const CT* k, int64_t D) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
   for (int64_t d = 8; d < D; d += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
   return hsum8(acc);
 }
 
@@ -67,17 +69,18 @@ LLAMARUN_AVX2 inline __m256 hsum8x8(const __m256 (&a)[8]) {
 }
 
 // Eight keys at once (independent chains, more work in flight); each result is what dot gives.
-LLAMARUN_AVX2 inline void dot8(const float* q, const float* k, int64_t ldk, int64_t D,
+template <typename CT>
+LLAMARUN_AVX2 inline void dot8(const float* q, const CT* k, int64_t ldk, int64_t D,
                                float* out) {
   __m256 a[8];
   __m256 qv = _mm256_loadu_ps(q);
 #pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(qv, _mm256_loadu_ps(k + j * ldk));
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(qv, load8(k + j * ldk));
   for (int64_t d = 8; d < D; d += 8) {
     qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
-      a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ldk + d), a[j]);
+      a[j] = _mm256_fmadd_ps(qv, load8(k + j * ldk + d), a[j]);
   }
   _mm256_storeu_ps(out, hsum8x8(a));
 }
@@ -85,35 +88,36 @@ LLAMARUN_AVX2 inline void dot8(const float* q, const float* k, int64_t ldk, int6
 // acc (8 N values) += sum over t in [t0, t1) of p[t] v[t] (rows ld apart), in position order,
 // the sums kept in registers through the range (N is known when compiling: a loop bound known
 // only at run time had kept them in memory, each add waiting on a store, 3x slower).
-template <int N>
-LLAMARUN_AVX2 inline void weigh_values(const float* p, const float* v, int64_t ld, int64_t t0,
+template <int N, typename CT>
+LLAMARUN_AVX2 inline void weigh_values(const float* p, const CT* v, int64_t ld, int64_t t0,
                                        int64_t t1, float* acc) {
   __m256 a[N];
 #pragma GCC unroll 8
   for (int i = 0; i < N; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
   for (int64_t t = t0; t < t1; ++t) {
     const __m256 pt = _mm256_set1_ps(p[t]);
-    const float* vt = v + t * ld;
+    const CT* vt = v + t * ld;
 #pragma GCC unroll 8
-    for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * i), a[i]);
+    for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(pt, load8(vt + 8 * i), a[i]);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < N; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 
 // weigh_values over all D values of the rows (a multiple of 8), 64 at a time.
-LLAMARUN_AVX2 inline void weigh_rows(const float* p, const float* v, int64_t ld, int64_t D,
+template <typename CT>
+LLAMARUN_AVX2 inline void weigh_rows(const float* p, const CT* v, int64_t ld, int64_t D,
                                      int64_t t0, int64_t t1, float* acc) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) weigh_values<8>(p, v + d0, ld, t0, t1, acc + d0);
+  for (; d0 + 64 <= D; d0 += 64) weigh_values<8, CT>(p, v + d0, ld, t0, t1, acc + d0);
   switch ((D - d0) / 8) {  // what is left of D: 8 to 56 values
-    case 1: weigh_values<1>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 2: weigh_values<2>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 3: weigh_values<3>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 4: weigh_values<4>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 5: weigh_values<5>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 6: weigh_values<6>(p, v + d0, ld, t0, t1, acc + d0); break;
-    case 7: weigh_values<7>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 1: weigh_values<1, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 2: weigh_values<2, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 3: weigh_values<3, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 4: weigh_values<4, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 5: weigh_values<5, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 6: weigh_values<6, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
+    case 7: weigh_values<7, CT>(p, v + d0, ld, t0, t1, acc + d0); break;
     default: break;
   }
 }
@@ -162,33 +166,42 @@ LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const CT* k, const CT*
                                int64_t L, int64_t D, float scale, float* s, float* kf,
                                float* acc, float* m, float* sum) {
   const int64_t L8 = (L + 7) / 8 * 8, block = key_block(D);
+  // a bfloat16 block widened once where several heads read it; one head reads it as it goes
+  // (the same float32 values either way: the same bits)
   constexpr bool wide = std::is_same_v<CT, float>;
+  const bool direct = wide || G == 1;
   for (int64_t t0 = 0; t0 < L; t0 += block) {
     const int64_t n = std::min(block, L - t0);
-    const float* kb;  // the block's keys as float32, rows kld apart
-    int64_t kld;
-    if constexpr (wide) {
-      kb = k + t0 * ld, kld = ld;
-    } else {
-      widen_rows(k + t0 * ld, ld, n, D, kf), kb = kf, kld = D;
+    auto scores = [&](const auto* kb, int64_t kld) {  // the block's keys, rows kld apart
+      int64_t t = 0;
+      for (; t + 8 <= n; t += 8)
+        for (int64_t g = 0; g < G; ++g) dot8(q + g * D, kb + t * kld, kld, D, s + g * L8 + t0 + t);
+      for (; t < n; ++t)
+        for (int64_t g = 0; g < G; ++g) s[g * L8 + t0 + t] = dot(q + g * D, kb + t * kld, D);
+    };
+    if constexpr (!wide) {
+      if (!direct) {
+        widen_rows(k + t0 * ld, ld, n, D, kf);
+        scores(static_cast<const float*>(kf), D);
+        continue;
+      }
     }
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8)
-      for (int64_t g = 0; g < G; ++g) dot8(q + g * D, kb + t * kld, kld, D, s + g * L8 + t0 + t);
-    for (; t < n; ++t)
-      for (int64_t g = 0; g < G; ++g) s[g * L8 + t0 + t] = dot(q + g * D, kb + t * kld, D);
+    scores(k + t0 * ld, ld);
   }
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) sum[g] = softmax_weights(s + g * L8, L, scale, m[g]);
   for (int64_t t0 = 0; t0 < L; t0 += block) {
     const int64_t t1 = std::min(L, t0 + block);
-    if constexpr (wide) {
-      for (int64_t g = 0; g < G; ++g) weigh_rows(s + g * L8, v, ld, D, t0, t1, acc + g * D);
-    } else {
-      widen_rows(v + t0 * ld, ld, t1 - t0, D, kf);
-      for (int64_t g = 0; g < G; ++g)
-        weigh_rows(s + g * L8 + t0, kf, D, D, 0, t1 - t0, acc + g * D);
+    if constexpr (!wide) {
+      if (!direct) {
+        widen_rows(v + t0 * ld, ld, t1 - t0, D, kf);
+        for (int64_t g = 0; g < G; ++g)
+          weigh_rows(s + g * L8 + t0, static_cast<const float*>(kf), D, D, 0, t1 - t0,
+                     acc + g * D);
+        continue;
+      }
     }
+    for (int64_t g = 0; g < G; ++g) weigh_rows(s + g * L8, v, ld, D, t0, t1, acc + g * D);
   }
 }
 
@@ -207,8 +220,7 @@ LLAMARUN_AVX2 void normalize(const float* acc, const float* sum, int64_t G, int6
 // are the same whatever the pass holds, so a token's result still depends only on its query
 // and its row's past; where few tokens share a pass (a decode row) the parts of one token go
 // to different threads, every head of a group reading each key once. A token of up to CHUNK
-// keys is one part: its numbers are those of a plain softmax. (SmolLM2's heads, one decode row,
-// 2 threads, Intel Xeon: see attend.)
+// keys is one part: its numbers are those of a plain softmax. (Measured: see this file's head.)
 constexpr int64_t CHUNK = 1024;
 
 // The floats of one part's partial results of G heads: acc (G D), then m (G), then sum (G).
