@@ -95,9 +95,10 @@ def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     On CPU attention computes in float32: PyTorch's CPU attention is several times slower in
     16-bit than in float32 (measured: 113 vs 18 us for one query over 256 cached positions).
     llamarun's attention kernel (kernels.attend) reads a bfloat16 cache, widening each block of
-    keys and values to float32 once: a bfloat16 model's cache is bfloat16 where it serves (half
-    the bytes each decode step reads: SmolLM2's heads, one row, 0.28 -> 0.17 ms a layer at
-    3,000 positions; half the memory), float32 elsewhere. Other devices: the model's dtype.
+    keys and values to float32 as it reads them: a bfloat16 model's cache is bfloat16 where it
+    serves (half the bytes each decode step reads: SmolLM2's heads, one row, 0.25 -> 0.22 ms a
+    layer at 3,000 positions and 0.51 -> 0.40 at 6,000, both caches in one process; half the
+    memory), float32 elsewhere. Other devices: the model's dtype.
     """
     if device.type != "cpu":
         return dtype

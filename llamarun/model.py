@@ -145,8 +145,9 @@ class Attention(nn.Module):
 
         Where kernels.attend serves (float32 or bfloat16 caches on CPU) every token of the
         pass goes through it in one call, each token computed alone: a token's result depends
-        neither on its pass nor on how its prompt was cut into chunks (decode rows, verifications, prompt chunks and
-        whole prompts alike). Elsewhere each span takes one SDPA call.
+        neither on its pass nor on how its prompt was cut into chunks (decode rows,
+        verifications, prompt chunks and whole prompts alike). Elsewhere each span takes one
+        SDPA call.
 
         q (1, T, heads, head_dim), k and v (1, T, kv heads, head_dim); returns (1, T, heads,
         head_dim). (Each query keeps the (1, S, heads, hd) -> (1, heads, S, hd) view: CPU SDPA
