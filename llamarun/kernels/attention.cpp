@@ -155,10 +155,10 @@ LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale, float& max
 // rows of D), then read as a float32 cache's are. s is scratch for G L8 floats.
 inline int64_t key_block(int64_t D) { return std::max<int64_t>(8, 2048 / D); }  // 8 KiB of float32
 
+// n rows of D bfloat16 values (ld apart) -> float32 rows D apart.
 LLAMARUN_AVX2 inline void widen_rows(const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
                                      float* out) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + r * D + d, load8(x + r * ld + d));
+  for (int64_t r = 0; r < n; ++r) load_bf16(x + r * ld, D, out + r * D);
 }
 
 template <typename CT>

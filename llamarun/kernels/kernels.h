@@ -58,6 +58,13 @@ LLAMARUN_AVX2 inline __m256 round_bf16(__m256 v) {
                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+// n bfloat16 values -> float32 (exact).
+LLAMARUN_AVX2 inline void load_bf16(const c10::BFloat16* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+  for (; i < n; ++i) out[i] = float(x[i]);
+}
+
 // 8 float32 values -> p (float32 as they are; bfloat16 rounded by round_bf16): load8's inverse.
 LLAMARUN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 LLAMARUN_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {

@@ -72,13 +72,6 @@ LLAMARUN_AVX2 void store_bf16(const float* x, int64_t n, c10::BFloat16* out) {
   for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
 }
 
-// bfloat16 -> float32 (exact).
-LLAMARUN_AVX2 void load_bf16(const c10::BFloat16* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
-  for (; i < n; ++i) out[i] = float(x[i]);
-}
-
 // Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
 // written to out (x's dtype: bfloat16 results rounded once, from float32).
 template <typename F>
@@ -124,8 +117,10 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
   // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
   std::vector<float> wf;
-  const float* wp = wc.scalar_type() == at::kFloat ? wc.data_ptr<float>() : nullptr;
-  if (wp == nullptr) {
+  const float* wp;
+  if (wc.scalar_type() == at::kFloat) {
+    wp = wc.data_ptr<float>();
+  } else {
     wf.resize(D);
     load_bf16(wc.data_ptr<c10::BFloat16>(), D, wf.data());
     wp = wf.data();
