@@ -45,8 +45,7 @@ class Arena:
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized CPU tensor in huge-page memory (torch.empty where Linux has none)."""
-        numel = torch.Size(shape).numel()
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if _MADV is None or nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         start = -(-self._next // ALIGN) * ALIGN
