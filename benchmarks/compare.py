@@ -243,39 +243,15 @@ def run_llama_cpp(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict
     return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft, "load_s": load_s}
 
 
-READ_BYTES = 2**30  # the memory read's buffer: larger than any cache of these machines
-
-
 def run_memory_read(reps: int) -> dict:
-    """GB/s of a plain read of READ_BYTES from memory: the best median of two streaming reads
-    (a float32 dot product and a sum; both vectorized and split over the threads), each over
-    memory in ordinary pages and in huge pages (llamarun.hugepages, where llamarun's weights
-    are: the ratios compare against the faster)."""
-    import torch
+    """GB/s of a plain read of 1 GiB from memory (`llamarun.memory_read`: the best of a
+    float32 dot product and a sum, in ordinary and in huge pages, where llamarun's weights are:
+    the ratios compare against the faster)."""
+    from llamarun import memory_read
 
-    from llamarun import hugepages
-
-    def buffers(huge: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        arena = hugepages.Arena()
-        return tuple((arena.empty((READ_BYTES // 8,), torch.float32) if huge
-                      else torch.empty(READ_BYTES // 8)).fill_(1.0) for _ in range(2))
-
-    rates = {}
-    for pages in ("4 KiB pages", "huge pages"):
-        x, y = buffers(pages == "huge pages")  # the dot product reads both: READ_BYTES in all
-        forms = {"dot": lambda: torch.dot(x, y), "sum": lambda: x.sum() + y.sum()}
-        for name, fn in forms.items():
-            fn()
-            times = []
-            for _ in range(max(reps, 5)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            rates[f"{name}, {pages}"] = READ_BYTES / statistics.median(times) / 1e9
-        del x, y
-    best = max(rates, key=rates.__getitem__)
-    plain = max(v for k, v in rates.items() if k.endswith("4 KiB pages"))
-    return {"read_gb_s": rates[best], "read_form": best, "read_plain_gb_s": plain}
+    read = memory_read.measure("cpu", reps=max(reps, 5))
+    return {"read_gb_s": read.gb_s, "read_form": read.form, "read_plain_gb_s": read.plain_gb_s,
+            "read_bytes": read.nbytes}
 
 
 def run_worker(a: argparse.Namespace) -> dict:
@@ -474,7 +450,7 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
           f"(after {env['tg_prompt_tokens']} tokens); median of {env['reps']}")
     if env.get("read_gb_s"):
         plain = env.get("read_plain_gb_s")
-        print(f"memory read: {env['read_gb_s']:.1f} GB/s ({READ_BYTES >> 20} MiB, "
+        print(f"memory read: {env['read_gb_s']:.1f} GB/s ({env['read_bytes'] >> 20} MiB, "
               f"{env['read_form']}, {env['threads']} threads"
               + (f"; {plain:.1f} in 4 KiB pages" if plain else "") + ")")
     else:
@@ -563,6 +539,7 @@ def main() -> None:
     read = run_one("memory-read", None, "-", a)
     env["read_gb_s"] = read.get("read_gb_s")
     env["read_plain_gb_s"] = read.get("read_plain_gb_s")
+    env["read_bytes"] = read.get("read_bytes")
     env["read_form"] = read.get("read_form", read.get("error"))
     for r in rows:
         if env["read_gb_s"] and "gb_s" in r:
