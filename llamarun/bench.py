@@ -100,6 +100,9 @@ class BenchResult:
     # Speculative decoding: its kind, acceptance rate, tokens per target step, and the decode
     # speed of the same runs without drafts (measured after them) with the speed-up.
     speculative: dict[str, object] | None = None
+    # The device's plain memory read (llamarun.memory_read), when asked for: its GB/s, form and
+    # ordinary-memory GB/s, and the decode's weight stream over it (decode_vs_read).
+    memory_read: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data."""
@@ -198,12 +201,14 @@ def check_bench_context(engine: Engine, *, prompt_tokens: Sequence[int], gen_tok
 
 
 def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_tokens: int = 128,
-              repetitions: int = 3, seed: int = 0,
+              repetitions: int = 3, seed: int = 0, memory_read: bool = False,
               progress: Callable[[BenchStep], None] | None = None) -> BenchResult:
     """Benchmark prefill at each prompt length and decoding of gen_tokens, after a warm-up.
 
     Prompts are random token ids (seeded). The KV cache grows if the lengths need more room.
-    progress(step) is called before each warm-up or measured step.
+    progress(step) is called before each warm-up or measured step. With memory_read, the
+    device's plain memory read is timed last (after the peak memory is taken) and the decode's
+    weight stream compared with it.
     """
     if not prompt_tokens or min(prompt_tokens) < 1:
         raise InvalidArgumentError("prompt lengths must be positive integers")
@@ -219,6 +224,8 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
     total = (len(prompts) + 1) * (repetitions + 1)
     if engine.speculator is not None:
         total += repetitions  # the decode runs again without drafts
+    if memory_read:
+        total += 1
     counter = iter(range(1, total + 1))
 
     def report(name: str, rep: int) -> None:
@@ -282,7 +289,7 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
             "tokens_per_step": repetitions * gen_tokens / steps if steps else 0.0,
             "plain_tok_s": asdict(plain_tok_s),
             "speedup": statistics.fmean(tg_tok_s) / plain_tok_s.mean}
-    total, per_tok = weight_bytes(engine)
+    model_bytes, per_tok = weight_bytes(engine)
     tok_s = Stat.of(tg_tok_s)
     q = statistics.quantiles(per_token, n=10, method="inclusive") if len(per_token) > 1 else per_token * 9
     decode = DecodeStats(
@@ -291,14 +298,29 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
         bandwidth_gb_s=per_tok * tok_s.mean / 1e9)
     prefill = tuple(PrefillStats(n, Stat.of([n / t for t in ts]), Stat.of(ts))
                     for n, ts in pp_times.items())
+    peak_rss, peak_device = peak_rss_bytes(), peak_device_memory(engine.device)
+    tensor_parallel = _tensor_parallel_stats(engine, timed_s)  # each rank's peaks, before the read
+    read = None
+    if memory_read:
+        report("memory read", 1)
+        read = _memory_read(engine.device, decode.bandwidth_gb_s)
     return BenchResult(
         model=str(engine.checkpoint.path), layout=engine.checkpoint.layout,
-        n_params=engine.args.n_params, model_bytes=total, bytes_per_token=per_tok,
+        n_params=engine.args.n_params, model_bytes=model_bytes, bytes_per_token=per_tok,
         dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
         compiled=engine.compiled_in_use, repetitions=repetitions, load_s=engine.load_s,
-        warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss_bytes(),
-        peak_device_bytes=peak_device_memory(engine.device), env=environment(engine),
-        tensor_parallel=_tensor_parallel_stats(engine, timed_s), speculative=speculative)
+        warmup_s=warmup_s, prefill=prefill, decode=decode, peak_rss_bytes=peak_rss,
+        peak_device_bytes=peak_device, env=environment(engine),
+        tensor_parallel=tensor_parallel, speculative=speculative, memory_read=read)
+
+
+def _memory_read(device: torch.device, decode_gb_s: float) -> dict[str, object]:
+    """The device's plain memory read and the decode's GB/s over it."""
+    from llamarun import memory_read
+
+    read = memory_read.measure(device)
+    return {"gb_s": read.gb_s, "form": read.form, "plain_gb_s": read.plain_gb_s,
+            "bytes": read.nbytes, "decode_vs_read": decode_gb_s / read.gb_s}
 
 
 def _spec_counts(engine: Engine) -> tuple[int, int, int]:

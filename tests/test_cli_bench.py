@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from rich.console import Console
 
+from llamarun import memory_read
 from llamarun.bench import BenchStep, run_bench
 from llamarun.cli import console
 from llamarun.device import default_dtype
@@ -66,6 +67,32 @@ def test_bench_other_formats(fmt: str, one_thread: None) -> None:
         assert r.stdout.startswith("| metric | value |") and "| pp16 |" in r.stdout
     else:
         assert "tg4" in r.stdout and "pp8" in r.stdout
+
+
+def test_bench_memory_read(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_read, "READ_BYTES", 8 << 20)  # the test's read: 8 MiB
+    r = invoke("-p", "8", "-g", "4", "-r", "1", "--json", "--memory-read")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    m = d["memory_read"]
+    assert m["bytes"] == 8 << 20 and 0 < m["plain_gb_s"] <= m["gb_s"]
+    assert m["decode_vs_read"] == pytest.approx(d["decode"]["bandwidth_gb_s"] / m["gb_s"])
+    assert m["form"].split(", ")[0] in ("dot", "sum")
+    r = invoke("-p", "8", "-g", "4", "-r", "1", "--memory-read")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("memory read: "))
+    assert "GB/s" in line and "decode streams" in line
+    r = invoke("-p", "8", "-g", "4", "-r", "1", "--json")  # not asked for: not measured
+    assert json.loads(r.stdout)["memory_read"] is None
+
+
+def test_run_bench_memory_read_is_the_last_step(engine: Engine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_read, "READ_BYTES", 8 << 20)
+    steps: list[BenchStep] = []
+    run_bench(engine, prompt_tokens=(4,), gen_tokens=2, repetitions=1, memory_read=True,
+              progress=steps.append)
+    assert [(s.name, s.repetition) for s in steps][-1] == ("memory read", 1)
+    assert [s.index for s in steps] == list(range(1, 6)) and {s.total for s in steps} == {5}
 
 
 def test_bench_bad_values() -> None:

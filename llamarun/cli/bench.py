@@ -55,6 +55,12 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
          f"{ms(d.time_per_token_p50_s)} / {ms(d.time_per_token_p90_s)}"),
         ("memory bandwidth", f"{d.bandwidth_gb_s:.2f} GB/s "
                              f"({r.bytes_per_token / 2**20:.1f} MiB of weights per token)"),
+    ]
+    if r.memory_read is not None:
+        m = r.memory_read
+        out.append(("memory read", f"{float(m['gb_s']):.2f} GB/s ({m['form']}; "  # type: ignore[arg-type]
+                    f"decode streams {float(m['decode_vs_read']):.2f} of it)"))  # type: ignore[arg-type]
+    out += [
         ("peak host RSS", f"{r.peak_rss_bytes / 2**20:.0f} MiB"),
     ]
     if r.peak_device_bytes is not None:
@@ -90,6 +96,8 @@ def bench(
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to decode")] = 128,
     repetitions: Annotated[int, typer.Option(
         "--repetitions", "-r", help="Measured runs after the warm-up")] = 3,
+    memory_read: Annotated[bool, typer.Option(
+        "--memory-read", help="Also time this device's plain memory read (1 GiB, a few seconds) and show the decode's weight stream as a share of it")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --output json")] = False,
     output: Annotated[str, typer.Option(
         "--output", "-o", metavar="FORMAT", help="table, md, json or jsonl (one line per prompt length)")] = "table",
@@ -118,12 +126,14 @@ def bench(
                 update(step_text(step), step.index - 1, step.total)
 
         result = run_bench(engine, prompt_tokens=lengths, gen_tokens=gen_tokens,
-                           repetitions=repetitions, progress=progress)
+                           repetitions=repetitions, memory_read=memory_read, progress=progress)
     render(result, fmt)
 
 
 def step_text(step: BenchStep) -> str:
-    """`warm-up (and compile): pp512`, `repetition 2 of 3: tg128`."""
+    """`warm-up (and compile): pp512`, `repetition 2 of 3: tg128`, `memory read`."""
+    if step.name == "memory read":
+        return step.name
     if step.repetition == 0:
         return f"warm-up{' (and compile)' if step.index == 1 else ''}: {step.name}"
     return f"repetition {step.repetition} of {step.repetitions}: {step.name}"
