@@ -315,10 +315,15 @@ def run_bench(engine: Engine, *, prompt_tokens: Sequence[int] = (512,), gen_toke
 
 
 def _memory_read(device: torch.device, decode_gb_s: float) -> dict[str, object]:
-    """The device's plain memory read and the decode's GB/s over it."""
+    """The device's plain memory read and the decode's GB/s over it; where its buffers cannot
+    be had (a machine short of memory), {"error": why}: the measured runs are kept."""
     from llamarun import memory_read
 
-    read = memory_read.measure(device)
+    try:
+        read = memory_read.measure(device)
+    except (RuntimeError, MemoryError, OSError) as e:
+        text = str(e).strip().splitlines()
+        return {"error": f"{type(e).__name__}: {text[0] if text else 'no memory'}"}
     return {"gb_s": read.gb_s, "form": read.form, "plain_gb_s": read.plain_gb_s,
             "bytes": read.nbytes, "decode_vs_read": decode_gb_s / read.gb_s}
 

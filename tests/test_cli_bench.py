@@ -85,6 +85,19 @@ def test_bench_memory_read(one_thread: None, monkeypatch: pytest.MonkeyPatch) ->
     assert json.loads(r.stdout)["memory_read"] is None
 
 
+def test_bench_memory_read_short_of_memory(one_thread: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 536870912 bytes.\nmore")
+
+    monkeypatch.setattr(memory_read, "measure", fail)
+    r = invoke("-p", "8", "-g", "4", "-r", "1", "--memory-read")
+    assert r.exit_code == 0, r.output  # the measured runs are reported
+    assert "tg4" in r.stdout
+    assert ("memory read: not measured (RuntimeError: DefaultCPUAllocator: not enough memory: "
+            "you tried to allocate 536870912 bytes.)") in r.stdout.splitlines()
+
+
 def test_run_bench_memory_read_is_the_last_step(engine: Engine,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_read, "READ_BYTES", 8 << 20)

@@ -56,8 +56,10 @@ def rows(r: BenchResult) -> list[tuple[str, str]]:
         ("memory bandwidth", f"{d.bandwidth_gb_s:.2f} GB/s "
                              f"({r.bytes_per_token / 2**20:.1f} MiB of weights per token)"),
     ]
-    if r.memory_read is not None:
-        m = r.memory_read
+    m = r.memory_read
+    if m is not None and "error" in m:
+        out.append(("memory read", f"not measured ({m['error']})"))
+    elif m is not None:
         out.append(("memory read", f"{float(m['gb_s']):.2f} GB/s ({m['form']}; "  # type: ignore[arg-type]
                     f"decode streams {float(m['decode_vs_read']):.2f} of it)"))  # type: ignore[arg-type]
     out += [
