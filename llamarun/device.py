@@ -114,10 +114,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_CPUINFO = Path("/proc/cpuinfo")  # Linux: the CPU's model name
+
+
 def device_name(device: torch.device) -> str:
-    """A human-readable name of the device."""
+    """A human-readable name of the device: the GPU's name, or the CPU's model name where Linux
+    gives it ("AMD EPYC 9R14 Processor"), else what Python knows ("x86_64", "arm")."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        for line in _CPUINFO.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
     import platform
 
     return platform.processor() or platform.machine() or "cpu"

@@ -13,7 +13,8 @@ from rich.console import Console
 from llamarun import memory_read
 from llamarun.bench import BenchStep, run_bench
 from llamarun.cli import console
-from llamarun.device import default_dtype
+from llamarun import device as device_mod
+from llamarun.device import default_dtype, device_name
 from llamarun.cli import app
 from llamarun.engine import Engine
 from engine_util import engine, one_thread, stories_meta  # noqa: F401
@@ -106,6 +107,20 @@ def test_run_bench_memory_read_is_the_last_step(engine: Engine,
               progress=steps.append)
     assert [(s.name, s.repetition) for s in steps][-1] == ("memory read", 1)
     assert [s.index for s in steps] == list(range(1, 6)) and {s.total for s in steps} == {5}
+
+
+def test_cpu_device_name(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+                    "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
+    monkeypatch.setattr(device_mod, "_CPUINFO", info)
+    assert device_name(torch.device("cpu")) == "AMD EPYC 9R14 96-Core Processor"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # no model name (some ARM kernels)
+    import platform
+    assert device_name(torch.device("cpu")) == (platform.processor() or platform.machine() or "cpu")
+    monkeypatch.setattr(device_mod, "_CPUINFO", tmp_path / "missing")
+    assert device_name(torch.device("cpu")) == (platform.processor() or platform.machine() or "cpu")
 
 
 def test_bench_bad_values() -> None:
