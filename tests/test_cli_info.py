@@ -10,7 +10,7 @@ import torch
 
 from llamarun import kernels
 from llamarun.cli import app
-from llamarun.device import default_dtype
+from llamarun.device import default_dtype, device_name
 from engine_util import one_thread, stories_meta  # noqa: F401
 
 
@@ -31,6 +31,10 @@ def test_info_json(one_thread: None) -> None:
     assert d["layout"] == "meta" and d["parameters"] == 292_800 and d["tokenizer"] == "sentencepiece"
     assert d["chat_format"] == "llama2" and d["stop_tokens"] == {"2": "</s>"}
     assert d["config"]["n_layers"] == 5 and d["kv_cache_tokens"] == 512
+    assert d["device"] == "cpu" and d["device_name"] == device_name(torch.device("cpu"))
+    assert d["threads"] == torch.get_num_threads()
+    r = CliRunner().invoke(app, ["info", "-m", str(stories_meta())], env={"LLAMARUN_MODEL": None})
+    assert f"device: cpu ({d['device_name']}, {d['threads']} threads)" in r.stdout.splitlines()
     ours = kernels.bf16_available() or kernels.int8_available()
     assert d["kernels"].startswith("llamarun's" if ours else "PyTorch's")
     assert ("int4" in d["kernels"]) == kernels.int4_available()

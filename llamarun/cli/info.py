@@ -8,10 +8,13 @@ from typing import Annotated
 
 import typer
 
+import torch
+
 from llamarun import kernels
 from llamarun.cli import app, console, settings
 from llamarun.cli.common import load_engine
 from llamarun.cli.options import ModelOptions, model_command
+from llamarun.device import device_name
 from llamarun.engine import Engine
 from llamarun.generation_config import generation_defaults
 
@@ -32,6 +35,8 @@ def describe(engine: Engine, *, dtype_spec: str = "auto") -> dict[str, object]:
         "layout": engine.checkpoint.layout,
         "parameters": engine.args.n_params,
         "device": str(engine.device),
+        "device_name": device_name(engine.device),
+        "threads": torch.get_num_threads(),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "dtype_reason": _dtype_reason(engine, dtype_spec),
         "weights": engine.checkpoint.format_counts(),
@@ -99,6 +104,9 @@ def info(
     stops = data.pop("stop_tokens")
     data.pop("stored_as")  # per tensor: --json only
     data["dtype"] = f"{data['dtype']} ({data.pop('dtype_reason')})"
+    threads = data.pop("threads")  # the CPU's threads: what a CPU device computes with
+    data["device"] = f"{data['device']} ({data.pop('device_name')}" + (
+        f", {threads} threads)" if engine.device.type == "cpu" else ")")
     weights = data.pop("weights")
     sampling = data.pop("sampling_defaults")
     from_model = data.pop("sampling_defaults_from_model")
