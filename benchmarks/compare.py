@@ -419,14 +419,11 @@ def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
 
 def environment(a: argparse.Namespace) -> dict[str, Any]:
     """CPU, versions and settings printed above the tables."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    import torch
+
+    from llamarun.device import device_name
+
+    cpu = device_name(torch.device("cpu"))  # the model name from /proc/cpuinfo where Linux has it
     versions = {}
     for pkg in ("torch", "llama_cpp_python", "transformers", "llamarun"):
         try:
