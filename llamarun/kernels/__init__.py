@@ -298,6 +298,12 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def serves_int8(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether int8_linear(x, weight, ...) runs this package's kernel (else it returns None)."""
+    return (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
+            and weight.dtype == torch.int8 and 0 < _rows(x) <= int8_max_rows())
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor,
                 scales: torch.Tensor) -> torch.Tensor | None:
     """x @ (weight * scales[:, None]).T by the int8 kernel where it serves, else None.
@@ -306,8 +312,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor,
     than `_weight_int8pack_mm` for decode rows. Activations are quantized to int8 in blocks of
     64 values (VNNI) or 32 (AVX2), as llama.cpp's Q8 activations are (in blocks of 32).
     """
-    if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
-            and weight.dtype == torch.int8 and 0 < _rows(x) <= int8_max_rows()):
+    if not serves_int8(x, weight):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
@@ -476,6 +481,12 @@ def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | N
                                      scratch(n, k, torch.bfloat16))
 
 
+def serves_int4(x: torch.Tensor) -> bool:
+    """Whether int4_linear(x, ...) runs this package's kernel (else it returns None)."""
+    return (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
+            and 0 < _rows(x) <= INT4_MAX_ROWS and int4_available())
+
+
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group: int, n: int) -> torch.Tensor | None:
     """x @ W.T (n outputs) with W[n, k] = (q - 8) * scales[n, k // group] + zeros[n, k // group],
@@ -483,8 +494,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
     a Q4_0 weight's), by the 4-bit kernel where it serves (bfloat16 or float32 x on CPU,
     1..INT4_MAX_ROWS rows; AVX2 or AVX512-VNNI tiles), else None. Activations are quantized to
     int8 in blocks of 32 values."""
-    if not (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu"
-            and 0 < _rows(x) <= INT4_MAX_ROWS and int4_available()):
+    if not serves_int4(x):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
