@@ -36,6 +36,11 @@ class Linear(nn.Linear):
             return (x.unsqueeze(-2) * self.weight).sum(-1)
         return linear(x, self.weight)  # llamarun.kernels' product where one serves
 
+    def kernel_product(self, x: torch.Tensor) -> kernels.Product | None:
+        """The product forward(x) hands a llamarun kernel, for kernels.decode_layer; None where
+        it takes another path."""
+        return kernels.dense_product(x, self.weight)
+
 
 @dataclass(frozen=True)
 class Span:
@@ -241,8 +246,34 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, step: Step | None) -> torch.Tensor:
+        fused = self._fused(x, freqs, step) if step is not None else None
+        if fused is not None:
+            return fused
         h = x + self.attention(self.attention_norm(x), freqs, step)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def _fused(self, x: torch.Tensor, freqs: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """The layer in one kernels.decode_layer call, where each of its ops would run one of
+        llamarun's kernels anyway (eager passes on CPU; not a tensor-parallel rank's layer,
+        whose partial outputs are summed between the ops): the same numbers with a fraction of
+        the calls. None elsewhere."""
+        attention, ffn = self.attention, self.feed_forward
+        cache = attention.kv_cache
+        if (cache is None or step.window or attention.reduce is not None
+                or ffn.reduce is not None or self.attention_norm.eps != self.ffn_norm.eps
+                or not kernels.serves_layer(x, cache.k_cache, self.attention_norm.weight,
+                                            self.ffn_norm.weight)):
+            return None
+        products = []
+        for module in (attention.wqkv, attention.wo, ffn.w13, ffn.w2):
+            product = module.kernel_product(x) if hasattr(module, "kernel_product") else None
+            if product is None:
+                return None
+            products.append(product)
+        return kernels.decode_layer(x, self.attention_norm.weight, self.ffn_norm.weight,
+                                    self.attention_norm.eps, tuple(products), freqs,
+                                    cache.k_cache, cache.v_cache, step.rows, step.pos,
+                                    attention.n_heads, attention.head_dim ** -0.5)
 
 
 class Transformer(nn.Module):

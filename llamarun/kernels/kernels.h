@@ -124,6 +124,15 @@ void pieces_for(int64_t n, F&& f) {
   });
 }
 
+// linear.cpp's products (Python's checks first: see llamarun/kernels/__init__.py)
+}  // namespace llamarun
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
+                          const torch::Tensor& wscale);
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& z, int64_t group, int64_t N);
+namespace llamarun {
+
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& rows, const torch::Tensor& pos, double scale);
@@ -135,5 +144,17 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor silu_mul(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
+// layer.cpp: a whole layer of a pass (where attend_supported says so)
+torch::Tensor decode_layer(
+    const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
+    double eps, int64_t qkv_kind, const torch::Tensor& qkv_a, const torch::Tensor& qkv_b,
+    const torch::Tensor& qkv_c, int64_t qkv_group, int64_t qkv_n, int64_t o_kind,
+    const torch::Tensor& o_a, const torch::Tensor& o_b, const torch::Tensor& o_c,
+    int64_t o_group, int64_t o_n, int64_t up_kind, const torch::Tensor& up_a,
+    const torch::Tensor& up_b, const torch::Tensor& up_c, int64_t up_group, int64_t up_n,
+    int64_t down_kind, const torch::Tensor& down_a, const torch::Tensor& down_b,
+    const torch::Tensor& down_c, int64_t down_group, int64_t down_n, const torch::Tensor& freqs,
+    torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& rows,
+    const torch::Tensor& pos, int64_t n_heads, double scale);
 
 }  // namespace llamarun

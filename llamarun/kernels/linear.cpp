@@ -1130,4 +1130,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write", &llamarun::rope_write);
   m.def("rms_norm", &llamarun::rms_norm);
   m.def("silu_mul", &llamarun::silu_mul);
+  m.def("decode_layer", &llamarun::decode_layer);
 }

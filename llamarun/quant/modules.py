@@ -50,6 +50,11 @@ class Int8Linear(nn.Module):
         """The dequantized weight (out, in) in `dtype`."""
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
+    def kernel_product(self, x: torch.Tensor) -> kernels.Product | None:
+        """The product forward(x) hands llamarun's int8 kernel, for kernels.decode_layer (or
+        None)."""
+        return kernels.int8_product(x, self.weight, self.scales) if self.kernel else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Where PyTorch's approximate kernel would run, llamarun's (VNNI, M <= 8) may instead
         y = kernels.int8_linear(x, self.weight, self.scales) if self.kernel else None
@@ -162,6 +167,15 @@ class Int4Linear(nn.Module):
         w = (q.to(dtype) - 8).view(self.out_features, groups, self.group_size)
         w = w * sz[:, :, 0].t()[..., None] + sz[:, :, 1].t()[..., None]
         return w.view(self.out_features, self.in_features)
+
+    def kernel_product(self, x: torch.Tensor) -> kernels.Product | None:
+        """The product forward(x) hands llamarun's 4-bit kernel, for kernels.decode_layer (or
+        None)."""
+        if (self.layout != "llamarun"
+                or kernels.int4_gemm_serves(x, self.out_features, self.in_features)):
+            return None
+        return kernels.int4_product(x, self.weight, self.scales, self.zeros, self.group_size,
+                                    self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "llamarun":

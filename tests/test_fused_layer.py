@@ -1,0 +1,213 @@
+"""kernels.decode_layer: a whole layer of an eager pass in one call gives, bit for bit, the
+logits and KV caches of the layer run op by op (eager or compiled), for every kind of product
+and pass; where it does not serve (a tensor-parallel rank's layer, a product no kernel takes, a
+compiled pass) the layer runs op by op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamarun import kernels
+from llamarun.config import ModelArgs
+from llamarun.loaders import load_checkpoint
+from llamarun.model import Span, Transformer
+from llamarun.runner import ROW_BIAS, decode_rows
+from model_util import random_meta_state_dict, write_meta_folder
+
+pytestmark = pytest.mark.skipif(not kernels.attend_available(),
+                                reason="no attention kernel (AVX2 and FMA): no fused layer here")
+
+# Passes over 3 cache rows: two prompts prefilled together, a decode pass of 3 rows, a decode
+# row beside a prompt chunk, one row alone.
+PASSES = [
+    ([Span(0, 0, 7), Span(1, 0, 3)], [1, 403, 407, 261, 378, 432, 383, 1, 286, 261]),
+    ([Span(0, 7, 1), Span(1, 3, 1), Span(2, 0, 1)], [298, 315, 1]),
+    ([Span(0, 8, 1), Span(2, 1, 5)], [421, 376, 298, 315, 421, 261]),
+    ([Span(1, 4, 1)], [432]),
+]
+
+
+# Every product's width a multiple of 32 (and of 16, which the int8 kernel's modules need),
+# except the down projection's 352 inputs for groups of 64: there int4 falls back to int8.
+PARAMS = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
+          "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 10000.0}
+ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=352,
+                 head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_meta_folder(tmp_path_factory.mktemp("fused") / "m", PARAMS,
+                             [random_meta_state_dict(ARGS, seed=3)])
+
+
+def _model(folder: Path, dtype: str, quantize: str | None, group_size: int = 32) -> Transformer:
+    if dtype == "bfloat16" and not kernels.bf16_available() and quantize is None:
+        pytest.skip("no bfloat16 kernel (AVX512-BF16) on this machine")
+    if quantize == "int8" and not kernels.int8_available():
+        pytest.skip("no int8 kernel on this machine")
+    if quantize == "int4" and not kernels.int4_available():
+        pytest.skip("no 4-bit kernel on this machine")
+    ck = load_checkpoint(folder, device="cpu", dtype=dtype, quantize=quantize or "none",
+                         group_size=group_size)
+    ck.model.setup_caches(3, 32)
+    return ck.model
+
+
+def _run(model: Transformer, fuse: bool,
+         monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[int]]:
+    """Every pass's logits, and how many layers each pass ran through decode_layer."""
+    calls = [0]
+    real = kernels.decode_layer
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "decode_layer", counted)
+    monkeypatch.setattr(kernels, "fuse_layers", fuse)
+    model.reset_caches()
+    logits, fused = [], []
+    with torch.inference_mode():
+        for spans, ids in PASSES:
+            before = calls[0]
+            logits.append(model.forward_spans(torch.tensor(ids), spans))
+            fused.append(calls[0] - before)
+    return logits, fused
+
+
+def _caches(model: Transformer) -> list[torch.Tensor]:
+    return [c.clone() for layer in model.layers
+            for c in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
+
+
+@pytest.mark.parametrize("dtype,quantize", [
+    ("float32", None), ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8"),
+    ("float32", "int4"), ("bfloat16", "int4")])
+def test_fused_layers_give_the_op_by_op_numbers(folder: Path, dtype: str, quantize: str | None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(folder, dtype, quantize)
+    fused_logits, fused_calls = _run(model, True, monkeypatch)
+    fused_caches = _caches(model)
+    plain_logits, plain_calls = _run(model, False, monkeypatch)
+    assert plain_calls == [0] * len(PASSES)
+    layers = len(model.layers)
+    # Every pass is fused, but for bfloat16 dense weights the 10-token prefill (the bfloat16
+    # kernel takes up to kernels.MAX_ROWS rows: past that, oneDNN's GEMM, op by op).
+    first = 0 if dtype == "bfloat16" and quantize is None else layers
+    assert fused_calls == [first, layers, layers, layers]
+    for a, b in zip(fused_logits, plain_logits):
+        assert torch.equal(a, b)
+    for a, b in zip(fused_caches, _caches(model)):
+        assert torch.equal(a, b)
+
+
+def test_int4_layers_mix_kinds_of_products(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In groups of 64 the down projection (352 inputs) stays int8: one layer call computes
+    4-bit and int8 products, with the numbers of the layer op by op."""
+    model = _model(folder, "bfloat16", "int4", group_size=64)
+    layer = model.layers[0]
+    kinds = [m.kernel_product(torch.zeros(1, 128, dtype=torch.bfloat16))[0]  # type: ignore[index]
+             for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                       layer.feed_forward.w2)]
+    assert kinds == [kernels.INT4, kernels.INT4, kernels.INT4, kernels.INT8]
+    fused, calls = _run(model, True, monkeypatch)
+    assert calls == [len(model.layers)] * len(PASSES)
+    plain, _ = _run(model, False, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+
+
+def test_tensor_parallel_layers_run_op_by_op(folder: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's layer sums its partial outputs between the ops (reduce): never fused."""
+    model = _model(folder, "float32", None)
+    sums: list[int] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        sums.append(1)
+        return t
+
+    for layer in model.layers:
+        layer.attention.reduce = layer.feed_forward.reduce = reduce
+    _, calls = _run(model, True, monkeypatch)
+    assert calls == [0] * len(PASSES)
+    assert len(sums) == 2 * len(model.layers) * len(PASSES)
+
+
+def test_layers_of_products_no_kernel_takes_run_op_by_op(folder: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(folder, "float32", None)
+    monkeypatch.setattr(kernels, "f32_available", lambda: False)  # the float32 kernel's check
+    _, calls = _run(model, True, monkeypatch)
+    assert calls == [0] * len(PASSES)
+
+
+def test_decode_layer_checks_its_products(folder: Path) -> None:
+    model = _model(folder, "float32", None)
+    layer = model.layers[0]
+    x = torch.randn(1, 128)
+    products = [list(m.kernel_product(x))  # type: ignore[arg-type]
+                for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                          layer.feed_forward.w2)]
+    cache = layer.attention.kv_cache
+    rows, pos = torch.tensor([0]), torch.tensor([0])
+
+    def call(products: list[list]) -> torch.Tensor:  # type: ignore[type-arg]
+        return kernels.decode_layer(x, layer.attention_norm.weight, layer.ffn_norm.weight, 1e-5,
+                                    tuple(tuple(p) for p in products),  # type: ignore[arg-type]
+                                    model.freqs[pos], cache.k_cache, cache.v_cache, rows, pos,
+                                    4, 32 ** -0.5)
+
+    assert call(products).shape == x.shape
+    bad_kind = [p.copy() for p in products]
+    bad_kind[1][0] = 7
+    with pytest.raises(RuntimeError, match="product kind"):
+        call(bad_kind)
+    swapped = [products[0], products[0], products[2], products[3]]  # Q/K/V as the output
+    with pytest.raises(RuntimeError):
+        call(swapped)
+
+
+@pytest.mark.slow
+def test_compiled_step_gets_the_fused_layers_numbers(folder: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled decode step keeps the layer's ops (inductor's code between the kernels,
+    kernels.serves_layer): through inductor and its C++ wrapper, as llamarun compiles, it gives
+    the logits and caches of the eager step of fused layers, bit for bit."""
+    from llamarun.device import compile_options
+
+    model = _model(folder, "bfloat16", "int4")
+    args = (torch.tensor([5, 6]), torch.tensor([0, 1]), torch.tensor([3, 4]),
+            (ROW_BIAS, 1 + ROW_BIAS), (4, 5))
+    calls = [0]
+    real = kernels.decode_layer
+
+    def counted(*a, **k):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "decode_layer", counted)
+
+    def after_prompts(step: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.reset_caches()
+        with torch.inference_mode():
+            model.forward_spans(torch.tensor([1, 403, 407, 1, 286, 261, 376]),
+                                [Span(0, 0, 3), Span(1, 0, 4)])
+            return step(model, *args), _caches(model)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(decode_rows, fullgraph=True, dynamic=True,
+                                 options=compile_options(torch.device("cpu")))
+        got, got_caches = after_prompts(compiled)
+        assert calls[0] == len(model.layers)  # the eager prefill's; none in the compiled step
+        want, want_caches = after_prompts(decode_rows)
+        assert calls[0] == 3 * len(model.layers)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
