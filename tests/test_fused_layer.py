@@ -58,9 +58,8 @@ def _model(folder: Path, dtype: str, quantize: str | None, group_size: int = 32)
     return ck.model
 
 
-def _run(model: Transformer, fuse: bool,
-         monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[int]]:
-    """Every pass's logits, and how many layers each pass ran through decode_layer."""
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter, in a list of one, of the calls of kernels.decode_layer from now on."""
     calls = [0]
     real = kernels.decode_layer
 
@@ -69,6 +68,13 @@ def _run(model: Transformer, fuse: bool,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "decode_layer", counted)
+    return calls
+
+
+def _run(model: Transformer, fuse: bool,
+         monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[int]]:
+    """Every pass's logits, and how many layers each pass ran through decode_layer."""
+    calls = _count_calls(monkeypatch)
     monkeypatch.setattr(kernels, "fuse_layers", fuse)
     model.reset_caches()
     logits, fused = [], []
@@ -183,14 +189,7 @@ def test_compiled_step_gets_the_fused_layers_numbers(folder: Path,
     model = _model(folder, "bfloat16", "int4")
     args = (torch.tensor([5, 6]), torch.tensor([0, 1]), torch.tensor([3, 4]),
             (ROW_BIAS, 1 + ROW_BIAS), (4, 5))
-    calls = [0]
-    real = kernels.decode_layer
-
-    def counted(*a, **k):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(kernels, "decode_layer", counted)
+    calls = _count_calls(monkeypatch)
 
     def after_prompts(step: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.reset_caches()
