@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamarun.config import ModelArgs
-from llamarun.model import Transformer
+from llamarun.model import Span, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=200, hidden_dim=128,
                  head_dim=8, rope_theta=10000.0)
@@ -87,3 +87,11 @@ def test_cache_is_allocated_once_and_written_in_place(model, tokens):
 def test_batch_larger_than_cache_is_a_clear_error(model):
     with pytest.raises(ValueError, match="max batch size"):
         model(torch.zeros(4, 1, dtype=torch.long), torch.tensor([0]))
+
+
+def test_tokens_not_matching_their_spans_are_a_clear_error(model):
+    """A pass's packed tokens are exactly its spans' (not a failure inside a kernel)."""
+    with pytest.raises(ValueError, match="tokens for spans of 3"):
+        model.forward_spans(torch.zeros(4, dtype=torch.long), [Span(0, 0, 2), Span(1, 0, 1)])
+    with pytest.raises(ValueError, match="tokens for spans of 2"):
+        model.forward_spans(torch.zeros(1, 2, dtype=torch.long), [Span(0, 0, 2)])
