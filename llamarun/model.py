@@ -244,6 +244,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # _fused's answer per kind of pass (kernels.layer_pass): the modules and their weights
+        # never change after loading, so each kind is asked once
+        self._plans: dict[tuple, tuple | None] = {}  # type: ignore[type-arg]
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, step: Step | None) -> torch.Tensor:
         fused = self._fused(x, freqs, step) if step is not None else None
@@ -257,12 +260,29 @@ class TransformerBlock(nn.Module):
         llamarun's kernels anyway (eager passes on CPU; not a tensor-parallel rank's layer,
         whose partial outputs are summed between the ops): the same numbers with a fraction of
         the calls. None elsewhere."""
-        attention, ffn = self.attention, self.feed_forward
+        attention = self.attention
         cache = attention.kv_cache
         if (cache is None or step.window or attention.reduce is not None
-                or ffn.reduce is not None or self.attention_norm.eps != self.ffn_norm.eps
-                or not kernels.serves_layer(x, cache.k_cache, self.attention_norm.weight,
-                                            self.ffn_norm.weight)):
+                or self.feed_forward.reduce is not None):
+            return None
+        key = kernels.layer_pass(x)
+        if key is None:
+            return None
+        plan = self._plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:  # the first pass of its kind: every later one reuses the answer
+            plan = self._plans[key] = self._plan(x, cache.k_cache)
+        if plan is None:
+            return None
+        attn_norm, ffn_norm, eps, products, n_heads, scale = plan
+        return kernels.decode_layer(x, attn_norm, ffn_norm, eps, products, freqs, cache.k_cache,
+                                    cache.v_cache, step.rows, step.pos, n_heads, scale)
+
+    def _plan(self, x: torch.Tensor, k_cache: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
+        """decode_layer's operands for passes like x's (None: this layer runs op by op)."""
+        attention, ffn = self.attention, self.feed_forward
+        norms = (self.attention_norm.weight, self.ffn_norm.weight)
+        if (self.attention_norm.eps != self.ffn_norm.eps
+                or not kernels.serves_layer(x, k_cache, *norms)):
             return None
         products = []
         for module in (attention.wqkv, attention.wo, ffn.w13, ffn.w2):
@@ -270,10 +290,11 @@ class TransformerBlock(nn.Module):
             if product is None:
                 return None
             products.append(product)
-        return kernels.decode_layer(x, self.attention_norm.weight, self.ffn_norm.weight,
-                                    self.attention_norm.eps, tuple(products), freqs,
-                                    cache.k_cache, cache.v_cache, step.rows, step.pos,
-                                    attention.n_heads, attention.head_dim ** -0.5)
+        return (*norms, self.attention_norm.eps, tuple(products), attention.n_heads,
+                attention.head_dim ** -0.5)
+
+
+_UNPLANNED = object()
 
 
 class Transformer(nn.Module):

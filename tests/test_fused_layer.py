@@ -127,6 +127,29 @@ def test_int4_layers_mix_kinds_of_products(folder: Path, monkeypatch: pytest.Mon
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
 
 
+def test_a_layer_asks_its_modules_once_per_kind_of_pass(folder: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer keeps its answer per kind of pass (dtype, rows, ...): later passes of that kind
+    call decode_layer without asking the modules again; another kind asks once more."""
+    model = _model(folder, "float32", "int8")
+    asked: list[int] = []
+    real = type(model.layers[0].attention.wqkv).kernel_product
+
+    def counted(module, x):  # type: ignore[no-untyped-def]
+        asked.append(x.shape[-2])
+        return real(module, x)
+
+    monkeypatch.setattr(type(model.layers[0].attention.wqkv), "kernel_product", counted)
+    calls = _count_calls(monkeypatch)
+    with torch.inference_mode():
+        model.forward_spans(torch.tensor([1, 2, 3]), [Span(0, 0, 3)])
+        for i in range(3):
+            model.forward_spans(torch.tensor([4 + i]), [Span(0, 3 + i, 1)])
+    per_layer = 4  # products a layer asks about
+    assert asked == [3] * per_layer * len(model.layers) + [1] * per_layer * len(model.layers)
+    assert calls[0] == 4 * len(model.layers)
+
+
 def test_tensor_parallel_layers_run_op_by_op(folder: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank's layer sums its partial outputs between the ops (reduce): never fused."""

@@ -622,6 +622,16 @@ def int4_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
     return (INT4, weight, scales, zeros, group, n) if serves_int4(x) else None
 
 
+def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
+    """What decides, besides the model's own modules, whether a layer of x's pass can be one
+    decode_layer call and with which products: None where none can (a compiled pass, the
+    kernels off, fuse_layers off), else a key (dtype, device, rows, the pass's shortest part:
+    see int4_gemm_serves) under which a layer may keep its answer (model.TransformerBlock)."""
+    if not fuse_layers or torch.compiler.is_compiling() or not enabled():
+        return None
+    return x.dtype, x.device.type, _rows(x), getattr(_pass, "shortest", None)
+
+
 def serves_layer(x: torch.Tensor, k_cache: torch.Tensor, *norms: torch.Tensor) -> bool:
     """Whether decode_layer can run a layer of x's pass over this cache with these norms'
     weights: an eager pass, with what rms_norm, silu_mul (serves_rowwise), rope_write and attend
