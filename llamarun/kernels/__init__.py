@@ -654,7 +654,8 @@ def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tenso
     same order as the model's modules call them, so the same numbers (check serves_layer, and
     that each product is the one its module computes: model.TransformerBlock). products:
     Q/K/V, output, gate/up, down. One call instead of about 15 ops a layer: SmolLM2's eager
-    decode measured 7-22% faster (float32 to Q4_0). Eager passes only (serves_layer)."""
+    decode measured 14-45% faster (float32 to Q4_0, benchmarks/compare.py against the ops one
+    by one, README "How generation works"). Eager passes only (serves_layer)."""
     return _extension().decode_layer(x, attn_norm, ffn_norm, eps,
                                      *[v for p in products for v in p], freqs, k_cache, v_cache,
                                      rows, pos, n_heads, scale)
