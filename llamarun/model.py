@@ -395,9 +395,9 @@ class Transformer(nn.Module):
         """
         if not self.has_kv_cache or self.freqs.numel() == 0:
             raise RuntimeError("call setup_caches() with a KV cache before forward_spans()")
-        if tokens.shape != (sum(s.length for s in spans),):
-            raise ValueError(f"{tuple(tokens.shape)} tokens for spans of "
-                             f"{sum(s.length for s in spans)} in all")
+        total = sum(s.length for s in spans)
+        if tokens.shape != (total,):
+            raise ValueError(f"{tuple(tokens.shape)} tokens for spans of {total} in all")
         for s in spans:
             if s.length < 1 or s.start < 0 or s.end > self.max_seq_len:
                 raise ValueError(f"span {s} does not fit in the KV cache of {self.max_seq_len}")

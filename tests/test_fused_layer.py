@@ -205,7 +205,7 @@ def test_decode_layer_checks_its_products(folder: Path) -> None:
 def test_compiled_step_gets_the_fused_layers_numbers(folder: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled decode step keeps the layer's ops (inductor's code between the kernels,
-    kernels.serves_layer): through inductor and its C++ wrapper, as llamarun compiles, it gives
+    kernels.layer_pass): through inductor and its C++ wrapper, as llamarun compiles, it gives
     the logits and caches of the eager step of fused layers, bit for bit."""
     from llamarun.device import compile_options
 

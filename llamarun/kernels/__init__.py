@@ -232,6 +232,8 @@ _LIB.define("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor zeros, i
 _LIB.define("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pos, float scale) -> Tensor")
 _LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _LIB.define("silu_mul(Tensor x) -> Tensor")
+
+
 @torch.library.register_fake("llamarun::bf16_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
@@ -626,22 +628,23 @@ def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
     """What decides, besides the model's own modules, whether a layer of x's pass can be one
     decode_layer call and with which products: None where none can (a compiled pass, the
     kernels off, fuse_layers off), else a key (dtype, device, rows, the pass's shortest part:
-    see int4_gemm_serves) under which a layer may keep its answer (model.TransformerBlock)."""
+    see int4_gemm_serves) under which a layer may keep its answer (model.TransformerBlock).
+
+    Compiled passes keep the layer op by op: inductor's own code between the kernels (the
+    rotation and cache write, the residual adds, in its reused buffers) measured 3-4% faster
+    than decode_layer's there (SmolLM2's compiled decode, BF16 and Q4_0; the 1B shape the
+    same), with the same numbers."""
     if not fuse_layers or torch.compiler.is_compiling() or not enabled():
         return None
     return x.dtype, x.device.type, _rows(x), getattr(_pass, "shortest", None)
 
 
 def serves_layer(x: torch.Tensor, k_cache: torch.Tensor, *norms: torch.Tensor) -> bool:
-    """Whether decode_layer can run a layer of x's pass over this cache with these norms'
-    weights: an eager pass, with what rms_norm, silu_mul (serves_rowwise), rope_write and attend
-    (serves_cache) need, float32 or bfloat16 x; its products are the caller's to check
-    (*_product). Compiled passes keep the layer op by op: inductor's own code between the
-    kernels (the rotation and cache write, the residual adds, in its reused buffers) measured
-    3-4% faster than decode_layer's there (SmolLM2's compiled decode, BF16 and Q4_0; the 1B
-    shape the same), with the same numbers."""
-    return (fuse_layers and not torch.compiler.is_compiling() and serves_rowwise(x, *norms)
-            and serves_cache(k_cache))
+    """Whether decode_layer can run a layer of a pass like x's (layer_pass not None) over this
+    cache with these norms' weights: what rms_norm, silu_mul (serves_rowwise), rope_write and
+    attend (serves_cache) need, float32 or bfloat16 x; its products are the caller's to check
+    (*_product)."""
+    return serves_rowwise(x, *norms) and serves_cache(k_cache)
 
 
 def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
@@ -655,7 +658,7 @@ def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tenso
     that each product is the one its module computes: model.TransformerBlock). products:
     Q/K/V, output, gate/up, down. One call instead of about 15 ops a layer: SmolLM2's eager
     decode measured 14-45% faster (float32 to Q4_0, benchmarks/compare.py against the ops one
-    by one, README "How generation works"). Eager passes only (serves_layer)."""
+    by one, README "How generation works"). Eager passes only (layer_pass)."""
     return _extension().decode_layer(x, attn_norm, ffn_norm, eps,
                                      *[v for p in products for v in p], freqs, k_cache, v_cache,
                                      rows, pos, n_heads, scale)

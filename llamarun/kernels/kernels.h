@@ -74,6 +74,13 @@ LLAMARUN_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
                                                  _mm256_extracti128_si256(r, 1)));
 }
 
+// n float32 values -> bfloat16, rounding as c10::BFloat16 does (round_bf16): load_bf16's inverse.
+LLAMARUN_AVX2 inline void store_bf16(const float* x, int64_t n, c10::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(x + i));
+  for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
+}
+
 namespace llamarun {
 
 constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least

@@ -4,7 +4,7 @@
 // the same order as the layer's modules call them one by one, so with the same bits. What it
 // saves is the work between them in eager passes: about 15 Python-level ops a layer (SmolLM2's
 // eager decode measured 14-45% faster, Q4_0 the most). Compiled passes keep the ops (see
-// kernels.serves_layer: inductor's code between them measured faster than this).
+// kernels.layer_pass: inductor's code between them measured faster than this).
 //
 // Each product comes as (kind, a, b, c, group, n): kind 0 dense (a the weight; float32 or
 // bfloat16 as x), 1 int8 (a the weight, b its scales), 2 4-bit (a, b, c: int4_linear's weight,
@@ -43,15 +43,10 @@ torch::Tensor residual_add(const torch::Tensor& a, const torch::Tensor& b) {
 }
 
 // float32 values in `dtype` (bfloat16: rounded as c10::BFloat16 rounds, as .to() does).
-LLAMARUN_AVX2 torch::Tensor to_dtype(const torch::Tensor& x, at::ScalarType dtype) {
+torch::Tensor to_dtype(const torch::Tensor& x, at::ScalarType dtype) {
   if (dtype == at::kFloat) return x;
   auto out = torch::empty(x.sizes(), x.options().dtype(dtype));
-  const float* xp = x.data_ptr<float>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  const int64_t n = x.numel();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(op + i, _mm256_loadu_ps(xp + i));
-  for (; i < n; ++i) op[i] = c10::BFloat16(xp[i]);
+  store_bf16(x.data_ptr<float>(), x.numel(), out.data_ptr<c10::BFloat16>());
   return out;
 }
 

@@ -65,13 +65,6 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
   }
 }
 
-// float32 -> bfloat16, rounding as c10::BFloat16 does (round_bf16).
-LLAMARUN_AVX2 void store_bf16(const float* x, int64_t n, c10::BFloat16* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(x + i));
-  for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
-}
-
 // Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
 // written to out (x's dtype: bfloat16 results rounded once, from float32).
 template <typename F>
