@@ -179,6 +179,27 @@ def test_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
+@needs_bf16
+@needs_int8
+@pytest.mark.parametrize("k,n", [(31, 5), (77, 29), (128, 9), (333, 17), (2048 + 96, 24)])
+def test_one_row_orders_give_the_same_bits(k: int, n: int) -> None:
+    # A one-row pass takes the weight rows one at a time on AMD CPUs and 8 at once elsewhere
+    # (linear.cpp's ROW_STREAM): either order, a row's bits are those of the blocks 2-8 rows
+    # take, so a row's result does not depend on the CPU's order or its batch.
+    ext = kernels._extension()
+    x, w = _bf16_data(5, k, n, seed=4)
+    xi, q, s = _int8_data(5, k, n, torch.bfloat16, seed=4)
+    for i in range(5):
+        row = ext.bf16_linear_by(x[i:i + 1], w, "rows")
+        assert torch.equal(row, ext.bf16_linear_by(x[i:i + 1], w, "blocks"))
+        assert torch.equal(row[0], ext.bf16_linear(x, w)[i])
+        row = ext.int8_linear_by(xi[i:i + 1], q, s, "rows")
+        assert torch.equal(row, ext.int8_linear_by(xi[i:i + 1], q, s, "blocks"))
+        assert torch.equal(row[0], ext.int8_linear(xi, q, s)[i])
+    with pytest.raises(RuntimeError, match="order rows or blocks"):
+        ext.bf16_linear_by(x[:1], w, "columns")
+
+
 def _int4_data(m: int, k: int, n: int, group: int, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (m, k) with outlier channels, q (n, k) in 0..15, float16 scales and zeros (n, k / g)."""
