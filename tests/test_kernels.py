@@ -179,12 +179,15 @@ def test_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
                 assert torch.equal(batch[i], alone[i][0]), (m, i)
 
 
+ONE_ROW_SHAPES = [(31, 5), (77, 29), (128, 9), (333, 17), (2048 + 96, 24)]
+
+
 @needs_bf16
 @needs_int8
-@pytest.mark.parametrize("k,n", [(31, 5), (77, 29), (128, 9), (333, 17), (2048 + 96, 24)])
+@pytest.mark.parametrize("k,n", ONE_ROW_SHAPES)
 def test_one_row_orders_give_the_same_bits(k: int, n: int) -> None:
     # A one-row pass takes the weight rows one at a time on AMD CPUs and 8 at once elsewhere
-    # (linear.cpp's ROW_STREAM): either order, a row's bits are those of the blocks 2-8 rows
+    # (kernels.h's ROW_STREAM): either order, a row's bits are those of the blocks 2-8 rows
     # take, so a row's result does not depend on the CPU's order or its batch.
     ext = kernels._extension()
     x, w = _bf16_data(5, k, n, seed=4)
@@ -198,6 +201,20 @@ def test_one_row_orders_give_the_same_bits(k: int, n: int) -> None:
         assert torch.equal(row[0], ext.int8_linear(xi, q, s)[i])
     with pytest.raises(RuntimeError, match="order rows or blocks"):
         ext.bf16_linear_by(x[:1], w, "columns")
+
+
+@needs_f32
+@pytest.mark.parametrize("k,n", ONE_ROW_SHAPES + [(16, 25), (65, 12)])
+def test_f32_one_row_orders_give_the_same_bits(k: int, n: int) -> None:
+    ext = kernels._extension()
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(5, k, generator=g), torch.randn(n, k, generator=g)
+    for i in range(5):
+        row = ext.f32_linear_by(x[i:i + 1], w, "rows")
+        assert torch.equal(row, ext.f32_linear_by(x[i:i + 1], w, "blocks"))
+        assert torch.equal(row[0], ext.f32_linear(x, w)[i])
+    with pytest.raises(RuntimeError, match="order rows or blocks"):
+        ext.f32_linear_by(x[:1], w, "diagonal")
 
 
 def _int4_data(m: int, k: int, n: int, group: int, dtype: torch.dtype = torch.float32,

@@ -83,13 +83,27 @@ bool has_avx512f() {
 
 namespace llamarun {
 
-// y (M, N) = x (M, K) @ w (N, K)^T, all float32.
-torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
+static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
   const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32");
   static const bool wide = has_avx512f();
   (wide ? avx512::f32_product : avx2::f32_product)(
-      d.x.data_ptr<float>(), d.w.data_ptr<float>(), d.y.data_ptr<float>(), d.M, d.K, d.N);
+      d.x.data_ptr<float>(), d.w.data_ptr<float>(), d.y.data_ptr<float>(), d.M, d.K, d.N, stream);
   return d.y;
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T, all float32. One-row passes of the AVX-512 code take the
+// weight rows one at a time on AMD CPUs (ROW_STREAM); the AVX2 code keeps its blocks of 12
+// (measured on an AVX2-only EPYC, where one-row passes gained nothing from prefetching).
+torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  static const bool stream = ROW_STREAM && has_avx512f();
+  return f32_linear_on(x, w, stream);
+}
+
+// f32_linear with a one-row pass's order given: "rows" or "blocks" (tests, benchmarks).
+torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w,
+                            const std::string& order) {
+  TORCH_CHECK(order == "rows" || order == "blocks", "f32_linear_by: order rows or blocks");
+  return f32_linear_on(x, w, order == "rows");
 }
 
 }  // namespace llamarun

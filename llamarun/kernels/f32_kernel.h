@@ -112,13 +112,35 @@ constexpr int nr_of(int mr) {
 template <int MR>
 constexpr int NR_OF = nr_of(MR);
 
+// One activation row over nrows weight rows, one row at a time, 4 vectors of a row a step (where
+// `stream`: AMD CPUs' AVX-512 code, see linear.cpp's ROW_STREAM): per output f32_block<1, NR>'s
+// fused multiply-adds in its order, over the whole of K.
+F32_TARGET void f32_row(const float* x, const float* w, int64_t nrows, int64_t K, float* y) {
+  constexpr int64_t L = V::L;
+  for (int64_t j = 0; j < nrows; ++j) {
+    const float* row = w + j * K;
+    typename V::vec acc = V::zero();
+    int64_t k = 0;
+    for (; k + 4 * L <= K; k += 4 * L)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc = V::fma(V::load(x + k + u * L), V::load(row + k + u * L), acc);
+    for (; k + L <= K; k += L) acc = V::fma(V::load(x + k), V::load(row + k), acc);
+    if (k < K) {
+      const typename V::mask mask = V::below(K - k);
+      acc = V::fma(V::load(x + k, mask), V::load(row + k, mask), acc);
+    }
+    y[j] = V::hsum(acc);
+  }
+}
+
 // mrows (1..8) activation rows over one block of nrows (1..NB) weight rows, 8 or more
 // accumulators (the FMA's latency times its throughput needs 8 or more in flight). One row
 // streams all 12 weight rows at once (memory requests in flight: it gains nothing from
 // prefetching); more rows share each weight load, and prefetch the next block.
 inline void f32_pass(int64_t mrows, const float* x, int64_t K, const float* w, int64_t nrows,
-                     const float* next, float* y, int64_t ldy, const KRange& r) {
+                     const float* next, float* y, int64_t ldy, const KRange& r, bool stream) {
   static_assert(NB == 12, "blocks of 12 weight rows");
+  if (mrows == 1 && stream && r.k0 == 0 && r.k1 == K) return f32_row(x, w, nrows, K, y);
   if (mrows == 1) return f32_block<1, 12>(x, K, w, nrows, K, nullptr, y, ldy, r);
   constexpr int nrs[9] = {0, 12, NR_OF<2>, NR_OF<3>, NR_OF<4>, NR_OF<5>, NR_OF<6>, NR_OF<7>, NR_OF<8>};
   const int64_t nr = nrs[std::min<int64_t>(mrows, 8)];
@@ -141,7 +163,7 @@ inline void f32_pass(int64_t mrows, const float* x, int64_t K, const float* w, i
 
 // y (M, N) = x (M, K) @ w (N, K)^T, all float32, y preallocated.
 inline void f32_product(const float* xp, const float* wp, float* yp, int64_t M, int64_t K,
-                        int64_t N) {
+                        int64_t N, bool stream) {
   constexpr int64_t L = V::L;
   // Passes of more than 8 rows over long rows (K > 1024) run K in ranges of KC: a block's
   // activation and weight rows then stay in the L1 cache through a pass (measured 0.85x
@@ -180,7 +202,8 @@ inline void f32_product(const float* xp, const float* wp, float* yp, int64_t M, 
                   kc < K ? part.data() + ((m0 - t0) * prow + (n0 - b0 * NB)) * L : nullptr,
                   prow};
               f32_pass(rows, xp + m0 * K, K, wp + n0 * K, nrows,
-                       ahead && m0 == 0 ? wp + (n0 + NB) * K : nullptr, yp + m0 * N + n0, N, r);
+                       ahead && m0 == 0 ? wp + (n0 + NB) * K : nullptr, yp + m0 * N + n0, N, r,
+                       stream);
               m0 += rows;
             }
           }

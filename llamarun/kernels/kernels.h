@@ -85,6 +85,14 @@ namespace llamarun {
 
 constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least
 
+// Whether a one-row pass takes the weight rows one at a time (each thread's weights then stream
+// in address order): on AMD CPUs, where that measured faster (linear.cpp says by how much).
+inline bool rows_one_at_a_time() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+}
+inline const bool ROW_STREAM = rows_one_at_a_time();
+
 // The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
 // ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y allocated in x's options.
 struct DenseOperands {
@@ -151,6 +159,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor silu_mul(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);
 // layer.cpp: a whole layer of a pass (where attend_supported says so)
 torch::Tensor decode_layer(
     const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,

@@ -49,12 +49,9 @@ constexpr int64_t MB = 4;     // activation rows per pass over a block
 // medians of 7, interleaved): bfloat16 57-60 -> 67-76 GB/s against a plain read's 61-77;
 // SmolLM2's shapes 55 -> 67; int8 33-34 -> 44-50 against 42-49. 2-8 rows keep the blocks: one
 // weight row at a time measured slower there (the activations' reloads). Intel CPUs keep the
-// blocks too: measured there, not here.
-bool rows_one_at_a_time() {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd");
-}
-const bool ROW_STREAM = rows_one_at_a_time();
+// blocks too: measured there, not here. (llamarun::ROW_STREAM, kernels.h: f32.cpp's AVX-512
+// code does the same.)
+using llamarun::ROW_STREAM;
 constexpr int64_t STEP = 4;  // cache lines of a weight row per step of the *_row functions
 
 // ---- bf16 weights x bf16 activations, float32 accumulation (vdpbf16ps) ----
@@ -1229,6 +1226,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequant", &int4_dequant);
   m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
+  m.def("f32_linear_by", &llamarun::f32_linear_by);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
   m.def("rope_write", &llamarun::rope_write);
