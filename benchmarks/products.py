@@ -15,8 +15,13 @@ Kernels:
   int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
          vpmaddubsw, or vpdpbusd on CPUs with AVX512-VNNI; group 32, float16 scales and zeros)
 
+For one row, "ours rows" and "ours blocks" are the bf16, int8 and float32 kernels with the weight
+rows taken one at a time or 8 (float32: 12) at once; "ours" is the order this CPU uses (rows on
+AMD CPUs, kernels.h's ROW_STREAM). --huge-pages puts the weights in huge pages, as a loaded
+model's are (llamarun.hugepages).
+
     python benchmarks/products.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
-        [--threads N] [--pool MiB]
+        [--threads N] [--pool MiB] [--huge-pages]
 """
 
 from __future__ import annotations
@@ -29,8 +34,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llamarun import kernels
+from llamarun import hugepages, kernels
 from llamarun.device import _onednn_linear
+
+_ARENA: hugepages.Arena | None = None  # --huge-pages: where the weights go
+
+
+def _placed(t: torch.Tensor) -> torch.Tensor:
+    """t, copied into huge pages under --huge-pages."""
+    if _ARENA is None:
+        return t
+    out = _ARENA.empty(t.shape, t.dtype)
+    return out.copy_(t)
 
 # (name, N, K) of each distinct product of a layer, and the output head.
 MODELS = {
@@ -70,8 +85,8 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     out: list[tuple[str, int, float]] = []
     g = torch.Generator().manual_seed(0)
     nb = _copies(n * k * 2, pool)
-    wb = [torch.randn(n, k, generator=g).bfloat16() for _ in range(nb)]
-    q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    wb = [_placed(torch.randn(n, k, generator=g).bfloat16()) for _ in range(nb)]
+    q8 = [_placed(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g))
           for _ in range(_copies(n * k, pool))]
     s8 = torch.rand(n, generator=g).bfloat16()
     q4 = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
@@ -79,7 +94,8 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     w4 = [p4.clone() for _ in range(_copies(n * k // 2, pool))]
     sz = torch.rand(k // 32, n, 2, generator=g).bfloat16()
     int4_bytes = n * k // 2 + sz.numel() * 2
-    o4 = [kernels.int4_pack(q4.to(torch.uint8)) for _ in range(_copies(n * k // 2, pool))]
+    o4 = [_placed(kernels.int4_pack(q4.to(torch.uint8)))
+          for _ in range(_copies(n * k // 2, pool))]
     d4 = kernels.int4_pack_groups((torch.rand(n, k // 32, generator=g) / 50).half(), k)
     z4 = kernels.int4_pack_groups((torch.randn(n, k // 32, generator=g) / 20).half(), k)
     ours4_bytes = n * k // 2 + n * (k // 32) * 4
@@ -101,6 +117,10 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         if kernels.bf16_available():
             ext = kernels._extension()
             runs.append(("bf16 ours", n * k * 2, lambda i: ext.bf16_linear(x, wb[i]), nb))
+            if m == 1:
+                runs += [(f"bf16 ours {order}", n * k * 2,
+                          (lambda o: lambda i: ext.bf16_linear_by(x, wb[i], o))(order), nb)
+                         for order in ("rows", "blocks")]
             if compiled_ours is not None and m == 1:
                 runs.append(("bf16 ours compiled", n * k * 2,
                              lambda i: compiled_ours(x, wb[i]), nb))
@@ -113,6 +133,11 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
             ext = kernels._extension()
             runs.append(("int8 ours", n * k,
                          lambda i: ext.int8_linear(x, q8[i], s8), len(q8)))
+            if m == 1 and kernels._features()[1]:  # (the AVX2 int8 kernel has one order)
+                runs += [(f"int8 ours {order}", n * k,
+                          (lambda o: lambda i: ext.int8_linear_by(x, q8[i], s8, o))(order),
+                          len(q8))
+                         for order in ("rows", "blocks")]
         runs.append(("int4 aten g32", int4_bytes,
                      lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4[i], 32, sz),
                      len(w4)))
@@ -124,7 +149,7 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
             secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
         out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]
     del wb
-    wf = [torch.randn(n, k, generator=g) for _ in range(_copies(n * k * 4, pool))]
+    wf = [_placed(torch.randn(n, k, generator=g)) for _ in range(_copies(n * k * 4, pool))]
     for m in rows:
         x = torch.randn(m, k, generator=g)
         runs = [("fp32 oneDNN", lambda i: _onednn_linear(x, wf[i]))]
@@ -133,6 +158,10 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
         if kernels.f32_available():
             ext = kernels._extension()
             runs.append(("fp32 ours", lambda i: ext.f32_linear(x, wf[i])))
+            if m == 1:
+                runs += [(f"fp32 ours {order}",
+                          (lambda o: lambda i: ext.f32_linear_by(x, wf[i], o))(order))
+                         for order in ("rows", "blocks")]
         with torch.inference_mode():
             secs = _interleaved([(fn, len(wf)) for _, fn in runs], reps)
         out += [(name, m, n * k * 4 / s / 1e9) for (name, _), s in zip(runs, secs)]
@@ -147,7 +176,12 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=128, help="MiB of weight copies per kernel")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--compile", action="store_true", help="also the compiled mul+sum form")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="weights in huge pages (llamarun.hugepages), as a loaded model's")
     args = parser.parse_args()
+    if args.huge_pages:
+        global _ARENA
+        _ARENA = hugepages.Arena()
     rows = [int(r) for r in args.rows.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
