@@ -10,7 +10,10 @@ blocks of 32) and, on CPUs with AVX2 but not AVX-512, int8 and 4-bit weights wit
 (`vpmaddubsw`, activations in int8 blocks of 32, as llama.cpp's Q8 x Q8 and Q4 x Q8 products),
 where PyTorch's weight-only kernels have no fast path (its int4 one measured 2.7-3.1 GB/s of
 weights there); the 4-bit kernel serves AVX-512 CPUs too, with AVX512-VNNI tiles (`vpdpbusd`,
-the AVX2 tiles' bits) where the CPU has them. It is compiled at first use with torch.utils.cpp_extension into
+the AVX2 tiles' bits) where the CPU has them. On AMD CPUs a one-row pass of the bf16, int8 and
+(AVX-512) float32 kernels takes the weight rows one at a time, so each thread's weights stream in
+address order (kernels.h's ROW_STREAM; the same bits as the 8-row blocks other CPUs and 2-8-row
+passes take). It is compiled at first use with torch.utils.cpp_extension into
 ~/.cache/llamarun/kernels (a temporary folder without a home); without a compiler, on other
 CPUs, or with LLAMARUN_KERNELS=0, every product takes PyTorch's path. Each output row is computed by the same arithmetic whatever the number of rows,
 so a sequence's logits do not depend on the rest of its decode batch.
