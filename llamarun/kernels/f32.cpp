@@ -102,8 +102,7 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
 // f32_linear with a one-row pass's order given: "rows" or "blocks" (tests, benchmarks).
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                             const std::string& order) {
-  TORCH_CHECK(order == "rows" || order == "blocks", "f32_linear_by: order rows or blocks");
-  return f32_linear_on(x, w, order == "rows");
+  return f32_linear_on(x, w, rows_by_name(order, "f32_linear_by"));
 }
 
 }  // namespace llamarun

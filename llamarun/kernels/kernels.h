@@ -93,6 +93,13 @@ inline bool rows_one_at_a_time() {
 }
 inline const bool ROW_STREAM = rows_one_at_a_time();
 
+// A one-row pass's order by name, for the *_linear_by functions (tests compare the orders,
+// benchmarks time them): "rows" (one at a time: true) or "blocks" (false).
+inline bool rows_by_name(const std::string& order, const char* op) {
+  TORCH_CHECK(order == "rows" || order == "blocks", op, ": order rows or blocks");
+  return order == "rows";
+}
+
 // The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
 // ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y allocated in x's options.
 struct DenseOperands {

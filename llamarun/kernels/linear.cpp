@@ -1026,13 +1026,6 @@ std::vector<bool> cpu_features() {
               __builtin_cpu_supports("f16c")};
 }
 
-// A one-row pass's order over the weight rows, by name: "rows" (one at a time) or "blocks" (8 at
-// once); the *_linear_by functions take it (tests compare them, benchmarks time them).
-static bool row_stream(const std::string& order, const char* op) {
-  TORCH_CHECK(order == "rows" || order == "blocks", op, ": order rows or blocks");
-  return order == "rows";
-}
-
 static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
   auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16");
   bf16_linear_impl(reinterpret_cast<const uint16_t*>(d.x.data_ptr()), d.M,
@@ -1048,7 +1041,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
 
 torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                              const std::string& order) {
-  return bf16_linear_on(x, w, row_stream(order, "bf16_linear_by"));
+  return bf16_linear_on(x, w, llamarun::rows_by_name(order, "bf16_linear_by"));
 }
 
 static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
@@ -1083,7 +1076,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
 // int8_linear with a one-row pass's order given (AVX512-VNNI; AVX2 has one order).
 torch::Tensor int8_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                              const torch::Tensor& wscale, const std::string& order) {
-  return int8_linear_on(x, w, wscale, row_stream(order, "int8_linear_by"));
+  return int8_linear_on(x, w, wscale, llamarun::rows_by_name(order, "int8_linear_by"));
 }
 
 // Checks int4_linear's and int4_dequant's weight operands (w by kernels.int4_pack, d and z by
@@ -1220,7 +1213,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_by", &int8_linear_by);
   m.def("int4_linear", &int4_linear);
   m.def("int4_linear_by", &int4_linear_by);
-  m.def("row_stream", []() { return ROW_STREAM; });
   m.def("amx_ready", &amx_ready);
   m.def("int4_amx_rows", &int4_amx_rows);
   m.def("int4_dequant", &int4_dequant);
