@@ -946,3 +946,19 @@ def test_wheels_carry_the_kernel_sources(tmp_path: Path) -> None:
     needed = [p.name for p in kernels.SOURCES] + [p.name for p in folder.glob("*.h")]
     assert "kernels.h" in needed
     assert {f"llamarun/kernels/{n}" for n in needed} <= names
+
+
+def test_summary_names_each_kernels_row_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `llamarun info` says how many rows each kernel serves here: the int8 one's own limit
+    # (32 with AVX512-VNNI, 4,096 with AVX2), not the bf16 one's 8.
+    text = kernels.summary(torch.device("cpu"))
+    if not any(kernels._features()):
+        assert text.startswith("PyTorch's")
+        return
+    if kernels.int8_available():
+        assert f"passes of 1-{kernels.int8_max_rows()} rows" in text
+    if kernels.bf16_available():
+        assert f"bf16: passes of 1-{kernels.MAX_ROWS} rows" in text
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels.summary(torch.device("cpu")) == f"PyTorch's ({kernels.ENV}=0)"
+    assert kernels.summary(torch.device("meta")) == "PyTorch's"

@@ -679,9 +679,11 @@ def summary(device: torch.device) -> str:
     if not ours:
         return "PyTorch's (none of llamarun's serves this CPU)"
     isa = "AVX-512" if bf16 or vnni else "AVX2"
-    every = [name for name in ours if name in ("float32", "int4") or (name == "int8" and avx2)]
-    few = [name for name in ours if name not in every]
-    rows = ", ".join(part for part in (
-        f"{' and '.join(every)}: passes of 1-{F32_MAX_ROWS} rows" if every else "",
-        f"{' and '.join(few)}: 1-{MAX_ROWS} rows" if few else "") if part)
+    limits = {"float32": F32_MAX_ROWS, "bf16": MAX_ROWS, "int8": int8_max_rows(),
+              "int4": INT4_MAX_ROWS}
+    by_limit: dict[int, list[str]] = {}
+    for name in ours:
+        by_limit.setdefault(limits[name], []).append(name)
+    rows = ", ".join(f"{' and '.join(names)}: passes of 1-{limit} rows"
+                     for limit, names in sorted(by_limit.items(), reverse=True))
     return f"llamarun's {isa} ones for {', '.join(ours)} weights ({rows}), PyTorch's for the rest"
