@@ -322,6 +322,9 @@ def run_one(engine: str, path: Path | None, dtype: str, a: argparse.Namespace) -
         tree = baseline_tree(rev)
         script = tree / "benchmarks" / "compare.py"
         env["PYTHONPATH"] = str(tree)
+        # its own kernels' build folder (~/.cache/llamarun/kernels is per torch version, not per
+        # source): else HEAD's and the baseline's turns rebuild the extension in turn, 45 s each
+        env["HOME"] = str(tree.parent / f"{tree.name}-home")
     cmd = [sys.executable, str(script), "--worker", name, "--file", str(path or ""),
            "--dtype", dtype, "--prompt-tokens", str(a.prompt_tokens),
            "--gen-tokens", str(a.gen_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]
