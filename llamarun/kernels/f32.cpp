@@ -92,8 +92,8 @@ static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& 
 }
 
 // y (M, N) = x (M, K) @ w (N, K)^T, all float32. One-row passes of the AVX-512 code take the
-// weight rows one at a time on AMD CPUs (ROW_STREAM); the AVX2 code keeps its blocks of 12
-// (measured on an AVX2-only EPYC, where one-row passes gained nothing from prefetching).
+// weight rows one at a time on AMD CPUs (ROW_STREAM, measured on an AVX-512 EPYC); the AVX2 code
+// keeps its blocks of 12 everywhere: the new order was not measured on an AVX2-only CPU.
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
   static const bool stream = ROW_STREAM && has_avx512f();
   return f32_linear_on(x, w, stream);

@@ -113,7 +113,7 @@ template <int MR>
 constexpr int NR_OF = nr_of(MR);
 
 // One activation row over nrows weight rows, one row at a time, 4 vectors of a row a step (where
-// `stream`: AMD CPUs' AVX-512 code, see linear.cpp's ROW_STREAM): per output f32_block<1, NR>'s
+// `stream`: AMD CPUs' AVX-512 code, see kernels.h's ROW_STREAM): per output f32_block<1, NR>'s
 // fused multiply-adds in its order, over the whole of K.
 F32_TARGET void f32_row(const float* x, const float* w, int64_t nrows, int64_t K, float* y) {
   constexpr int64_t L = V::L;
