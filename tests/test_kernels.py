@@ -168,7 +168,7 @@ def test_int8_rows_do_not_depend_on_the_batch_up_to_its_limit() -> None:
 def test_rows_do_not_depend_on_the_batch(k: int, n: int) -> None:
     x, w = _bf16_data(8, k, n, seed=2)
     xi, q, s = _int8_data(8, k, n, torch.float32, seed=2)
-    module = Int8Linear(k, n, kernel=True)
+    module = Int8Linear(k, n, kernel="cpu")
     module.load_state_dict({"weight": q, "scales": s}, assign=True)
     products = [lambda a: linear(a, w), lambda a: kernels.int8_linear(a, q, s)]
     for product, inputs in zip(products + [module], [x, xi, xi]):
@@ -429,7 +429,7 @@ def test_int4_dequant_gives_the_weight_in_bfloat16(n: int, k: int, group: int) -
 @pytest.mark.parametrize("n,k", [(13, 100), (64, 256)])
 def test_int8_dequant_gives_the_modules_dense_weight(n: int, k: int) -> None:
     _, q, s = _int8_data(1, k, n, torch.float32, seed=k)
-    module = Int8Linear(k, n, kernel=True)
+    module = Int8Linear(k, n, kernel="cpu")
     module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
     w = kernels.int8_dequant(q, s.bfloat16())
     assert w is not None and torch.equal(w, module.dense(torch.bfloat16))  # 100: an 8-value tail
@@ -477,7 +477,7 @@ def test_avx2_int8_kernel_serves_prefill_sized_passes() -> None:
     perplexity) the AVX2 int8 kernel still computes each row as alone, through the module."""
     assert kernels.int8_max_rows() == kernels.INT8_AVX2_MAX_ROWS
     x, q, s = _int8_data(300, 96, 40, torch.float32, seed=6)
-    module = Int8Linear(96, 40, kernel=True)
+    module = Int8Linear(96, 40, kernel="cpu")
     module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
     for rows in (9, 64, 300):
         y = module(x[:rows])
@@ -543,7 +543,7 @@ def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.dense_linear(x, w) is None and kernels.int8_linear(xi, q, s) is None
     assert kernels.dense_linear(x.float(), w.float()) is None
     assert torch.equal(linear(x, w), F.linear(x, w))
-    module = Int8Linear(64, 9, kernel=True)
+    module = Int8Linear(64, 9, kernel="cpu")
     module.load_state_dict({"weight": q, "scales": s.bfloat16()}, assign=True)
     assert torch.equal(module(xi), torch.ops.aten._weight_int8pack_mm(xi, q, s.bfloat16()))
     monkeypatch.setenv(kernels.ENV, "yes")

@@ -31,9 +31,13 @@ def _one_token(x: torch.Tensor) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T with q (out, in) int8 and one scale per output row."""
+    """y = x @ (q * scale)^T with q (out, in) int8 and one scale per output row.
 
-    def __init__(self, in_features: int, out_features: int, *, kernel: bool) -> None:
+    `kernel` (int8_kernel's answer for the device): "cpu" for the CPU kernels (llamarun's, then
+    PyTorch's weight-only one), None where the weight is dequantized into the product.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, kernel: str | None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
@@ -41,10 +45,10 @@ class Int8Linear(nn.Module):
 
     @staticmethod
     def state(parts: Int8Parts, *, device: torch.device, dtype: torch.dtype,
-              kernel: bool) -> dict[str, torch.Tensor]:
+              kernel: str | None) -> dict[str, torch.Tensor]:
         """The module's buffers for `parts` (scales in the kernel's dtype where one runs)."""
         return {"weight": parts.q.to(device).contiguous(),
-                "scales": parts.scale.to(device=device, dtype=KERNEL_DTYPE if kernel else dtype)}
+                "scales": parts.scale.to(device=device, dtype=KERNEL_DTYPE if kernel == "cpu" else dtype)}
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight (out, in) in `dtype`."""
@@ -53,17 +57,20 @@ class Int8Linear(nn.Module):
     def kernel_product(self, x: torch.Tensor) -> kernels.Product | None:
         """The product forward(x) hands llamarun's int8 kernel, for kernels.decode_layer (or
         None)."""
-        return kernels.int8_product(x, self.weight, self.scales) if self.kernel else None
+        if self.kernel != "cpu":
+            return None
+        return kernels.int8_product(x, self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Where PyTorch's approximate kernel would run, llamarun's (VNNI, M <= 8) may instead
-        y = kernels.int8_linear(x, self.weight, self.scales) if self.kernel else None
+        cpu = self.kernel == "cpu"
+        y = kernels.int8_linear(x, self.weight, self.scales) if cpu else None
         if y is not None:
             return y
-        if _one_token(x) and not self.kernel:
+        if _one_token(x) and not cpu:
             return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         rows = x.shape[:-1].numel()
-        if self.kernel and rows < DENSE_ROWS:
+        if cpu and rows < DENSE_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.scales)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -238,16 +245,17 @@ class Int8Embedding(nn.Module):
         return rows * self.scales[tokens].to(self.dtype).unsqueeze(-1)
 
 
-def _int8_kernel(device: torch.device, in_features: int) -> bool:
+def int8_kernel(device: torch.device, in_features: int) -> str | None:
+    """Int8Linear's kernel for a weight of `in_features` inputs on `device`: "cpu" or None."""
     # _weight_int8pack_mm reads rows in blocks of 16 values: other widths give wrong results.
-    return quant_kernels(device)[0] and in_features % 16 == 0
+    return "cpu" if quant_kernels(device)[0] and in_features % 16 == 0 else None
 
 
 def quantized_module(fmt: WeightFormat, in_features: int, out_features: int, *,
                      device: torch.device) -> nn.Module:
     """An empty Int8Linear / Int4Linear for `fmt` (on the current default device)."""
     if fmt.kind == "int8":
-        return Int8Linear(in_features, out_features, kernel=_int8_kernel(device, in_features))
+        return Int8Linear(in_features, out_features, kernel=int8_kernel(device, in_features))
     if fmt.kind == "int4":
         return Int4Linear(in_features, out_features, group_size=fmt.group_size,
                           layout=int4_layout(device, in_features, out_features, fmt.group_size),
@@ -260,7 +268,7 @@ def module_state(fmt: WeightFormat, parts: Int8Parts | Int4Parts, *, device: tor
     """The buffers of the module quantized_module(fmt, ...) makes, for `parts`."""
     n, k = parts.q.shape
     if isinstance(parts, Int8Parts):
-        return Int8Linear.state(parts, device=device, dtype=dtype, kernel=_int8_kernel(device, k))
+        return Int8Linear.state(parts, device=device, dtype=dtype, kernel=int8_kernel(device, k))
     layout = int4_layout(device, k, n, parts.group_size)
     return Int4Linear.state(parts, device=device, dtype=dtype, layout=layout,
                             symmetric=fmt.symmetric)
