@@ -343,20 +343,24 @@ def test_ten_million_layers_refused_fast_and_small(tmp_path: Path, sd: dict) -> 
         import time
         from llamarun.loaders import load_checkpoint
         from llamarun.errors import LlamarunError
+        def peak():
+            return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+        imported = peak()
         start = time.perf_counter()
         try:
             load_checkpoint({str(folder)!r}, device="cpu")
         except LlamarunError as e:
             message = str(e)
         seconds = time.perf_counter() - start
-        peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-        print(seconds, peak * 1024, message)
+        print(seconds, (peak() - imported) * 1024, message)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    seconds, peak, message = out.stdout.split(" ", 2)
+    seconds, grown, message = out.stdout.split(" ", 2)
     assert float(seconds) < 1.0, out.stdout
-    assert int(peak) < 300 * 2**20, out.stdout
+    # the refusal's own memory, past what importing torch and llamarun takes (more where Triton
+    # is installed: torch._dynamo imports it); 10 ** 7 layers' tensors would be gigabytes
+    assert int(grown) < 32 * 2**20, out.stdout
     assert "10000000 layers" in message
 
 
