@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -270,6 +271,16 @@ def quant_kernels(device: torch.device) -> tuple[bool, bool]:
     have both)."""
     cpu = device.type == "cpu"
     return cpu, cpu
+
+
+def cuda_int8_kernel(device: torch.device) -> bool:
+    """Whether llamarun's Triton kernel for int8 weights (`quant.cuda_int8`, 1 to 16 rows)
+    serves this device: CUDA with Triton installed (PyTorch's CUDA wheels bring it), compute
+    capability 7.0 and up."""
+    from llamarun.quant import cuda_int8
+
+    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device) >= cuda_int8.MIN_CAPABILITY)
 
 
 def cuda_int4_kernel(device: torch.device) -> bool:

@@ -58,7 +58,7 @@ def test_bfloat16_default_dtype_and_chat(engines):
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_weights_match_cpu(quantize):
-    # CUDA: int4 through the tensor-core kernel, int8 dequantized in forward.
+    # CUDA: int4 through the tensor-core kernel, int8 through llamarun's Triton kernel.
     folder = require_fixture("stories260K", "meta")
     ids = [1, 403, 407, 261, 378, 432, 383, 286]
     out = []
@@ -112,3 +112,23 @@ def test_int4_tensor_core_layout_computes_the_dequantized_product(n, k, group):
         y = module(x.to(cuda, torch.bfloat16)).float().cpu().double()
         ref = x.double() @ ref_w.t()
         assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 2048, 2048), (3, 100, 200), (8, 8192, 2048),
+                                      (16, 17, 96), (1, 128256, 2048)])
+def test_int8_triton_kernel_computes_the_dequantized_product(rows, n, k):
+    from llamarun.quant import Int8Linear, cuda_int8, dequantize_int8, quantize_int8
+    from llamarun.quant.modules import int8_kernel
+
+    cuda = torch.device("cuda")
+    assert int8_kernel(cuda, k) == "cuda"
+    g = torch.Generator().manual_seed(rows + n + k)
+    parts = quantize_int8(torch.randn(n, k, generator=g))
+    module = Int8Linear(k, n, kernel="cuda").to(cuda)
+    module.load_state_dict(Int8Linear.state(parts, device=cuda, dtype=torch.bfloat16,
+                                            kernel="cuda"), assign=True)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    ref = x.double() @ dequantize_int8(parts).double().t()
+    y = cuda_int8.int8_mm(x.to(cuda), module.weight, module.scales).cpu().double()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bfloat16 scales and output
+    assert torch.equal(module(x.to(cuda)).cpu().double(), y)  # forward hands it the kernel

@@ -1,11 +1,12 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
-On CUDA (compute capability 8.0 and up), 4-bit products run PyTorch's `_weight_int4pack_mm`
-on weights packed once at load into its tile layout. On CPU, int8 products run llamarun's own
-kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or AVX2 without
-AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or AVX-512
-(llamarun.kernels decides);
-other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+On CUDA, 4-bit products run PyTorch's `_weight_int4pack_mm` (compute capability 8.0 and up) on
+weights packed once at load into its tile layout, and int8 products of up to 16 rows llamarun's
+Triton kernel (`quant.cuda_int8`, 7.0 and up; eager passes, and compiled ones of 2-16 rows: a
+compiled one-row product is inductor's fused multiply + sum). On CPU, int8 products run
+llamarun's own kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or
+AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or
+AVX-512 (llamarun.kernels decides); other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
 cast for the product only (a vector per token). Elsewhere the weight is
 dequantized into the activation dtype inside forward, which torch.compile fuses into the product.
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamarun import kernels
-from llamarun.device import DENSE_ROWS, cuda_int4_kernel, linear, quant_kernels
+from llamarun.device import DENSE_ROWS, cuda_int4_kernel, cuda_int8_kernel, linear, quant_kernels
+from llamarun.quant import cuda_int8
 from llamarun.quant.formats import Int4Parts, Int8Parts, WeightFormat
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU weight-only kernels
@@ -34,7 +36,8 @@ class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with q (out, in) int8 and one scale per output row.
 
     `kernel` (int8_kernel's answer for the device): "cpu" for the CPU kernels (llamarun's, then
-    PyTorch's weight-only one), None where the weight is dequantized into the product.
+    PyTorch's weight-only one), "cuda" for the Triton kernel (quant.cuda_int8), None where the
+    weight is dequantized into the product.
     """
 
     def __init__(self, in_features: int, out_features: int, *, kernel: str | None) -> None:
@@ -67,9 +70,11 @@ class Int8Linear(nn.Module):
         y = kernels.int8_linear(x, self.weight, self.scales) if cpu else None
         if y is not None:
             return y
-        if _one_token(x) and not cpu:
+        if _one_token(x) and not cpu:  # inductor fuses it into one reduction over the bytes
             return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         rows = x.shape[:-1].numel()
+        if self.kernel == "cuda" and rows <= cuda_int8.MAX_ROWS:
+            return cuda_int8.int8_linear(x, self.weight, self.scales)
         if cpu and rows < DENSE_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.scales)
@@ -246,7 +251,10 @@ class Int8Embedding(nn.Module):
 
 
 def int8_kernel(device: torch.device, in_features: int) -> str | None:
-    """Int8Linear's kernel for a weight of `in_features` inputs on `device`: "cpu" or None."""
+    """Int8Linear's kernel for a weight of `in_features` inputs on `device`: "cpu", "cuda" or
+    None."""
+    if cuda_int8_kernel(device):
+        return "cuda"
     # _weight_int8pack_mm reads rows in blocks of 16 values: other widths give wrong results.
     return "cpu" if quant_kernels(device)[0] and in_features % 16 == 0 else None
 

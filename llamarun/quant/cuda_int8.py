@@ -1,0 +1,102 @@
+"""Int8 weight products of decode-sized batches on CUDA: a Triton kernel reads each weight once.
+
+y = x @ (q * scale[:, None]).T for q (N, K) int8 with one scale per output row and x of 1 to
+MAX_ROWS rows. Each program takes BLOCK_N = 8 output rows and walks K in blocks, multiplying the
+int8 values (converted to float32 in registers) by the activations in float32 and summing along
+K; the row scale multiplies each output once at the end. So a product reads the int8 bytes
+once, where dequantizing it first (PyTorch's path, `q.to(bf16) * scale`) writes and reads a
+bfloat16 copy of the whole matrix on every call: 5 bytes of traffic per weight instead of 1.
+PyTorch's CUDA `_weight_int8pack_mm` (one thread per output) measured 2-60x slower than that
+dequantized product (README, "On CUDA"). Its arithmetic is the weight-only one: activations stay
+in float (no int8 activations: quantizing each token's row to int8 for cuBLAS's int8 GEMM,
+`torch._int_mm`, raised SmolLM2 Q8_0's perplexity from 12.74 to 13.13).
+
+Triton comes with PyTorch's CUDA wheels; where it is missing (or the GPU is older than
+MIN_CAPABILITY) int8 products stay dequantized (llamarun.device.cuda_int8_kernel decides). On
+a CPU the same kernel runs under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_ROWS = 16  # past this (prompt chunks) a GEMM on the dequantized weight is compute-bound anyway
+MIN_CAPABILITY = (7, 0)  # Triton's oldest GPUs (the kernel uses no tensor cores)
+BLOCK_N = 8  # output rows per program: a 2,048-row matrix spreads over 256 programs
+ELEMENTS = 4096  # rows x BLOCK_N x BLOCK_K products held per program and step
+
+
+@functools.cache
+def _kernel():  # the @triton.jit function, built at first use (the interpreter is chosen then)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_rows(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        wrow = rn.to(tl.int64) * K  # a 256k-vocabulary head has more than 2**31 values
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + wrow[:, None] + rk[None, :],
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :],
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y = acc * scale[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return int8_rows
+
+
+def blocks(rows: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) for a product of `rows` rows: the rows padded to a power of two, and K
+    steps that keep each program's ELEMENTS products (wider steps for fewer rows)."""
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"the int8 CUDA kernel takes 1 to {MAX_ROWS} rows, not {rows}")
+    block_m = 1 << (rows - 1).bit_length()
+    return block_m, ELEMENTS // (block_m * BLOCK_N)
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight (N, K) int8 * scales (N,)).T -> (M, N) in x's dtype, by the kernel."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if weight.dtype != torch.int8 or weight.shape[1] != k or scales.shape != (n,):
+        raise ValueError(f"int8_mm: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, scales {tuple(scales.shape)} do not fit")
+    block_m, block_k = blocks(rows)
+    x = x.contiguous()
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    grid = ((n + BLOCK_N - 1) // BLOCK_N,)
+    _kernel()[grid](x, weight.contiguous(), scales.contiguous(), y, rows, n, k,
+                    BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k)
+    return y
+
+
+@torch.library.custom_op("llamarun::int8_mm_cuda", mutates_args=())
+def int8_mm_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8_mm as an operator that torch.compile keeps whole (inductor calls it, opaque)."""
+    return int8_mm(x, weight, scales)
+
+
+@int8_mm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (weight * scales[:, None]).T for at most MAX_ROWS rows of x (under
+    torch.compile through the operator, else by a direct launch)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y = torch.ops.llamarun.int8_mm_cuda(rows, weight, scales)
+    else:
+        y = int8_mm(rows, weight, scales)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
