@@ -2,9 +2,14 @@
 
 Random weights in the shapes that matter (SmolLM2-135M, Llama-3.2-1B), written once as bfloat16
 HF folders, so the bench needs no download; the tokenizer is stories260K's (ids only matter).
-Prints one table. Called by benchmarks/gpu_check.sh; runs on CPU too (slowly) for a dry run.
+Prints the device's plain memory read (llamarun.memory_read); on CUDA, the GB/s of the 1B
+shape's weight products alone (and their share of the read), 1 and 4 rows, per kernel: bfloat16
+(F.linear), int8 through llamarun's Triton kernel and dequantized first (the path it replaced),
+int4 through `_weight_int4pack_mm`; then one table of decode tok/s and weight GB/s per variant.
+Called by benchmarks/gpu_check.sh; runs on CPU too (slowly, decode table only) for a dry run.
 
     python benchmarks/gpu_bench.py [--device cuda] [--shapes smollm2,1b] [--gen-tokens 64]
+        [--variants eager,int8] [--no-products]
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from llamarun import memory_read
 from llamarun.bench import run_bench
 from llamarun.config import ModelArgs
+from llamarun.device import synchronize
 from llamarun.engine import Engine
 from llamarun.loaders import load_checkpoint
 from llamarun.loaders.fuse import expected_shapes
@@ -72,6 +80,65 @@ def write_random_hf(folder: Path, args: ModelArgs) -> Path:
     return folder
 
 
+# (name, N, K) of the 1B shape's distinct products and its output head
+PRODUCTS = [("wqkv", 3072, 2048), ("wo", 2048, 2048), ("w13", 16384, 2048), ("w2", 2048, 8192),
+            ("output", 128256, 2048)]
+
+
+def _seconds(fn, device: torch.device, min_s: float = 0.2) -> float:
+    """Median seconds of one call of fn, in batches of calls lasting about min_s / 5."""
+    fn()
+    synchronize(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_s / 5:
+        fn()
+        n += 1
+    synchronize(device)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / n)
+    return sorted(times)[2]
+
+
+def bench_products(device: torch.device, read_gb_s: float) -> None:
+    """GB/s of weights per product kernel (see the module's docstring), and over the read."""
+    from llamarun.quant import Int4Linear, Int8Linear, int4_layout, quantize_int4, quantize_int8
+    from llamarun.quant.cuda_int8 import int8_mm
+
+    print(f"{'matrix':7} {'N x K':>12} {'rows':>4} {'kernel':22} {'GB/s':>7} {'vs read':>7}")
+    g = torch.Generator().manual_seed(0)
+    for name, n, k in PRODUCTS:
+        w = torch.randn(n, k, generator=g) * 0.02
+        wb = w.to(device, torch.bfloat16)
+        q8 = quantize_int8(w)
+        i8 = Int8Linear(k, n, kernel="cuda").to(device)
+        i8.load_state_dict(Int8Linear.state(q8, device=device, dtype=torch.bfloat16,
+                                            kernel="cuda"), assign=True)
+        layout = int4_layout(device, k, n, 32)
+        i4 = Int4Linear(k, n, group_size=32, layout=layout).to(device)
+        i4.load_state_dict(Int4Linear.state(quantize_int4(w, 32), device=device,
+                                            dtype=torch.bfloat16, layout=layout), assign=True)
+        del w
+        for rows in (1, 4):
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            runs = [("bf16 F.linear", n * k * 2, lambda: F.linear(x, wb)),
+                    ("int8 triton", n * k + n * 2, lambda: int8_mm(x, i8.weight, i8.scales)),
+                    ("int8 dequantized", n * k + n * 2,
+                     lambda: F.linear(x, i8.weight.to(x.dtype) * i8.scales[:, None])),
+                    (f"int4 {layout} g32", n * k // 2 + n * k // 32 * 4, lambda: i4(x))]
+            for label, nbytes, fn in runs:
+                with torch.inference_mode():
+                    gb_s = nbytes / _seconds(fn, device) / 1e9
+                print(f"{name:7} {f'{n}x{k}':>12} {rows:4} {label:22} {gb_s:7.0f} "
+                      f"{gb_s / read_gb_s:7.2f}", flush=True)
+        del wb, i8, i4
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -79,8 +146,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True,
                     help="a tokenizer folder (stories260K's)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="eager,compiled,int8,int4,int4 compiled",
-                    help="comma-separated, of: eager, compiled, int8, int4, int4 compiled")
+    ap.add_argument("--variants", default="eager,compiled,int8,int8 compiled,int4,int4 compiled",
+                    help="comma-separated, of: eager, compiled, int8, int8 compiled, int4, "
+                         "int4 compiled")
+    ap.add_argument("--no-products", action="store_true",
+                    help="skip the per-kernel product table (CUDA only)")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llamarun-gpu")
@@ -88,17 +158,22 @@ def main() -> None:
     tok = load_tokenizer(a.tokenizer)
     chat = load_chat_format(tok, None)
     variants = [("eager", "none", False), ("compiled", "none", True),
-                ("int8", "int8", False), ("int4", "int4", False), ("int4 compiled", "int4", True)]
+                ("int8", "int8", False), ("int8 compiled", "int8", True),
+                ("int4", "int4", False), ("int4 compiled", "int4", True)]
     chosen = [v.strip() for v in a.variants.split(",")]
     unknown = set(chosen) - {label for label, _, _ in variants}
     if unknown:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     variants = [v for v in variants if v[0] in chosen]
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
+    device = torch.device(a.device)
+    read = memory_read.measure(device)
     print(f"device {name}, torch {torch.__version__}, pp{a.prompt_tokens} tg{a.gen_tokens}, "
-          f"best of {a.reps}")
-    print(f"{'shape':8} {'variant':14} {'dtype':9} {'pp tok/s':>9} {'tg tok/s':>9} {'GB/s':>7} "
-          f"{'warmup s':>9} {'peak MiB':>9}")
+          f"best of {a.reps}; memory read {read.gb_s:.0f} GB/s ({read.form})")
+    if device.type == "cuda" and not a.no_products:  # first: seconds, where the decode takes minutes
+        bench_products(device, read.gb_s)
+    print(f"\n{'shape':8} {'variant':14} {'dtype':9} {'pp tok/s':>9} {'tg tok/s':>9} {'GB/s':>7} "
+          f"{'vs read':>7} {'warmup s':>9} {'peak MiB':>9}")
     for shape in a.shapes.split(","):
         folder = write_random_hf(a.workdir / shape, SHAPES[shape])
         for label, quantize, compiled in variants:
@@ -113,6 +188,7 @@ def main() -> None:
                 peak = (r.peak_device_bytes or r.peak_rss_bytes) / 2**20
                 print(f"{shape:8} {label:14} {r.dtype:9} {max(r.prefill[0].tok_s.values):9.0f} "
                       f"{max(r.decode.tok_s.values):9.1f} {r.decode.bandwidth_gb_s:7.0f} "
+                      f"{r.decode.bandwidth_gb_s / read.gb_s:7.2f} "
                       f"{r.warmup_s:9.1f} {peak:9.0f}", flush=True)
             except Exception as e:  # one failing variant must not hide the others
                 print(f"{shape:8} {label:14} error: {type(e).__name__}: {str(e)[:160]}", flush=True)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (under 8 minutes on one H100): install, CUDA tests, short decode bench.
+# The GPU check, in one go (at most about 8 minutes): install, CUDA tests, product
+# kernels' GB/s, short decode bench.
 #
 # On a machine with internet access it installs what it needs with pip. The lent GPU machines are
 # offline: first run `bash benchmarks/gpu_check.sh --prepare` here, which puts the `gguf` wheel and
@@ -32,11 +33,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 echo "== CUDA tests"
-LLAMARUN_REQUIRE_FIXTURES=1 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+LLAMARUN_REQUIRE_FIXTURES=1 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 tests=$?
 
-echo "== decode bench (random weights, bfloat16, CUDA)"
-timeout 300 $PY benchmarks/gpu_bench.py --device cuda --tokenizer "$LLAMARUN_FIXTURES/stories260K/meta"
+# The product kernels first (seconds), then eager decode (CUDA graphs) of both shapes, then the
+# compiled steps of the small shape only (a 1B compile took 100 s a variant on the H200).
+echo "== product kernels, eager decode (random weights, bfloat16 activations, CUDA)"
+timeout 150 $PY benchmarks/gpu_bench.py --device cuda --tokenizer "$LLAMARUN_FIXTURES/stories260K/meta" \
+  --variants eager,int8,int4
 bench=$?
-echo "== done in $(( $(date +%s) - start )) s (tests exit $tests, bench exit $bench)"
-[ $tests -eq 0 ] && [ $bench -eq 0 ]
+echo "== compiled decode (SmolLM2 shape)"
+timeout 120 $PY benchmarks/gpu_bench.py --device cuda --tokenizer "$LLAMARUN_FIXTURES/stories260K/meta" \
+  --shapes smollm2 --variants "compiled,int8 compiled,int4 compiled" --no-products
+compiled=$?
+echo "== done in $(( $(date +%s) - start )) s (tests exit $tests, bench exit $bench, compiled exit $compiled)"
+[ $tests -eq 0 ] && [ $bench -eq 0 ] && [ $compiled -eq 0 ]
