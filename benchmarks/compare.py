@@ -7,12 +7,15 @@ pp (prefill of N prompt tokens, tok/s), tg (decode of M tokens after an 8-token 
 TTFT (prefill of the N-token prompt + the first greedy sample, s), peak RSS, achieved GB/s
 (weight bytes read per token x tg tok/s) and each engine's pp and tg relative to llama.cpp (and to
 transformers where it ran) in the same run. Timings are medians over --reps after a warm-up
-(at least one run and 1 s; 3 s after a compile). Above the tables: the machine's plain memory read
-rate with the same threads (a worker reading 1 GiB, the fastest of two streaming PyTorch reads in
-ordinary and in huge pages, where llamarun keeps its weights; the best read in ordinary pages is
-shown beside it), and each row's decode GB/s over it ("GB/s vs read": a model larger than the
-caches cannot decode faster than its weights stream; a small one partly reads from cache and can
-exceed 1).
+(at least one run and 1 s; 3 s after a compile). Around every engine's turn the machine's plain
+memory read rate is measured with the same threads (a worker reading 1 GiB, the fastest of two
+streaming PyTorch reads in ordinary and in huge pages, where llamarun keeps its weights), and
+each row's decode GB/s is divided by the mean of the reads just before and just after its turn
+("GB/s vs read": a model larger than the caches cannot decode faster than its weights stream; a
+small one partly reads from cache and can exceed 1). A shared machine's read rate can change
+between minutes (one AMD EPYC here flipped between about 50 and 80 GB/s), so a read taken once
+per run is no denominator for a turn minutes later; the range of the reads is printed above the
+tables, and each row's read beside it (--read-once: one read after the turns, as before).
 
 Models: "smollm2" (the embedded SmolLM2-135M-Instruct, re-encoded from its Q4_1 GGUF), "1b" (a
 random Llama-3.2-1B-shaped model; opt-in: about 10 GB of GGUF files and a long run) and "8b" (a
@@ -379,9 +382,16 @@ def engine_input(engine: str, model: str, prec: str,
     return files["F32"], "float32" if prec == "f32" else "bfloat16"
 
 
+def memory_read_gb_s(a: argparse.Namespace) -> float | None:
+    """One plain memory read in a worker (None if it failed)."""
+    return run_one("memory-read", None, "-", a).get("read_gb_s")
+
+
 def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
-    """Every row: model x precision x engine."""
+    """Every row: model x precision x engine (each with the memory read around its turn, unless
+    --read-once)."""
     rows: list[dict] = []
+    read = None if a.read_once else memory_read_gb_s(a)
     for model in a.models:
         only = _variants().ONLY_TYPES.get(model)
         precisions = [p for p in a.precisions if only is None or PRECISIONS[p][0] in only]
@@ -415,6 +425,13 @@ def benchmark(a: argparse.Namespace, engines: list[str]) -> list[dict]:
                                                                      + row["kv_bytes"])
                 print(f"  pp {row['pp_tok_s']:.1f} tok/s, tg {row['tg_tok_s']:.1f} tok/s "
                       f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                if not a.read_once:
+                    before, read = read, memory_read_gb_s(a)
+                    if before and read:
+                        row["read_gb_s"] = (before + read) / 2
+                        row["gb_s_vs_read"] = row["gb_s"] / row["read_gb_s"]
+                        print(f"  memory read {before:.1f} -> {read:.1f} GB/s", file=sys.stderr,
+                              flush=True)
                 rows.append(row)
     add_ratios(rows)
     return rows
@@ -448,7 +465,12 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
           f"{env.get('llama_cpp_python', '-')}, transformers {env.get('transformers', '-')}; "
           f"{env['threads']} threads; pp{env['prompt_tokens']}, tg{env['gen_tokens']} "
           f"(after {env['tg_prompt_tokens']} tokens); median of {env['reps']}")
-    if env.get("read_gb_s"):
+    reads = [r["read_gb_s"] for r in rows if r.get("read_gb_s")]
+    if reads:
+        print(f"memory read around each turn: {min(reads):.1f}-{max(reads):.1f} GB/s "
+              f"(1 GiB, the faster of ordinary and huge pages, {env['threads']} threads; each "
+              f"row's GB/s vs read uses the reads before and after its turn)")
+    elif env.get("read_gb_s"):
         plain = env.get("read_plain_gb_s")
         print(f"memory read: {env['read_gb_s']:.1f} GB/s ({env['read_bytes'] >> 20} MiB, "
               f"{env['read_form']}, {env['threads']} threads"
@@ -460,7 +482,8 @@ def print_tables(env: dict[str, Any], rows: list[dict]) -> None:
         cols: list[tuple[str, str, str]] = [  # header, key, format
             ("pp tok/s", "pp_tok_s", ".1f"), ("tg tok/s", "tg_tok_s", ".1f"),
             ("TTFT s", "ttft_s", ".3f"), ("peak RSS MiB", "peak_rss_mib", ".0f"),
-            ("GB/s", "gb_s", ".2f"), ("GB/s vs read", "gb_s_vs_read", ".2f"),
+            ("GB/s", "gb_s", ".2f"), ("read GB/s", "read_gb_s", ".1f"),
+            ("GB/s vs read", "gb_s_vs_read", ".2f"),
             ("pp vs llama.cpp", "pp_vs_llama_cpp", ".2f"),
             ("tg vs llama.cpp", "tg_vs_llama_cpp", ".2f")]
         if any(r["engine"] == "transformers" for r in mine):
@@ -512,6 +535,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per engine and variant")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--read-once", action="store_true",
+                    help="one memory read after all turns instead of one around each turn")
     ap.add_argument("--baseline", metavar="REV",
                     help="also run llamarun's engines from git revision REV (a worktree)")
     ap.add_argument("--worker", choices=(*ENGINES, "memory-read"), help=argparse.SUPPRESS)
@@ -535,15 +560,16 @@ def main() -> None:
                    for x in ([e, f"{e}@{a.baseline}"] if e.startswith("llamarun") else [e])]
     env = environment(a)
     rows = benchmark(a, engines)
-    print("memory read ...", file=sys.stderr, flush=True)
-    read = run_one("memory-read", None, "-", a)
-    env["read_gb_s"] = read.get("read_gb_s")
-    env["read_plain_gb_s"] = read.get("read_plain_gb_s")
-    env["read_bytes"] = read.get("read_bytes")
-    env["read_form"] = read.get("read_form", read.get("error"))
-    for r in rows:
-        if env["read_gb_s"] and "gb_s" in r:
-            r["gb_s_vs_read"] = r["gb_s"] / env["read_gb_s"]
+    if a.read_once:
+        print("memory read ...", file=sys.stderr, flush=True)
+        read = run_one("memory-read", None, "-", a)
+        env["read_gb_s"] = read.get("read_gb_s")
+        env["read_plain_gb_s"] = read.get("read_plain_gb_s")
+        env["read_bytes"] = read.get("read_bytes")
+        env["read_form"] = read.get("read_form", read.get("error"))
+        for r in rows:
+            if env["read_gb_s"] and "gb_s" in r:
+                r["gb_s_vs_read"] = r["gb_s"] / env["read_gb_s"]
     if a.json:
         print(json.dumps({"env": env, "rows": rows}, indent=2))
     else:
