@@ -6,9 +6,9 @@ Triton kernel (`quant.cuda_int8`, 7.0 and up; eager passes, and compiled ones of
 compiled one-row product is inductor's fused multiply + sum). On CPU, int8 products run
 llamarun's own kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or
 AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or
-AVX-512 (llamarun.kernels decides); other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
-cast for the product only (a vector per token). Elsewhere the weight is
+AVX-512 (llamarun.kernels decides); other products run PyTorch's weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other
+activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is
 dequantized into the activation dtype inside forward, which torch.compile fuses into the product.
 Under torch.compile a one-token int8 product is otherwise written as multiply + sum, one fused
 reduction over the int8 bytes.
@@ -50,8 +50,9 @@ class Int8Linear(nn.Module):
     def state(parts: Int8Parts, *, device: torch.device, dtype: torch.dtype,
               kernel: str | None) -> dict[str, torch.Tensor]:
         """The module's buffers for `parts` (scales in the kernel's dtype where one runs)."""
+        scale_dtype = KERNEL_DTYPE if kernel == "cpu" else dtype
         return {"weight": parts.q.to(device).contiguous(),
-                "scales": parts.scale.to(device=device, dtype=KERNEL_DTYPE if kernel == "cpu" else dtype)}
+                "scales": parts.scale.to(device=device, dtype=scale_dtype)}
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight (out, in) in `dtype`."""
