@@ -15,7 +15,8 @@ Kernels:
   int4:  aten._weight_int4pack_mm_for_cpu (group 32), ours (kernels.int4_linear: AVX2
          vpmaddubsw, or vpdpbusd on CPUs with AVX512-VNNI; group 32, float16 scales and zeros)
 
-For one row, "ours rows" and "ours blocks" are the bf16, int8 and float32 kernels with the weight
+"read (dot)" is a plain read of as many bytes as the bfloat16 weights (a float32 dot product of
+two halves), timed in the same turns. For one row, "ours rows" and "ours blocks" are the bf16, int8 and float32 kernels with the weight
 rows taken one at a time or 8 (float32: 12) at once; "ours" is the order this CPU uses (rows on
 AMD CPUs, kernels.h's ROW_STREAM). --huge-pages puts the weights in huge pages, as a loaded
 model's are (llamarun.hugepages).
@@ -99,6 +100,10 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
     d4 = kernels.int4_pack_groups((torch.rand(n, k // 32, generator=g) / 50).half(), k)
     z4 = kernels.int4_pack_groups((torch.randn(n, k // 32, generator=g) / 20).half(), k)
     ours4_bytes = n * k // 2 + n * (k // 32) * 4
+    # a plain read of as many bytes as a bfloat16 copy, taking its turn beside the kernels: the
+    # ceiling of the same minutes (a shared machine's read rate changes between minutes)
+    read_bytes = n * k * 2
+    reads = [(_placed(torch.ones(n * k // 4)), _placed(torch.ones(n * k // 4))) for _ in range(nb)]
     compiled = compiled_ours = compiled_int8 = None
     if compile_:  # model.Linear's and Int8Linear's one-token forms under torch.compile
         torch._dynamo.reset()  # one compile per shape; the recompile limit counts shapes
@@ -145,10 +150,11 @@ def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
             ext = kernels._extension()
             runs.append(("int4 ours g32", ours4_bytes,
                          lambda i: ext.int4_linear(x, o4[i], d4, z4, 32, n), len(o4)))
+        runs.append(("read (dot)", read_bytes, lambda i: torch.dot(*reads[i]), len(reads)))
         with torch.inference_mode():
             secs = _interleaved([(fn, copies) for _, _, fn, copies in runs], reps)
         out += [(name, m, nbytes / s / 1e9) for (name, nbytes, _, _), s in zip(runs, secs)]
-    del wb
+    del wb, reads
     wf = [_placed(torch.randn(n, k, generator=g)) for _ in range(_copies(n * k * 4, pool))]
     for m in rows:
         x = torch.randn(m, k, generator=g)
