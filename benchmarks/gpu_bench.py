@@ -107,7 +107,7 @@ def _seconds(fn, device: torch.device, min_s: float = 0.2) -> float:
 def bench_products(device: torch.device, read_gb_s: float) -> None:
     """GB/s of weights per product kernel (see the module's docstring), and over the read."""
     from llamarun.quant import Int4Linear, Int8Linear, int4_layout, quantize_int4, quantize_int8
-    from llamarun.quant.cuda_int8 import int8_mm
+    from llamarun.quant.cuda_kernels import int8_mm
 
     print(f"{'matrix':7} {'N x K':>12} {'rows':>4} {'kernel':22} {'GB/s':>7} {'vs read':>7}")
     g = torch.Generator().manual_seed(0)

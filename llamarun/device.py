@@ -273,14 +273,14 @@ def quant_kernels(device: torch.device) -> tuple[bool, bool]:
     return cpu, cpu
 
 
-def cuda_int8_kernel(device: torch.device) -> bool:
-    """Whether llamarun's Triton kernel for int8 weights (`quant.cuda_int8`, 1 to 16 rows)
+def cuda_triton_kernels(device: torch.device) -> bool:
+    """Whether llamarun's Triton kernel for int8 weights (`quant.cuda_kernels`, 1 to 16 rows)
     serves this device: CUDA with Triton installed (PyTorch's CUDA wheels bring it), compute
     capability 7.0 and up."""
-    from llamarun.quant import cuda_int8
+    from llamarun.quant import cuda_kernels
 
     return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
-            and torch.cuda.get_device_capability(device) >= cuda_int8.MIN_CAPABILITY)
+            and torch.cuda.get_device_capability(device) >= cuda_kernels.MIN_CAPABILITY)
 
 
 def cuda_int4_kernel(device: torch.device) -> bool:

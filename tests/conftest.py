@@ -13,8 +13,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # CLI test (in this process and in subprocesses) would slow them all. Tests of the compiled
 # paths ask for it explicitly.
 os.environ["LLAMARUN_COMPILE"] = "0"
-# Without a GPU, Triton kernels (llamarun.quant.cuda_int8) run under Triton's interpreter on CPU
-# tensors (test_cuda_int8.py). It must be chosen before triton.language is imported: its own
+# Without a GPU, Triton kernels (llamarun.quant.cuda_kernels) run under Triton's interpreter on CPU
+# tensors (test_cuda_kernels.py). It must be chosen before triton.language is imported: its own
 # helpers (tl.sum's combine function) are made interpreted or compiled then.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

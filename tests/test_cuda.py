@@ -117,7 +117,7 @@ def test_int4_tensor_core_layout_computes_the_dequantized_product(n, k, group):
 @pytest.mark.parametrize("rows,n,k", [(1, 2048, 2048), (3, 100, 200), (8, 8192, 2048),
                                       (16, 17, 96), (1, 128256, 2048)])
 def test_int8_triton_kernel_computes_the_dequantized_product(rows, n, k):
-    from llamarun.quant import Int8Linear, cuda_int8, dequantize_int8, quantize_int8
+    from llamarun.quant import Int8Linear, cuda_kernels, dequantize_int8, quantize_int8
     from llamarun.quant.modules import int8_kernel
 
     cuda = torch.device("cuda")
@@ -129,6 +129,6 @@ def test_int8_triton_kernel_computes_the_dequantized_product(rows, n, k):
                                             kernel="cuda"), assign=True)
     x = torch.randn(rows, k, generator=g).bfloat16()
     ref = x.double() @ dequantize_int8(parts).double().t()
-    y = cuda_int8.int8_mm(x.to(cuda), module.weight, module.scales).cpu().double()
+    y = cuda_kernels.int8_mm(x.to(cuda), module.weight, module.scales).cpu().double()
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bfloat16 scales and output
     assert torch.equal(module(x.to(cuda)).cpu().double(), y)  # forward hands it the kernel

@@ -2,7 +2,7 @@
 
 On CUDA, 4-bit products run PyTorch's `_weight_int4pack_mm` (compute capability 8.0 and up) on
 weights packed once at load into its tile layout, and int8 products of up to 16 rows llamarun's
-Triton kernel (`quant.cuda_int8`, 7.0 and up; eager passes, and compiled ones of 2-16 rows: a
+Triton kernel (`quant.cuda_kernels`, 7.0 and up; eager passes, and compiled ones of 2-16 rows: a
 compiled one-row product is inductor's fused multiply + sum). On CPU, int8 products run
 llamarun's own kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or
 AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamarun import kernels
-from llamarun.device import DENSE_ROWS, cuda_int4_kernel, cuda_int8_kernel, linear, quant_kernels
-from llamarun.quant import cuda_int8
+from llamarun.device import DENSE_ROWS, cuda_int4_kernel, cuda_triton_kernels, linear, quant_kernels
+from llamarun.quant import cuda_kernels
 from llamarun.quant.formats import Int4Parts, Int8Parts, WeightFormat
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU weight-only kernels
@@ -36,7 +36,7 @@ class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with q (out, in) int8 and one scale per output row.
 
     `kernel` (int8_kernel's answer for the device): "cpu" for the CPU kernels (llamarun's, then
-    PyTorch's weight-only one), "cuda" for the Triton kernel (quant.cuda_int8), None where the
+    PyTorch's weight-only one), "cuda" for the Triton kernel (quant.cuda_kernels), None where the
     weight is dequantized into the product.
     """
 
@@ -74,8 +74,8 @@ class Int8Linear(nn.Module):
         if _one_token(x) and not cpu:  # inductor fuses it into one reduction over the bytes
             return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         rows = x.shape[:-1].numel()
-        if self.kernel == "cuda" and rows <= cuda_int8.MAX_ROWS:
-            return cuda_int8.int8_linear(x, self.weight, self.scales)
+        if self.kernel == "cuda" and rows <= cuda_kernels.MAX_ROWS:
+            return cuda_kernels.int8_linear(x, self.weight, self.scales)
         if cpu and rows < DENSE_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, self.in_features).to(KERNEL_DTYPE), self.weight, self.scales)
@@ -254,7 +254,7 @@ class Int8Embedding(nn.Module):
 def int8_kernel(device: torch.device, in_features: int) -> str | None:
     """Int8Linear's kernel for a weight of `in_features` inputs on `device`: "cpu", "cuda" or
     None."""
-    if cuda_int8_kernel(device):
+    if cuda_triton_kernels(device):
         return "cuda"
     # _weight_int8pack_mm reads rows in blocks of 16 values: other widths give wrong results.
     return "cpu" if quant_kernels(device)[0] and in_features % 16 == 0 else None

@@ -12,7 +12,7 @@ in float (no int8 activations: quantizing each token's row to int8 for cuBLAS's 
 `torch._int_mm`, raised SmolLM2 Q8_0's perplexity from 12.74 to 13.13).
 
 Triton comes with PyTorch's CUDA wheels; where it is missing (or the GPU is older than
-MIN_CAPABILITY) int8 products stay dequantized (llamarun.device.cuda_int8_kernel decides). On
+MIN_CAPABILITY) int8 products stay dequantized (llamarun.device.cuda_triton_kernels decides). On
 a CPU the same kernel runs under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
 """
 

@@ -1,4 +1,4 @@
-"""The CUDA int8 kernel (quant.cuda_int8) on CPU, under Triton's interpreter: its indexing, masks,
+"""The CUDA int8 kernel (quant.cuda_kernels) on CPU, under Triton's interpreter: its indexing, masks,
 block sizes and dtypes against float64, and where Int8Linear hands it its products. The same
 checks on a GPU are in test_cuda.py."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llamarun.device as device_mod
-from llamarun.quant import Int8Linear, cuda_int8, dequantize_int8, quantize_int8
+from llamarun.quant import Int8Linear, cuda_kernels, dequantize_int8, quantize_int8
 from llamarun.quant.modules import int8_kernel
 
 CUDA = torch.device("cuda")
@@ -39,7 +39,7 @@ def test_kernel_matches_float64(interpreted, rows, n, k, dtype, tol):
     x = torch.randn(rows, k, generator=g).to(dtype)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     s = (torch.rand(n, generator=g) / 50).to(dtype)
-    y = cuda_int8.int8_mm(x, q, s)
+    y = cuda_kernels.int8_mm(x, q, s)
     assert y.shape == (rows, n) and y.dtype == dtype
     ref = _reference(x, q, s)
     # float32 sums of exact products; the result rounded once to the output dtype
@@ -53,31 +53,31 @@ def test_kernel_reads_strided_rows_and_keeps_the_inputs(interpreted):
     q = torch.randint(-127, 128, (24, 160), dtype=torch.int8, generator=g)
     s = torch.rand(24, generator=g)
     before = (x.clone(), q.clone(), s.clone())
-    y = cuda_int8.int8_mm(x, q, s)
+    y = cuda_kernels.int8_mm(x, q, s)
     assert torch.allclose(y.double(), _reference(x, q, s), rtol=1e-5, atol=1e-4)
     assert all(torch.equal(a, b) for a, b in zip((x, q, s), before))
 
 
 def test_blocks_pad_the_rows_and_keep_the_work_per_program():
-    assert cuda_int8.blocks(1) == (1, 512)
-    assert cuda_int8.blocks(3) == (4, 128)
-    assert cuda_int8.blocks(16) == (16, 32)
-    for rows in range(1, cuda_int8.MAX_ROWS + 1):
-        block_m, block_k = cuda_int8.blocks(rows)
-        assert block_m >= rows and block_m * cuda_int8.BLOCK_N * block_k == cuda_int8.ELEMENTS
-    for rows in (0, cuda_int8.MAX_ROWS + 1):
+    assert cuda_kernels.blocks(1) == (1, 512)
+    assert cuda_kernels.blocks(3) == (4, 128)
+    assert cuda_kernels.blocks(16) == (16, 32)
+    for rows in range(1, cuda_kernels.MAX_ROWS + 1):
+        block_m, block_k = cuda_kernels.blocks(rows)
+        assert block_m >= rows and block_m * cuda_kernels.BLOCK_N * block_k == cuda_kernels.ELEMENTS
+    for rows in (0, cuda_kernels.MAX_ROWS + 1):
         with pytest.raises(ValueError, match="1 to 16 rows"):
-            cuda_int8.blocks(rows)
+            cuda_kernels.blocks(rows)
 
 
 def test_mismatched_operands_raise():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="do not fit"):
-        cuda_int8.int8_mm(x, torch.zeros(8, 32, dtype=torch.int8), torch.ones(8))
+        cuda_kernels.int8_mm(x, torch.zeros(8, 32, dtype=torch.int8), torch.ones(8))
     with pytest.raises(ValueError, match="do not fit"):
-        cuda_int8.int8_mm(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8))
+        cuda_kernels.int8_mm(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8))
     with pytest.raises(ValueError, match="do not fit"):
-        cuda_int8.int8_mm(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(9))
+        cuda_kernels.int8_mm(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(9))
 
 
 def test_the_operator_agrees_with_its_fake(interpreted):
@@ -87,7 +87,7 @@ def test_the_operator_agrees_with_its_fake(interpreted):
             torch.rand(24, generator=g).bfloat16())
     torch.library.opcheck(torch.ops.llamarun.int8_mm_cuda, args,
                           test_utils=("test_schema", "test_faketensor"))
-    assert torch.equal(torch.ops.llamarun.int8_mm_cuda(*args), cuda_int8.int8_mm(*args))
+    assert torch.equal(torch.ops.llamarun.int8_mm_cuda(*args), cuda_kernels.int8_mm(*args))
 
 
 def test_int8_linear_hands_decode_rows_to_the_kernel(interpreted, monkeypatch):
@@ -98,8 +98,8 @@ def test_int8_linear_hands_decode_rows_to_the_kernel(interpreted, monkeypatch):
     module.load_state_dict(Int8Linear.state(parts, device=torch.device("cpu"),
                                             dtype=torch.bfloat16, kernel="cuda"), assign=True)
     calls = []
-    real = cuda_int8.int8_mm
-    monkeypatch.setattr(cuda_int8, "int8_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cuda_kernels.int8_mm
+    monkeypatch.setattr(cuda_kernels, "int8_mm", lambda *a: calls.append(a[0].shape) or real(*a))
     ref_w = dequantize_int8(parts).double()
     for shape in [(1, 1), (2, 3), (1, 16), (2, 20)]:
         calls.clear()
@@ -118,10 +118,10 @@ def test_the_kernel_is_chosen_for_cuda_devices_with_triton(monkeypatch):
     have = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "triton" else have(name, *a))
-    assert device_mod.cuda_int8_kernel(CUDA) and int8_kernel(CUDA, 100) == "cuda"
+    assert device_mod.cuda_triton_kernels(CUDA) and int8_kernel(CUDA, 100) == "cuda"
     assert int8_kernel(torch.device("cpu"), 256) == "cpu"  # the CPU kernels stay the CPU's
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
-    assert not device_mod.cuda_int8_kernel(CUDA) and int8_kernel(CUDA, 100) is None
+    assert not device_mod.cuda_triton_kernels(CUDA) and int8_kernel(CUDA, 100) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "triton" else have(name, *a))
