@@ -274,9 +274,9 @@ def quant_kernels(device: torch.device) -> tuple[bool, bool]:
 
 
 def cuda_triton_kernels(device: torch.device) -> bool:
-    """Whether llamarun's Triton kernel for int8 weights (`quant.cuda_kernels`, 1 to 16 rows)
-    serves this device: CUDA with Triton installed (PyTorch's CUDA wheels bring it), compute
-    capability 7.0 and up."""
+    """Whether llamarun's Triton kernels for int8 weights and for 4-bit ones in the plain layout
+    (`quant.cuda_kernels`, 1 to 16 rows) serve this device: CUDA with Triton installed (PyTorch's
+    CUDA wheels bring it), compute capability 7.0 and up."""
     from llamarun.quant import cuda_kernels
 
     return (device.type == "cuda" and importlib.util.find_spec("triton") is not None

@@ -132,3 +132,20 @@ def test_int8_triton_kernel_computes_the_dequantized_product(rows, n, k):
     y = cuda_kernels.int8_mm(x.to(cuda), module.weight, module.scales).cpu().double()
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bfloat16 scales and output
     assert torch.equal(module(x.to(cuda)).cpu().double(), y)  # forward hands it the kernel
+
+
+@pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 32), (4, 36, 256, 64), (16, 17, 128, 128)])
+def test_int4_plain_triton_kernel_computes_the_dequantized_product(rows, n, k, group):
+    # The layout of GPUs below compute capability 8.0 (run here on any GPU, the kernel forced).
+    from llamarun.quant import Int4Linear, dequantize_int4, quantize_int4
+
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(rows + n + k)
+    parts = quantize_int4(torch.randn(n, k, generator=g), group)
+    module = Int4Linear(k, n, group_size=group, layout="plain", kernel="cuda").to(cuda)
+    module.load_state_dict(Int4Linear.state(parts, device=cuda, dtype=torch.bfloat16,
+                                            layout="plain"), assign=True)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    ref = x.double() @ dequantize_int4(parts).double().t()
+    y = module(x.to(cuda)).cpu().double()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # bfloat16 scales, zeros and output

@@ -1,6 +1,6 @@
-"""The CUDA int8 kernel (quant.cuda_kernels) on CPU, under Triton's interpreter: its indexing, masks,
-block sizes and dtypes against float64, and where Int8Linear hands it its products. The same
-checks on a GPU are in test_cuda.py."""
+"""The CUDA int8 and 4-bit kernels (quant.cuda_kernels) on CPU, under Triton's interpreter: their
+indexing, masks, block sizes and dtypes against float64, and where Int8Linear and Int4Linear
+hand them their products. The same checks on a GPU are in test_cuda.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import llamarun.device as device_mod
-from llamarun.quant import Int8Linear, cuda_kernels, dequantize_int8, quantize_int8
-from llamarun.quant.modules import int8_kernel
+from llamarun.quant import (
+    Int4Linear, Int8Linear, cuda_kernels, dequantize_int4, dequantize_int8, quantize_int4,
+    quantize_int8,
+)
+from llamarun.quant.modules import int4_kernel, int4_layout, int8_kernel
 
 CUDA = torch.device("cuda")
 
@@ -126,3 +129,80 @@ def test_the_kernel_is_chosen_for_cuda_devices_with_triton(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "triton" else have(name, *a))
     assert int8_kernel(CUDA, 100) is None  # no Triton: the dequantized product
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3),
+                                       (torch.float16, 1e-3)], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("rows,n,k,group", [(1, 40, 256, 32), (2, 9, 2048, 64), (3, 17, 192, 64),
+                                            (8, 64, 576, 32), (16, 5, 128, 128)])
+def test_int4_kernel_matches_float64(interpreted, rows, n, k, group, dtype, tol):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k + group)
+    parts = quantize_int4(torch.randn(n, k, generator=g), group)
+    state = Int4Linear.state(parts, device=torch.device("cpu"), dtype=dtype, layout="plain")
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    y = cuda_kernels.int4_mm(x, state["weight"], state["scales_and_zeros"], group)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    # the reference from the same stored scales and zeros (the plain layout keeps them in dtype)
+    sz = state["scales_and_zeros"].double()
+    q = dequantize_int4(parts).double()  # the weight as quantized, in float
+    nibbles = torch.stack([state["weight"] & 15, state["weight"] >> 4], dim=-1).view(n, k).double()
+    w = ((nibbles - 8).view(n, k // group, group) * sz[:, :, 0].t()[..., None]
+         + sz[:, :, 1].t()[..., None]).view(n, k)
+    assert ((w - q).abs().max() / q.abs().max()).item() < 1e-2  # the layout holds the weight
+    ref = x.double() @ w.t()
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_int4_mismatched_operands_raise():
+    x = torch.randn(2, 64)
+    w, sz = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(2, 8, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        cuda_kernels.int4_mm(x, w.to(torch.int8), sz, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        cuda_kernels.int4_mm(x, w, sz, 64)  # one group of 64, not two
+    with pytest.raises(ValueError, match="do not fit"):
+        cuda_kernels.int4_mm(x[:, :62], w[:, :31], torch.ones(2, 8, 2), 31)
+
+
+def test_the_int4_operator_agrees_with_its_fake(interpreted):
+    parts = quantize_int4(torch.randn(24, 96, generator=torch.Generator().manual_seed(2)), 32)
+    state = Int4Linear.state(parts, device=torch.device("cpu"), dtype=torch.bfloat16,
+                             layout="plain")
+    args = (torch.randn(3, 96).bfloat16(), state["weight"], state["scales_and_zeros"], 32)
+    torch.library.opcheck(torch.ops.llamarun.int4_mm_cuda, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(torch.ops.llamarun.int4_mm_cuda(*args), cuda_kernels.int4_mm(*args))
+
+
+def test_int4_linear_hands_plain_decode_rows_to_the_kernel(interpreted, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    parts = quantize_int4(torch.randn(36, 256, generator=g), 64)
+    module = Int4Linear(256, 36, group_size=64, layout="plain", kernel="cuda")
+    module.load_state_dict(Int4Linear.state(parts, device=torch.device("cpu"),
+                                            dtype=torch.bfloat16, layout="plain"), assign=True)
+    calls = []
+    real = cuda_kernels.int4_mm
+    monkeypatch.setattr(cuda_kernels, "int4_mm",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    ref_w = dequantize_int4(parts).double()
+    for shape in [(1, 1), (4, 4), (1, 17)]:
+        calls.clear()
+        x = torch.randn(*shape, 256, generator=g).bfloat16()
+        y = module(x)
+        rows = shape[0] * shape[1]
+        assert y.shape == (*shape, 36) and calls == ([(rows, 256)] if rows <= 16 else [])
+        ref = x.double() @ ref_w.t()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_the_int4_kernel_is_chosen_for_plain_weights_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    have = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "triton" else have(name, *a))
+    # a T4 (7.5): no tensor-core 4-bit kernel, so the plain layout, through the Triton kernel
+    assert int4_layout(CUDA, 256, 36, 32) == "plain"
+    assert int4_kernel(CUDA, "plain") == "cuda"
+    assert int4_kernel(CUDA, "tinygemm") is None and int4_kernel(torch.device("cpu"), "plain") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    assert int4_kernel(CUDA, "plain") is None

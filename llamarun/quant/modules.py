@@ -1,9 +1,10 @@
 """Linear and embedding modules over int8 and int4 weights, and the pass that puts them in a model.
 
 On CUDA, 4-bit products run PyTorch's `_weight_int4pack_mm` (compute capability 8.0 and up) on
-weights packed once at load into its tile layout, and int8 products of up to 16 rows llamarun's
-Triton kernel (`quant.cuda_kernels`, 7.0 and up; eager passes, and compiled ones of 2-16 rows: a
-compiled one-row product is inductor's fused multiply + sum). On CPU, int8 products run
+weights packed once at load into its tile layout, and int8 products of up to 16 rows (and 4-bit
+ones the tensor-core kernel does not take) llamarun's Triton kernels (`quant.cuda_kernels`, 7.0
+and up; eager passes, and compiled ones of 2-16 rows: a compiled one-row int8 product is
+inductor's fused multiply + sum). On CPU, int8 products run
 llamarun's own kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or
 AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or
 AVX-512 (llamarun.kernels decides); other products run PyTorch's weight-only kernels
@@ -100,14 +101,18 @@ class Int4Linear(nn.Module):
     `_weight_int4pack_mm_for_cpu`, bfloat16 scales and zeros); elsewhere plain nibbles
     ("plain", low nibble = even column), dequantized into the product. Products the
     kernel does not serve (more than kernels.INT4_MAX_ROWS rows) dequantize the weight instead.
+    `kernel` "cuda" (int4_kernel's answer): a plain weight's products of up to 16 rows run the
+    Triton kernel (quant.cuda_kernels) instead of dequantizing it (CUDA GPUs the tensor-core
+    kernel does not serve).
     """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int,
-                 layout: str, symmetric: bool = False) -> None:
+                 layout: str, symmetric: bool = False, kernel: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size = group_size
         self.layout = layout
+        self.kernel = kernel
         if layout == "tinygemm":
             inner = _inner_k_tiles(in_features)
             self.register_buffer("weight", torch.empty(
@@ -203,6 +208,8 @@ class Int4Linear(nn.Module):
             rows = x.shape[:-1].numel()
             y = self._packed_mm(x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous())
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.kernel == "cuda" and x.shape[:-1].numel() <= cuda_kernels.MAX_ROWS:
+            return cuda_kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.group_size)
         return F.linear(x, self.dense(x.dtype))
 
     def _packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
@@ -225,6 +232,12 @@ def int4_layout(device: torch.device, in_features: int, out_features: int,
     if not quant_kernels(device)[1]:
         return "plain"
     return "llamarun" if kernels.int4_layout(group_size) else "int4pack"
+
+
+def int4_kernel(device: torch.device, layout: str) -> str | None:
+    """Int4Linear's kernel for a weight in `layout` on `device`: "cuda" (the Triton kernel) for
+    a plain layout on CUDA where it serves, else None (the layout decides)."""
+    return "cuda" if layout == "plain" and cuda_triton_kernels(device) else None
 
 
 def _inner_k_tiles(in_features: int) -> int:
@@ -266,9 +279,9 @@ def quantized_module(fmt: WeightFormat, in_features: int, out_features: int, *,
     if fmt.kind == "int8":
         return Int8Linear(in_features, out_features, kernel=int8_kernel(device, in_features))
     if fmt.kind == "int4":
-        return Int4Linear(in_features, out_features, group_size=fmt.group_size,
-                          layout=int4_layout(device, in_features, out_features, fmt.group_size),
-                          symmetric=fmt.symmetric)
+        layout = int4_layout(device, in_features, out_features, fmt.group_size)
+        return Int4Linear(in_features, out_features, group_size=fmt.group_size, layout=layout,
+                          symmetric=fmt.symmetric, kernel=int4_kernel(device, layout))
     raise ValueError(f"not a quantized format: {fmt}")
 
 
