@@ -5,7 +5,8 @@ HF folders, so the bench needs no download; the tokenizer is stories260K's (ids 
 Prints the device's plain memory read (llamarun.memory_read); on CUDA, the GB/s of the 1B
 shape's weight products alone (and their share of the read), 1 and 4 rows, per kernel: bfloat16
 (F.linear), int8 through llamarun's Triton kernel and dequantized first (the path it replaced),
-int4 through `_weight_int4pack_mm`; then one table of decode tok/s and weight GB/s per variant.
+int4 through `_weight_int4pack_mm` and through llamarun's Triton kernel for the plain layout
+(GPUs below compute capability 8.0 use it); then a table of decode tok/s and GB/s per variant.
 Called by benchmarks/gpu_check.sh; runs on CPU too (slowly, decode table only) for a dry run.
 
     python benchmarks/gpu_bench.py [--device cuda] [--shapes smollm2,1b] [--gen-tokens 64]
@@ -122,6 +123,9 @@ def bench_products(device: torch.device, read_gb_s: float) -> None:
         i4 = Int4Linear(k, n, group_size=32, layout=layout).to(device)
         i4.load_state_dict(Int4Linear.state(quantize_int4(w, 32), device=device,
                                             dtype=torch.bfloat16, layout=layout), assign=True)
+        plain = Int4Linear(k, n, group_size=32, layout="plain", kernel="cuda").to(device)
+        plain.load_state_dict(Int4Linear.state(quantize_int4(w, 32), device=device,
+                                               dtype=torch.bfloat16, layout="plain"), assign=True)
         del w
         for rows in (1, 4):
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
@@ -129,13 +133,14 @@ def bench_products(device: torch.device, read_gb_s: float) -> None:
                     ("int8 triton", n * k + n * 2, lambda: int8_mm(x, i8.weight, i8.scales)),
                     ("int8 dequantized", n * k + n * 2,
                      lambda: F.linear(x, i8.weight.to(x.dtype) * i8.scales[:, None])),
-                    (f"int4 {layout} g32", n * k // 2 + n * k // 32 * 4, lambda: i4(x))]
+                    (f"int4 {layout} g32", n * k // 2 + n * k // 32 * 4, lambda: i4(x)),
+                    ("int4 plain triton g32", n * k // 2 + n * k // 32 * 4, lambda: plain(x))]
             for label, nbytes, fn in runs:
                 with torch.inference_mode():
                     gb_s = nbytes / _seconds(fn, device) / 1e9
                 print(f"{name:7} {f'{n}x{k}':>12} {rows:4} {label:22} {gb_s:7.0f} "
                       f"{gb_s / read_gb_s:7.2f}", flush=True)
-        del wb, i8, i4
+        del wb, i8, i4, plain
         torch.cuda.empty_cache()
 
 
