@@ -93,27 +93,33 @@ def test_the_operator_agrees_with_its_fake(interpreted):
     assert torch.equal(torch.ops.llamarun.int8_mm_cuda(*args), cuda_kernels.int8_mm(*args))
 
 
-def test_int8_linear_hands_decode_rows_to_the_kernel(interpreted, monkeypatch):
+def _hands_decode_rows_to(module: torch.nn.Module, kernel: str, ref_w: torch.Tensor,
+                          shapes: list[tuple[int, int]], monkeypatch) -> None:
+    """module(x) for x of each (batch, tokens) shape: up to 16 rows through cuda_kernels.<kernel>
+    in one launch, more through the dequantized product; each close to x @ ref_w.T."""
+    calls = []
+    real = getattr(cuda_kernels, kernel)
+    monkeypatch.setattr(cuda_kernels, kernel, lambda *a: calls.append(a[0].shape) or real(*a))
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(48, 160, generator=g)
-    parts = quantize_int8(w)
+    n, k = ref_w.shape
+    for shape in shapes:
+        calls.clear()
+        x = torch.randn(*shape, k, generator=g).bfloat16()
+        y = module(x)
+        rows = shape[0] * shape[1]
+        assert y.shape == (*shape, n) and y.dtype == torch.bfloat16
+        assert calls == ([(rows, k)] if rows <= 16 else [])
+        ref = x.double() @ ref_w.double().t()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_int8_linear_hands_decode_rows_to_the_kernel(interpreted, monkeypatch):
+    parts = quantize_int8(torch.randn(48, 160, generator=torch.Generator().manual_seed(5)))
     module = Int8Linear(160, 48, kernel="cuda")
     module.load_state_dict(Int8Linear.state(parts, device=torch.device("cpu"),
                                             dtype=torch.bfloat16, kernel="cuda"), assign=True)
-    calls = []
-    real = cuda_kernels.int8_mm
-    monkeypatch.setattr(cuda_kernels, "int8_mm", lambda *a: calls.append(a[0].shape) or real(*a))
-    ref_w = dequantize_int8(parts).double()
-    for shape in [(1, 1), (2, 3), (1, 16), (2, 20)]:
-        calls.clear()
-        x = torch.randn(*shape, 160, generator=g).bfloat16()
-        y = module(x)
-        assert y.shape == (*shape, 48) and y.dtype == torch.bfloat16
-        rows = shape[0] * shape[1]
-        # up to 16 rows by the kernel, in one launch; more: the dequantized product
-        assert calls == ([(rows, 160)] if rows <= 16 else [])
-        ref = x.double() @ ref_w.t()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    _hands_decode_rows_to(module, "int8_mm", dequantize_int8(parts),
+                          [(1, 1), (2, 3), (1, 16), (2, 20)], monkeypatch)
 
 
 def test_the_kernel_is_chosen_for_cuda_devices_with_triton(monkeypatch):
@@ -175,24 +181,12 @@ def test_the_int4_operator_agrees_with_its_fake(interpreted):
 
 
 def test_int4_linear_hands_plain_decode_rows_to_the_kernel(interpreted, monkeypatch):
-    g = torch.Generator().manual_seed(6)
-    parts = quantize_int4(torch.randn(36, 256, generator=g), 64)
+    parts = quantize_int4(torch.randn(36, 256, generator=torch.Generator().manual_seed(6)), 64)
     module = Int4Linear(256, 36, group_size=64, layout="plain", kernel="cuda")
     module.load_state_dict(Int4Linear.state(parts, device=torch.device("cpu"),
                                             dtype=torch.bfloat16, layout="plain"), assign=True)
-    calls = []
-    real = cuda_kernels.int4_mm
-    monkeypatch.setattr(cuda_kernels, "int4_mm",
-                        lambda *a: calls.append(a[0].shape) or real(*a))
-    ref_w = dequantize_int4(parts).double()
-    for shape in [(1, 1), (4, 4), (1, 17)]:
-        calls.clear()
-        x = torch.randn(*shape, 256, generator=g).bfloat16()
-        y = module(x)
-        rows = shape[0] * shape[1]
-        assert y.shape == (*shape, 36) and calls == ([(rows, 256)] if rows <= 16 else [])
-        ref = x.double() @ ref_w.t()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    _hands_decode_rows_to(module, "int4_mm", dequantize_int4(parts), [(1, 1), (4, 4), (1, 17)],
+                          monkeypatch)
 
 
 def test_the_int4_kernel_is_chosen_for_plain_weights_on_cuda(monkeypatch):
