@@ -86,7 +86,8 @@ namespace llamarun {
 constexpr int64_t GRAIN = 8;  // blocks of weight rows per thread task at least
 
 // Whether a one-row pass takes the weight rows one at a time (each thread's weights then stream
-// in address order): on AMD CPUs, where that measured faster (linear.cpp says by how much).
+// in address order): on AMD CPUs, where that measured faster (linear.cpp says by how much). The
+// same test picks the 4-bit VNNI tile's farther prefetch (linear.cpp's FAR_PREFETCH).
 inline bool rows_one_at_a_time() {
   __builtin_cpu_init();
   return __builtin_cpu_is("amd");

@@ -359,12 +359,19 @@ constexpr int64_t Q4B = 32;
 // bytes ahead in a weight stream (a row, or a 4-bit tile's run; past its end: harmless)
 constexpr int64_t PREFETCH = 4096;
 
-// The 4 cache lines of the 64-value pair PREFETCH bytes after wp (a 4-bit tile's run), into the
+// The 4 cache lines of the 64-value pair AHEAD bytes after wp (a 4-bit tile's run), into the
 // cache level HINT says.
-template <enum _mm_hint HINT>
+template <enum _mm_hint HINT, int64_t AHEAD = PREFETCH>
 inline void prefetch_pair(const uint8_t* wp) {
-  for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)(wp + PREFETCH + 64 * line), HINT);
+  for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)(wp + AHEAD + 64 * line), HINT);
 }
+
+// On AMD CPUs (kernels.h's ROW_STREAM: the same test) int4_tile_vnni prefetches twice as far
+// ahead, into L1: one row 72-79 -> 80-86 GB/s of 4-bit weights (0.86-0.89 -> 0.92-0.96 of a plain
+// read of 84-92 GB/s), 4 rows 52-59 -> 58-61 (AMD EPYC, Zen 5, 2 threads, 128 MiB of K = 2048,
+// 4096 and 8192 tiles in huge pages, scratch A/B in turns with the read; 6 KiB ahead in between,
+// 16 KiB and 2 KiB slower, no prefetch 65-70). Intel CPUs keep 4 KiB into L2 (measured there).
+constexpr int64_t FAR_PREFETCH = 8192;
 
 // The rows' order in a tile's lanes (see int4_tile: what _mm256_hadd_epi32 makes of two vectors
 // of four rows' pairs of partial sums).
@@ -434,7 +441,7 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
 // chunk c of 8 values for all 8 rows (vectors 2c and 2c + 1: row r in quadword r), so one
 // vpdpbusd multiplies the chunk of 8 rows by the 8 activations broadcast to every quadword:
 // about half int4_tile's instructions per weight.
-template <int MR>
+template <int MR, bool FAR>
 LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const int32_t* as,
                                          int64_t lda, const uint8_t* w, const uint16_t* dt,
                                          int shift, int64_t pairs, float* out /* (MR, NB) */) {
@@ -449,8 +456,12 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
   for (int64_t p = 0; p < pairs; ++p) {
     const uint8_t* wp = w + p * 256;
     // into L2, not L1 as int4_tile does: one row 0.87-0.89 -> 0.80-0.82 ms for 16384 x 2048
-    // weights streamed from memory (Intel Xeon, 2 threads; 4 rows the same within 2%)
-    prefetch_pair<_MM_HINT_T1>(wp);
+    // weights streamed from memory (Intel Xeon, 2 threads; 4 rows the same within 2%); FAR (AMD):
+    // see FAR_PREFETCH
+    if constexpr (FAR)
+      prefetch_pair<_MM_HINT_T0, FAR_PREFETCH>(wp);
+    else
+      prefetch_pair<_MM_HINT_T1>(wp);
     __m512i lo[4], hi[4];  // chunk c of blocks 2p (low nibbles) and 2p + 1 (high), row r in qword r
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
@@ -676,8 +687,10 @@ template <int MR>
 inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, const int32_t* as,
                           int64_t lda, const uint8_t* w, const uint16_t* dt, int shift,
                           int64_t pairs, float* out) {
-  if (vnni)
-    int4_tile_vnni<MR>(a, s, as, lda, w, dt, shift, pairs, out);
+  if (vnni && ROW_STREAM)
+    int4_tile_vnni<MR, true>(a, s, as, lda, w, dt, shift, pairs, out);
+  else if (vnni)
+    int4_tile_vnni<MR, false>(a, s, as, lda, w, dt, shift, pairs, out);
   else
     int4_tile<MR>(a, s, as, lda, w, dt, shift, pairs, out);
 }
