@@ -533,6 +533,30 @@ def test_compiled_calls_trace_through_the_int4_kernel() -> None:
     assert torch.equal(compiled(x), step(x))
 
 
+def test_constant_marks_are_torchs_own() -> None:
+    # kernels._constant_result stands in for torch.compiler.assume_constant_result (which imports
+    # torch._dynamo): both must leave a function marked the same way
+    def theirs() -> bool:
+        return True
+
+    def ours() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(theirs)
+    kernels._constant_result(ours)
+    assert theirs.__dict__ == ours.__dict__ == {"_dynamo_marked_constant": True}
+    assert kernels.bf16_available.__dict__ == ours.__dict__
+
+
+def test_importing_the_cli_does_not_import_dynamo() -> None:
+    # most commands never compile: torch._dynamo (and Triton, where installed) cost 0.75 s a start
+    code = "import sys, llamarun.cli; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
+
+
 def test_fallback_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w = _bf16_data(2, 40, 9)
     xi, q, s = _int8_data(2, 64, 9, torch.bfloat16)

@@ -180,6 +180,15 @@ def _avx2_only() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
+def _constant_result(fn):  # noqa: ANN001, ANN202 (a decorator)
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo: that decorator
+    only sets this attribute (tests/test_kernels.py checks it still does), and importing it costs
+    every llamarun start 0.75 s and ~150 MiB (dynamo pulls in Triton where installed) although
+    most commands never compile. Compiled graphs then take fn's result as a constant."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 @functools.cache
 def _features() -> tuple[bool, bool, bool, bool]:
     """(AVX512-BF16, AVX512-VNNI, AVX2 without AVX-512, AVX2 or AVX-512 (the 4-bit and float32
@@ -191,26 +200,26 @@ def _features() -> tuple[bool, bool, bool, bool]:
     return bool(bf16), bool(vnni), bool(avx2) and _avx2_only(), bool(avx2) and _int4_cpu()
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def f32_available() -> bool:
     """Whether the float32 kernel runs here (enabled, built, a CPU with AVX2 or AVX-512)."""
     return enabled() and _features()[3]
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def bf16_available() -> bool:
     """Whether the bfloat16 kernel runs here (enabled, built, and the CPU has AVX512-BF16)."""
     return enabled() and _features()[0]
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def int8_available() -> bool:
     """Whether the int8 kernel runs here (enabled, built, and the CPU has AVX512-VNNI, or AVX2
     without AVX-512: the same product with vpmaddubsw, activations in blocks of 32)."""
     return enabled() and (_features()[1] or _features()[2])
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def int8_max_rows() -> int:
     """The most rows int8_linear serves here (0 where it does not run)."""
     if not int8_available():
@@ -218,7 +227,7 @@ def int8_max_rows() -> int:
     return INT8_VNNI_MAX_ROWS if _features()[1] else INT8_AVX2_MAX_ROWS
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def int4_available() -> bool:
     """Whether the 4-bit kernel runs here (enabled, built, a CPU with AVX2 or AVX-512)."""
     return enabled() and _features()[3]
@@ -512,7 +521,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
     return y.view(*x.shape[:-1], n)
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def attend_available() -> bool:
     """Whether `attend` runs here (enabled, built, and the CPU has AVX2 and FMA)."""
     return enabled() and _attend_cpu()
