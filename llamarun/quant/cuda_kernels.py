@@ -164,23 +164,22 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def _on_rows(x: torch.Tensor, n: int, op, direct, *args) -> torch.Tensor:  # noqa: ANN001
+    """x (..., K) as rows (M, K) through op (under torch.compile: the operator) or direct (a
+    launch), the result back as (..., n)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = (op if torch.compiler.is_compiling() else direct)(rows, *args)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ (weight * scales[:, None]).T for at most MAX_ROWS rows of x (under
     torch.compile through the operator, else by a direct launch)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = torch.ops.llamarun.int8_mm_cuda(rows, weight, scales)
-    else:
-        y = int8_mm(rows, weight, scales)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _on_rows(x, weight.shape[0], torch.ops.llamarun.int8_mm_cuda, int8_mm, weight, scales)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x (..., K) @ W.T (int4_mm's W) for at most MAX_ROWS rows of x, as int8_linear."""
-    rows = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = torch.ops.llamarun.int4_mm_cuda(rows, weight, scales_and_zeros, group_size)
-    else:
-        y = int4_mm(rows, weight, scales_and_zeros, group_size)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _on_rows(x, weight.shape[0], torch.ops.llamarun.int4_mm_cuda, int4_mm, weight,
+                    scales_and_zeros, group_size)

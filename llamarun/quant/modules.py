@@ -4,12 +4,12 @@ On CUDA, 4-bit products run PyTorch's `_weight_int4pack_mm` (compute capability 
 weights packed once at load into its tile layout, and int8 products of up to 16 rows (and 4-bit
 ones the tensor-core kernel does not take) llamarun's Triton kernels (`quant.cuda_kernels`, 7.0
 and up; eager passes, and compiled ones of 2-16 rows: a compiled one-row int8 product is
-inductor's fused multiply + sum). On CPU, int8 products run
-llamarun's own kernel where the CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or
-AVX2 without AVX-512 (up to kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or
-AVX-512 (llamarun.kernels decides); other products run PyTorch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other
-activation dtypes are cast for the product only (a vector per token). Elsewhere the weight is
+inductor's fused multiply + sum). On CPU, int8 products run llamarun's own kernel where the
+CPU has AVX512-VNNI (up to kernels.INT8_VNNI_MAX_ROWS rows) or AVX2 without AVX-512 (up to
+kernels.INT8_AVX2_MAX_ROWS), and 4-bit ones where it has AVX2 or AVX-512 (llamarun.kernels
+decides); other products run PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), which take bfloat16 activations: other activation dtypes are
+cast for the product only (a vector per token). Elsewhere the weight is
 dequantized into the activation dtype inside forward, which torch.compile fuses into the product.
 Under torch.compile a one-token int8 product is otherwise written as multiply + sum, one fused
 reduction over the int8 bytes.
