@@ -100,6 +100,53 @@ def llamarun_storage(ck: Any) -> str:
     return label if main == dtype else f"{label}; {dtype}"
 
 
+def llamarun_decoder(engine: Any, ids: list[int], tg: int) -> Callable[[], float]:
+    """decode() -> tok/s of tg greedy tokens after the prompt ids (its prefill and first token
+    not timed), by a llamarun Engine."""
+    from llamarun.sampling import SamplingParams
+
+    greedy = SamplingParams.greedy()
+
+    def decode() -> float:
+        events = engine.token_events(ids, max_new_tokens=tg + 1, sampling=greedy, reuse=False)
+        next(events)  # prefill and the first token are not decode
+        start = time.perf_counter()
+        n = sum(1 for _ in events)
+        return n / (time.perf_counter() - start)
+
+    return decode
+
+
+def llama_cpp_greedy(llm: Any) -> Callable[[], int]:
+    """greedy() -> the argmax of a llama_cpp.Llama's last logits."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        # Llama.scores is not updated unless logits_all=True: read the last logits directly.
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(vocab,)).argmax())
+
+    return greedy
+
+
+def llama_cpp_decoder(llm: Any, ids: list[int], tg: int) -> Callable[[], float]:
+    """decode() -> tok/s of tg greedy tokens after the prompt ids, by a llama_cpp.Llama."""
+    greedy = llama_cpp_greedy(llm)
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(ids)
+        start = time.perf_counter()
+        for _ in range(tg):
+            llm.eval([greedy()])
+        return tg / (time.perf_counter() - start)
+
+    return decode
+
+
 def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: bool) -> dict:
     """pp/tg/TTFT of llamarun on a GGUF (compiled: the decode step through torch.compile)."""
     import torch
@@ -132,17 +179,10 @@ def run_llamarun(path: Path, dtype: str, pp: int, tg: int, reps: int, compiled: 
         ttft = time.perf_counter() - start
         return pp / ttft, ttft
 
-    def decode() -> tuple[float]:
-        events = engine.token_events(ids[:TG_PROMPT], max_new_tokens=tg + 1, sampling=greedy,
-                                     reuse=False)
-        next(events)  # prefill and the first token are not decode
-        start = time.perf_counter()
-        n = sum(1 for _ in events)
-        return (n / (time.perf_counter() - start),)
-
+    decode = llamarun_decoder(engine, ids[:TG_PROMPT], tg)
     warmup_s = 3.0 if compiled else 1.0
     pp_tok_s, ttft = medians(first_token, reps, warmup_s=warmup_s)
-    (tg_tok_s,) = medians(decode, reps, warmup_s=warmup_s)
+    (tg_tok_s,) = medians(lambda: (decode(),), reps, warmup_s=warmup_s)
     kv = sum(b.nbytes for name, b in ck.model.named_buffers()
              if name.endswith(("k_cache", "v_cache")))
     return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft, "kv_bytes": kv,
@@ -209,7 +249,6 @@ def run_transformers(path: Path, dtype: str, pp: int, tg: int, reps: int) -> dic
 
 def run_llama_cpp(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict:
     """pp/tg/TTFT of llama.cpp (llama-cpp-python, default context settings) on the GGUF."""
-    import numpy as np
     import llama_cpp
 
     start = time.perf_counter()
@@ -217,13 +256,8 @@ def run_llama_cpp(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n + tg + 16, n_batch=n, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - start
-    vocab = llm.n_vocab()
-    ids = prompt_ids(vocab, n)
-
-    def greedy() -> int:
-        # Llama.scores is not updated unless logits_all=True: read the last logits directly.
-        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return int(np.ctypeslib.as_array(logits, shape=(vocab,)).argmax())
+    ids = prompt_ids(llm.n_vocab(), n)
+    greedy = llama_cpp_greedy(llm)
 
     def first_token() -> tuple[float, float]:
         llm.reset()
@@ -233,16 +267,9 @@ def run_llama_cpp(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict
         greedy()
         return pp / (done - start), time.perf_counter() - start
 
-    def decode() -> tuple[float]:
-        llm.reset()
-        llm.eval(ids[:TG_PROMPT])
-        start = time.perf_counter()
-        for _ in range(tg):
-            llm.eval([greedy()])
-        return (tg / (time.perf_counter() - start),)
-
+    decode = llama_cpp_decoder(llm, ids[:TG_PROMPT], tg)
     pp_tok_s, ttft = medians(first_token, reps)
-    (tg_tok_s,) = medians(decode, reps)
+    (tg_tok_s,) = medians(lambda: (decode(),), reps)
     return {"pp_tok_s": pp_tok_s, "tg_tok_s": tg_tok_s, "ttft_s": ttft, "load_s": load_s}
 
 

@@ -37,12 +37,10 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str],
     from llamarun.bench import weight_bytes
     from llamarun.engine import Engine
     from llamarun.loaders import load_checkpoint
-    from llamarun.sampling import SamplingParams
 
     ck = load_checkpoint(path, device="cpu", dtype=dtype, quantize="auto",
                          max_seq_len=compare.TG_PROMPT + gen + 16)
     ids = compare.prompt_ids(ck.args.vocab_size, compare.TG_PROMPT)
-    greedy = SamplingParams.greedy()
     out: dict[str, Callable[[], float]] = {}
     per_token = 0
     for name in engines:
@@ -55,41 +53,19 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str],
             if not engine.compiled_ready:
                 raise RuntimeError("the decode step did not compile")
         per_token = weight_bytes(engine)[1]
-
-        def decode(engine: Engine = engine) -> float:
-            events = engine.token_events(ids, max_new_tokens=gen + 1, sampling=greedy,
-                                         reuse=False)
-            next(events)  # prefill and the first token are not decode
-            start = time.perf_counter()
-            n = sum(1 for _ in events)
-            return n / (time.perf_counter() - start)
-
-        out[name] = decode
+        out[name] = compare.llamarun_decoder(engine, ids, gen)
     return out, per_token
 
 
 def llama_cpp_decoder(path: Path, gen: int, threads: int) -> Callable[[], float]:
     """decode() -> tok/s of llama.cpp (llama-cpp-python) on the file, as compare.py times it."""
     import llama_cpp
-    import numpy as np
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=compare.TG_PROMPT + gen + 16,
                           n_batch=compare.TG_PROMPT, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
-    vocab = llm.n_vocab()
-    ids = compare.prompt_ids(vocab, compare.TG_PROMPT)
-
-    def decode() -> float:
-        llm.reset()
-        llm.eval(ids)
-        start = time.perf_counter()
-        for _ in range(gen):
-            logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-            llm.eval([int(np.ctypeslib.as_array(logits, shape=(vocab,)).argmax())])
-        return gen / (time.perf_counter() - start)
-
-    decode.llm = llm  # type: ignore[attr-defined] (kept alive with the closure)
-    return decode
+    return compare.llama_cpp_decoder(llm, compare.prompt_ids(llm.n_vocab(), compare.TG_PROMPT),
+                                     gen)
 
 
 def memory_reader(nbytes: int = 2**30) -> Callable[[], float]:
