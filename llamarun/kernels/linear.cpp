@@ -449,6 +449,14 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
 // chunk c of 8 values for all 8 rows (vectors 2c and 2c + 1: row r in quadword r), so one
 // vpdpbusd multiplies the chunk of 8 rows by the 8 activations broadcast to every quadword:
 // about half int4_tile's instructions per weight.
+//
+// The high nibbles stay in place (x & 0xF0: 16 q, at most 240, a sum of four products at most
+// 4 * 240 * 127 in magnitude), their block's doublewords start at 16 times the -4 sum(a), and
+// one arithmetic shift by 4 per row and pair (exact: every term is a multiple of 16) gives the
+// same int32 as shifting each chunk's bytes first: 3 instructions fewer per pair and row (of about
+// 50 vector ones). Measured on an AMD EPYC (Zen 5, 2 threads; the old and new builds in one
+// process, in turns, 8-10 rounds of 32 tokens, each between two reads): decode 8B Q4_0 +5.0%
+// (15.3 -> 16.0 tok/s, 0.77 -> 0.81 of the read; faster in every round), 1B Q4_0 +3.1%.
 template <int MR, bool FAR>
 LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const int32_t* as,
                                          int64_t lda, const uint8_t* w, const uint16_t* dt,
@@ -456,7 +464,7 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
   __m256 acc[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
   // doubleword 2r holds row r's low-nibble block sum, 2r + 1 its high one; lanes 0-7 take the
   // first block's in LANE_ROW order, lanes 8-15 the second's
   const __m512i order = _mm512_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14, 1, 3, 9, 11, 5, 7, 13, 15);
@@ -475,7 +483,7 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
     for (int c = 0; c < 4; ++c) {
       const __m512i x = _mm512_loadu_si512((const void*)(wp + 64 * c));
       lo[c] = _mm512_and_si512(x, low);
-      hi[c] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+      hi[c] = _mm512_and_si512(x, high);  // 16 q: the high nibbles left in place (see below)
     }
     const int64_t b = 2 * p;
     const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * NB)));
@@ -486,7 +494,7 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
       const int8_t* ab = a + i * lda + b * Q4B;
       // -4 sum(a) in both doublewords of a row: their sum then is (q - 8) . a, as int4_tile's
       __m512i sl = _mm512_set1_epi32(-4 * as[i * nb + b]);
-      __m512i sh = _mm512_set1_epi32(-4 * as[i * nb + b + 1]);
+      __m512i sh = _mm512_set1_epi32(-64 * as[i * nb + b + 1]);  // 16 times, as hi's values
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         int64_t cl, ch;
@@ -495,6 +503,7 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
         sl = _mm512_dpbusd_epi32(sl, lo[c], _mm512_set1_epi64(cl));
         sh = _mm512_dpbusd_epi32(sh, hi[c], _mm512_set1_epi64(ch));
       }
+      sh = _mm512_srai_epi32(sh, 4);  // exact: each doubleword's terms are multiples of 16
       const __m512i both = _mm512_mask_blend_epi32(
           0xAAAA, _mm512_add_epi32(sl, _mm512_srli_epi64(sl, 32)),
           _mm512_add_epi32(sh, _mm512_slli_epi64(sh, 32)));
