@@ -317,8 +317,8 @@ LLAMARUN_AVX512 void quantize_row(const InT* row, int64_t K, uint8_t* out, float
   }
 }
 
-template <typename InT, typename OutT>
-void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wscale, int64_t N,
+template <typename InT, typename OutT, typename ScaleT>
+void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wscale, int64_t N,
                       int64_t K, bool stream, OutT* y) {
   const int64_t ldx = (K + QB - 1) / QB * QB;
   std::vector<uint8_t> xu(M * ldx);
@@ -338,7 +338,7 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const float* wsc
                   nrows, K, next, stream, out);
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j)
-            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * wscale[n0 + j]);
+            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * float(wscale[n0 + j]));
       }
     }
   });
@@ -662,8 +662,8 @@ LLAMARUN_AVX2 void int8_avx2_block(const int8_t* a, const float* s, int64_t lda,
     for (int j = 0; j < NR; ++j) out[i * NB + j] = hsum8(acc[i][j]);
 }
 
-template <typename InT, typename OutT>
-void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscale, int64_t N,
+template <typename InT, typename OutT, typename ScaleT>
+void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wscale, int64_t N,
                     int64_t K, OutT* y) {
   const int64_t ldk = (K + 63) / 64 * 64;
   std::vector<int8_t> a(M * ldk);
@@ -686,7 +686,7 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const float* wscal
         });
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j)
-            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * wscale[n0 + j]);
+            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * float(wscale[n0 + j]));
       }
     }
   });
@@ -1081,18 +1081,27 @@ static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor&
   TORCH_CHECK(wscale.numel() == w.size(0), "int8_linear: one scale per row");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  auto sc = wscale.to(at::kFloat).contiguous();  // exact from bfloat16
+  // bfloat16 scales (Int8Linear's on CPU) are read as they are, each converted where it is
+  // used (exact): converting them all on every call cost an allocation and a pass over N values
+  // (the 1B shape's int8 head: 128256, a 0.5 MB buffer per token). Other dtypes: float32.
+  const bool bf16_scales = wscale.scalar_type() == at::kBFloat16;
+  auto sc = bf16_scales ? wscale.contiguous() : wscale.to(at::kFloat).contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto y = torch::empty({M, N}, x.options());
   const auto* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
   static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
-  with_activations(xc, y, "int8_linear", [&](const auto* xp, auto* yp) {
-    if (vnni)
-      int8_linear_impl(xp, M, wp, sp, N, K, stream, yp);
-    else
-      int8_avx2_impl(xp, M, wp, sp, N, K, yp);
-  });
+  const auto run = [&](const auto* sp) {
+    with_activations(xc, y, "int8_linear", [&](const auto* xp, auto* yp) {
+      if (vnni)
+        int8_linear_impl(xp, M, wp, sp, N, K, stream, yp);
+      else
+        int8_avx2_impl(xp, M, wp, sp, N, K, yp);
+    });
+  };
+  if (bf16_scales)
+    run(sc.data_ptr<c10::BFloat16>());
+  else
+    run(sc.data_ptr<float>());
   return y;
 }
 
