@@ -11,16 +11,27 @@ the same round. Each decode starts after the same 8-token prompt (compare.py's),
 
     python benchmarks/decode_ab.py --models 1b --precisions bf16,q8_0,q4 [--rounds 7]
         [--gen-tokens 32] [--engines llamarun,llamarun-compiled,llama.cpp] [--threads 2]
+        [--baseline REV]
+
+--baseline REV adds an engine "llamarun@REV": the eager decode of the same loaded model with
+llamarun's C++ kernels built from REV's sources (loaded beside this tree's, without their
+operator registrations, and swapped in for its turns), with a "vs baseline" column: llamarun's
+eager decode over it, round by round. It compares kernel changes that keep the kernels'
+functions, arguments and weight layouts (compare.py --baseline runs a whole other tree in
+another process instead, minutes apart on a machine whose speed changes by the minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -30,10 +41,73 @@ import compare  # noqa: E402 (benchmarks/compare.py: the files, prompts and byte
 ENGINES = ("llamarun", "llamarun-compiled", "llama.cpp")
 
 
-def llamarun_decoder(path: Path, dtype: str, engines: list[str],
-                     gen: int) -> tuple[dict[str, Callable[[], float]], int]:
+def baseline_kernels(rev: str) -> tuple[str, ModuleType]:
+    """(short sha, extension) of llamarun's C++ kernels at git revision rev, built on first use
+    into benchmarks/.cache/kernels-SHA under their own module name and without their
+    TORCH_LIBRARY_IMPL blocks (this tree's extension registers the operators)."""
+    from torch.utils import cpp_extension
+
+    from llamarun import kernels
+
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    folder = repo / "benchmarks" / ".cache" / f"kernels-{sha}"
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = subprocess.run(["git", "ls-tree", "--name-only", sha, "llamarun/kernels/"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if name.endswith((".cpp", ".h")):
+            text = subprocess.run(["git", "show", f"{sha}:{name}"], cwd=repo,
+                                  capture_output=True, text=True, check=True).stdout
+            target = folder / Path(name).name
+            if not target.exists() or target.read_text() != without_registrations(text):
+                target.write_text(without_registrations(text))
+    sources = [str(folder / p.name) for p in kernels.SOURCES if (folder / p.name).exists()]
+    ext = cpp_extension.load(name=f"llamarun_kernels_{sha}", sources=sources,
+                             build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
+                             extra_ldflags=["-fopenmp"], verbose=False)
+    return sha, ext
+
+
+def without_registrations(source: str) -> str:
+    """C++ source with each TORCH_LIBRARY_IMPL(...) { ... } block removed (braces matched)."""
+    out, pos = [], 0
+    for m in re.finditer(r"TORCH_LIBRARY_IMPL\s*\(", source):
+        if m.start() < pos:
+            continue
+        depth, i = 0, source.index("{", m.end())
+        while True:
+            depth += {"{": 1, "}": -1}.get(source[i], 0)
+            i += 1
+            if depth == 0:
+                break
+        out.append(source[pos:m.start()])
+        pos = i
+    return "".join(out) + source[pos:]
+
+
+def with_kernels(ext: ModuleType, decode: Callable[[], float]) -> Callable[[], float]:
+    """decode() run with llamarun.kernels' extension swapped for ext (the eager path calls the
+    extension through kernels._extension), then swapped back."""
+    from llamarun import kernels
+
+    def swapped() -> float:
+        own = kernels._extension
+        kernels._extension = lambda: ext  # type: ignore[assignment]
+        try:
+            return decode()
+        finally:
+            kernels._extension = own  # type: ignore[assignment]
+
+    return swapped
+
+
+def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
+                     baseline: tuple[str, ModuleType] | None = None,
+                     ) -> tuple[dict[str, Callable[[], float]], int]:
     """({engine: decode() -> tok/s}, weight bytes per token) for llamarun's engines on a file
-    (both on one loaded checkpoint)."""
+    (all on one loaded checkpoint; "llamarun@SHA" with the baseline's kernels)."""
     from llamarun.bench import weight_bytes
     from llamarun.engine import Engine
     from llamarun.loaders import load_checkpoint
@@ -43,6 +117,11 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str],
     ids = compare.prompt_ids(ck.args.vocab_size, compare.TG_PROMPT)
     out: dict[str, Callable[[], float]] = {}
     per_token = 0
+    if baseline is not None:
+        engine = Engine(ck, compare._NoTokenizer(), None, compile=False)  # type: ignore[arg-type]
+        per_token = weight_bytes(engine)[1]
+        out[f"llamarun@{baseline[0]}"] = with_kernels(
+            baseline[1], compare.llamarun_decoder(engine, ids, gen))
     for name in engines:
         if not name.startswith("llamarun"):
             continue
@@ -93,7 +172,7 @@ def run(model: str, prec: str, a: argparse.Namespace, read: Callable[[], float])
     """The rows of one model x precision."""
     variant, dtype = compare.PRECISIONS[prec]
     path = compare.variant_files(model, (variant,))[variant]
-    decoders, per_token = llamarun_decoder(path, dtype, a.engines, a.gen_tokens)
+    decoders, per_token = llamarun_decoder(path, dtype, a.engines, a.gen_tokens, a.baseline_ext)
     bytes_per_token = {name: per_token for name in decoders}
     if "llama.cpp" in a.engines:
         decoders["llama.cpp"] = llama_cpp_decoder(path, a.gen_tokens, a.threads)
@@ -118,6 +197,9 @@ def run(model: str, prec: str, a: argparse.Namespace, read: Callable[[], float])
         if "llama.cpp" in tok_s:
             row["tg_vs_llama_cpp"] = statistics.median(
                 t / c for t, c in zip(values, tok_s["llama.cpp"]))
+        base = next((n for n in tok_s if n.startswith("llamarun@")), None)
+        if base is not None and name == "llamarun":
+            row["tg_vs_baseline"] = statistics.median(t / b for t, b in zip(values, tok_s[base]))
         rows.append(row)
     return rows
 
@@ -131,28 +213,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", default=None,
+                    help="a git revision: also decode with llamarun's kernels built from it")
     a = ap.parse_args()
     if a.rounds < 1 or a.gen_tokens < 1 or a.threads < 1:
         ap.error("--rounds, --gen-tokens and --threads must be at least 1")
     torch.set_num_threads(a.threads)
     from llamarun.device import device_name
 
+    a.baseline_ext = baseline_kernels(a.baseline) if a.baseline else None
+
     read = memory_reader()
     print(f"{device_name(torch.device('cpu'))}; torch {torch.__version__}; {a.threads} threads; "
           f"tg{a.gen_tokens} after {compare.TG_PROMPT} tokens; {a.rounds} rounds, each engine "
           f"then a 1 GiB read; medians (ratios: of each round's)")
     print(f"{'model':8} {'precision':9} {'engine':17} {'tg tok/s':>8} {'GB/s':>6} "
-          f"{'read GB/s':>9} {'GB/s vs read':>12} {'tg vs llama.cpp':>15}")
+          f"{'read GB/s':>9} {'GB/s vs read':>12} {'tg vs llama.cpp':>15} {'vs baseline':>11}")
     for model in a.models:
         only = compare._variants().ONLY_TYPES.get(model)
         for prec in a.precisions:
             if only is not None and compare.PRECISIONS[prec][0] not in only:
                 continue
             for r in run(model, prec, a, read):
-                ratio = r.get("tg_vs_llama_cpp")
+                ratio, vs_base = r.get("tg_vs_llama_cpp"), r.get("tg_vs_baseline")
                 print(f"{model:8} {prec:9} {r['engine']:17} {r['tg_tok_s']:8.1f} "
                       f"{r['gb_s']:6.1f} {r['read_gb_s']:9.1f} {r['gb_s_vs_read']:12.2f} "
-                      f"{'-' if ratio is None else format(ratio, '.2f'):>15}", flush=True)
+                      f"{'-' if ratio is None else format(ratio, '.2f'):>15} "
+                      f"{'-' if vs_base is None else format(vs_base, '.3f'):>11}", flush=True)
             torch._dynamo.reset()
 
 
