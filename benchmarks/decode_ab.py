@@ -58,11 +58,12 @@ def baseline_kernels(rev: str) -> tuple[str, ModuleType]:
                             cwd=repo, capture_output=True, text=True, check=True).stdout.split()
     for name in listed:
         if name.endswith((".cpp", ".h")):
-            text = subprocess.run(["git", "show", f"{sha}:{name}"], cwd=repo,
-                                  capture_output=True, text=True, check=True).stdout
+            text = without_registrations(subprocess.run(
+                ["git", "show", f"{sha}:{name}"], cwd=repo, capture_output=True, text=True,
+                check=True).stdout)
             target = folder / Path(name).name
-            if not target.exists() or target.read_text() != without_registrations(text):
-                target.write_text(without_registrations(text))
+            if not target.exists() or target.read_text() != text:  # (kept: no rebuild)
+                target.write_text(text)
     sources = [str(folder / p.name) for p in kernels.SOURCES if (folder / p.name).exists()]
     ext = cpp_extension.load(name=f"llamarun_kernels_{sha}", sources=sources,
                              build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],

@@ -44,9 +44,10 @@ constexpr int64_t MB = 4;     // activation rows per pass over a block
 // On AMD CPUs one activation row takes the weight rows one at a time instead (the *_row
 // functions: the same instructions per output, so the same bits), four cache lines of a row a
 // step (int8_row prefetching, the others not: see int8_row): a thread's rows lie one after
-// another, so its weights then stream in address order, which AMD's prefetchers follow best. Measured on an AMD EPYC with
-// AVX512-BF16 and VNNI (2 threads, the 16 layers' products of a 1B-shaped model in huge pages,
-// medians of 7, interleaved): bfloat16 57-60 -> 67-76 GB/s against a plain read's 61-77;
+// another, so its weights then stream in address order, which AMD's prefetchers follow best.
+// Measured on an AMD EPYC with AVX512-BF16 and VNNI (2 threads, the 16 layers' products of a
+// 1B-shaped model in huge pages, medians of 7, interleaved): bfloat16 57-60 -> 67-76 GB/s
+// against a plain read's 61-77;
 // SmolLM2's shapes 55 -> 67; int8 33-34 -> 44-50 against 42-49. 2-8 rows keep the blocks: one
 // weight row at a time measured slower there (the activations' reloads). Intel CPUs keep the
 // blocks too: measured there, not here. (llamarun::ROW_STREAM, kernels.h: f32.cpp's AVX-512
@@ -365,7 +366,6 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
 // the padded K (a zero group past the last when K % 64 == 32: the last pair's upper block).
 
 constexpr int64_t Q4B = 32;
-
 
 // The 4 cache lines of the 64-value pair AHEAD bytes after wp (a 4-bit tile's run), into the
 // cache level HINT says.
