@@ -58,6 +58,7 @@ PRECISIONS = {  # name -> (GGUF variant, llamarun dtype)
 MODELS = ("smollm2", "1b", "8b")  # variants.MAKERS
 TG_PROMPT = 8  # tokens prefilled before timing decode
 RESULT = "@@result "  # prefix of the worker's one JSON line on stdout
+REPO = Path(__file__).resolve().parent.parent  # the llamarun checkout these scripts belong to
 
 
 # ---- worker: one engine on one file, in its own process ----
@@ -329,14 +330,18 @@ def gguf_facts(path: Path) -> tuple[str, int]:
     return label, total
 
 
+def short_sha(rev: str) -> str:
+    """The short commit id of git revision rev in this repository."""
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def baseline_tree(rev: str) -> Path:
     """A git worktree of llamarun at `rev` (benchmarks/.cache/baseline-SHA), made on first use."""
-    repo = Path(__file__).resolve().parent.parent
-    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    tree = repo / "benchmarks" / ".cache" / f"baseline-{sha}"
+    sha = short_sha(rev)
+    tree = REPO / "benchmarks" / ".cache" / f"baseline-{sha}"
     if not tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=repo,
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=REPO,
                        check=True, capture_output=True)
     return tree
 

@@ -49,9 +49,8 @@ def baseline_kernels(rev: str) -> tuple[str, ModuleType]:
 
     from llamarun import kernels
 
-    repo = Path(__file__).resolve().parent.parent
-    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True,
-                         text=True, check=True).stdout.strip()
+    repo = compare.REPO
+    sha = compare.short_sha(rev)
     folder = repo / "benchmarks" / ".cache" / f"kernels-{sha}"
     folder.mkdir(parents=True, exist_ok=True)
     listed = subprocess.run(["git", "ls-tree", "--name-only", sha, "llamarun/kernels/"],

@@ -97,7 +97,7 @@ def blocks(rows: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_K) for a product of `rows` rows: the rows padded to a power of two, and K
     steps that keep each program's ELEMENTS products (wider steps for fewer rows)."""
     if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"the int8 CUDA kernel takes 1 to {MAX_ROWS} rows, not {rows}")
+        raise ValueError(f"the CUDA kernels take 1 to {MAX_ROWS} rows, not {rows}")
     block_m = 1 << (rows - 1).bit_length()
     return block_m, ELEMENTS // (block_m * BLOCK_N)
 
