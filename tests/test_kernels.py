@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamarun import kernels
+from llamarun import kernels, sampling
 from llamarun.device import linear
 from llamarun.errors import InvalidArgumentError
 from llamarun.model import RMSNorm
@@ -869,6 +869,37 @@ def test_rms_norm_matches_float64(dim: int) -> None:
     norm = RMSNorm(dim, 1e-5)
     norm.weight.data.copy_(w)
     assert torch.equal(norm(x), y)
+
+
+@needs_attend
+@pytest.mark.parametrize("n", [128256, 49152, 1000, 33, 32, 31, 7, 1])
+def test_argmax_matches_torch_max(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=g)
+    if n > 3:
+        x[1, n // 3] = x[1, n - 1] = x[1].max() + 1  # a tie: the first wins
+        x[2, :] = -float("inf")  # all -inf: index 0
+        x[3, n - 1] = float("inf")  # in the tail
+        x[4, 1:] = x[4, 0]  # all equal
+        x[5, n // 2], x[5, n // 2 + 1] = -0.0, 0.0  # signed zeros tie with each other
+        x[5, n // 2 + 2:] = -1.0
+        x[5, :n // 2] = -1.0
+    ids = kernels.argmax(x)
+    assert ids is not None and ids.dtype == torch.long and ids.shape == (6,)
+    assert torch.equal(ids, x.max(dim=-1).indices)
+    assert torch.equal(kernels.argmax(x[3]), x[3].max(dim=-1).indices)  # one row: a 0-dim result
+    assert torch.equal(kernels.argmax(x.view(2, 3, n)), x.view(2, 3, n).max(dim=-1).indices)
+    assert torch.equal(sampling.greedy(x), x.max(dim=-1).indices)  # greedy decoding runs it
+    # a row with NaN: torch.max's answer (NaN counts as the largest), for every row
+    x[0, n // 2] = float("nan")
+    assert torch.equal(kernels.argmax(x), x.max(dim=-1).indices)
+
+
+def test_argmax_leaves_other_dtypes_and_devices_to_torch() -> None:
+    assert kernels.argmax(torch.randn(4, 10).bfloat16()) is None
+    assert kernels.argmax(torch.randn(4, 10, device="meta")) is None
+    assert torch.equal(sampling.greedy(torch.tensor([[1.0, 3.0, 3.0]]).bfloat16()),
+                       torch.tensor([1]))
 
 
 @needs_attend

@@ -165,6 +165,7 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
 // rowwise.cpp (run where attend_supported says so: the same features)
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul(const torch::Tensor& x);
+torch::Tensor argmax_rows(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);

@@ -1263,5 +1263,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write", &llamarun::rope_write);
   m.def("rms_norm", &llamarun::rms_norm);
   m.def("silu_mul", &llamarun::silu_mul);
+  m.def("argmax_rows", &llamarun::argmax_rows);
   m.def("decode_layer", &llamarun::decode_layer);
 }
