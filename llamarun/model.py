@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight)  # llamarun.kernels' product where one serves
 
     def kernel_product(self, x: torch.Tensor) -> kernels.Product | None:
-        """The product forward(x) hands a llamarun kernel, for kernels.decode_layer; None where
+        """The product forward(x) hands a llamarun kernel, for kernels.decode_layers; None where
         it takes another path."""
         return kernels.dense_product(x, self.weight)
 
@@ -244,45 +244,25 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        # _fused's answer per kind of pass (kernels.layer_pass): the modules and their weights
-        # never change after loading, so each kind is asked once
-        self._plans: dict[tuple, tuple | None] = {}  # type: ignore[type-arg]
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, step: Step | None) -> torch.Tensor:
-        fused = self._fused(x, freqs, step) if step is not None else None
-        if fused is not None:
-            return fused
+        """The layer op by op (Transformer runs it through kernels.decode_layers instead where
+        fused_operands says it can)."""
         h = x + self.attention(self.attention_norm(x), freqs, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def _fused(self, x: torch.Tensor, freqs: torch.Tensor, step: Step) -> torch.Tensor | None:
-        """The layer in one kernels.decode_layer call, where each of its ops would run one of
-        llamarun's kernels anyway (eager passes on CPU; not a tensor-parallel rank's layer,
-        whose partial outputs are summed between the ops): the same numbers with a fraction of
-        the calls. None elsewhere."""
-        attention = self.attention
-        cache = attention.kv_cache
-        if (cache is None or step.window or attention.reduce is not None
-                or self.feed_forward.reduce is not None):
-            return None
-        key = kernels.layer_pass(x)
-        if key is None:
-            return None
-        plan = self._plans.get(key, _UNPLANNED)
-        if plan is _UNPLANNED:  # the first pass of its kind: every later one reuses the answer
-            plan = self._plans[key] = self._plan(x, cache.k_cache)
-        if plan is None:
-            return None
-        attn_norm, ffn_norm, eps, products, n_heads, scale = plan
-        return kernels.decode_layer(x, attn_norm, ffn_norm, eps, products, freqs, cache.k_cache,
-                                    cache.v_cache, step.rows, step.pos, n_heads, scale)
-
-    def _plan(self, x: torch.Tensor, k_cache: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
-        """decode_layer's operands for passes like x's (None: this layer runs op by op)."""
+    def fused_operands(self, x: torch.Tensor) -> kernels.LayerOperands | None:
+        """The layer's operands for kernels.decode_layers in passes like x's (kernels.layer_pass
+        not None), where each of its ops would run one of llamarun's kernels anyway: the same
+        numbers with a fraction of the calls. None where it runs op by op: no KV cache, a
+        tensor-parallel rank's layer (its partial outputs are summed between the ops), a norm
+        or product no kernel serves."""
         attention, ffn = self.attention, self.feed_forward
+        cache = attention.kv_cache
         norms = (self.attention_norm.weight, self.ffn_norm.weight)
-        if (self.attention_norm.eps != self.ffn_norm.eps
-                or not kernels.serves_layer(x, k_cache, *norms)):
+        if (cache is None or attention.reduce is not None or ffn.reduce is not None
+                or self.attention_norm.eps != self.ffn_norm.eps
+                or not kernels.serves_layer(x, cache.k_cache, *norms)):
             return None
         products = []
         for module in (attention.wqkv, attention.wo, ffn.w13, ffn.w2):
@@ -290,11 +270,9 @@ class TransformerBlock(nn.Module):
             if product is None:
                 return None
             products.append(product)
-        return (*norms, self.attention_norm.eps, tuple(products), attention.n_heads,
-                attention.head_dim ** -0.5)
-
-
-_UNPLANNED = object()
+        return kernels.LayerOperands(*norms, self.attention_norm.eps, tuple(products),  # type: ignore[arg-type]
+                                     cache.k_cache, cache.v_cache, attention.n_heads,
+                                     attention.head_dim ** -0.5)
 
 
 class Transformer(nn.Module):
@@ -314,12 +292,17 @@ class Transformer(nn.Module):
         self.vocab: VocabShard | None = None  # tensor parallelism: this rank's part of the vocab
         self.register_buffer("freqs", torch.empty(0), persistent=False)
         self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
+        # _parts' answer per kind of pass (kernels.layer_pass): the modules and their weights
+        # never change after loading, so each kind is asked once (setup_caches forgets them:
+        # the stacks hold the caches)
+        self._parts_by_kind: dict[tuple, list[TransformerBlock | Any]] = {}  # type: ignore[type-arg]
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
         """Allocate the RoPE table and a KV cache per layer with max_batch_size rows of
         max_seq_len positions (which rows hold what is the business of a CacheManager)."""
         weight = self.norm.weight  # dense in the model's dtype, whatever the projections are
+        self._parts_by_kind.clear()
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         a = self.args
@@ -415,11 +398,42 @@ class Transformer(nn.Module):
     def _run(self, tokens: torch.Tensor, freqs: torch.Tensor, step: Step | None,
              output_idx: torch.Tensor | None) -> torch.Tensor:
         h = self._embed(tokens)[None]  # (1, T, dim)
-        for layer in self.layers:
-            h = layer(h, freqs, step)
+        for part in self._parts(h, step):
+            if isinstance(part, TransformerBlock):
+                h = part(h, freqs, step)
+            else:
+                assert step is not None
+                h = kernels.decode_layers(h, part, freqs, step.rows, step.pos)
         if output_idx is not None:
             h = h[:, output_idx]
         return self._logits(h)[0]  # (T or len(output_idx), vocab)
+
+    def _parts(self, x: torch.Tensor, step: Step | None) -> Iterable[TransformerBlock | Any]:
+        """The layers of a pass like x's in order, each run of consecutive layers that
+        kernels.decode_layers can take (TransformerBlock.fused_operands) as one
+        kernels.layer_stack in place of their modules: eager passes on CPU over a KV cache, one
+        call for all layers of a model whose every layer qualifies."""
+        if step is None or step.window:
+            return self.layers
+        key = kernels.layer_pass(x)
+        if key is None:
+            return self.layers
+        parts = self._parts_by_kind.get(key)
+        if parts is None:  # the first pass of its kind: every later one reuses the answer
+            parts, run = [], []
+            for layer in self.layers:
+                operands = layer.fused_operands(x)
+                if operands is not None:
+                    run.append(operands)
+                    continue
+                if run:
+                    parts.append(kernels.layer_stack(run))
+                    run = []
+                parts.append(layer)
+            if run:
+                parts.append(kernels.layer_stack(run))
+            self._parts_by_kind[key] = parts
+        return parts
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:

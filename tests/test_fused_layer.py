@@ -1,7 +1,7 @@
-"""kernels.decode_layer: a whole layer of an eager pass in one call gives, bit for bit, the
-logits and KV caches of the layer run op by op (eager or compiled), for every kind of product
+"""kernels.decode_layers: whole layers of an eager pass in one call give, bit for bit, the
+logits and KV caches of the layers run op by op (eager or compiled), for every kind of product
 and pass; where it does not serve (a tensor-parallel rank's layer, a product no kernel takes, a
-compiled pass) the layer runs op by op."""
+compiled pass) a layer runs op by op."""
 
 from __future__ import annotations
 
@@ -59,21 +59,21 @@ def _model(folder: Path, dtype: str, quantize: str | None, group_size: int = 32)
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A counter, in a list of one, of the calls of kernels.decode_layer from now on."""
+    """A counter, in a list of one, of the layers run by kernels.decode_layers from now on."""
     calls = [0]
-    real = kernels.decode_layer
+    real = kernels.decode_layers
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return real(*args, **kwargs)
+    def counted(x, stack, *args):  # type: ignore[no-untyped-def]
+        calls[0] += len(stack)
+        return real(x, stack, *args)
 
-    monkeypatch.setattr(kernels, "decode_layer", counted)
+    monkeypatch.setattr(kernels, "decode_layers", counted)
     return calls
 
 
 def _run(model: Transformer, fuse: bool,
          monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[int]]:
-    """Every pass's logits, and how many layers each pass ran through decode_layer."""
+    """Every pass's logits, and how many layers each pass ran through decode_layers."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(kernels, "fuse_layers", fuse)
     model.reset_caches()
@@ -129,8 +129,8 @@ def test_int4_layers_mix_kinds_of_products(folder: Path, monkeypatch: pytest.Mon
 
 def test_a_layer_asks_its_modules_once_per_kind_of_pass(folder: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each layer keeps its answer per kind of pass (dtype, rows, ...): later passes of that kind
-    call decode_layer without asking the modules again; another kind asks once more."""
+    """The model keeps its layers' answers per kind of pass (dtype, rows, ...): later passes of
+    that kind call decode_layers without asking the modules again; another kind asks once more."""
     model = _model(folder, "float32", "int8")
     asked: list[int] = []
     real = type(model.layers[0].attention.wqkv).kernel_product
@@ -175,21 +175,54 @@ def test_layers_of_products_no_kernel_takes_run_op_by_op(folder: Path,
     assert calls == [0] * len(PASSES)
 
 
-def test_decode_layer_checks_its_products(folder: Path) -> None:
+def test_layers_that_qualify_run_in_one_call_beside_those_that_do_not(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer no kernel serves runs op by op between the runs of layers that decode_layers
+    takes, each run one call: the numbers of every layer op by op."""
+    model = _model(folder, "float32", "int8")
+    plain_logits, _ = _run(model, False, monkeypatch)
+    plain_caches = _caches(model)
+    first = model.layers[0].attention.wqkv
+    monkeypatch.setattr(first, "kernel_product", lambda x: None)  # no kernel: layer 0 op by op
+    monkeypatch.setattr(kernels, "fuse_layers", True)
+    stacks: list[int] = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers",
+                        lambda x, stack, *a: stacks.append(len(stack)) or real(x, stack, *a))
+    model.reset_caches()
+    with torch.inference_mode():
+        logits = [model.forward_spans(torch.tensor(ids), spans) for spans, ids in PASSES]
+    assert stacks == [1] * len(PASSES)  # layer 1 alone, after layer 0 op by op, in every pass
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+    assert all(torch.equal(a, b) for a, b in zip(_caches(model), plain_caches))
+
+
+def test_new_caches_get_new_layer_stacks(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer stack holds its layers' KV caches: setup_caches (new caches) makes the model
+    build new ones, which write the new caches."""
+    model = _model(folder, "float32", "int8")
+    fused_logits, _ = _run(model, True, monkeypatch)
+    fused_caches = _caches(model)
+    model.setup_caches(3, 32)
+    again, calls = _run(model, True, monkeypatch)
+    assert calls == [len(model.layers)] * len(PASSES)
+    assert all(torch.equal(a, b) for a, b in zip(again, fused_logits))
+    assert all(torch.equal(a, b) for a, b in zip(_caches(model), fused_caches))
+
+
+def test_decode_layers_checks_its_products(folder: Path) -> None:
     model = _model(folder, "float32", None)
     layer = model.layers[0]
     x = torch.randn(1, 128)
-    products = [list(m.kernel_product(x))  # type: ignore[arg-type]
-                for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
-                          layer.feed_forward.w2)]
-    cache = layer.attention.kv_cache
+    operands = layer.fused_operands(x)
+    assert operands is not None
+    products = [list(p) for p in operands.products]
     rows, pos = torch.tensor([0]), torch.tensor([0])
 
     def call(products: list[list]) -> torch.Tensor:  # type: ignore[type-arg]
-        return kernels.decode_layer(x, layer.attention_norm.weight, layer.ffn_norm.weight, 1e-5,
-                                    tuple(tuple(p) for p in products),  # type: ignore[arg-type]
-                                    model.freqs[pos], cache.k_cache, cache.v_cache, rows, pos,
-                                    4, 32 ** -0.5)
+        stack = kernels.layer_stack([operands._replace(
+            products=tuple(tuple(p) for p in products))])  # type: ignore[arg-type]
+        return kernels.decode_layers(x, stack, model.freqs[pos], rows, pos)
 
     assert call(products).shape == x.shape
     bad_kind = [p.copy() for p in products]
@@ -199,6 +232,8 @@ def test_decode_layer_checks_its_products(folder: Path) -> None:
     swapped = [products[0], products[0], products[2], products[3]]  # Q/K/V as the output
     with pytest.raises(RuntimeError):
         call(swapped)
+    with pytest.raises(RuntimeError, match="4 products"):
+        kernels._extension().LayerStack().add(*operands[:3], products[:3], *operands[4:])
 
 
 @pytest.mark.slow

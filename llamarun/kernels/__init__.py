@@ -26,8 +26,8 @@ bfloat16 computed in float32).
 With them, a float32 token's result on CPU does not depend on its pass, on how its prompt was
 cut into chunks, or on whether the pass ran compiled. `f32.cpp` (with `f32_kernel.h`, its code
 for both vector widths) holds the float32 product: AVX-512 where the CPU has it, else AVX2,
-every pass of up to F32_MAX_ROWS rows. `layer.cpp` holds `decode_layer`: a whole layer of an
-eager pass in one call, by the kernels above in the order the model's modules call them (the
+every pass of up to F32_MAX_ROWS rows. `layer.cpp` holds `decode_layers`: consecutive layers of
+an eager pass in one call, by the kernels above in the order the model's modules call them (the
 same bits), where each of its ops would run one of them anyway (model.TransformerBlock asks
 each product's module, through `dense_product`, `int8_product` and `int4_product`, and
 `serves_layer` for the rest).
@@ -46,9 +46,10 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 
@@ -622,7 +623,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     return _extension().argmax_rows(logits)
 
 
-# A product as decode_layer takes it: (kind, a, b, c, group, n), kind DENSE (a the weight),
+# A product as decode_layers takes it: (kind, a, b, c, group, n), kind DENSE (a the weight),
 # INT8 (a the weight, b its scales) or INT4 (a, b, c: int4_linear's weight, scales and zeros; n
 # outputs); unused operands repeat a used one.
 Product = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
@@ -631,31 +632,32 @@ fuse_layers = True  # False: every layer op by op, as on other devices (tests co
 
 
 def dense_product(x: torch.Tensor, weight: torch.Tensor) -> Product | None:
-    """The product dense_linear(x, weight) computes, for decode_layer; None where no kernel here
+    """The product dense_linear(x, weight) computes, for decode_layers; None where no kernel here
     serves it."""
     return (DENSE, weight, weight, weight, 0, weight.shape[0]) if serves_dense(x, weight) else None
 
 
 def int8_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> Product | None:
-    """The product int8_linear(x, weight, scales) computes, for decode_layer (or None)."""
+    """The product int8_linear(x, weight, scales) computes, for decode_layers (or None)."""
     return (INT8, weight, scales, scales, 0, weight.shape[0]) if serves_int8(x, weight) else None
 
 
 def int4_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group: int, n: int) -> Product | None:
-    """The product int4_linear(x, ...) computes, for decode_layer (or None)."""
+    """The product int4_linear(x, ...) computes, for decode_layers (or None)."""
     return (INT4, weight, scales, zeros, group, n) if serves_int4(x) else None
 
 
 def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
     """What decides, besides the model's own modules, whether a layer of x's pass can be one
-    decode_layer call and with which products: None where none can (a compiled pass, the
+    decode_layers call and with which products: None where none can (a compiled pass, the
     kernels off, fuse_layers off), else a key (dtype, device, rows, the pass's shortest part:
-    see int4_gemm_serves) under which a layer may keep its answer (model.TransformerBlock).
+    see int4_gemm_serves) under which the model may keep its layers' answers
+    (model.Transformer._parts).
 
     Compiled passes keep the layer op by op: inductor's own code between the kernels (the
     rotation and cache write, the residual adds, in its reused buffers) measured 3-4% faster
-    than decode_layer's there (SmolLM2's compiled decode, BF16 and Q4_0; the 1B shape the
+    than decode_layers' there (SmolLM2's compiled decode, BF16 and Q4_0; the 1B shape the
     same), with the same numbers."""
     if not fuse_layers or torch.compiler.is_compiling() or not enabled():
         return None
@@ -663,28 +665,48 @@ def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
 
 
 def serves_layer(x: torch.Tensor, k_cache: torch.Tensor, *norms: torch.Tensor) -> bool:
-    """Whether decode_layer can run a layer of a pass like x's (layer_pass not None) over this
+    """Whether decode_layers can run a layer of a pass like x's (layer_pass not None) over this
     cache with these norms' weights: what rms_norm, silu_mul (serves_rowwise), rope_write and
     attend (serves_cache) need, float32 or bfloat16 x; its products are the caller's to check
     (*_product)."""
     return serves_rowwise(x, *norms) and serves_cache(k_cache)
 
 
-def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
-                 products: tuple[Product, Product, Product, Product], freqs: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
-                 pos: torch.Tensor, n_heads: int, scale: float) -> torch.Tensor:
-    """A transformer layer over the tokens of x (..., dim) in one call (layer.cpp): rms_norm,
-    the Q/K/V product, rope_write, attend, the output product, the residual add, rms_norm, the
-    gate/up product, silu_mul, the down product, the residual add; the same kernels in the
-    same order as the model's modules call them, so the same numbers (check serves_layer, and
-    that each product is the one its module computes: model.TransformerBlock). products:
-    Q/K/V, output, gate/up, down. One call instead of about 15 ops a layer: SmolLM2's eager
-    decode measured 14-45% faster (float32 to Q4_0, benchmarks/compare.py against the ops one
-    by one, README "How generation works"). Eager passes only (layer_pass)."""
-    return _extension().decode_layer(x, attn_norm, ffn_norm, eps,
-                                     *[v for p in products for v in p], freqs, k_cache, v_cache,
-                                     rows, pos, n_heads, scale)
+class LayerOperands(NamedTuple):
+    """What decode_layers needs of one layer that stays the same from pass to pass."""
+
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    eps: float
+    products: tuple[Product, Product, Product, Product]  # Q/K/V, output, gate/up, down
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    n_heads: int
+    scale: float
+
+
+def layer_stack(layers: Sequence[LayerOperands]) -> Any:
+    """Consecutive layers for decode_layers: an object of the extension holding each layer's
+    operands (made once per kind of pass: model.Transformer)."""
+    stack = _extension().LayerStack()
+    for op in layers:
+        stack.add(op.attn_norm, op.ffn_norm, op.eps, list(op.products), op.k_cache, op.v_cache,
+                  op.n_heads, op.scale)
+    return stack
+
+
+def decode_layers(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+    """Consecutive transformer layers (a layer_stack) over the tokens of x (..., dim) in one
+    call (layer.cpp), each layer rms_norm, the Q/K/V product, rope_write, attend, the output
+    product, the residual add, rms_norm, the gate/up product, silu_mul, the down product, the
+    residual add: the same kernels in the same order as the model's modules call them, so the
+    same numbers (check serves_layer, and that each product is the one its module computes:
+    model.TransformerBlock.fused_operands). One call instead of about 15 ops a layer: SmolLM2's
+    eager decode measured 14-45% faster (float32 to Q4_0, benchmarks/compare.py against the ops
+    one by one, README "How generation works"); one call for all layers instead of one a layer
+    saves the Python between them. Eager passes only (layer_pass)."""
+    return _extension().decode_layers(x, stack, freqs, rows, pos)
 
 
 def summary(device: torch.device) -> str:

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <tuple>
 #include <vector>
 
 // Only the kernels carry target attributes: the module loads on any x86-64 CPU, and Python
@@ -169,17 +170,32 @@ torch::Tensor argmax_rows(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);
-// layer.cpp: a whole layer of a pass (where attend_supported says so)
-torch::Tensor decode_layer(
-    const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
-    double eps, int64_t qkv_kind, const torch::Tensor& qkv_a, const torch::Tensor& qkv_b,
-    const torch::Tensor& qkv_c, int64_t qkv_group, int64_t qkv_n, int64_t o_kind,
-    const torch::Tensor& o_a, const torch::Tensor& o_b, const torch::Tensor& o_c,
-    int64_t o_group, int64_t o_n, int64_t up_kind, const torch::Tensor& up_a,
-    const torch::Tensor& up_b, const torch::Tensor& up_c, int64_t up_group, int64_t up_n,
-    int64_t down_kind, const torch::Tensor& down_a, const torch::Tensor& down_b,
-    const torch::Tensor& down_c, int64_t down_group, int64_t down_n, const torch::Tensor& freqs,
-    torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& rows,
-    const torch::Tensor& pos, int64_t n_heads, double scale);
+// layer.cpp: consecutive layers of a pass (where attend_supported says so), each by the
+// operands it keeps from pass to pass: its norms' weights, its 4 products (Q/K/V, output,
+// gate/up, down), its KV cache, its head count and attention scale.
+struct Product {  // (kind, a, b, c, group, n): see layer.cpp
+  int64_t kind;
+  torch::Tensor a, b, c;
+  int64_t group, n;
+};
+using ProductArgs = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                               int64_t>;
+struct LayerStack {
+  struct Layer {
+    torch::Tensor attn_norm, ffn_norm;
+    double eps;
+    Product products[4];
+    torch::Tensor k_cache, v_cache;
+    int64_t n_heads;
+    double scale;
+  };
+  std::vector<Layer> layers;
+  void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
+           const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
+           const torch::Tensor& v_cache, int64_t n_heads, double scale);
+};
+torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos);
 
 }  // namespace llamarun

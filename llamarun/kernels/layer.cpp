@@ -1,15 +1,18 @@
-// One transformer layer of a pass in one call: the norm, the Q/K/V product, the rotation and
-// cache write, the attention, the output product and residual add, the second norm, the
-// gate/up product, SwiGLU, the down product and the second residual add, by the same kernels in
-// the same order as the layer's modules call them one by one, so with the same bits. What it
-// saves is the work between them in eager passes: about 15 Python-level ops a layer (SmolLM2's
-// eager decode measured 14-45% faster, Q4_0 the most). Compiled passes keep the ops (see
-// kernels.layer_pass: inductor's code between them measured faster than this).
+// Consecutive transformer layers of a pass in one call, each: the norm, the Q/K/V product, the
+// rotation and cache write, the attention, the output product and residual add, the second
+// norm, the gate/up product, SwiGLU, the down product and the second residual add, by the same
+// kernels in the same order as the layer's modules call them one by one, so with the same bits.
+// What it saves is the work between them in eager passes: about 15 Python-level ops a layer
+// (SmolLM2's eager decode measured 14-45% faster, Q4_0 the most), and, with all layers in one
+// call, the Python between the layers. Compiled passes keep the ops (see kernels.layer_pass:
+// inductor's code between them measured faster than this).
 //
-// Each product comes as (kind, a, b, c, group, n): kind 0 dense (a the weight; float32 or
-// bfloat16 as x), 1 int8 (a the weight, b its scales), 2 4-bit (a, b, c: int4_linear's weight,
-// scales and zeros; n outputs). Python (llamarun.kernels.decode_layer) checks that each product
-// is one its module would give these kernels for this pass.
+// A LayerStack holds each layer's operands that stay the same from pass to pass (made once per
+// kind of pass by model.Transformer), among them its 4 products as (kind, a, b, c, group, n):
+// kind 0 dense (a the weight; float32 or bfloat16 as x), 1 int8 (a the weight, b its scales),
+// 2 4-bit (a, b, c: int4_linear's weight, scales and zeros; n outputs). Python
+// (model.TransformerBlock.fused_operands) checks that each product is one its module would give
+// these kernels for the pass.
 
 #include "kernels.h"
 
@@ -50,50 +53,55 @@ torch::Tensor to_dtype(const torch::Tensor& x, at::ScalarType dtype) {
   return out;
 }
 
-torch::Tensor product(const torch::Tensor& x, int64_t kind, const torch::Tensor& a,
-                      const torch::Tensor& b, const torch::Tensor& c, int64_t group, int64_t n) {
-  switch (kind) {
+torch::Tensor product(const torch::Tensor& x, const llamarun::Product& p) {
+  switch (p.kind) {
     case 0:
-      return x.scalar_type() == at::kFloat ? llamarun::f32_linear(x, a) : bf16_linear(x, a);
+      return x.scalar_type() == at::kFloat ? llamarun::f32_linear(x, p.a) : bf16_linear(x, p.a);
     case 1:
-      return int8_linear(x, a, b);
+      return int8_linear(x, p.a, p.b);
     case 2:
-      return int4_linear(x, a, b, c, group, n);
+      return int4_linear(x, p.a, p.b, p.c, p.group, p.n);
   }
-  TORCH_CHECK(false, "decode_layer: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
+  TORCH_CHECK(false, "decode_layers: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
 }
 
 }  // namespace
 
 namespace llamarun {
 
-torch::Tensor decode_layer(
-    const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
-    double eps,
-    int64_t qkv_kind, const torch::Tensor& qkv_a, const torch::Tensor& qkv_b,
-    const torch::Tensor& qkv_c, int64_t qkv_group, int64_t qkv_n,
-    int64_t o_kind, const torch::Tensor& o_a, const torch::Tensor& o_b,
-    const torch::Tensor& o_c, int64_t o_group, int64_t o_n,
-    int64_t up_kind, const torch::Tensor& up_a, const torch::Tensor& up_b,
-    const torch::Tensor& up_c, int64_t up_group, int64_t up_n,
-    int64_t down_kind, const torch::Tensor& down_a, const torch::Tensor& down_b,
-    const torch::Tensor& down_c, int64_t down_group, int64_t down_n,
-    const torch::Tensor& freqs, torch::Tensor k_cache, torch::Tensor v_cache,
-    const torch::Tensor& rows, const torch::Tensor& pos, int64_t n_heads, double scale) {
+void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
+                     const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
+                     const torch::Tensor& v_cache, int64_t n_heads, double scale) {
+  TORCH_CHECK(products.size() == 4, "decode_layers: a layer has 4 products (Q/K/V, output, "
+              "gate/up, down)");
+  Layer layer{attn_norm, ffn_norm, eps, {}, k_cache, v_cache, n_heads, scale};
+  for (int i = 0; i < 4; ++i) {
+    const auto& [kind, a, b, c, group, n] = products[i];
+    layer.products[i] = {kind, a, b, c, group, n};
+  }
+  layers.push_back(std::move(layer));
+}
+
+torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos) {
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "decode_layer: x float32 or bfloat16");
+              "decode_layers: x float32 or bfloat16");
   const int64_t D = x.size(-1), T = x.numel() / D;
   auto h = x.contiguous().view({T, D});
-  auto qkv = product(rms_norm(h, attn_norm, eps), qkv_kind, qkv_a, qkv_b, qkv_c, qkv_group, qkv_n);
-  auto q = rope_write(qkv, freqs, k_cache, v_cache, rows, pos, n_heads);
-  auto y = attend(q, k_cache, v_cache, rows, pos, scale);
-  auto heads = to_dtype(y.view({T, y.size(1) * y.size(2)}), x.scalar_type());
-  h = residual_add(h, product(heads, o_kind, o_a, o_b, o_c, o_group, o_n));
-  auto gate_up = product(rms_norm(h, ffn_norm, eps), up_kind, up_a, up_b, up_c, up_group, up_n);
-  auto hidden = silu_mul(gate_up);
-  auto out =
-      residual_add(h, product(hidden, down_kind, down_a, down_b, down_c, down_group, down_n));
-  return out.view(x.sizes());
+  for (const auto& l : stack.layers) {
+    auto k_cache = l.k_cache, v_cache = l.v_cache;
+    const auto& [qkv_p, o_p, up_p, down_p] = l.products;
+    auto qkv = product(rms_norm(h, l.attn_norm, l.eps), qkv_p);
+    auto q = rope_write(qkv, freqs, k_cache, v_cache, rows, pos, l.n_heads);
+    auto y = attend(q, k_cache, v_cache, rows, pos, l.scale);
+    auto heads = to_dtype(y.view({T, y.size(1) * y.size(2)}), x.scalar_type());
+    h = residual_add(h, product(heads, o_p));
+    auto gate_up = product(rms_norm(h, l.ffn_norm, l.eps), up_p);
+    auto hidden = silu_mul(gate_up);
+    h = residual_add(h, product(hidden, down_p));
+  }
+  return h.view(x.sizes());
 }
 
 }  // namespace llamarun

@@ -1264,5 +1264,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &llamarun::rms_norm);
   m.def("silu_mul", &llamarun::silu_mul);
   m.def("argmax_rows", &llamarun::argmax_rows);
-  m.def("decode_layer", &llamarun::decode_layer);
+  py::class_<llamarun::LayerStack>(m, "LayerStack")
+      .def(py::init<>())
+      .def("add", &llamarun::LayerStack::add)
+      .def("__len__", [](const llamarun::LayerStack& s) { return s.layers.size(); });
+  m.def("decode_layers", &llamarun::decode_layers);
 }
