@@ -1264,7 +1264,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &llamarun::rms_norm);
   m.def("silu_mul", &llamarun::silu_mul);
   m.def("argmax_rows", &llamarun::argmax_rows);
-  py::class_<llamarun::LayerStack>(m, "LayerStack")
+  // module_local: another build of these kernels (benchmarks/decode_ab.py --baseline) may load
+  // beside this one, and pybind11 otherwise registers a C++ type once per process
+  py::class_<llamarun::LayerStack>(m, "LayerStack", py::module_local())
       .def(py::init<>())
       .def("add", &llamarun::LayerStack::add)
       .def("__len__", [](const llamarun::LayerStack& s) { return s.layers.size(); });
