@@ -162,6 +162,17 @@ def test_int8_rows_do_not_depend_on_the_batch_up_to_its_limit() -> None:
         assert kernels.int8_linear(xi, q, s) is None
 
 
+@needs_int8
+@pytest.mark.parametrize("m", [1, 3])
+def test_int8_products_of_8_mb_and_more_give_the_same_outputs(m: int) -> None:
+    """From 8 MB of weights on the threads split the rows by pieces_for, not in halves: each
+    output is the same as from a smaller product over its rows (float64 checked above)."""
+    x, q, s = _int8_data(m, 2048, 4100, torch.bfloat16, seed=4)  # 8.4 MB, N not a multiple of 8
+    whole = kernels.int8_linear(x, q, s)
+    halves = [kernels.int8_linear(x, q[r], s[r]) for r in (slice(0, 2048), slice(2048, None))]
+    assert whole is not None and torch.equal(whole, torch.cat(halves, dim=1))
+
+
 @needs_bf16
 @needs_int8
 @pytest.mark.parametrize("k,n", [(77, 29), (256, 130)])
