@@ -162,6 +162,19 @@ def test_int8_rows_do_not_depend_on_the_batch_up_to_its_limit() -> None:
         assert kernels.int8_linear(xi, q, s) is None
 
 
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 3])
+def test_bf16_products_of_8_mb_and_more_give_the_same_outputs(m: int) -> None:
+    """From 8 MB of weights on the threads split the rows by pieces_for, not in halves: each
+    output is the same as from a smaller product over its rows."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 2048, generator=g).bfloat16()
+    w = torch.randn(2052, 2048, generator=g).bfloat16()  # 8.4 MB, N not a multiple of 8
+    whole = kernels.dense_linear(x, w)
+    halves = [kernels.dense_linear(x, w[r]) for r in (slice(0, 1024), slice(1024, None))]
+    assert whole is not None and torch.equal(whole, torch.cat(halves, dim=1))
+
+
 @needs_int8
 @pytest.mark.parametrize("m", [1, 3])
 def test_int8_products_of_8_mb_and_more_give_the_same_outputs(m: int) -> None:

@@ -150,11 +150,15 @@ void bf16_pass(int64_t mrows, const uint16_t* x, int64_t ldx, const uint16_t* w,
   }
 }
 
+// From this many bytes of weights on, a bf16 or int8 product's threads take pieces (see
+// int8_linear_impl).
+constexpr int64_t PIECES_BYTES = int64_t(8) << 20;
+
 template <typename OutT>
 void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K,
                       bool stream, OutT* y) {
   const int64_t nblocks = (N + NB - 1) / NB;
-  at::parallel_for(0, nblocks, GRAIN, [&](int64_t b0, int64_t b1) {
+  const auto blocks = [&](int64_t b0, int64_t b1) {
     float out[MB * NB];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
@@ -168,7 +172,11 @@ void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
           for (int64_t j = 0; j < nrows; ++j) y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j]);
       }
     }
-  });
+  };
+  if (2 * N * K >= PIECES_BYTES)
+    pieces_for(nblocks, blocks);
+  else
+    at::parallel_for(0, nblocks, GRAIN, blocks);
 }
 
 // ---- int8 weights x int8 activations, vpdpbusd ----
@@ -318,8 +326,6 @@ LLAMARUN_AVX512 void quantize_row(const InT* row, int64_t K, uint8_t* out, float
   }
 }
 
-constexpr int64_t INT8_PIECES = int64_t(8) << 20;  // bytes (see int8_linear_impl)
-
 template <typename InT, typename OutT, typename ScaleT>
 void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wscale, int64_t N,
                       int64_t K, bool stream, OutT* y) {
@@ -345,11 +351,11 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
       }
     }
   };
-  // From INT8_PIECES bytes of weights on, the threads take pieces (pieces_for: a thread done
+  // From PIECES_BYTES of weights on, the threads take pieces (pieces_for: a thread done
   // with its share helps with the other's) instead of fixed halves, whose ends differed by
   // 1-3 us in a 4-16 MB product (AMD EPYC, 2 threads): 8-32 MB products 1-2% faster, 1-2 MB
   // ones 1-3% slower (cold weights, the old and new builds in turns).
-  if (N * K >= INT8_PIECES)
+  if (N * K >= PIECES_BYTES)
     pieces_for(nblocks, blocks);
   else
     at::parallel_for(0, nblocks, GRAIN, blocks);
