@@ -11,7 +11,7 @@ the same round. Each decode starts after the same 8-token prompt (compare.py's),
 
     python benchmarks/decode_ab.py --models 1b --precisions bf16,q8_0,q4 [--rounds 7]
         [--gen-tokens 32] [--engines llamarun,llamarun-compiled,llama.cpp] [--threads 2]
-        [--baseline REV]
+        [--baseline REV | --baseline-tree REV]
 
 --baseline REV adds an engine "llamarun@REV": the eager decode of the same loaded model with
 llamarun's C++ kernels built from REV's sources (loaded beside this tree's, without their
@@ -19,11 +19,17 @@ operator registrations, and swapped in for its turns), with a "vs baseline" colu
 eager decode over it, round by round. It compares kernel changes that keep the kernels'
 functions, arguments and weight layouts (compare.py --baseline runs a whole other tree in
 another process instead, minutes apart on a machine whose speed changes by the minute).
+
+--baseline-tree REV compares any change instead (Python too): "llamarun@REV" is the eager decode
+of llamarun at REV (a git worktree, compare.baseline_tree) in a worker process that loads the
+file once and decodes a round's tokens whenever this one asks, so the two still take turns round
+by round (this tree's engines run here; the worker waits meanwhile).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -136,6 +142,51 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
     return out, per_token
 
 
+def tree_decoder(rev: str, path: Path, dtype: str, gen: int,
+                 threads: int) -> Callable[[], float]:
+    """decode() -> tok/s of llamarun's eager decode at git revision rev (compare.baseline_tree),
+    from a worker process (decode_worker) that loads the file once; decode.process is the
+    worker (closing its stdin ends it)."""
+    tree = compare.baseline_tree(rev)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads),
+           # its own kernels' build folder, as compare.run_one gives it
+           "HOME": str(tree.parent / f"{tree.name}-home")}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--decode-worker",
+                             str(path), dtype, str(gen)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"llamarun at {rev} did not load {path.name}")
+
+    def decode() -> float:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llamarun at {rev} stopped")
+        return float(line)
+
+    decode.process = proc  # type: ignore[attr-defined]
+    return decode
+
+
+def decode_worker(path: str, dtype: str, gen: int) -> None:
+    """--decode-worker: load the file with the llamarun on sys.path (PYTHONPATH: a baseline tree),
+    print "ready", then one decode's tok/s per line read from stdin."""
+    from llamarun.engine import Engine
+    from llamarun.loaders import load_checkpoint
+
+    ck = load_checkpoint(Path(path), device="cpu", dtype=dtype, quantize="auto",
+                         max_seq_len=compare.TG_PROMPT + gen + 16)
+    engine = Engine(ck, compare._NoTokenizer(), None, compile=False)  # type: ignore[arg-type]
+    decode = compare.llamarun_decoder(engine, compare.prompt_ids(ck.args.vocab_size,
+                                                                 compare.TG_PROMPT), gen)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(decode(), flush=True)
+
+
 def llama_cpp_decoder(path: Path, gen: int, threads: int) -> Callable[[], float]:
     """decode() -> tok/s of llama.cpp (llama-cpp-python) on the file, as compare.py times it."""
     import llama_cpp
@@ -173,6 +224,9 @@ def run(model: str, prec: str, a: argparse.Namespace, read: Callable[[], float])
     variant, dtype = compare.PRECISIONS[prec]
     path = compare.variant_files(model, (variant,))[variant]
     decoders, per_token = llamarun_decoder(path, dtype, a.engines, a.gen_tokens, a.baseline_ext)
+    if a.baseline_tree:
+        decoders[f"llamarun@{compare.short_sha(a.baseline_tree)}"] = tree_decoder(
+            a.baseline_tree, path, dtype, a.gen_tokens, a.threads)
     bytes_per_token = {name: per_token for name in decoders}
     if "llama.cpp" in a.engines:
         decoders["llama.cpp"] = llama_cpp_decoder(path, a.gen_tokens, a.threads)
@@ -183,10 +237,17 @@ def run(model: str, prec: str, a: argparse.Namespace, read: Callable[[], float])
             decode()
     tok_s: dict[str, list[float]] = {name: [] for name in decoders}
     reads: list[float] = []
-    for _ in range(a.rounds):
-        for name, decode in decoders.items():
-            tok_s[name].append(decode())
-        reads.append(read())
+    try:
+        for _ in range(a.rounds):
+            for name, decode in decoders.items():
+                tok_s[name].append(decode())
+            reads.append(read())
+    finally:
+        for decode in decoders.values():
+            worker = getattr(decode, "process", None)
+            if worker is not None:
+                worker.stdin.close()
+                worker.wait(timeout=60)
     rows = []
     for name, values in tok_s.items():
         gb_s = [t * bytes_per_token[name] / 1e9 for t in values]
@@ -213,9 +274,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--baseline", default=None,
-                    help="a git revision: also decode with llamarun's kernels built from it")
+    base = ap.add_mutually_exclusive_group()
+    base.add_argument("--baseline", default=None,
+                      help="a git revision: also decode with llamarun's kernels built from it")
+    base.add_argument("--baseline-tree", default=None,
+                      help="a git revision: also decode with llamarun at it, in a worker process")
+    ap.add_argument("--decode-worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.decode_worker:
+        decode_worker(a.decode_worker[0], a.decode_worker[1], int(a.decode_worker[2]))
+        return
     if a.rounds < 1 or a.gen_tokens < 1 or a.threads < 1:
         ap.error("--rounds, --gen-tokens and --threads must be at least 1")
     torch.set_num_threads(a.threads)
