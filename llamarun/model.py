@@ -270,7 +270,8 @@ class TransformerBlock(nn.Module):
             if product is None:
                 return None
             products.append(product)
-        return kernels.LayerOperands(*norms, self.attention_norm.eps, tuple(products),  # type: ignore[arg-type]
+        q_kv, out, gate_up, down = products
+        return kernels.LayerOperands(*norms, self.attention_norm.eps, (q_kv, out, gate_up, down),
                                      cache.k_cache, cache.v_cache, attention.n_heads,
                                      attention.head_dim ** -0.5)
 
@@ -295,7 +296,7 @@ class Transformer(nn.Module):
         # _parts' answer per kind of pass (kernels.layer_pass): the modules and their weights
         # never change after loading, so each kind is asked once (setup_caches forgets them:
         # the stacks hold the caches)
-        self._parts_by_kind: dict[tuple, list[TransformerBlock | Any]] = {}  # type: ignore[type-arg]
+        self._parts_by_kind: dict[tuple, list[Any]] = {}  # type: ignore[type-arg]
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:

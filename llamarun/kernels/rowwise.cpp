@@ -196,7 +196,7 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
 
 // The index of each row's largest value of x (..., n) float32, the first where several tie: as
 // torch.max(x, -1).indices, which it replaces for greedy decoding (torch's measured 63 us for a
-// 128,256-entry row here, and up to 3x that right after the head's product; this ~10). A row
+// 128,256-entry row here, and up to 3x that right after the head's product; this 13). A row
 // holding NaN makes the whole call torch.max's (NaN is its largest value).
 torch::Tensor argmax_rows(const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) > 0,
