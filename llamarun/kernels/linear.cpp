@@ -150,10 +150,6 @@ void bf16_pass(int64_t mrows, const uint16_t* x, int64_t ldx, const uint16_t* w,
   }
 }
 
-// From this many bytes of weights on, a bf16 or int8 product's threads take pieces (see
-// int8_linear_impl).
-constexpr int64_t PIECES_BYTES = int64_t(8) << 20;
-
 template <typename OutT>
 void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K,
                       bool stream, OutT* y) {
@@ -173,10 +169,7 @@ void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
       }
     }
   };
-  if (2 * N * K >= PIECES_BYTES)
-    pieces_for(nblocks, blocks);
-  else
-    at::parallel_for(0, nblocks, GRAIN, blocks);
+  llamarun::blocks_for(nblocks, 2 * N * K, blocks);
 }
 
 // ---- int8 weights x int8 activations, vpdpbusd ----
@@ -351,14 +344,7 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
       }
     }
   };
-  // From PIECES_BYTES of weights on, the threads take pieces (pieces_for: a thread done
-  // with its share helps with the other's) instead of fixed halves, whose ends differed by
-  // 1-3 us in a 4-16 MB product (AMD EPYC, 2 threads): 8-32 MB products 1-2% faster, 1-2 MB
-  // ones 1-3% slower (cold weights, the old and new builds in turns).
-  if (N * K >= PIECES_BYTES)
-    pieces_for(nblocks, blocks);
-  else
-    at::parallel_for(0, nblocks, GRAIN, blocks);
+  llamarun::blocks_for(nblocks, N * K, blocks);
 }
 
 

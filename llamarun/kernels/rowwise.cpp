@@ -193,7 +193,6 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
   return out;
 }
 
-
 // The index of each row's largest value of x (..., n) float32, the first where several tie: as
 // torch.max(x, -1).indices, which it replaces for greedy decoding (torch's measured 63 us for a
 // 128,256-entry row here, and up to 3x that right after the head's product; this 13). A row
@@ -217,6 +216,7 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   if (any_nan) return std::get<1>(xc.max(-1));
   return out;
 }
+
 }  // namespace llamarun
 
 TORCH_LIBRARY_IMPL(llamarun, CPU, m) {
