@@ -346,6 +346,15 @@ def baseline_tree(rev: str) -> Path:
     return tree
 
 
+def tree_env(tree: Path, threads: int) -> dict[str, str]:
+    """The environment of a process running llamarun from a baseline_tree: its sources first on
+    the path, and its own kernels' build folder (~/.cache/llamarun/kernels is per torch version,
+    not per source: else HEAD's and the baseline's turns rebuild the extension in turn, 45 s
+    each)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree),
+            "HOME": str(tree.parent / f"{tree.name}-home")}
+
+
 def run_one(engine: str, path: Path | None, dtype: str, a: argparse.Namespace) -> dict:
     """Run a worker process for one engine on one file; an error dict if it fails. An engine
     named ENGINE@REV runs that engine from llamarun at git revision REV (--baseline);
@@ -356,10 +365,7 @@ def run_one(engine: str, path: Path | None, dtype: str, a: argparse.Namespace) -
     if rev:
         tree = baseline_tree(rev)
         script = tree / "benchmarks" / "compare.py"
-        env["PYTHONPATH"] = str(tree)
-        # its own kernels' build folder (~/.cache/llamarun/kernels is per torch version, not per
-        # source): else HEAD's and the baseline's turns rebuild the extension in turn, 45 s each
-        env["HOME"] = str(tree.parent / f"{tree.name}-home")
+        env = tree_env(tree, a.threads)
     cmd = [sys.executable, str(script), "--worker", name, "--file", str(path or ""),
            "--dtype", dtype, "--prompt-tokens", str(a.prompt_tokens),
            "--gen-tokens", str(a.gen_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]

@@ -29,7 +29,6 @@ by round (this tree's engines run here; the worker waits meanwhile).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -147,13 +146,10 @@ def tree_decoder(rev: str, path: Path, dtype: str, gen: int,
     """decode() -> tok/s of llamarun's eager decode at git revision rev (compare.baseline_tree),
     from a worker process (decode_worker) that loads the file once; decode.process is the
     worker (closing its stdin ends it)."""
-    tree = compare.baseline_tree(rev)
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads),
-           # its own kernels' build folder, as compare.run_one gives it
-           "HOME": str(tree.parent / f"{tree.name}-home")}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--decode-worker",
                              str(path), dtype, str(gen)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True,
+                            env=compare.tree_env(compare.baseline_tree(rev), threads))
     assert proc.stdin is not None and proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError(f"llamarun at {rev} did not load {path.name}")
@@ -174,14 +170,7 @@ def tree_decoder(rev: str, path: Path, dtype: str, gen: int,
 def decode_worker(path: str, dtype: str, gen: int) -> None:
     """--decode-worker: load the file with the llamarun on sys.path (PYTHONPATH: a baseline tree),
     print "ready", then one decode's tok/s per line read from stdin."""
-    from llamarun.engine import Engine
-    from llamarun.loaders import load_checkpoint
-
-    ck = load_checkpoint(Path(path), device="cpu", dtype=dtype, quantize="auto",
-                         max_seq_len=compare.TG_PROMPT + gen + 16)
-    engine = Engine(ck, compare._NoTokenizer(), None, compile=False)  # type: ignore[arg-type]
-    decode = compare.llamarun_decoder(engine, compare.prompt_ids(ck.args.vocab_size,
-                                                                 compare.TG_PROMPT), gen)
+    decode = llamarun_decoder(Path(path), dtype, ["llamarun"], gen)[0]["llamarun"]
     print("ready", flush=True)
     for _ in sys.stdin:
         print(decode(), flush=True)
