@@ -120,6 +120,18 @@ inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor&
   return {xc, wc, torch::empty({M, N}, x.options()), M, K, N};
 }
 
+// n values of T for a thread's use within one call, kept from call to call (per thread and
+// Tag, a type naming the use: two uses live at once need two tags), so that a decode pass's
+// products and row ops allocate nothing once their buffers are large enough: a SmolLM2 token
+// made about 400 allocations of this kind (glibc's malloc and free were 7% of its main thread's
+// time). The values left by the last call are kept: callers write before they read.
+template <typename T, typename Tag>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // Calls f(b0, b1) over blocks [0, n) in pieces. Each thread owns an equal contiguous share (one
 // long stream of weights, which the memory's prefetchers want) and, when done with it, takes
 // the next pieces of the shares still unfinished (a counter per share): a thread that another
@@ -136,7 +148,10 @@ void pieces_for(int64_t n, F&& f) {
   const int64_t share = (n + threads - 1) / threads;
   const int64_t piece = std::clamp<int64_t>(share / 16, 1, GRAIN);
   struct alignas(64) Counter { std::atomic<int64_t> next; };
-  std::vector<Counter> shares(threads);
+  constexpr int64_t ON_STACK = 16;  // (an aligned vector's allocation for more threads)
+  Counter local[ON_STACK];
+  std::vector<Counter> more(threads > ON_STACK ? threads : 0);
+  Counter* shares = threads > ON_STACK ? more.data() : local;
   for (int64_t t = 0; t < threads; ++t) shares[t].next.store(t * share);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)

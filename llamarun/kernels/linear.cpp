@@ -323,10 +323,9 @@ template <typename InT, typename OutT, typename ScaleT>
 void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wscale, int64_t N,
                       int64_t K, bool stream, OutT* y) {
   const int64_t ldx = (K + QB - 1) / QB * QB;
-  std::vector<uint8_t> xu(M * ldx);
-  std::vector<float> xs(M * (ldx / QB));
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row(x + m * K, K, xu.data() + m * ldx, xs.data() + m * (ldx / QB));
+  uint8_t* xu = llamarun::scratch<uint8_t, struct Int8Values>(M * ldx);
+  float* xs = llamarun::scratch<float, struct Int8Scales>(M * (ldx / QB));
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xu + m * ldx, xs + m * (ldx / QB));
   const int64_t nblocks = (N + NB - 1) / NB;
   const auto blocks = [&](int64_t b0, int64_t b1) {
     float out[MB * NB];
@@ -336,7 +335,7 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* next =
             (m0 == 0 && nrows == NB && n0 + 2 * NB <= N) ? w + (n0 + NB) * K : nullptr;
-        int8_pass(mrows, xu.data() + m0 * ldx, xs.data() + m0 * (ldx / QB), ldx, w + n0 * K,
+        int8_pass(mrows, xu + m0 * ldx, xs + m0 * (ldx / QB), ldx, w + n0 * K,
                   nrows, K, next, stream, out);
         for (int64_t i = 0; i < mrows; ++i)
           for (int64_t j = 0; j < nrows; ++j)
@@ -603,9 +602,9 @@ void quantize_rows_q4(const InT* x, int64_t M, int64_t K, int64_t ldk, int64_t g
                       float* s, int32_t* asum, float* xsum) {
   const int64_t nb = ldk / Q4B, G = K / group;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / ldk), [&](int64_t m0, int64_t m1) {
-    std::vector<float> v(ldk);
+    float* v = llamarun::scratch<float, struct Q4Row>(ldk);
     for (int64_t m = m0; m < m1; ++m)
-      quantize_row_q4(x + m * K, K, ldk, group, v.data(), a + m * ldk, s + m * nb, asum + m * nb,
+      quantize_row_q4(x + m * K, K, ldk, group, v, a + m * ldk, s + m * nb, asum + m * nb,
                       xsum + m * G);
   });
 }
@@ -668,12 +667,14 @@ template <typename InT, typename OutT, typename ScaleT>
 void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wscale, int64_t N,
                     int64_t K, OutT* y) {
   const int64_t ldk = (K + 63) / 64 * 64;
-  std::vector<int8_t> a(M * ldk);
-  std::vector<float> v(ldk), s(M * (ldk / Q4B)), xsum(M);
-  std::vector<int32_t> asum(M * (ldk / Q4B));
+  const int64_t nb = ldk / Q4B;
+  int8_t* a = llamarun::scratch<int8_t, struct Q4Values>(M * ldk);
+  float* s = llamarun::scratch<float, struct Q4Scales>(M * nb);
+  float* v = llamarun::scratch<float, struct Q4Row>(ldk);
+  float* xsum = llamarun::scratch<float, struct Q4GroupSums>(M);
+  int32_t* asum = llamarun::scratch<int32_t, struct Q4Sums>(M * nb);
   for (int64_t m = 0; m < M; ++m)  // (one "group" of all K; the sums are not used)
-    quantize_row_q4(x + m * K, K, ldk, K, v.data(), a.data() + m * ldk,
-                    s.data() + m * (ldk / Q4B), asum.data() + m * (ldk / Q4B), xsum.data() + m);
+    quantize_row_q4(x + m * K, K, ldk, K, v, a + m * ldk, s + m * nb, asum + m * nb, xsum + m);
   const int64_t nblocks = (N + NB - 1) / NB;
   pieces_for(nblocks, [&](int64_t b0, int64_t b1) {
     float out[MB * NB];
@@ -681,8 +682,8 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wsca
       const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
-        const int8_t* a0 = a.data() + m0 * ldk;
-        const float* s0 = s.data() + m0 * (ldk / Q4B);
+        const int8_t* a0 = a + m0 * ldk;
+        const float* s0 = s + m0 * nb;
         avx2_pass(mrows, nrows, [&](auto mr, auto nr, int64_t j0, int64_t left) {
           int8_avx2_block<mr(), nr()>(a0, s0, ldk, w + (n0 + j0) * K, left, K, out + j0);
         });
@@ -720,10 +721,12 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
                       bool vnni) {
   const int64_t ldk = (K + 63) / 64 * 64, ldw = ldk / 2, G = K / group, pairs = ldk / 64;
   const int shift = group_shift(group);
-  std::vector<int8_t> a(M * ldk);
-  std::vector<float> s(M * (ldk / Q4B)), xsum(M * G);
-  std::vector<int32_t> asum(M * (ldk / Q4B));
-  quantize_rows_q4(x, M, K, ldk, group, a.data(), s.data(), asum.data(), xsum.data());
+  const int64_t nb = ldk / Q4B;
+  int8_t* a = llamarun::scratch<int8_t, struct Q4Values>(M * ldk);
+  float* s = llamarun::scratch<float, struct Q4Scales>(M * nb);
+  float* xsum = llamarun::scratch<float, struct Q4GroupSums>(M * G);
+  int32_t* asum = llamarun::scratch<int32_t, struct Q4Sums>(M * nb);
+  quantize_rows_q4(x, M, K, ldk, group, a, s, asum, xsum);
   const int64_t tiles = (N + NB - 1) / NB;
   pieces_for(tiles, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
@@ -734,9 +737,9 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
       const uint8_t* wt = w + t * NB * ldw;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
-        const int8_t* a0 = a.data() + m0 * ldk;
-        const float* s0 = s.data() + m0 * (ldk / Q4B);
-        const int32_t* q0 = asum.data() + m0 * (ldk / Q4B);
+        const int8_t* a0 = a + m0 * ldk;
+        const float* s0 = s + m0 * nb;
+        const int32_t* q0 = asum + m0 * nb;
         switch (mrows) {
           case 1: int4_tile_any<1>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
           case 2: int4_tile_any<2>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
@@ -745,7 +748,7 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
         }
         for (int64_t i = 0; i < mrows; ++i) {
           if (zt != nullptr) {
-            zero_terms(zt, xsum.data() + (m0 + i) * G, G, terms);
+            zero_terms(zt, xsum + (m0 + i) * G, G, terms);
             for (int l = 0; l < NB; ++l) out[i * NB + l] += terms[l];
           }
           for (int l = 0; l < NB; ++l)

@@ -81,11 +81,12 @@ void rows_in_float(const torch::Tensor& x, int64_t rows, int64_t W, int64_t OW,
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> xf(W), of(OW);
+    float* xf = llamarun::scratch<float, struct RowIn>(W);
+    float* of = llamarun::scratch<float, struct RowOut>(OW);
     for (int64_t r = r0; r < r1; ++r) {
-      load_bf16(xp + r * W, W, xf.data());
-      f(xf.data(), of.data());
-      store_bf16(of.data(), OW, op + r * OW);
+      load_bf16(xp + r * W, W, xf);
+      f(xf, of);
+      store_bf16(of, OW, op + r * OW);
     }
   });
 }
@@ -160,14 +161,13 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   auto out = torch::empty_like(xc);
   // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
   // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
-  std::vector<float> wf;
   const float* wp;
   if (wc.scalar_type() == at::kFloat) {
     wp = wc.data_ptr<float>();
   } else {
-    wf.resize(D);
-    load_bf16(wc.data_ptr<c10::BFloat16>(), D, wf.data());
-    wp = wf.data();
+    float* wf = llamarun::scratch<float, struct NormWeight>(D);
+    load_bf16(wc.data_ptr<c10::BFloat16>(), D, wf);
+    wp = wf;
   }
   const float e = float(eps);
   // A thread takes at least 16 rows: a decode pass's few rows stay on the calling thread.
