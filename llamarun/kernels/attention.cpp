@@ -324,6 +324,17 @@ std::pair<torch::Tensor, torch::Tensor> checked_rows_pos(const torch::Tensor& ro
   return {rc, pc};
 }
 
+// Heads (T, H, D) float32 (the options of `like`, as float32): a new tensor where `out` is
+// undefined, else `out` itself, checked.
+torch::Tensor heads_output(int64_t T, int64_t H, int64_t D, const torch::Tensor& like,
+                           const torch::Tensor& out, const char* op) {
+  if (!out.defined()) return torch::empty({T, H, D}, like.options().dtype(at::kFloat));
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D &&
+                  out.is_contiguous() && out.scalar_type() == at::kFloat,
+              op, ": out (T, H, D) float32, contiguous");
+  return out;
+}
+
 // rope_write's checks of qkv and freqs; returns T.
 int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_t H,
                     int64_t KVH) {
@@ -431,9 +442,10 @@ namespace llamarun {
 // result float32, as rope.apply_rope into float32 does), writes token t's key and value heads
 // at position pos[t] of row rows[t] of the caches (rounded once into a bfloat16 cache, as
 // .to(bfloat16) rounds) and returns its queries: q (T, H, D), float32.
-torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                         torch::Tensor& k_cache, torch::Tensor& v_cache,
-                         const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
+torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache,
+                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
+                              const torch::Tensor& q_out) {
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
                   v_cache.scalar_type() == k_cache.scalar_type() &&
@@ -446,7 +458,7 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
   const int64_t* pp = pc.data_ptr<int64_t>();
   auto xc = qkv.contiguous();
   auto fc = freqs.contiguous();
-  auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
+  auto q = heads_output(T, H, D, qkv, q_out, "rope_write");
   float* qp = q.data_ptr<float>();
   auto write = [&](auto* kp, auto* vp) {
     for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
@@ -461,6 +473,12 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
   return q;
 }
 
+torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                         torch::Tensor& k_cache, torch::Tensor& v_cache,
+                         const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
+  return rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, {});
+}
+
 bool attend_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -469,8 +487,9 @@ bool attend_supported() {
 // bfloat16 cache's values widened exactly; H a multiple of KVH, D of 8);
 // rows, pos (T,) int64. Returns (T, H, D): token t's query heads attend positions 0..pos[t] of
 // cache row rows[t] (query head h reads key/value head h / (H / KVH)).
-torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                     const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
+torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
+                          const torch::Tensor& out_) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "attend: shapes");
   TORCH_CHECK(q.scalar_type() == at::kFloat &&
                   (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) &&
@@ -484,7 +503,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   const int64_t* rp = rc.data_ptr<int64_t>();
   const int64_t* pp = pc.data_ptr<int64_t>();
   auto qc = q.contiguous();
-  auto out = torch::empty({T, H, D}, q.options());
+  auto out = heads_output(T, H, D, q, out_, "attend");
   const float* qp = qc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (k.scalar_type() == at::kFloat)
@@ -494,6 +513,11 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
     attend_tokens(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), rp, pp, T, H, D,
                   KVH, S, float(scale), op);
   return out;
+}
+
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
+  return attend_into(q, k, v, rows, pos, scale, {});
 }
 
 }  // namespace llamarun

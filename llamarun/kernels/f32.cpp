@@ -83,8 +83,9 @@ bool has_avx512f() {
 
 namespace llamarun {
 
-static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
-  const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32");
+static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
+                                   const torch::Tensor& out = {}) {
+  const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32", out);
   static const bool wide = has_avx512f();
   (wide ? avx512::f32_product : avx2::f32_product)(
       d.x.data_ptr<float>(), d.w.data_ptr<float>(), d.y.data_ptr<float>(), d.M, d.K, d.N, stream);
@@ -95,8 +96,13 @@ static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& 
 // weight rows one at a time on AMD CPUs (ROW_STREAM, measured on an AVX-512 EPYC); the AVX2 code
 // keeps its blocks of 12 everywhere: the new order was not measured on an AVX2-only CPU.
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  return f32_linear_into(x, w, {});
+}
+
+torch::Tensor f32_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                              const torch::Tensor& out) {
   static const bool stream = ROW_STREAM && has_avx512f();
-  return f32_linear_on(x, w, stream);
+  return f32_linear_on(x, w, stream, out);
 }
 
 // f32_linear with a one-row pass's order given: "rows" or "blocks" (tests, benchmarks).

@@ -102,22 +102,35 @@ inline bool rows_by_name(const std::string& order, const char* op) {
   return order == "rows";
 }
 
+// A product's output y (M, N) in x's dtype for x (M, K): a new tensor where `out` is undefined,
+// else `out` itself, checked ("<op>: out"): kernels.decode_layers passes buffers it keeps for
+// all its layers (a tensor's allocation cost a SmolLM2 decode layer about 0.4 us each).
+inline torch::Tensor product_output(const torch::Tensor& x, int64_t N, const torch::Tensor& out,
+                                    const char* op) {
+  const int64_t M = x.size(0);
+  if (!out.defined()) return torch::empty({M, N}, x.options());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous() &&
+                  out.scalar_type() == x.scalar_type(),
+              op, ": out (M, N), contiguous, x's dtype");
+  return out;
+}
+
 // The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
-// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y allocated in x's options.
+// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y by product_output.
 struct DenseOperands {
   torch::Tensor x, w, y;
   int64_t M, K, N;
 };
 inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor& w,
                                     at::ScalarType dtype, const char* op,
-                                    const char* dtype_name) {
+                                    const char* dtype_name, const torch::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op, ": shapes");
   TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, op, ": ", dtype_name,
               " only");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  return {xc, wc, torch::empty({M, N}, x.options()), M, K, N};
+  return {xc, wc, product_output(xc, N, out, op), M, K, N};
 }
 
 // n values of T for a thread's use within one call, kept from call to call (per thread and
@@ -185,6 +198,14 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& wscale);
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
                           const torch::Tensor& z, int64_t group, int64_t N);
+// the same products into `out` (product_output's)
+torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& out);
+torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& wscale, const torch::Tensor& out);
+torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& d, const torch::Tensor& z, int64_t group,
+                               int64_t N, const torch::Tensor& out);
 namespace llamarun {
 
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
@@ -193,12 +214,26 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H);
+// the same into q / out ((T, H, D) float32, contiguous; undefined: a new tensor)
+torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
+                          const torch::Tensor& out);
+torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache,
+                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
+                              const torch::Tensor& q);
 // rowwise.cpp (run where attend_supported says so: the same features)
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul(const torch::Tensor& x);
+// the same into `out` (of the result's shape, contiguous, x's dtype; undefined: a new tensor)
+torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                            const torch::Tensor& out);
+torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor f32_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                              const torch::Tensor& out);
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);
 // layer.cpp: consecutive layers of a pass (where attend_supported says so), each by the
 // operands it keeps from pass to pass: its norms' weights, its 4 products (Q/K/V, output,

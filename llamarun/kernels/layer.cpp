@@ -18,8 +18,8 @@
 
 namespace {
 
-// out = a + b, elementwise, n values: float32, or bfloat16 added in float32 and rounded once
-// (as PyTorch adds them).
+// out = a + b, elementwise, n values (out may be a: in place): float32, or bfloat16 added in
+// float32 and rounded once (as PyTorch adds them).
 LLAMARUN_AVX2 void add_rows(const float* a, const float* b, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -33,34 +33,48 @@ LLAMARUN_AVX2 void add_rows(const c10::BFloat16* a, const c10::BFloat16* b, int6
   for (; i < n; ++i) out[i] = c10::BFloat16(float(a[i]) + float(b[i]));
 }
 
-torch::Tensor residual_add(const torch::Tensor& a, const torch::Tensor& b) {
+// out = a + b (out of a's shape and dtype, contiguous; a and b contiguous).
+void residual_add(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out) {
   TORCH_CHECK(a.sizes() == b.sizes(),
               "decode_layer: a product's outputs are not the layer's width");
-  auto out = torch::empty_like(a);
   if (a.scalar_type() == at::kFloat)
     add_rows(a.data_ptr<float>(), b.data_ptr<float>(), a.numel(), out.data_ptr<float>());
   else
     add_rows(a.data_ptr<c10::BFloat16>(), b.data_ptr<c10::BFloat16>(), a.numel(),
              out.data_ptr<c10::BFloat16>());
-  return out;
 }
 
-// float32 values in `dtype` (bfloat16: rounded as c10::BFloat16 rounds, as .to() does).
-torch::Tensor to_dtype(const torch::Tensor& x, at::ScalarType dtype) {
-  if (dtype == at::kFloat) return x;
-  auto out = torch::empty(x.sizes(), x.options().dtype(dtype));
-  store_bf16(x.data_ptr<float>(), x.numel(), out.data_ptr<c10::BFloat16>());
-  return out;
-}
+// The outputs of a pass's ops, allocated by its first layer and reused by the next ones of the
+// same shapes (every layer of a model: a SmolLM2 decode layer allocated 12 tensors, about 5 us).
+struct Buffers {
+  torch::Tensor slot[9];
+  // slot i as a tensor of `sizes` and `options`, reallocated where the last one differs
+  const torch::Tensor& get(int i, at::IntArrayRef sizes, const at::TensorOptions& options) {
+    auto& t = slot[i];
+    if (!t.defined() || t.sizes() != sizes || t.scalar_type() != options.dtype().toScalarType())
+      t = torch::empty(sizes, options);
+    return t;
+  }
+};
 
-torch::Tensor product(const torch::Tensor& x, const llamarun::Product& p) {
+// The number of outputs of a product (see decode_layers' kinds).
+int64_t outputs(const llamarun::Product& p) { return p.kind == 2 ? p.n : p.a.size(0); }
+
+// y = x @ W^T for a product of the stack, into out.
+void product(const torch::Tensor& x, const llamarun::Product& p, const torch::Tensor& out) {
   switch (p.kind) {
     case 0:
-      return x.scalar_type() == at::kFloat ? llamarun::f32_linear(x, p.a) : bf16_linear(x, p.a);
+      if (x.scalar_type() == at::kFloat)
+        llamarun::f32_linear_into(x, p.a, out);
+      else
+        bf16_linear_into(x, p.a, out);
+      return;
     case 1:
-      return int8_linear(x, p.a, p.b);
+      int8_linear_into(x, p.a, p.b, out);
+      return;
     case 2:
-      return int4_linear(x, p.a, p.b, p.c, p.group, p.n);
+      int4_linear_into(x, p.a, p.b, p.c, p.group, p.n, out);
+      return;
   }
   TORCH_CHECK(false, "decode_layers: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
 }
@@ -88,18 +102,38 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "decode_layers: x float32 or bfloat16");
   const int64_t D = x.size(-1), T = x.numel() / D;
-  auto h = x.contiguous().view({T, D});
+  const auto options = x.options();
+  const auto f32 = options.dtype(at::kFloat);
+  auto h = x.contiguous().view({T, D});  // the input, then (after the first add) out's rows
+  auto out = torch::empty({T, D}, options);
+  Buffers b;
   for (const auto& l : stack.layers) {
     auto k_cache = l.k_cache, v_cache = l.v_cache;
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
-    auto qkv = product(rms_norm(h, l.attn_norm, l.eps), qkv_p);
-    auto q = rope_write(qkv, freqs, k_cache, v_cache, rows, pos, l.n_heads);
-    auto y = attend(q, k_cache, v_cache, rows, pos, l.scale);
-    auto heads = to_dtype(y.view({T, y.size(1) * y.size(2)}), x.scalar_type());
-    h = residual_add(h, product(heads, o_p));
-    auto gate_up = product(rms_norm(h, l.ffn_norm, l.eps), up_p);
-    auto hidden = silu_mul(gate_up);
-    h = residual_add(h, product(hidden, down_p));
+    const int64_t H = l.n_heads, HD = k_cache.size(3);
+    const auto& normed = b.get(0, {T, D}, options);
+    const auto& qkv = b.get(1, {T, outputs(qkv_p)}, options);
+    const auto& q = b.get(2, {T, H, HD}, f32);
+    const auto& y = b.get(3, {T, H, HD}, f32);
+    product(llamarun::rms_norm_into(h, l.attn_norm, l.eps, normed), qkv_p, qkv);
+    rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q);
+    attend_into(q, k_cache, v_cache, rows, pos, l.scale, y);
+    auto heads = y.view({T, H * HD});  // (bfloat16 passes: rounded once, as .to() rounds)
+    if (x.scalar_type() != at::kFloat) {
+      heads = b.get(4, {T, H * HD}, options);
+      store_bf16(y.data_ptr<float>(), y.numel(), heads.data_ptr<c10::BFloat16>());
+    }
+    const auto& o = b.get(5, {T, outputs(o_p)}, options);
+    product(heads, o_p, o);
+    residual_add(h, o, out);
+    h = out;
+    const auto& gate_up = b.get(6, {T, outputs(up_p)}, options);
+    product(llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed), up_p, gate_up);
+    const auto& hidden = b.get(7, {T, outputs(up_p) / 2}, options);
+    llamarun::silu_mul_into(gate_up, hidden);
+    const auto& down = b.get(8, {T, outputs(down_p)}, options);
+    product(hidden, down_p, down);
+    residual_add(h, down, out);
   }
   return h.view(x.sizes());
 }

@@ -1061,8 +1061,9 @@ std::vector<bool> cpu_features() {
               __builtin_cpu_supports("f16c")};
 }
 
-static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
-  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16");
+static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
+                                    const torch::Tensor& out = {}) {
+  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16", out);
   bf16_linear_impl(reinterpret_cast<const uint16_t*>(d.x.data_ptr()), d.M,
                    reinterpret_cast<const uint16_t*>(d.w.data_ptr()), d.N, d.K, stream,
                    reinterpret_cast<c10::BFloat16*>(d.y.data_ptr()));
@@ -1074,13 +1075,19 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return bf16_linear_on(x, w, ROW_STREAM);
 }
 
+torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& out) {
+  return bf16_linear_on(x, w, ROW_STREAM, out);
+}
+
 torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                              const std::string& order) {
   return bf16_linear_on(x, w, llamarun::rows_by_name(order, "bf16_linear_by"));
 }
 
 static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
-                                    const torch::Tensor& wscale, bool stream) {
+                                    const torch::Tensor& wscale, bool stream,
+                                    const torch::Tensor& out = {}) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: shapes");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: int8 weights");
   TORCH_CHECK(wscale.numel() == w.size(0), "int8_linear: one scale per row");
@@ -1092,7 +1099,7 @@ static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor&
   const bool bf16_scales = wscale.scalar_type() == at::kBFloat16;
   auto sc = bf16_scales ? wscale.contiguous() : wscale.to(at::kFloat).contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = llamarun::product_output(xc, N, out, "int8_linear");
   const auto* wp = wc.data_ptr<int8_t>();
   static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
   const auto run = [&](const auto* sp) {
@@ -1115,6 +1122,11 @@ static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor&
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& wscale) {
   return int8_linear_on(x, w, wscale, ROW_STREAM);
+}
+
+torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& wscale, const torch::Tensor& out) {
+  return int8_linear_on(x, w, wscale, ROW_STREAM, out);
 }
 
 // int8_linear with a one-row pass's order given (AVX512-VNNI; AVX2 has one order).
@@ -1151,7 +1163,7 @@ enum class Int4Code { avx2, vnni, amx };
 // bfloat16 or float32, y in x's dtype; by the AVX2 tiles, the AVX512-VNNI ones or AMX.
 static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor& w,
                                     const torch::Tensor& d, const torch::Tensor& z, int64_t group,
-                                    int64_t N, Int4Code code) {
+                                    int64_t N, Int4Code code, const torch::Tensor& out = {}) {
   TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_linear");
@@ -1159,7 +1171,7 @@ static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor&
   auto wc = w.contiguous();
   auto dc = d.contiguous();
   auto zc = z.contiguous();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = llamarun::product_output(xc, N, out, "int4_linear");
   const auto* wp = wc.data_ptr<uint8_t>();
   const auto* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr());
   const auto* zp = zc.numel() ? reinterpret_cast<const uint16_t*>(zc.data_ptr()) : nullptr;
@@ -1179,12 +1191,18 @@ static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor&
 constexpr int64_t INT4_AMX_ROWS = 16;
 int64_t int4_amx_rows() { return INT4_AMX_ROWS; }
 
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
-                          const torch::Tensor& z, int64_t group, int64_t N) {
+torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& d, const torch::Tensor& z, int64_t group,
+                               int64_t N, const torch::Tensor& out) {
   static const bool vnni = cpu_features()[1];
   if (x.dim() == 2 && x.size(0) >= INT4_AMX_ROWS && amx_ready())
-    return int4_linear_on(x, w, d, z, group, N, Int4Code::amx);
-  return int4_linear_on(x, w, d, z, group, N, vnni ? Int4Code::vnni : Int4Code::avx2);
+    return int4_linear_on(x, w, d, z, group, N, Int4Code::amx, out);
+  return int4_linear_on(x, w, d, z, group, N, vnni ? Int4Code::vnni : Int4Code::avx2, out);
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& z, int64_t group, int64_t N) {
+  return int4_linear_into(x, w, d, z, group, N, {});
 }
 
 // int4_linear by the given code whatever the row count: "avx2", "vnni" or "amx" (tests compare

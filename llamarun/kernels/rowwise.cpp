@@ -65,6 +65,16 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
   }
 }
 
+// A row op's output of `sizes` in x's dtype: a new tensor where `out` is undefined, else `out`
+// itself, checked (product_output's use of it, for the row ops).
+torch::Tensor rows_output(const torch::Tensor& x, at::IntArrayRef sizes, const torch::Tensor& out,
+                          const char* op) {
+  if (!out.defined()) return torch::empty(sizes, x.options());
+  TORCH_CHECK(out.sizes() == sizes && out.is_contiguous() && out.scalar_type() == x.scalar_type(),
+              op, ": out of the result's shape, contiguous, x's dtype");
+  return out;
+}
+
 // Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
 // written to out (x's dtype: bfloat16 results rounded once, from float32).
 template <typename F>
@@ -148,7 +158,9 @@ namespace llamarun {
 
 // x (..., D) float32 or bfloat16, weight (D) of the same dtype: the norm of every row of x, in
 // x's shape and dtype (bfloat16 computed in float32, each value rounded once at the end).
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+// out: rows_output's.
+torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                            const torch::Tensor& out_) {
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   weight.scalar_type() == x.scalar_type(),
               "rms_norm: float32 or bfloat16 only, x and weight alike");
@@ -158,7 +170,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   TORCH_CHECK(D > 0, "rms_norm: empty rows");
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
-  auto out = torch::empty_like(xc);
+  auto out = rows_output(xc, xc.sizes(), out_, "rms_norm");
   // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
   // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
   const float* wp;
@@ -176,9 +188,13 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  return rms_norm_into(x, weight, eps, {});
+}
+
 // x (..., 2H) float32 or bfloat16, gate then up: silu(x[..., :H]) * x[..., H:], shape (..., H),
 // x's dtype (bfloat16 computed in float32, each value rounded once at the end).
-torch::Tensor silu_mul(const torch::Tensor& x) {
+torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out_) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "silu_mul: float32 or bfloat16 only");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0 && x.size(-1) > 0,
@@ -187,11 +203,13 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
   auto xc = x.contiguous();
   auto sizes = xc.sizes().vec();
   sizes.back() = H;
-  auto out = torch::empty(sizes, xc.options());
+  auto out = rows_output(xc, sizes, out_, "silu_mul");
   rows_in_float(xc, xc.numel() / (2 * H), 2 * H, H, out, 4,
                 [&](const float* row, float* o) { silu_mul_row(row, row + H, H, o); });
   return out;
 }
+
+torch::Tensor silu_mul(const torch::Tensor& x) { return silu_mul_into(x, {}); }
 
 // The index of each row's largest value of x (..., n) float32, the first where several tie: as
 // torch.max(x, -1).indices, which it replaces for greedy decoding (torch's measured 63 us for a
