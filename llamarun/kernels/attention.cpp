@@ -383,7 +383,8 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
   const int64_t parts = (group + G - 1) / G, slots = T * parts * split;
   const int64_t stride = part_floats(G, D);
   // split > 1: the partial results of each item's part of keys, combined after
-  std::vector<float> partial(split > 1 ? T * KVH * parts * split * stride : 0);
+  float* partial =
+      llamarun::scratch<float, struct AttendParts>(split > 1 ? T * KVH * parts * split * stride : 0);
   // (token, key/value head, part of group) of an item index within its head's items
   auto locate = [&](int64_t i, int64_t& t, int64_t& kvh, int64_t& h0, int64_t& g) {
     // Items by key/value head, so that a thread's run of them reads one head's keys and
@@ -397,8 +398,11 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
     g = std::min(G, (kvh + 1) * group - h0);
   };
   at::parallel_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(G * std::min<int64_t>(CHUNK, S + 7)), acc(G * D), own;
-    std::vector<float> kf(std::is_same_v<CT, float> ? 0 : key_block(D) * D);
+    float* s = llamarun::scratch<float, struct AttendScores>(G * std::min<int64_t>(CHUNK, S + 7));
+    float* acc = llamarun::scratch<float, struct AttendSums>(G * D);
+    float* kf = llamarun::scratch<float, struct AttendRows>(
+        std::is_same_v<CT, float> ? 0 : key_block(D) * D);
+    std::vector<float> own;  // (a token of more than CHUNK keys, its parts not split)
     for (int64_t i = i0; i < i1; ++i) {
       int64_t t, kvh, h0, g;
       locate(i, t, kvh, h0, g);
@@ -406,27 +410,27 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
       const float* qh = qp + (t * H + h0) * D;
       if (split == 1 || L <= CHUNK) {  // the whole token (its one item when split)
         if (i % split == 0)
-          attend_group(qh, g, kp + base, vp + base, D, L, D, scale, s.data(), kf.data(),
-                       acc.data(), own, op + (t * H + h0) * D);
+          attend_group(qh, g, kp + base, vp + base, D, L, D, scale, s, kf, acc, own,
+                       op + (t * H + h0) * D);
         continue;
       }
       const int64_t t0 = i % split * CHUNK;
       if (t0 >= L) continue;  // this token has fewer parts
-      float* part = partial.data() + i * stride;
+      float* part = partial + i * stride;
       attend_part(qh, g, kp + base + t0 * D, vp + base + t0 * D, D, std::min(CHUNK, L - t0), D,
-                  scale, s.data(), kf.data(), part, part + g * D, part + g * D + g);
+                  scale, s, kf, part, part + g * D, part + g * D + g);
     }
   });
   if (split > 1 && most > 1) {  // combine the parts of tokens of more than CHUNK keys
     at::parallel_for(0, KVH * slots / split, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> acc(D);
+      float* acc = llamarun::scratch<float, struct AttendSums>(D);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t t, kvh, h0, g;
         locate(i * split, t, kvh, h0, g);
         const int64_t L = pp[t] + 1;
         if (L > CHUNK)
-          combine_parts(partial.data() + i * split * stride, (L + CHUNK - 1) / CHUNK, stride, g,
-                        D, scale, acc.data(), op + (t * H + h0) * D);
+          combine_parts(partial + i * split * stride, (L + CHUNK - 1) / CHUNK, stride, g,
+                        D, scale, acc, op + (t * H + h0) * D);
       }
     });
   }
