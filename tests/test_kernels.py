@@ -270,6 +270,18 @@ def _int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     return (w + zeros.double()[..., None]).view(n, k)
 
 
+@needs_int4
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_products_of_8_mb_and_more_give_the_same_outputs(m: int) -> None:
+    """From 8 MB of weights on the threads split the tiles by pieces_for (claims of 256 KB and
+    more), not in halves: each output is the same as from a smaller product over its rows."""
+    x, q, scales, zeros = _int4_data(m, 2048, 8200, 32, torch.bfloat16, seed=5)  # 8.4 MB
+    whole = _int4_product(q, scales, zeros, 32)(x)
+    halves = [_int4_product(q[r], scales[r], zeros[r], 32)(x)
+              for r in (slice(0, 4096), slice(4096, None))]
+    assert whole is not None and torch.equal(whole, torch.cat(halves, dim=1))
+
+
 @pytest.mark.parametrize("n", [5, 13])
 @pytest.mark.parametrize("k", [1, 31, 32, 64, 96, 333])
 def test_int4_layout_round_trip(n: int, k: int) -> None:

@@ -174,7 +174,7 @@ inline void f32_product(const float* xp, const float* wp, float* yp, int64_t M, 
   // of weights, each group kept in the L2 cache while every tile of MT rows passes over it
   // (before, each tile streamed the whole piece from memory again).
   const int64_t group = M > MT ? std::max<int64_t>(1, GROUP / (NB * K * 4)) : N;
-  llamarun::pieces_for((N + NB - 1) / NB, [&](int64_t p0, int64_t p1) {
+  llamarun::blocks_for((N + NB - 1) / NB, N * K * 4, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<float> part;
     for (int64_t b0 = p0; b0 < p1; b0 += group) {
       const int64_t b1 = std::min(p1, b0 + group);

@@ -145,21 +145,30 @@ T* scratch(int64_t n) {
   return buf.data();
 }
 
-// Calls f(b0, b1) over blocks [0, n) in pieces. Each thread owns an equal contiguous share (one
-// long stream of weights, which the memory's prefetchers want) and, when done with it, takes
-// the next pieces of the shares still unfinished (a counter per share): a thread that another
-// process slows down does less of the work instead of keeping the others waiting at the end
-// (measured: the calling thread spent 16% of an 8-row decode pass waiting in the 4-bit products
-// on a shared 2-core machine). Which thread computes a block changes nothing in its results.
+// Calls f(b0, b1) over blocks [0, n) (of block_bytes bytes of weights each) in pieces. Each
+// thread owns an equal contiguous share (one long stream of weights, which the memory's
+// prefetchers want) and, when done with it, takes the next pieces of the shares still
+// unfinished (a counter per share): a thread that another process slows down does less of the
+// work instead of keeping the others waiting at the end (measured: the calling thread spent 16%
+// of an 8-row decode pass waiting in the 4-bit products on a shared 2-core machine). Which
+// thread computes a block changes nothing in its results.
+//
+// A claim is an atomic add, which on x86 waits for the thread's loads in flight: about 0.1 us
+// with the weights streaming from memory (AMD EPYC, 2 threads: SmolLM2's Q/K/V product, 960 x
+// 576 4-bit weights, 3 tiles a claim, took each thread 6.2-6.9 us of work, 4.3-4.5 in fixed
+// halves). So a piece is 1/16 of a share but at least PIECE_MIN bytes of weights (about 6 us of
+// a core's stream, of which a claim is 2%) and at most PIECE_MAX.
+constexpr int64_t PIECE_MIN = int64_t(256) << 10, PIECE_MAX = int64_t(2) << 20;
 template <typename F>
-void pieces_for(int64_t n, F&& f) {
+void pieces_for(int64_t n, int64_t block_bytes, F&& f) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + GRAIN - 1) / GRAIN);
   if (threads <= 1 || at::in_parallel_region()) {
     f(int64_t(0), n);
     return;
   }
   const int64_t share = (n + threads - 1) / threads;
-  const int64_t piece = std::clamp<int64_t>(share / 16, 1, GRAIN);
+  const int64_t bytes = std::clamp(share * block_bytes / 16, PIECE_MIN, PIECE_MAX);
+  const int64_t piece = std::clamp<int64_t>(bytes / std::max<int64_t>(block_bytes, 1), 1, share);
   // 128 bytes a counter: with 64 the threads' counters shared a pair of cache lines, which the
   // CPU moves together, and every claim of a piece pulled the pair from the other core (AMD
   // EPYC, 2 threads: SmolLM2's Q/K/V product, 960 x 576 4-bit weights from the cache, took 9.1
@@ -181,16 +190,15 @@ void pieces_for(int64_t n, F&& f) {
 }
 
 // Calls f(b0, b1) over the blocks [0, n) of a product of `bytes` bytes of weights: from
-// PIECES_BYTES on by pieces_for, below it in fixed equal shares (at::parallel_for). The halves
-// of a 4-16 MB int8 product ended 1-3 us apart (AMD EPYC, 2 threads); with pieces 8-32 MB
-// products ran 1-2% faster and 1-2 MB ones 1-3% slower (cold weights, the old and new builds
-// in turns). The bfloat16 and VNNI int8 products split this way; the 4-bit and AVX2 int8 ones
-// always by pieces.
+// PIECES_BYTES on by pieces_for, below it in fixed equal shares (at::parallel_for), which need
+// no claims. Every product kernel splits its blocks this way. Measured (AMD EPYC, 2 threads,
+// cold weights, the old and new builds in turns): the halves of a 4-16 MB int8 product ended
+// 1-3 us apart; with pieces 8-32 MB products ran 1-2% faster and 1-2 MB ones 1-3% slower.
 constexpr int64_t PIECES_BYTES = int64_t(8) << 20;
 template <typename F>
 void blocks_for(int64_t n, int64_t bytes, F&& f) {
   if (bytes >= PIECES_BYTES)
-    pieces_for(n, f);
+    pieces_for(n, bytes / n, f);
   else
     at::parallel_for(0, n, GRAIN, f);
 }

@@ -676,7 +676,7 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wsca
   for (int64_t m = 0; m < M; ++m)  // (one "group" of all K; the sums are not used)
     quantize_row_q4(x + m * K, K, ldk, K, v, a + m * ldk, s + m * nb, asum + m * nb, xsum + m);
   const int64_t nblocks = (N + NB - 1) / NB;
-  pieces_for(nblocks, [&](int64_t b0, int64_t b1) {
+  llamarun::blocks_for(nblocks, N * K, [&](int64_t b0, int64_t b1) {
     float out[MB * NB];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, nrows = std::min(NB, N - n0);
@@ -728,7 +728,7 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   int32_t* asum = llamarun::scratch<int32_t, struct Q4Sums>(M * nb);
   quantize_rows_q4(x, M, K, ldk, group, a, s, asum, xsum);
   const int64_t tiles = (N + NB - 1) / NB;
-  pieces_for(tiles, [&](int64_t t0, int64_t t1) {
+  llamarun::blocks_for(tiles, tiles * NB * ldw, [&](int64_t t0, int64_t t1) {
     float out[MB * NB], terms[NB];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
@@ -937,7 +937,7 @@ void int4_amx_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
   const int64_t tiles = (N + NB - 1) / NB, tpp = AMX_N / NB;
   const int64_t panels = (tiles + tpp - 1) / tpp;
   static const TileConfig config = amx_config();
-  pieces_for(panels, [&](int64_t p0, int64_t p1) {
+  pieces_for(panels, tpp * NB * ldw, [&](int64_t p0, int64_t p1) {
     amx_load_config(&config);
     std::vector<int8_t> B(nb * AMX_TILE_BYTES);
     std::vector<float> dn(Gp * AMX_N);
@@ -1029,7 +1029,7 @@ LLAMARUN_AVX2 void int8_dequant_rows(const int8_t* q, const float* s, int64_t r0
 void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, int64_t Gp,
                        int64_t N, int64_t K, int shift, uint16_t* out) {
   const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + NB - 1) / NB;
-  pieces_for(tiles, [&](int64_t t0, int64_t t1) {
+  pieces_for(tiles, NB * ldw, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       int4_dequant_tile(w + t * NB * ldw, d + t * Gp * NB, z != nullptr ? z + t * Gp * NB : nullptr,
                         t * NB, N, K, shift, out);
@@ -1253,7 +1253,7 @@ torch::Tensor int8_dequant(const torch::Tensor& q, const torch::Tensor& scales, 
   const auto* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  pieces_for(N, [&](int64_t r0, int64_t r1) { int8_dequant_rows(qp, sp, r0, r1, K, op); });
+  pieces_for(N, K, [&](int64_t r0, int64_t r1) { int8_dequant_rows(qp, sp, r0, r1, K, op); });
   return out;
 }
 
