@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -92,18 +93,24 @@ def without_registrations(source: str) -> str:
     return "".join(out) + source[pos:]
 
 
-def with_kernels(ext: ModuleType, decode: Callable[[], float]) -> Callable[[], float]:
+def with_kernels(ext: ModuleType, decode: Callable[[], float], model: Any) -> Callable[[], float]:
     """decode() run with llamarun.kernels' extension swapped for ext (the eager path calls the
-    extension through kernels._extension), then swapped back."""
+    extension through kernels._extension), then swapped back. The model's layer stacks are
+    swapped too: each build reads only the stacks it made (a stack's C++ layout may differ
+    between the builds, and pybind11 passes one build's object to the other's functions)."""
     from llamarun import kernels
 
+    stacks: dict = {}  # type: ignore[type-arg]  # ext's stacks (model._parts_by_kind)
+
     def swapped() -> float:
-        own = kernels._extension
+        own, own_stacks = kernels._extension, model._parts_by_kind
         kernels._extension = lambda: ext  # type: ignore[assignment]
+        model._parts_by_kind = stacks
         try:
             return decode()
         finally:
             kernels._extension = own  # type: ignore[assignment]
+            model._parts_by_kind = own_stacks
 
     return swapped
 
@@ -126,7 +133,7 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
         engine = Engine(ck, compare._NoTokenizer(), None, compile=False)  # type: ignore[arg-type]
         per_token = weight_bytes(engine)[1]
         out[f"llamarun@{baseline[0]}"] = with_kernels(
-            baseline[1], compare.llamarun_decoder(engine, ids, gen))
+            baseline[1], compare.llamarun_decoder(engine, ids, gen), ck.model)
     for name in engines:
         if not name.startswith("llamarun"):
             continue
