@@ -83,26 +83,35 @@ bool has_avx512f() {
 
 namespace llamarun {
 
+void f32_product(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                 bool stream) {
+  static const bool wide = has_avx512f();
+  (wide ? avx512::f32_product : avx2::f32_product)(x, w, y, M, K, N, stream);
+}
+
+// One-row passes of the AVX-512 code take the weight rows one at a time on AMD CPUs (ROW_STREAM,
+// measured on an AVX-512 EPYC); the AVX2 code keeps its blocks of 12 everywhere: the new order
+// was not measured on an AVX2-only CPU.
+bool f32_streams() {
+  static const bool stream = ROW_STREAM && has_avx512f();
+  return stream;
+}
+
 static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
                                    const torch::Tensor& out = {}) {
   const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32", out);
-  static const bool wide = has_avx512f();
-  (wide ? avx512::f32_product : avx2::f32_product)(
-      d.x.data_ptr<float>(), d.w.data_ptr<float>(), d.y.data_ptr<float>(), d.M, d.K, d.N, stream);
+  run_product(dense_plan(d.w, stream), d.x.data_ptr(), at::kFloat, d.M, d.y.data_ptr());
   return d.y;
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T, all float32. One-row passes of the AVX-512 code take the
-// weight rows one at a time on AMD CPUs (ROW_STREAM, measured on an AVX-512 EPYC); the AVX2 code
-// keeps its blocks of 12 everywhere: the new order was not measured on an AVX2-only CPU.
+// y (M, N) = x (M, K) @ w (N, K)^T, all float32 (a one-row pass in f32_streams' order).
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return f32_linear_into(x, w, {});
 }
 
 torch::Tensor f32_linear_into(const torch::Tensor& x, const torch::Tensor& w,
                               const torch::Tensor& out) {
-  static const bool stream = ROW_STREAM && has_avx512f();
-  return f32_linear_on(x, w, stream, out);
+  return f32_linear_on(x, w, f32_streams(), out);
 }
 
 // f32_linear with a one-row pass's order given: "rows" or "blocks" (tests, benchmarks).

@@ -203,6 +203,37 @@ void blocks_for(int64_t n, int64_t bytes, F&& f) {
     at::parallel_for(0, n, GRAIN, f);
 }
 
+// A product's weights as its kernel reads them, checked once (linear.cpp: dense_plan,
+// int8_plan, int4_plan, or plan_product by decode_layers' kinds); run_product then runs it on rows
+// of activations without touching a tensor. Every product runs through a plan: the tensor
+// functions (int4_linear, ...) make one per call, a LayerStack one per product when it is made
+// (a decode pass's weights push the tensors' own data out of the cache: SmolLM2's Q/K/V
+// product spent 1.3 us of its 8.4 in the tensor checks around the kernel).
+struct ProductPlan {
+  int64_t kind = -1;               // 0 dense, 1 int8, 2 4-bit
+  torch::Tensor w, scales, zeros;  // held: the pointers below point into them
+  const void* wp = nullptr;
+  const void* sp = nullptr;
+  const uint16_t* zp = nullptr;
+  bool bf16_scales = false;  // int8: bfloat16 scales (else float32)
+  bool stream = true;        // dense and int8: a one-row pass's order (ROW_STREAM's)
+  int code = -1;             // 4-bit: Int4Code, or -1: by the rows (int4_linear's choice)
+  int64_t N = 0, K = 0, Gp = 0, group = 0;
+};
+ProductPlan dense_plan(const torch::Tensor& w, bool stream);
+ProductPlan int8_plan(const torch::Tensor& w, const torch::Tensor& wscale, bool stream);
+ProductPlan int4_plan(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& z,
+                      int64_t group, int64_t N, int64_t K, int code);
+// (kind, a, b, c, group, n) as decode_layers' products, for inputs of width K
+ProductPlan plan_product(int64_t kind, const torch::Tensor& a, const torch::Tensor& b,
+                         const torch::Tensor& c, int64_t group, int64_t n, int64_t K);
+// y (M, N) = x (M, K) @ W^T; x and y contiguous, of xtype (bfloat16 or float32)
+void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int64_t M, void* y);
+// f32.cpp: the float32 product on pointers, and the one-row order f32_linear takes
+void f32_product(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                 bool stream);
+bool f32_streams();
+
 // linear.cpp's products (Python's checks first: see llamarun/kernels/__init__.py)
 }  // namespace llamarun
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w);
@@ -250,18 +281,13 @@ torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, cons
 // layer.cpp: consecutive layers of a pass (where attend_supported says so), each by the
 // operands it keeps from pass to pass: its norms' weights, its 4 products (Q/K/V, output,
 // gate/up, down), its KV cache, its head count and attention scale.
-struct Product {  // (kind, a, b, c, group, n): see layer.cpp
-  int64_t kind;
-  torch::Tensor a, b, c;
-  int64_t group, n;
-};
 using ProductArgs = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                                int64_t>;
 struct LayerStack {
   struct Layer {
     torch::Tensor attn_norm, ffn_norm;
     double eps;
-    Product products[4];
+    ProductPlan products[4];  // (plan_product's)
     torch::Tensor k_cache, v_cache;
     int64_t n_heads;
     double scale;

@@ -57,26 +57,9 @@ struct Buffers {
   }
 };
 
-// The number of outputs of a product (see decode_layers' kinds).
-int64_t outputs(const llamarun::Product& p) { return p.kind == 2 ? p.n : p.a.size(0); }
-
-// y = x @ W^T for a product of the stack, into out.
-void product(const torch::Tensor& x, const llamarun::Product& p, const torch::Tensor& out) {
-  switch (p.kind) {
-    case 0:
-      if (x.scalar_type() == at::kFloat)
-        llamarun::f32_linear_into(x, p.a, out);
-      else
-        bf16_linear_into(x, p.a, out);
-      return;
-    case 1:
-      int8_linear_into(x, p.a, p.b, out);
-      return;
-    case 2:
-      int4_linear_into(x, p.a, p.b, p.c, p.group, p.n, out);
-      return;
-  }
-  TORCH_CHECK(false, "decode_layers: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
+// y = x @ W^T for a product of the stack, into out (x's dtype).
+void product(const torch::Tensor& x, const llamarun::ProductPlan& p, const torch::Tensor& out) {
+  llamarun::run_product(p, x.data_ptr(), x.scalar_type(), x.size(0), out.data_ptr());
 }
 
 }  // namespace
@@ -88,10 +71,15 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
                      const torch::Tensor& v_cache, int64_t n_heads, double scale) {
   TORCH_CHECK(products.size() == 4, "decode_layers: a layer has 4 products (Q/K/V, output, "
               "gate/up, down)");
+  TORCH_CHECK(attn_norm.dim() == 1 && k_cache.dim() == 4, "decode_layers: norms and caches");
   Layer layer{attn_norm, ffn_norm, eps, {}, k_cache, v_cache, n_heads, scale};
+  // the products' input widths: the layer's, the heads', the layer's, half the gate/up's
+  const int64_t D = attn_norm.size(0);
+  int64_t K[4] = {D, n_heads * k_cache.size(3), D, 0};
   for (int i = 0; i < 4; ++i) {
     const auto& [kind, a, b, c, group, n] = products[i];
-    layer.products[i] = {kind, a, b, c, group, n};
+    if (i == 3) K[3] = layer.products[2].N / 2;
+    layer.products[i] = plan_product(kind, a, b, c, group, n, K[i]);
   }
   layers.push_back(std::move(layer));
 }
@@ -112,7 +100,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
     const int64_t H = l.n_heads, HD = k_cache.size(3);
     const auto& normed = b.get(0, {T, D}, options);
-    const auto& qkv = b.get(1, {T, outputs(qkv_p)}, options);
+    const auto& qkv = b.get(1, {T, qkv_p.N}, options);
     const auto& q = b.get(2, {T, H, HD}, f32);
     const auto& y = b.get(3, {T, H, HD}, f32);
     product(llamarun::rms_norm_into(h, l.attn_norm, l.eps, normed), qkv_p, qkv);
@@ -123,15 +111,15 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
       heads = b.get(4, {T, H * HD}, options);
       store_bf16(y.data_ptr<float>(), y.numel(), heads.data_ptr<c10::BFloat16>());
     }
-    const auto& o = b.get(5, {T, outputs(o_p)}, options);
+    const auto& o = b.get(5, {T, o_p.N}, options);
     product(heads, o_p, o);
     residual_add(h, o, out);
     h = out;
-    const auto& gate_up = b.get(6, {T, outputs(up_p)}, options);
+    const auto& gate_up = b.get(6, {T, up_p.N}, options);
     product(llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed), up_p, gate_up);
-    const auto& hidden = b.get(7, {T, outputs(up_p) / 2}, options);
+    const auto& hidden = b.get(7, {T, up_p.N / 2}, options);
     llamarun::silu_mul_into(gate_up, hidden);
-    const auto& down = b.get(8, {T, outputs(down_p)}, options);
+    const auto& down = b.get(8, {T, down_p.N}, options);
     product(hidden, down_p, down);
     residual_add(h, down, out);
   }

@@ -1036,18 +1036,6 @@ void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, i
   });
 }
 
-// Calls f(x, y) with x's and y's data as typed pointers: both bfloat16 or both float32.
-template <typename F>
-void with_activations(const torch::Tensor& x, torch::Tensor& y, const char* op, F&& f) {
-  if (x.scalar_type() == at::kBFloat16) {
-    f(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()),
-      reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x bfloat16 or float32");
-    f(x.data_ptr<float>(), y.data_ptr<float>());
-  }
-}
-
 }  // namespace
 
 // Which of the instructions the kernels need this CPU has: (avx512bf16, avx512vnni, avx2+fma+f16c).
@@ -1061,79 +1049,12 @@ std::vector<bool> cpu_features() {
               __builtin_cpu_supports("f16c")};
 }
 
-static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
-                                    const torch::Tensor& out = {}) {
-  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16", out);
-  bf16_linear_impl(reinterpret_cast<const uint16_t*>(d.x.data_ptr()), d.M,
-                   reinterpret_cast<const uint16_t*>(d.w.data_ptr()), d.N, d.K, stream,
-                   reinterpret_cast<c10::BFloat16*>(d.y.data_ptr()));
-  return d.y;
-}
-
-// y (M, N) = x (M, K) @ w (N, K)^T; x and w bfloat16; y in x's dtype.
-torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
-  return bf16_linear_on(x, w, ROW_STREAM);
-}
-
-torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& out) {
-  return bf16_linear_on(x, w, ROW_STREAM, out);
-}
-
-torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
-                             const std::string& order) {
-  return bf16_linear_on(x, w, llamarun::rows_by_name(order, "bf16_linear_by"));
-}
-
-static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
-                                    const torch::Tensor& wscale, bool stream,
-                                    const torch::Tensor& out = {}) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: shapes");
-  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: int8 weights");
-  TORCH_CHECK(wscale.numel() == w.size(0), "int8_linear: one scale per row");
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  // bfloat16 scales (Int8Linear's on CPU) are read as they are, each converted where it is
-  // used (exact): converting them all on every call cost an allocation and a pass over N values
-  // (the 1B shape's int8 head: 128256, a 0.5 MB buffer per token). Other dtypes: float32.
-  const bool bf16_scales = wscale.scalar_type() == at::kBFloat16;
-  auto sc = bf16_scales ? wscale.contiguous() : wscale.to(at::kFloat).contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  auto y = llamarun::product_output(xc, N, out, "int8_linear");
-  const auto* wp = wc.data_ptr<int8_t>();
-  static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
-  const auto run = [&](const auto* sp) {
-    with_activations(xc, y, "int8_linear", [&](const auto* xp, auto* yp) {
-      if (vnni)
-        int8_linear_impl(xp, M, wp, sp, N, K, stream, yp);
-      else
-        int8_avx2_impl(xp, M, wp, sp, N, K, yp);
-    });
-  };
-  if (bf16_scales)
-    run(sc.data_ptr<c10::BFloat16>());
-  else
-    run(sc.data_ptr<float>());
-  return y;
-}
-
-// y (M, N) = x (M, K) @ (w * wscale[:, None])^T with x quantized to int8 in blocks of QB;
-// wscale any float dtype; y in x's dtype (bfloat16 or float32).
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
-                          const torch::Tensor& wscale) {
-  return int8_linear_on(x, w, wscale, ROW_STREAM);
-}
-
-torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& wscale, const torch::Tensor& out) {
-  return int8_linear_on(x, w, wscale, ROW_STREAM, out);
-}
-
-// int8_linear with a one-row pass's order given (AVX512-VNNI; AVX2 has one order).
-torch::Tensor int8_linear_by(const torch::Tensor& x, const torch::Tensor& w,
-                             const torch::Tensor& wscale, const std::string& order) {
-  return int8_linear_on(x, w, wscale, llamarun::rows_by_name(order, "int8_linear_by"));
-}
+// From this many rows on, int4_linear runs on AMX tiles where it can (the same bits as the VNNI
+// tiles). Measured on an Intel Xeon with AMX, 2 threads, the 4 products of a 1B-shaped layer
+// (Q4_0-like, bfloat16 activations, medians of 5): VNNI tiles 2.0 ms at 8 rows, 4.0 at 16, 17.0 at
+// 64, 33.8 at 128; AMX 3.6, 3.9, 10.0 and 20.0 (kernels.INT4_GEMM_ROWS: where a GEMM takes over).
+constexpr int64_t INT4_AMX_ROWS = 16;
+int64_t int4_amx_rows() { return INT4_AMX_ROWS; }
 
 // Checks int4_linear's and int4_dequant's weight operands (w by kernels.int4_pack, d and z by
 // kernels.int4_pack_groups, for an (N, K) weight in groups of `group`); returns G', the groups
@@ -1158,46 +1079,213 @@ static int64_t check_int4_operands(const torch::Tensor& w, const torch::Tensor& 
 // Which code computes a 4-bit product (the same bits whichever).
 enum class Int4Code { avx2, vnni, amx };
 
-// y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
-// by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups (z empty: no zeros); x
-// bfloat16 or float32, y in x's dtype; by the AVX2 tiles, the AVX512-VNNI ones or AMX.
-static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor& w,
-                                    const torch::Tensor& d, const torch::Tensor& z, int64_t group,
-                                    int64_t N, Int4Code code, const torch::Tensor& out = {}) {
-  TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1);
-  const int64_t Gp = check_int4_operands(w, d, z, group, N, K, "int4_linear");
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  auto dc = d.contiguous();
-  auto zc = z.contiguous();
-  auto y = llamarun::product_output(xc, N, out, "int4_linear");
-  const auto* wp = wc.data_ptr<uint8_t>();
-  const auto* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr());
-  const auto* zp = zc.numel() ? reinterpret_cast<const uint16_t*>(zc.data_ptr()) : nullptr;
-  with_activations(xc, y, "int4_linear", [&](const auto* xp, auto* yp) {
-    if (code == Int4Code::amx)
-      int4_amx_impl(xp, M, wp, dp, zp, Gp, N, K, group, yp);
+namespace llamarun {
+
+ProductPlan dense_plan(const torch::Tensor& w, bool stream) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat),
+              "dense product: a 2-D bfloat16 or float32 weight");
+  ProductPlan p;
+  p.kind = 0;
+  p.w = w.contiguous();
+  p.wp = p.w.data_ptr();
+  p.stream = stream;
+  p.N = w.size(0);
+  p.K = w.size(1);
+  return p;
+}
+
+ProductPlan int8_plan(const torch::Tensor& w, const torch::Tensor& wscale, bool stream) {
+  TORCH_CHECK(w.dim() == 2, "int8_linear: shapes");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: int8 weights");
+  TORCH_CHECK(wscale.numel() == w.size(0), "int8_linear: one scale per row");
+  ProductPlan p;
+  p.kind = 1;
+  p.w = w.contiguous();
+  p.wp = p.w.data_ptr();
+  // bfloat16 scales (Int8Linear's on CPU) are read as they are, each converted where it is
+  // used (exact): converting them all on every call cost an allocation and a pass over N values
+  // (the 1B shape's int8 head: 128256, a 0.5 MB buffer per token). Other dtypes: float32.
+  p.bf16_scales = wscale.scalar_type() == at::kBFloat16;
+  p.scales = p.bf16_scales ? wscale.contiguous() : wscale.to(at::kFloat).contiguous();
+  p.sp = p.scales.data_ptr();
+  p.stream = stream;
+  p.N = w.size(0);
+  p.K = w.size(1);
+  return p;
+}
+
+ProductPlan int4_plan(const torch::Tensor& w, const torch::Tensor& d, const torch::Tensor& z,
+                      int64_t group, int64_t N, int64_t K, int code) {
+  ProductPlan p;
+  p.kind = 2;
+  p.Gp = check_int4_operands(w, d, z, group, N, K, "int4_linear");
+  p.w = w.contiguous();
+  p.scales = d.contiguous();
+  p.zeros = z.contiguous();
+  p.wp = p.w.data_ptr();
+  p.sp = p.scales.data_ptr();
+  p.zp = p.zeros.numel() ? reinterpret_cast<const uint16_t*>(p.zeros.data_ptr()) : nullptr;
+  p.code = code;
+  p.group = group;
+  p.N = N;
+  p.K = K;
+  return p;
+}
+
+ProductPlan plan_product(int64_t kind, const torch::Tensor& a, const torch::Tensor& b,
+                         const torch::Tensor& c, int64_t group, int64_t n, int64_t K) {
+  ProductPlan p;
+  switch (kind) {
+    case 0:
+      p = dense_plan(a, a.scalar_type() == at::kFloat ? f32_streams() : ROW_STREAM);
+      break;
+    case 1:
+      p = int8_plan(a, b, ROW_STREAM);
+      break;
+    case 2:
+      return int4_plan(a, b, c, group, n, K, -1);
+    default:
+      TORCH_CHECK(false, "decode_layers: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
+  }
+  TORCH_CHECK(p.K == K, "decode_layers: a product's inputs are not the width before it");
+  return p;
+}
+
+void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int64_t M, void* y) {
+  const bool bf16 = xtype == at::kBFloat16;
+  TORCH_CHECK(bf16 || xtype == at::kFloat, "products: x bfloat16 or float32");
+  // f(x, y) as typed pointers (both bfloat16 or both float32)
+  const auto typed = [&](auto&& f) {
+    if (bf16)
+      f(static_cast<const c10::BFloat16*>(x), static_cast<c10::BFloat16*>(y));
     else
-      int4_linear_impl(xp, M, wp, dp, zp, Gp, N, K, group, yp, code == Int4Code::vnni);
-  });
+      f(static_cast<const float*>(x), static_cast<float*>(y));
+  };
+  switch (p.kind) {
+    case 0:
+      TORCH_CHECK(p.w.scalar_type() == xtype, "dense product: x and the weight of one dtype");
+      if (bf16)
+        bf16_linear_impl(static_cast<const uint16_t*>(x), M, static_cast<const uint16_t*>(p.wp),
+                         p.N, p.K, p.stream, static_cast<c10::BFloat16*>(y));
+      else
+        f32_product(static_cast<const float*>(x), static_cast<const float*>(p.wp),
+                    static_cast<float*>(y), M, p.K, p.N, p.stream);
+      return;
+    case 1: {
+      static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
+      const auto* wp = static_cast<const int8_t*>(p.wp);
+      typed([&](const auto* xp, auto* yp) {
+        const auto run = [&](const auto* sp) {
+          if (vnni)
+            int8_linear_impl(xp, M, wp, sp, p.N, p.K, p.stream, yp);
+          else
+            int8_avx2_impl(xp, M, wp, sp, p.N, p.K, yp);
+        };
+        if (p.bf16_scales)
+          run(static_cast<const c10::BFloat16*>(p.sp));
+        else
+          run(static_cast<const float*>(p.sp));
+      });
+      return;
+    }
+    case 2: {
+      static const bool vnni = cpu_features()[1];
+      const int code = p.code >= 0 ? p.code
+                       : M >= INT4_AMX_ROWS && amx_ready() ? int(Int4Code::amx)
+                       : vnni ? int(Int4Code::vnni) : int(Int4Code::avx2);
+      const auto* wp = static_cast<const uint8_t*>(p.wp);
+      const auto* dp = static_cast<const uint16_t*>(p.sp);
+      typed([&](const auto* xp, auto* yp) {
+        if (code == int(Int4Code::amx))
+          int4_amx_impl(xp, M, wp, dp, p.zp, p.Gp, p.N, p.K, p.group, yp);
+        else
+          int4_linear_impl(xp, M, wp, dp, p.zp, p.Gp, p.N, p.K, p.group, yp,
+                           code == int(Int4Code::vnni));
+      });
+      return;
+    }
+  }
+  TORCH_CHECK(false, "decode_layers: product kind 0 (dense), 1 (int8) or 2 (4-bit)");
+}
+
+}  // namespace llamarun
+
+// y (M, N) = x (M, K) @ W^T by a plan of W, into out (product_output's; undefined: a new
+// tensor): x checked ("<op>: shapes", "<op>: x bfloat16 or float32").
+static torch::Tensor run_on(const llamarun::ProductPlan& p, const torch::Tensor& x,
+                            const torch::Tensor& out, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.K, op, ": shapes");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op,
+              ": x bfloat16 or float32");
+  auto xc = x.contiguous();
+  auto y = llamarun::product_output(xc, p.N, out, op);
+  llamarun::run_product(p, xc.data_ptr(), xc.scalar_type(), xc.size(0), y.data_ptr());
   return y;
 }
 
-// From this many rows on, int4_linear runs on AMX tiles where it can (the same bits as the VNNI
-// tiles). Measured on an Intel Xeon with AMX, 2 threads, the 4 products of a 1B-shaped layer
-// (Q4_0-like, bfloat16 activations, medians of 5): VNNI tiles 2.0 ms at 8 rows, 4.0 at 16, 17.0 at
-// 64, 33.8 at 128; AMX 3.6, 3.9, 10.0 and 20.0 (kernels.INT4_GEMM_ROWS: where a GEMM takes over).
-constexpr int64_t INT4_AMX_ROWS = 16;
-int64_t int4_amx_rows() { return INT4_AMX_ROWS; }
+static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
+                                    const torch::Tensor& out = {}) {
+  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16", out);
+  llamarun::run_product(llamarun::dense_plan(d.w, stream), d.x.data_ptr(), at::kBFloat16, d.M,
+                        d.y.data_ptr());
+  return d.y;
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T; x and w bfloat16; y in x's dtype.
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  return bf16_linear_on(x, w, ROW_STREAM);
+}
+
+torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& out) {
+  return bf16_linear_on(x, w, ROW_STREAM, out);
+}
+
+torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
+                             const std::string& order) {
+  return bf16_linear_on(x, w, llamarun::rows_by_name(order, "bf16_linear_by"));
+}
+
+static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
+                                    const torch::Tensor& wscale, bool stream,
+                                    const torch::Tensor& out = {}) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: shapes");
+  return run_on(llamarun::int8_plan(w, wscale, stream), x, out, "int8_linear");
+}
+
+// y (M, N) = x (M, K) @ (w * wscale[:, None])^T with x quantized to int8 in blocks of QB;
+// wscale any float dtype; y in x's dtype (bfloat16 or float32).
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
+                          const torch::Tensor& wscale) {
+  return int8_linear_on(x, w, wscale, ROW_STREAM);
+}
+
+torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& wscale, const torch::Tensor& out) {
+  return int8_linear_on(x, w, wscale, ROW_STREAM, out);
+}
+
+// int8_linear with a one-row pass's order given (AVX512-VNNI; AVX2 has one order).
+torch::Tensor int8_linear_by(const torch::Tensor& x, const torch::Tensor& w,
+                             const torch::Tensor& wscale, const std::string& order) {
+  return int8_linear_on(x, w, wscale, llamarun::rows_by_name(order, "int8_linear_by"));
+}
+
+// y (M, N) = x (M, K) @ W^T, W[n, k] = (q - 8) * d[n, k / group] + z[n, k / group] with q packed
+// by kernels.int4_pack and d, z float16 by kernels.int4_pack_groups (z empty: no zeros); x
+// bfloat16 or float32, y in x's dtype; by the AVX2 tiles, the AVX512-VNNI ones or AMX (code -1:
+// by the rows, AMX from INT4_AMX_ROWS where it can, else VNNI where the CPU has it).
+static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor& w,
+                                    const torch::Tensor& d, const torch::Tensor& z, int64_t group,
+                                    int64_t N, int code, const torch::Tensor& out = {}) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
+  return run_on(llamarun::int4_plan(w, d, z, group, N, x.size(1), code), x, out, "int4_linear");
+}
 
 torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
                                const torch::Tensor& d, const torch::Tensor& z, int64_t group,
                                int64_t N, const torch::Tensor& out) {
-  static const bool vnni = cpu_features()[1];
-  if (x.dim() == 2 && x.size(0) >= INT4_AMX_ROWS && amx_ready())
-    return int4_linear_on(x, w, d, z, group, N, Int4Code::amx, out);
-  return int4_linear_on(x, w, d, z, group, N, vnni ? Int4Code::vnni : Int4Code::avx2, out);
+  return int4_linear_on(x, w, d, z, group, N, -1, out);
 }
 
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
@@ -1213,15 +1301,15 @@ torch::Tensor int4_linear_by(const torch::Tensor& x, const torch::Tensor& w,
   const auto features = cpu_features();
   if (code == "avx2") {
     TORCH_CHECK(features[2], "int4_linear_by: this CPU lacks AVX2");
-    return int4_linear_on(x, w, d, z, group, N, Int4Code::avx2);
+    return int4_linear_on(x, w, d, z, group, N, int(Int4Code::avx2));
   }
   if (code == "vnni") {
     TORCH_CHECK(features[1], "int4_linear_by: this CPU lacks AVX512-VNNI");
-    return int4_linear_on(x, w, d, z, group, N, Int4Code::vnni);
+    return int4_linear_on(x, w, d, z, group, N, int(Int4Code::vnni));
   }
   TORCH_CHECK(code == "amx", "int4_linear_by: code avx2, vnni or amx");
   TORCH_CHECK(amx_ready(), "int4_linear_by: no AMX here (CPU or OS)");
-  return int4_linear_on(x, w, d, z, group, N, Int4Code::amx);
+  return int4_linear_on(x, w, d, z, group, N, int(Int4Code::amx));
 }
 
 // int4_linear's weight (w, d, z as there) dequantized into out, bfloat16 (N, K); K a multiple of 8.
