@@ -136,7 +136,7 @@ inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor&
 // n values of T for a thread's use within one call, kept from call to call (per thread and
 // Tag, a type naming the use: two uses live at once need two tags), so that a decode pass's
 // products and row ops allocate nothing once their buffers are large enough: a SmolLM2 token
-// made about 400 allocations of this kind (glibc's malloc and free were 7% of its main thread's
+// made hundreds of allocations of this kind (glibc's malloc and free were 7% of its main thread's
 // time). The values left by the last call are kept: callers write before they read.
 template <typename T, typename Tag>
 T* scratch(int64_t n) {
