@@ -209,6 +209,8 @@ class Runner:
                 logits = logits[:-1]
         elif one_token and self._eager is not None:
             logits = self._eager(tokens, spans)
+        elif one_token:  # every row's logits, in order: no index to make or apply
+            logits = self.model.forward_spans(tokens, spans)
         else:
             index, offset = [], 0
             for w in writes:
