@@ -236,6 +236,59 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
         kernels._extension().LayerStack().add(*operands[:3], products[:3], *operands[4:])
 
 
+@pytest.fixture
+def threads() -> Callable[[int], None]:
+    """set(n): torch's thread count for the test (restored after)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads  # type: ignore[misc]
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype,quantize", [("float32", "int4"), ("bfloat16", "int8"),
+                                            ("bfloat16", None)])
+def test_a_team_of_threads_gives_one_threads_numbers(folder: Path, dtype: str,
+                                                     quantize: str | None,
+                                                     threads: Callable[[int], None]) -> None:
+    """decode_layers runs its ops with a team of the threads (each product and the attention
+    split between them, the other ops by one): logits and caches as one thread's, bit for bit,
+    for prompts, decode rows and a decode row past 1,024 positions (whose attention one thread
+    splits by parts of keys, a team by heads)."""
+    model = _model(folder, dtype, quantize)
+    model.setup_caches(2, 1100)
+    prompt = torch.randint(1, 512, (1060,), generator=torch.Generator().manual_seed(1))
+    passes = [([Span(0, 0, 1060)], prompt), ([Span(0, 1060, 1), Span(1, 0, 1)], [7, 9]),
+              ([Span(0, 1061, 1)], [11])]
+    runs = []
+    for n in (1, 2):
+        threads(n)
+        model.reset_caches()
+        with torch.inference_mode():
+            logits = [model.forward_spans(torch.as_tensor(ids), spans) for spans, ids in passes]
+        runs.append((logits, _caches(model)))
+    assert torch.get_num_threads() == 2
+    (one, one_caches), (team, team_caches) = runs
+    assert all(torch.equal(a, b) for a, b in zip(one, team))
+    assert all(torch.equal(a, b) for a, b in zip(one_caches, team_caches))
+
+
+def test_an_error_in_a_team_reaches_the_caller(folder: Path,
+                                               threads: Callable[[int], None]) -> None:
+    """A check failing inside the team's ops raises here, and the next call runs as before."""
+    threads(2)
+    model = _model(folder, "float32", "int8")
+    x = torch.randn(1, 128)
+    operands = model.layers[0].fused_operands(x)
+    assert operands is not None
+    rows, pos = torch.tensor([0]), torch.tensor([0])
+    good = kernels.layer_stack([operands])
+    first = kernels.decode_layers(x, good, model.freqs[pos], rows, pos)
+    q_kv = operands.products[0]
+    bad = kernels.layer_stack([operands._replace(products=(q_kv, q_kv, *operands.products[2:]))])
+    with pytest.raises(RuntimeError, match="layer's width"):
+        kernels.decode_layers(x, bad, model.freqs[pos], rows, pos)
+    assert torch.equal(kernels.decode_layers(x, good, model.freqs[pos], rows, pos), first)
+
+
 @pytest.mark.slow
 def test_compiled_step_gets_the_fused_layers_numbers(folder: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

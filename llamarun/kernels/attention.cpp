@@ -377,7 +377,9 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
   // items of their own (its heads sharing each key), and then, if still too few, its groups
   // are cut (one decode row of 3 key/value heads and 1,024 keys or fewer on 2 threads).
   const int64_t busy = 4 * at::get_num_threads();
-  const int64_t split = T * KVH < busy ? most : 1;  // parts of keys a token's items take
+  // parts of keys a token's items take (in a team none: their combining needs a buffer shared by
+  // the members)
+  const int64_t split = T * KVH < busy && llamarun::t_team == nullptr ? most : 1;
   int64_t G = std::min<int64_t>(group, 64);
   while (G > 1 && T * KVH * ((group + G - 1) / G) * split < busy) G = (G + 1) / 2;
   const int64_t parts = (group + G - 1) / G, slots = T * parts * split;
@@ -397,7 +399,7 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
     h0 = kvh * group + i % (parts * split) / split * G;
     g = std::min(G, (kvh + 1) * group - h0);
   };
-  at::parallel_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
+  llamarun::split_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
     float* s = llamarun::scratch<float, struct AttendScores>(G * std::min<int64_t>(CHUNK, S + 7));
     float* acc = llamarun::scratch<float, struct AttendSums>(G * D);
     float* kf = llamarun::scratch<float, struct AttendRows>(

@@ -16,6 +16,8 @@
 
 #include "kernels.h"
 
+#include <omp.h>
+
 namespace {
 
 // out = a + b, elementwise, n values (out may be a: in place): float32, or bfloat16 added in
@@ -62,6 +64,52 @@ void product(const torch::Tensor& x, const llamarun::ProductPlan& p, const torch
   llamarun::run_product(p, x.data_ptr(), x.scalar_type(), x.size(0), out.data_ptr());
 }
 
+// f() by member 0 of the team alone (outside one, by this thread), then the team's barrier.
+template <typename F>
+void solo(F&& f) {
+  llamarun::Team* team = llamarun::t_team;
+  if (team == nullptr) return f();
+  if (llamarun::t_rank == 0) {
+    llamarun::t_team = nullptr;  // its parallel loops run inline: the others are not in them
+    try {
+      f();
+    } catch (...) {
+      llamarun::t_team = team;
+      throw;
+    }
+    llamarun::t_team = team;
+  }
+  team->barrier();
+}
+
+// f() by a team of the threads at::get_num_threads() allows (one parallel region for all of f's
+// ops), or by this thread alone where that is 1 or a parallel region runs already. An error of
+// a member ends the others at their next barrier and is rethrown here.
+template <typename F>
+void in_team(F&& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || at::in_parallel_region()) return f();
+  llamarun::Team team;
+  std::exception_ptr error;
+  std::atomic<bool> caught{false};
+#pragma omp parallel num_threads(threads)
+  {
+    team.size.store(omp_get_num_threads(), std::memory_order_relaxed);
+    llamarun::t_team = &team;
+    llamarun::t_rank = omp_get_thread_num();
+    try {
+      f();
+    } catch (const llamarun::TeamAbort&) {
+    } catch (...) {
+      if (!caught.exchange(true)) error = std::current_exception();
+      team.failed.store(true, std::memory_order_relaxed);
+    }
+    llamarun::t_team = nullptr;
+    llamarun::t_rank = 0;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 namespace llamarun {
@@ -95,34 +143,48 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   auto h = x.contiguous().view({T, D});  // the input, then (after the first add) out's rows
   auto out = torch::empty({T, D}, options);
   Buffers b;
-  for (const auto& l : stack.layers) {
-    auto k_cache = l.k_cache, v_cache = l.v_cache;
-    const auto& [qkv_p, o_p, up_p, down_p] = l.products;
-    const int64_t H = l.n_heads, HD = k_cache.size(3);
-    const auto& normed = b.get(0, {T, D}, options);
-    const auto& qkv = b.get(1, {T, qkv_p.N}, options);
-    const auto& q = b.get(2, {T, H, HD}, f32);
-    const auto& y = b.get(3, {T, H, HD}, f32);
-    product(llamarun::rms_norm_into(h, l.attn_norm, l.eps, normed), qkv_p, qkv);
-    rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q);
-    attend_into(q, k_cache, v_cache, rows, pos, l.scale, y);
-    auto heads = y.view({T, H * HD});  // (bfloat16 passes: rounded once, as .to() rounds)
-    if (x.scalar_type() != at::kFloat) {
-      heads = b.get(4, {T, H * HD}, options);
-      store_bf16(y.data_ptr<float>(), y.numel(), heads.data_ptr<c10::BFloat16>());
+  torch::Tensor heads;
+  // The layers, by every member of a team alike (or by this thread alone): the products and the
+  // attention split between the members, the other ops run by one (solo: the others wait).
+  const auto layers = [&]() {
+    for (const auto& l : stack.layers) {
+      auto k_cache = l.k_cache, v_cache = l.v_cache;
+      const auto& [qkv_p, o_p, up_p, down_p] = l.products;
+      const int64_t H = l.n_heads, HD = k_cache.size(3);
+      solo([&]() {
+        b.get(1, {T, qkv_p.N}, options);
+        b.get(2, {T, H, HD}, f32);
+        b.get(3, {T, H, HD}, f32);
+        b.get(5, {T, o_p.N}, options);
+        b.get(6, {T, up_p.N}, options);
+        b.get(7, {T, up_p.N / 2}, options);
+        b.get(8, {T, down_p.N}, options);
+        llamarun::rms_norm_into(h, l.attn_norm, l.eps, b.get(0, {T, D}, options));
+      });
+      const auto& [normed, qkv, q, y, heads_bf16, o, gate_up, hidden, down] = b.slot;
+      product(normed, qkv_p, qkv);
+      solo([&]() { rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q); });
+      attend_into(q, k_cache, v_cache, rows, pos, l.scale, y);
+      solo([&]() {
+        heads = y.view({T, H * HD});  // (bfloat16 passes: rounded once, as .to() rounds)
+        if (x.scalar_type() != at::kFloat) {
+          heads = b.get(4, {T, H * HD}, options);
+          store_bf16(y.data_ptr<float>(), y.numel(), heads.data_ptr<c10::BFloat16>());
+        }
+      });
+      product(heads, o_p, o);
+      solo([&]() {
+        residual_add(h, o, out);
+        h = out;
+        llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed);
+      });
+      product(normed, up_p, gate_up);
+      solo([&]() { llamarun::silu_mul_into(gate_up, hidden); });
+      product(hidden, down_p, down);
+      solo([&]() { residual_add(h, down, out); });
     }
-    const auto& o = b.get(5, {T, o_p.N}, options);
-    product(heads, o_p, o);
-    residual_add(h, o, out);
-    h = out;
-    const auto& gate_up = b.get(6, {T, up_p.N}, options);
-    product(llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed), up_p, gate_up);
-    const auto& hidden = b.get(7, {T, up_p.N / 2}, options);
-    llamarun::silu_mul_into(gate_up, hidden);
-    const auto& down = b.get(8, {T, down_p.N}, options);
-    product(hidden, down_p, down);
-    residual_add(h, down, out);
-  }
+  };
+  in_team(layers);
   return h.view(x.sizes());
 }
 
