@@ -308,20 +308,27 @@ LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t K
   }
 }
 
+// t itself where it is contiguous, else a contiguous copy kept in `keep`: no new reference to
+// t (the threads of a team share these tensors, and each new reference is an atomic add on a
+// count both threads write: 6% of SmolLM2's decode thread before).
+const torch::Tensor& contiguous_ref(const torch::Tensor& t, torch::Tensor& keep) {
+  if (t.is_contiguous()) return t;
+  keep = t.contiguous();
+  return keep;
+}
+
 // rows and pos (T,) int64, checked against R cache rows of S positions ("<op>: rows and pos",
-// "<op>: row or position"), as contiguous tensors.
-std::pair<torch::Tensor, torch::Tensor> checked_rows_pos(const torch::Tensor& rows,
-                                                         const torch::Tensor& pos, int64_t T,
-                                                         int64_t R, int64_t S, const char* op) {
+// "<op>: row or position"): their data (contiguous_ref's, kept in keep_r and keep_p).
+std::pair<const int64_t*, const int64_t*> checked_rows_pos(
+    const torch::Tensor& rows, const torch::Tensor& pos, int64_t T, int64_t R, int64_t S,
+    const char* op, torch::Tensor& keep_r, torch::Tensor& keep_p) {
   TORCH_CHECK(rows.numel() == T && pos.numel() == T && rows.scalar_type() == at::kLong &&
                   pos.scalar_type() == at::kLong, op, ": rows and pos");
-  auto rc = rows.contiguous();
-  auto pc = pos.contiguous();
-  const int64_t* rp = rc.data_ptr<int64_t>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
+  const int64_t* rp = contiguous_ref(rows, keep_r).data_ptr<int64_t>();
+  const int64_t* pp = contiguous_ref(pos, keep_p).data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(rp[t] >= 0 && rp[t] < R && pp[t] >= 0 && pp[t] < S, op, ": row or position");
-  return {rc, pc};
+  return {rp, pp};
 }
 
 // Heads (T, H, D) float32 (the options of `like`, as float32): a new tensor where `out` is
@@ -459,9 +466,8 @@ torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& fre
   const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
   const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
   TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
-  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "rope_write");
-  const int64_t* rp = rc.data_ptr<int64_t>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
+  torch::Tensor keep_r, keep_p;
+  const auto [rp, pp] = checked_rows_pos(rows, pos, T, R, S, "rope_write", keep_r, keep_p);
   auto xc = qkv.contiguous();
   auto fc = freqs.contiguous();
   auto q = heads_output(T, H, D, qkv, q_out, "rope_write");
@@ -493,9 +499,9 @@ bool attend_supported() {
 // bfloat16 cache's values widened exactly; H a multiple of KVH, D of 8);
 // rows, pos (T,) int64. Returns (T, H, D): token t's query heads attend positions 0..pos[t] of
 // cache row rows[t] (query head h reads key/value head h / (H / KVH)).
-torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
-                          const torch::Tensor& out_) {
+void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+               const torch::Tensor& rows, const torch::Tensor& pos, double scale,
+               const torch::Tensor& out) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "attend: shapes");
   TORCH_CHECK(q.scalar_type() == at::kFloat &&
                   (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) &&
@@ -505,12 +511,12 @@ torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const 
   const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
-  const auto [rc, pc] = checked_rows_pos(rows, pos, T, R, S, "attend");
-  const int64_t* rp = rc.data_ptr<int64_t>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  auto qc = q.contiguous();
-  auto out = heads_output(T, H, D, q, out_, "attend");
-  const float* qp = qc.data_ptr<float>();
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D &&
+                  out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "attend: out (T, H, D) float32, contiguous");
+  torch::Tensor keep_r, keep_p, keep_q;
+  const auto [rp, pp] = checked_rows_pos(rows, pos, T, R, S, "attend", keep_r, keep_p);
+  const float* qp = contiguous_ref(q, keep_q).data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (k.scalar_type() == at::kFloat)
     attend_tokens(qp, k.data_ptr<float>(), v.data_ptr<float>(), rp, pp, T, H, D, KVH, S,
@@ -518,6 +524,14 @@ torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const 
   else
     attend_tokens(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), rp, pp, T, H, D,
                   KVH, S, float(scale), op);
+}
+
+torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
+                          const torch::Tensor& out_) {
+  TORCH_CHECK(q.dim() == 3, "attend: shapes");
+  auto out = heads_output(q.size(0), q.size(1), q.size(2), q, out_, "attend");
+  attend_to(q, k, v, rows, pos, scale, out);
   return out;
 }
 

@@ -315,6 +315,11 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
 torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                           const torch::Tensor& out);
+// attend into out ((T, H, D) float32, contiguous), making no new reference to any operand (a
+// team's threads call it together: see contiguous_ref in attention.cpp)
+void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+               const torch::Tensor& rows, const torch::Tensor& pos, double scale,
+               const torch::Tensor& out);
 torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
                               torch::Tensor& k_cache, torch::Tensor& v_cache,
                               const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,

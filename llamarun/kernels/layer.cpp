@@ -148,7 +148,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   // attention split between the members, the other ops run by one (solo: the others wait).
   const auto layers = [&]() {
     for (const auto& l : stack.layers) {
-      auto k_cache = l.k_cache, v_cache = l.v_cache;
+      const auto& k_cache = l.k_cache;  // (no new references: see attend_to)
+      const auto& v_cache = l.v_cache;
       const auto& [qkv_p, o_p, up_p, down_p] = l.products;
       const int64_t H = l.n_heads, HD = k_cache.size(3);
       solo([&]() {
@@ -163,8 +164,11 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
       });
       const auto& [normed, qkv, q, y, heads_bf16, o, gate_up, hidden, down] = b.slot;
       product(normed, qkv_p, qkv);
-      solo([&]() { rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q); });
-      attend_into(q, k_cache, v_cache, rows, pos, l.scale, y);
+      solo([&]() {
+        auto k = k_cache, v = v_cache;
+        rope_write_into(qkv, freqs, k, v, rows, pos, H, q);
+      });
+      attend_to(q, k_cache, v_cache, rows, pos, l.scale, y);
       solo([&]() {
         heads = y.view({T, H * HD});  // (bfloat16 passes: rounded once, as .to() rounds)
         if (x.scalar_type() != at::kFloat) {
