@@ -456,7 +456,7 @@ namespace llamarun {
 // at position pos[t] of row rows[t] of the caches (rounded once into a bfloat16 cache, as
 // .to(bfloat16) rounds) and returns its queries: q (T, H, D), float32.
 torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                              torch::Tensor& k_cache, torch::Tensor& v_cache,
+                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
                               const torch::Tensor& q_out) {
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&

@@ -321,7 +321,7 @@ void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
                const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                const torch::Tensor& out);
 torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                              torch::Tensor& k_cache, torch::Tensor& v_cache,
+                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
                               const torch::Tensor& q);
 // rowwise.cpp (run where attend_supported says so: the same features)

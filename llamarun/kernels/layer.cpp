@@ -164,22 +164,22 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
       });
       const auto& [normed, qkv, q, y, heads_bf16, o, gate_up, hidden, down] = b.slot;
       product(normed, qkv_p, qkv);
-      solo([&]() {
-        auto k = k_cache, v = v_cache;
-        rope_write_into(qkv, freqs, k, v, rows, pos, H, q);
-      });
+      solo([&]() { rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q); });
       attend_to(q, k_cache, v_cache, rows, pos, l.scale, y);
       solo([&]() {
-        heads = y.view({T, H * HD});  // (bfloat16 passes: rounded once, as .to() rounds)
-        if (x.scalar_type() != at::kFloat) {
-          heads = b.get(4, {T, H * HD}, options);
-          store_bf16(y.data_ptr<float>(), y.numel(), heads.data_ptr<c10::BFloat16>());
+        if (x.scalar_type() != at::kFloat) {  // (rounded once, as .to() rounds)
+          const auto& bf16 = b.get(4, {T, H * HD}, options);
+          store_bf16(y.data_ptr<float>(), y.numel(), bf16.data_ptr<c10::BFloat16>());
+          if (!heads.is_same(bf16)) heads = bf16;
+        } else if (!heads.defined() || heads.data_ptr() != y.data_ptr() ||
+                   heads.size(1) != H * HD) {
+          heads = y.view({T, H * HD});  // (made again only where y is another tensor)
         }
       });
       product(heads, o_p, o);
       solo([&]() {
         residual_add(h, o, out);
-        h = out;
+        if (!h.is_same(out)) h = out;
         llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed);
       });
       product(normed, up_p, gate_up);
