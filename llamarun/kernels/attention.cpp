@@ -392,8 +392,8 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
   const int64_t parts = (group + G - 1) / G, slots = T * parts * split;
   const int64_t stride = part_floats(G, D);
   // split > 1: the partial results of each item's part of keys, combined after
-  float* partial =
-      llamarun::scratch<float, struct AttendParts>(split > 1 ? T * KVH * parts * split * stride : 0);
+  float* partial = llamarun::scratch<float, struct AttendParts>(
+      split > 1 ? T * KVH * parts * split * stride : 0);
   // (token, key/value head, part of group) of an item index within its head's items
   auto locate = [&](int64_t i, int64_t& t, int64_t& kvh, int64_t& h0, int64_t& g) {
     // Items by key/value head, so that a thread's run of them reads one head's keys and

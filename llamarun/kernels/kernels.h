@@ -162,7 +162,8 @@ struct Team {
   // Waits until every member arrived (throws TeamAbort where one failed instead).
   void barrier() {
     const int64_t gen = phase.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) == size.load(std::memory_order_relaxed) - 1) {
+    const int64_t last = size.load(std::memory_order_relaxed) - 1;
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == last) {
       arrived.store(0, std::memory_order_relaxed);
       phase.store(gen + 1, std::memory_order_release);
       return;
