@@ -5,6 +5,7 @@ compiled pass) a layer runs op by op."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -250,25 +251,26 @@ def test_a_team_of_threads_gives_one_threads_numbers(folder: Path, dtype: str,
                                                      quantize: str | None,
                                                      threads: Callable[[int], None]) -> None:
     """decode_layers runs its ops with a team of the threads (each product and the attention
-    split between them, the other ops by one): logits and caches as one thread's, bit for bit,
-    for prompts, decode rows and a decode row past 1,024 positions (whose attention one thread
-    splits by parts of keys, a team by heads)."""
+    split between them, the other ops by one; at most one member per CPU): logits and caches as
+    one thread's, bit for bit, for prompts, decode rows and a decode row past 1,024 positions
+    (whose attention one thread splits by parts of keys, a team by heads), with torch's threads
+    at 2 and at more than the CPUs."""
     model = _model(folder, dtype, quantize)
     model.setup_caches(2, 1100)
     prompt = torch.randint(1, 512, (1060,), generator=torch.Generator().manual_seed(1))
     passes = [([Span(0, 0, 1060)], prompt), ([Span(0, 1060, 1), Span(1, 0, 1)], [7, 9]),
               ([Span(0, 1061, 1)], [11])]
     runs = []
-    for n in (1, 2):
+    for n in (1, 2, len(os.sched_getaffinity(0)) + 2):
         threads(n)
         model.reset_caches()
         with torch.inference_mode():
             logits = [model.forward_spans(torch.as_tensor(ids), spans) for spans, ids in passes]
         runs.append((logits, _caches(model)))
-    assert torch.get_num_threads() == 2
-    (one, one_caches), (team, team_caches) = runs
-    assert all(torch.equal(a, b) for a, b in zip(one, team))
-    assert all(torch.equal(a, b) for a, b in zip(one_caches, team_caches))
+    (one, one_caches), *teams = runs
+    for team, team_caches in teams:
+        assert all(torch.equal(a, b) for a, b in zip(one, team))
+        assert all(torch.equal(a, b) for a, b in zip(one_caches, team_caches))
 
 
 def test_an_error_in_a_team_reaches_the_caller(folder: Path,

@@ -171,7 +171,8 @@ struct Team {
     for (int64_t spins = 0; phase.load(std::memory_order_acquire) == gen; ++spins) {
       if (failed.load(std::memory_order_relaxed)) throw TeamAbort{};
       _mm_pause();
-      if (spins > (int64_t(1) << 16)) std::this_thread::yield();  // (a member descheduled)
+      // past ~50 us (a member descheduled, or a long solo op), the CPU to whoever wants it
+      if (spins > (int64_t(1) << 11)) std::this_thread::yield();
     }
   }
 };
