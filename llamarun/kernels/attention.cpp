@@ -331,17 +331,6 @@ std::pair<const int64_t*, const int64_t*> checked_rows_pos(
   return {rp, pp};
 }
 
-// Heads (T, H, D) float32 (the options of `like`, as float32): a new tensor where `out` is
-// undefined, else `out` itself, checked.
-torch::Tensor heads_output(int64_t T, int64_t H, int64_t D, const torch::Tensor& like,
-                           const torch::Tensor& out, const char* op) {
-  if (!out.defined()) return torch::empty({T, H, D}, like.options().dtype(at::kFloat));
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D &&
-                  out.is_contiguous() && out.scalar_type() == at::kFloat,
-              op, ": out (T, H, D) float32, contiguous");
-  return out;
-}
-
 // rope_write's checks of qkv and freqs; returns T.
 int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_t H,
                     int64_t KVH) {
@@ -470,7 +459,7 @@ torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& fre
   const auto [rp, pp] = checked_rows_pos(rows, pos, T, R, S, "rope_write", keep_r, keep_p);
   auto xc = qkv.contiguous();
   auto fc = freqs.contiguous();
-  auto q = heads_output(T, H, D, qkv, q_out, "rope_write");
+  auto q = llamarun::output_of(q_out, {T, H, D}, qkv.options().dtype(at::kFloat), "rope_write");
   float* qp = q.data_ptr<float>();
   auto write = [&](auto* kp, auto* vp) {
     for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
@@ -511,9 +500,7 @@ void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
   const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(3) == D && D % 8 == 0 && KVH > 0 && H % KVH == 0, "attend: head sizes");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attend: contiguous caches");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D &&
-                  out.is_contiguous() && out.scalar_type() == at::kFloat,
-              "attend: out (T, H, D) float32, contiguous");
+  llamarun::check_output(out, {T, H, D}, at::kFloat, "attend");
   torch::Tensor keep_r, keep_p, keep_q;
   const auto [rp, pp] = checked_rows_pos(rows, pos, T, R, S, "attend", keep_r, keep_p);
   const float* qp = contiguous_ref(q, keep_q).data_ptr<float>();
@@ -530,7 +517,7 @@ torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const 
                           const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                           const torch::Tensor& out_) {
   TORCH_CHECK(q.dim() == 3, "attend: shapes");
-  auto out = heads_output(q.size(0), q.size(1), q.size(2), q, out_, "attend");
+  auto out = out_.defined() ? out_ : torch::empty(q.sizes(), q.options());  // (attend_to checks)
   attend_to(q, k, v, rows, pos, scale, out);
   return out;
 }

@@ -103,21 +103,25 @@ inline bool rows_by_name(const std::string& order, const char* op) {
   return order == "rows";
 }
 
-// A product's output y (M, N) in x's dtype for x (M, K): a new tensor where `out` is undefined,
-// else `out` itself, checked ("<op>: out"): kernels.decode_layers passes buffers it keeps for
-// all its layers (a tensor's allocation cost a SmolLM2 decode layer about 0.4 us each).
-inline torch::Tensor product_output(const torch::Tensor& x, int64_t N, const torch::Tensor& out,
-                                    const char* op) {
-  const int64_t M = x.size(0);
-  if (!out.defined()) return torch::empty({M, N}, x.options());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous() &&
-                  out.scalar_type() == x.scalar_type(),
-              op, ": out (M, N), contiguous, x's dtype");
+// Checks that an op's given output `out` is contiguous, of `sizes` and `dtype` ("<op>: out").
+inline void check_output(const torch::Tensor& out, at::IntArrayRef sizes, at::ScalarType dtype,
+                         const char* op) {
+  TORCH_CHECK(out.sizes() == sizes && out.is_contiguous() && out.scalar_type() == dtype, op,
+              ": out of the result's shape (", sizes, "), contiguous, ", dtype);
+}
+
+// An op's output of `sizes` and `options`: a new tensor where `out` is undefined, else `out`
+// itself, checked (check_output): kernels.decode_layers passes buffers it keeps for all its
+// layers (a tensor's allocation cost a SmolLM2 decode layer about 0.4 us each).
+inline torch::Tensor output_of(const torch::Tensor& out, at::IntArrayRef sizes,
+                               const at::TensorOptions& options, const char* op) {
+  if (!out.defined()) return torch::empty(sizes, options);
+  check_output(out, sizes, options.dtype().toScalarType(), op);
   return out;
 }
 
 // The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
-// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y by product_output.
+// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y by output_of.
 struct DenseOperands {
   torch::Tensor x, w, y;
   int64_t M, K, N;
@@ -131,7 +135,7 @@ inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor&
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  return {xc, wc, product_output(xc, N, out, op), M, K, N};
+  return {xc, wc, output_of(out, {M, N}, xc.options(), op), M, K, N};
 }
 
 // n values of T for a thread's use within one call, kept from call to call (per thread and
@@ -297,7 +301,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& wscale);
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
                           const torch::Tensor& z, int64_t group, int64_t N);
-// the same products into `out` (product_output's)
+// the same products into `out` (output_of's)
 torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
                                const torch::Tensor& out);
 torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,

@@ -1210,7 +1210,7 @@ void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int6
 
 }  // namespace llamarun
 
-// y (M, N) = x (M, K) @ W^T by a plan of W, into out (product_output's; undefined: a new
+// y (M, N) = x (M, K) @ W^T by a plan of W, into out (output_of's; undefined: a new
 // tensor): x checked ("<op>: shapes", "<op>: x bfloat16 or float32").
 static torch::Tensor run_on(const llamarun::ProductPlan& p, const torch::Tensor& x,
                             const torch::Tensor& out, const char* op) {
@@ -1218,7 +1218,7 @@ static torch::Tensor run_on(const llamarun::ProductPlan& p, const torch::Tensor&
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op,
               ": x bfloat16 or float32");
   auto xc = x.contiguous();
-  auto y = llamarun::product_output(xc, p.N, out, op);
+  auto y = llamarun::output_of(out, {xc.size(0), p.N}, xc.options(), op);
   llamarun::run_product(p, xc.data_ptr(), xc.scalar_type(), xc.size(0), y.data_ptr());
   return y;
 }

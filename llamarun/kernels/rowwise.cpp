@@ -65,16 +65,6 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
   }
 }
 
-// A row op's output of `sizes` in x's dtype: a new tensor where `out` is undefined, else `out`
-// itself, checked (product_output's use of it, for the row ops).
-torch::Tensor rows_output(const torch::Tensor& x, at::IntArrayRef sizes, const torch::Tensor& out,
-                          const char* op) {
-  if (!out.defined()) return torch::empty(sizes, x.options());
-  TORCH_CHECK(out.sizes() == sizes && out.is_contiguous() && out.scalar_type() == x.scalar_type(),
-              op, ": out of the result's shape, contiguous, x's dtype");
-  return out;
-}
-
 // Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
 // written to out (x's dtype: bfloat16 results rounded once, from float32).
 template <typename F>
@@ -158,7 +148,7 @@ namespace llamarun {
 
 // x (..., D) float32 or bfloat16, weight (D) of the same dtype: the norm of every row of x, in
 // x's shape and dtype (bfloat16 computed in float32, each value rounded once at the end).
-// out: rows_output's.
+// out: output_of's.
 torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                             const torch::Tensor& out_) {
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
@@ -170,7 +160,7 @@ torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight,
   TORCH_CHECK(D > 0, "rms_norm: empty rows");
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
-  auto out = rows_output(xc, xc.sizes(), out_, "rms_norm");
+  auto out = llamarun::output_of(out_, xc.sizes(), xc.options(), "rms_norm");
   // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
   // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
   const float* wp;
@@ -203,7 +193,7 @@ torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out_) {
   auto xc = x.contiguous();
   auto sizes = xc.sizes().vec();
   sizes.back() = H;
-  auto out = rows_output(xc, sizes, out_, "silu_mul");
+  auto out = llamarun::output_of(out_, sizes, xc.options(), "silu_mul");
   rows_in_float(xc, xc.numel() / (2 * H), 2 * H, H, out, 4,
                 [&](const float* row, float* o) { silu_mul_row(row, row + H, H, o); });
   return out;
