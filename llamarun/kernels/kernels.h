@@ -271,6 +271,7 @@ void blocks_for(int64_t n, int64_t bytes, F&& f) {
 // product spent 1.3 us of its 8.4 in the tensor checks around the kernel).
 struct ProductPlan {
   int64_t kind = -1;               // 0 dense, 1 int8, 2 4-bit
+  at::ScalarType dtype = at::kFloat;  // dense: the weight's (the activations' it takes)
   torch::Tensor w, scales, zeros;  // held: the pointers below point into them
   const void* wp = nullptr;
   const void* sp = nullptr;

@@ -1086,6 +1086,7 @@ ProductPlan dense_plan(const torch::Tensor& w, bool stream) {
               "dense product: a 2-D bfloat16 or float32 weight");
   ProductPlan p;
   p.kind = 0;
+  p.dtype = w.scalar_type();
   p.w = w.contiguous();
   p.wp = p.w.data_ptr();
   p.stream = stream;
@@ -1152,6 +1153,7 @@ ProductPlan plan_product(int64_t kind, const torch::Tensor& a, const torch::Tens
 }
 
 void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int64_t M, void* y) {
+  static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
   const bool bf16 = xtype == at::kBFloat16;
   TORCH_CHECK(bf16 || xtype == at::kFloat, "products: x bfloat16 or float32");
   // f(x, y) as typed pointers (both bfloat16 or both float32)
@@ -1163,7 +1165,7 @@ void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int6
   };
   switch (p.kind) {
     case 0:
-      TORCH_CHECK(p.w.scalar_type() == xtype, "dense product: x and the weight of one dtype");
+      TORCH_CHECK(p.dtype == xtype, "dense product: x and the weight of one dtype");
       if (bf16)
         bf16_linear_impl(static_cast<const uint16_t*>(x), M, static_cast<const uint16_t*>(p.wp),
                          p.N, p.K, p.stream, static_cast<c10::BFloat16*>(y));
@@ -1172,7 +1174,6 @@ void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int6
                     static_cast<float*>(y), M, p.K, p.N, p.stream);
       return;
     case 1: {
-      static const bool vnni = cpu_features()[1];  // else AVX2 (Python checked that it has that)
       const auto* wp = static_cast<const int8_t*>(p.wp);
       typed([&](const auto* xp, auto* yp) {
         const auto run = [&](const auto* sp) {
@@ -1189,7 +1190,6 @@ void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int6
       return;
     }
     case 2: {
-      static const bool vnni = cpu_features()[1];
       const int code = p.code >= 0 ? p.code
                        : M >= INT4_AMX_ROWS && amx_ready() ? int(Int4Code::amx)
                        : vnni ? int(Int4Code::vnni) : int(Int4Code::avx2);
@@ -1249,7 +1249,6 @@ torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
 static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
                                     const torch::Tensor& wscale, bool stream,
                                     const torch::Tensor& out = {}) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: shapes");
   return run_on(llamarun::int8_plan(w, wscale, stream), x, out, "int8_linear");
 }
 
