@@ -168,6 +168,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
         b.get(1, {T, qkv_p.N}, options);
         b.get(2, {T, H, HD}, f32);
         b.get(3, {T, H, HD}, f32);
+        if (x.scalar_type() != at::kFloat) b.get(4, {T, H * HD}, options);
         b.get(5, {T, o_p.N}, options);
         b.get(6, {T, up_p.N}, options);
         b.get(7, {T, up_p.N / 2}, options);
@@ -180,9 +181,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
       attend_to(q, k_cache, v_cache, rows, pos, l.scale, y);
       solo([&]() {
         if (x.scalar_type() != at::kFloat) {  // (rounded once, as .to() rounds)
-          const auto& bf16 = b.get(4, {T, H * HD}, options);
-          store_bf16(y.data_ptr<float>(), y.numel(), bf16.data_ptr<c10::BFloat16>());
-          if (!heads.is_same(bf16)) heads = bf16;
+          store_bf16(y.data_ptr<float>(), y.numel(), heads_bf16.data_ptr<c10::BFloat16>());
+          if (!heads.is_same(heads_bf16)) heads = heads_bf16;
         } else if (!heads.defined() || heads.data_ptr() != y.data_ptr() ||
                    heads.size(1) != H * HD) {
           heads = y.view({T, H * HD});  // (made again only where y is another tensor)
