@@ -295,19 +295,6 @@ LLAMARUN_AVX2 void copy_head(const InT* x, int64_t D, OutT* out) {
   for (int64_t d = 0; d < D; d += 8) store8(out + d, load8(x + d));
 }
 
-// Token t of qkv (T, (H + 2 KVH) D): its H query heads rotated into q (H, D, float32), its KVH
-// key heads rotated into k and its value heads copied into v (float32, or rounded to bfloat16
-// once; k and v rows of ldkv values apart).
-template <typename InT, typename CT>
-LLAMARUN_AVX2 void rope_token(const InT* x, const float* f, int64_t H, int64_t KVH, int64_t D,
-                              float* q, CT* k, CT* v, int64_t ldkv) {
-  for (int64_t h = 0; h < H; ++h) rotate_head(x + h * D, f, D, q + h * D);
-  for (int64_t h = 0; h < KVH; ++h) {
-    rotate_head(x + (H + h) * D, f, D, k + h * ldkv);
-    copy_head(x + (H + KVH + h) * D, D, v + h * ldkv);
-  }
-}
-
 // t itself where it is contiguous, else a contiguous copy kept in `keep`: no new reference to
 // t (the threads of a team share these tensors, and each new reference is an atomic add on a
 // count both threads write: 6% of SmolLM2's decode thread before).
@@ -345,19 +332,32 @@ int64_t rope_checks(const torch::Tensor& qkv, const torch::Tensor& freqs, int64_
   return T;
 }
 
-// Calls f(token pointer of qkv, f32 pointer of freqs, t) over the T tokens, in parallel where
-// there are many (a prompt); the float32 or bfloat16 type given to f as a pointer.
-template <typename F>
-void for_tokens(const torch::Tensor& qkv, const torch::Tensor& freqs, F&& f) {
-  const int64_t T = qkv.size(0), W = qkv.size(1), D2 = freqs.size(1) * 2;
-  const float* fp = freqs.data_ptr<float>();
-  auto run = [&](const auto* xp) {
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) f(xp + t * W, fp + t * D2, t);
-    });
-  };
-  if (qkv.scalar_type() == at::kFloat) run(qkv.data_ptr<float>());
-  else run(qkv.data_ptr<c10::BFloat16>());
+// rope_write's work on checked operands: token t of x (T rows of W values: its H query heads,
+// KVH key heads, KVH value heads of D values) with f (T rows of D (cos, sin) values) -> its
+// query heads rotated into q (T, H, D), its key heads rotated and its value heads copied into
+// the caches (KVH rows of S positions of D values for each of R rows) at position pp[t] of row
+// rp[t]. The units of work are a token's heads (a query head, or a key head with its value
+// head), split between the threads (split_for: a prompt's tokens, in a team a decode row's
+// heads too); each unit's values are the same whoever computes them.
+template <typename InT, typename CT>
+void rope_units(const InT* x, int64_t W, const float* f, int64_t T, int64_t H, int64_t KVH,
+                int64_t D, const int64_t* rp, const int64_t* pp, int64_t S, float* q, CT* k,
+                CT* v) {
+  const int64_t U = H + KVH;
+  llamarun::split_for(0, T * U, 64 * U, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t t = u / U, j = u % U;
+      const InT* xt = x + t * W;
+      const float* ft = f + t * D;
+      if (j < H) {
+        rotate_head(xt + j * D, ft, D, q + (t * H + j) * D);
+        continue;
+      }
+      const int64_t h = j - H, entry = ((rp[t] * KVH + h) * S + pp[t]) * D;
+      rotate_head(xt + (H + h) * D, ft, D, k + entry);
+      copy_head(xt + (H + KVH + h) * D, D, v + entry);
+    }
+  });
 }
 
 // attend's work on checked operands (caches of float32 or bfloat16 CT; see attend).
@@ -443,11 +443,13 @@ namespace llamarun {
 // bfloat16. Rotates the query and key heads pairwise (rope) in float32 (bfloat16 heads too, the
 // result float32, as rope.apply_rope into float32 does), writes token t's key and value heads
 // at position pos[t] of row rows[t] of the caches (rounded once into a bfloat16 cache, as
-// .to(bfloat16) rounds) and returns its queries: q (T, H, D), float32.
-torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
-                              const torch::Tensor& q_out) {
+// .to(bfloat16) rounds) and writes its queries into q (T, H, D), float32, contiguous. Makes no
+// new reference to any operand (as attend_to: a team's members call it together, each doing its
+// share of the heads).
+void rope_write_to(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                   const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                   const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
+                   const torch::Tensor& q) {
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
                   v_cache.scalar_type() == k_cache.scalar_type() &&
@@ -455,22 +457,36 @@ torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& fre
   const int64_t R = k_cache.size(0), KVH = k_cache.size(1), S = k_cache.size(2);
   const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
   TORCH_CHECK(k_cache.size(3) == D, "rope_write: head size");
-  torch::Tensor keep_r, keep_p;
+  llamarun::check_output(q, {T, H, D}, at::kFloat, "rope_write");
+  torch::Tensor keep_r, keep_p, keep_x, keep_f;
   const auto [rp, pp] = checked_rows_pos(rows, pos, T, R, S, "rope_write", keep_r, keep_p);
-  auto xc = qkv.contiguous();
-  auto fc = freqs.contiguous();
-  auto q = llamarun::output_of(q_out, {T, H, D}, qkv.options().dtype(at::kFloat), "rope_write");
+  const auto& xc = contiguous_ref(qkv, keep_x);
+  const float* fp = contiguous_ref(freqs, keep_f).data_ptr<float>();
   float* qp = q.data_ptr<float>();
-  auto write = [&](auto* kp, auto* vp) {
-    for_tokens(xc, fc, [&](const auto* x, const float* f, int64_t t) {
-      const int64_t entry = (rp[t] * KVH * S + pp[t]) * D;  // the token's key head 0 in the cache
-      rope_token(x, f, H, KVH, D, qp + t * H * D, kp + entry, vp + entry, S * D);
-    });
+  const auto write = [&](const auto* xp) {
+    if (k_cache.scalar_type() == at::kFloat)
+      rope_units(xp, qkv.size(1), fp, T, H, KVH, D, rp, pp, S, qp, k_cache.data_ptr<float>(),
+                 v_cache.data_ptr<float>());
+    else
+      rope_units(xp, qkv.size(1), fp, T, H, KVH, D, rp, pp, S, qp,
+                 k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
   };
-  if (k_cache.scalar_type() == at::kFloat)
-    write(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  if (xc.scalar_type() == at::kFloat)
+    write(xc.data_ptr<float>());
   else
-    write(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+    write(xc.data_ptr<c10::BFloat16>());
+}
+
+// rope_write_to into q_out (output_of's: undefined, a new q)
+torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
+                              const torch::Tensor& q_out) {
+  TORCH_CHECK(k_cache.dim() == 4, "rope_write: caches");
+  const int64_t KVH = k_cache.size(1);
+  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
+  auto q = llamarun::output_of(q_out, {T, H, D}, qkv.options().dtype(at::kFloat), "rope_write");
+  rope_write_to(qkv, freqs, k_cache, v_cache, rows, pos, H, q);
   return q;
 }
 

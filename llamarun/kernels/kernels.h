@@ -151,12 +151,13 @@ T* scratch(int64_t n) {
 }
 
 // A team: the threads of one parallel region that run kernels.decode_layers' ops together,
-// each op's work split between them and a barrier after it, where each op would otherwise open
+// each product's, rotation's and attention's work split between them and a barrier after it
+// (the other ops each member runs whole: see decode_layers), where each op would otherwise open
 // and join a parallel region of its own (about 1.5 us each: 1.0 until the second thread
 // started, 0.4 joining, timed in SmolLM2's decode; 5 regions a layer). The team's threads
 // (member t_rank of t_team, set by decode_layers) call the same kernels with the same
 // arguments; pieces_for, blocks_for and split_for give each its share and wait at the barrier.
-// An op that one thread runs alone (solo) sees no team: its parallel loops run inline.
+// The ops each member runs whole call at::parallel_for, which runs inline in the region.
 struct TeamAbort {};  // a barrier's answer when another member failed
 struct Team {
   std::atomic<int64_t> size{1};
@@ -331,6 +332,11 @@ torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& fre
                               const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
                               const torch::Tensor& q);
+// the same into q (defined), making no new reference to any operand (as attend_to)
+void rope_write_to(const torch::Tensor& qkv, const torch::Tensor& freqs,
+                   const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                   const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
+                   const torch::Tensor& q);
 // rowwise.cpp (run where attend_supported says so: the same features)
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul(const torch::Tensor& x);
@@ -338,6 +344,11 @@ torch::Tensor silu_mul(const torch::Tensor& x);
 torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                             const torch::Tensor& out);
 torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out);
+// the same on rows of pointers (float32, or bfloat16: bf16), unchecked: x (rows, D), w (D) and
+// out (rows, D) for the norm; x (rows, 2H), out (rows, H) for SwiGLU
+void rms_norm_rows(const void* x, const void* w, bool bf16, int64_t rows, int64_t D, double eps,
+                   void* out);
+void silu_mul_rows(const void* x, bool bf16, int64_t rows, int64_t H, void* out);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
@@ -359,6 +370,8 @@ struct LayerStack {
     double scale;
   };
   std::vector<Layer> layers;
+  int64_t width = 0;                  // the layers' (their norms' size)
+  at::ScalarType dtype = at::kFloat;  // their norms' and activations'
   void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
            const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
            const torch::Tensor& v_cache, int64_t n_heads, double scale);

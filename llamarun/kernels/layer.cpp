@@ -47,40 +47,41 @@ void residual_add(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor&
              out.data_ptr<c10::BFloat16>());
 }
 
-// The outputs of a pass's ops, allocated by its first layer and reused by the next ones of the
-// same shapes (every layer of a model: a SmolLM2 decode layer allocated 12 tensors, about 5 us).
+// The outputs of a pass's ops, allocated before its first layer and reused by all (a tensor's
+// allocation cost a SmolLM2 decode layer about 0.4 us each). The products', the rotation's and
+// the attention's outputs, which the members of a team write a share each of, are shared; each
+// member has its own of the other ops' outputs (see decode_layers).
 struct Buffers {
-  torch::Tensor slot[9];
-  // slot i as a tensor of `sizes` and `options`, reallocated where the last one differs
-  const torch::Tensor& get(int i, at::IntArrayRef sizes, const at::TensorOptions& options) {
-    auto& t = slot[i];
-    if (!t.defined() || t.sizes() != sizes || t.scalar_type() != options.dtype().toScalarType())
-      t = torch::empty(sizes, options);
-    return t;
+  torch::Tensor qkv, q, y, o, gate_up, down;
+  struct Own {
+    torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
+  };
+  std::vector<Own> own;
+  Buffers(const llamarun::LayerStack::Layer& l, int64_t T, int64_t D, int64_t members,
+          const at::TensorOptions& options) {
+    const auto& [qkv_p, o_p, up_p, down_p] = l.products;
+    const int64_t H = l.n_heads, HD = l.k_cache.size(3);
+    const auto f32 = options.dtype(at::kFloat);
+    qkv = torch::empty({T, qkv_p.N}, options);
+    q = torch::empty({T, H, HD}, f32);
+    y = torch::empty({T, H, HD}, f32);
+    o = torch::empty({T, o_p.N}, options);
+    gate_up = torch::empty({T, up_p.N}, options);
+    down = torch::empty({T, down_p.N}, options);
+    own.resize(members);
+    for (auto& m : own) {
+      m.normed = torch::empty({T, D}, options);
+      if (options.dtype() != at::kFloat) m.heads = torch::empty({T, H * HD}, options);
+      m.hidden = torch::empty({T, up_p.N / 2}, options);
+      m.out = torch::empty({T, D}, options);
+    }
   }
 };
 
-// y = x @ W^T for a product of the stack, into out (x's dtype).
-void product(const torch::Tensor& x, const llamarun::ProductPlan& p, const torch::Tensor& out) {
-  llamarun::run_product(p, x.data_ptr(), x.scalar_type(), x.size(0), out.data_ptr());
-}
-
-// f() by member 0 of the team alone (outside one, by this thread), then the team's barrier.
-template <typename F>
-void solo(F&& f) {
-  llamarun::Team* team = llamarun::t_team;
-  if (team == nullptr) return f();
-  if (llamarun::t_rank == 0) {
-    llamarun::t_team = nullptr;  // its parallel loops run inline: the others are not in them
-    try {
-      f();
-    } catch (...) {
-      llamarun::t_team = team;
-      throw;
-    }
-    llamarun::t_team = team;
-  }
-  team->barrier();
+// y = x @ W^T for a product of the stack (x: rows of the plan's inputs, of dtype), into out.
+void product(const torch::Tensor& x, at::ScalarType dtype, const llamarun::ProductPlan& p,
+             const torch::Tensor& out) {
+  llamarun::run_product(p, x.data_ptr(), dtype, out.size(0), out.data_ptr());
 }
 
 // The CPUs this process may run on (its affinity; at least 1).
@@ -96,11 +97,17 @@ int64_t cpus_allowed() {
 // a parallel region runs already. An error of a member ends the others at their next barrier and
 // is rethrown here. (More members than CPUs spin at barriers while the member they wait for
 // waits for a CPU: 4 threads on this 2-CPU machine decoded SmolLM2 at 2 tok/s before the bound.)
+// The members in_team's team would have (1: f() by this thread alone).
+int64_t team_size() {
+  static const int64_t cpus = cpus_allowed();
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), cpus));
+}
+
 template <typename F>
 void in_team(F&& f) {
-  static const int64_t cpus = cpus_allowed();
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), cpus);
-  if (threads <= 1 || at::in_parallel_region()) return f();
+  const int64_t threads = team_size();
+  if (threads <= 1) return f();
   llamarun::Team team;
   std::exception_ptr error;
   std::atomic<bool> caught{false};
@@ -131,8 +138,13 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
                      const torch::Tensor& v_cache, int64_t n_heads, double scale) {
   TORCH_CHECK(products.size() == 4, "decode_layers: a layer has 4 products (Q/K/V, output, "
               "gate/up, down)");
-  TORCH_CHECK(attn_norm.dim() == 1 && k_cache.dim() == 4, "decode_layers: norms and caches");
-  Layer layer{attn_norm, ffn_norm, eps, {}, k_cache, v_cache, n_heads, scale};
+  TORCH_CHECK(attn_norm.dim() == 1 && ffn_norm.sizes() == attn_norm.sizes() &&
+                  (attn_norm.scalar_type() == at::kFloat ||
+                   attn_norm.scalar_type() == at::kBFloat16) &&
+                  ffn_norm.scalar_type() == attn_norm.scalar_type() && k_cache.dim() == 4,
+              "decode_layers: norms and caches");
+  Layer layer{attn_norm.contiguous(), ffn_norm.contiguous(), eps, {}, k_cache, v_cache, n_heads,
+              scale};
   // the products' input widths: the layer's, the heads', the layer's, half the gate/up's
   const int64_t D = attn_norm.size(0);
   int64_t K[4] = {D, n_heads * k_cache.size(3), D, 0};
@@ -141,6 +153,17 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
     if (i == 3) K[3] = layer.products[2].N / 2;
     layer.products[i] = plan_product(kind, a, b, c, group, n, K[i]);
   }
+  // decode_layers allocates its buffers for the first layer: the others' shapes must be its
+  if (!layers.empty()) {
+    const Layer& first = layers.front();
+    bool same = first.n_heads == n_heads && first.k_cache.size(3) == k_cache.size(3) &&
+                first.attn_norm.size(0) == D && first.attn_norm.scalar_type() ==
+                attn_norm.scalar_type();
+    for (int i = 0; i < 4; ++i) same = same && first.products[i].N == layer.products[i].N;
+    TORCH_CHECK(same, "decode_layers: a stack's layers are of one shape");
+  }
+  width = D;
+  dtype = attn_norm.scalar_type();
   layers.push_back(std::move(layer));
 }
 
@@ -149,59 +172,46 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
                             const torch::Tensor& pos) {
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "decode_layers: x float32 or bfloat16");
+  if (stack.layers.empty()) return x;
+  TORCH_CHECK(x.size(-1) == stack.width && x.scalar_type() == stack.dtype,
+              "decode_layers: x of the layers' width and dtype");
+  const at::ScalarType dtype = x.scalar_type();
+  const bool bf16 = dtype == at::kBFloat16;
   const int64_t D = x.size(-1), T = x.numel() / D;
-  const auto options = x.options();
-  const auto f32 = options.dtype(at::kFloat);
-  auto h = x.contiguous().view({T, D});  // the input, then (after the first add) out's rows
-  auto out = torch::empty({T, D}, options);
-  Buffers b;
-  torch::Tensor heads;
-  // The layers, by every member of a team alike (or by this thread alone): the products and the
-  // attention split between the members, the other ops run by one (solo: the others wait).
+  const auto xc = x.contiguous().view({T, D});
+  const int64_t members = team_size();
+  Buffers b(stack.layers[0], T, D, members, x.options());
+  // The layers, by every member of a team alike (or by this thread alone). The products, the
+  // rotation and the attention are split between the members, a barrier after each; the norms,
+  // the residual adds, SwiGLU and the heads' rounding to bfloat16 each member runs whole, on its
+  // own copy of the residual stream (the same numbers in each): where one member ran them while
+  // the others waited, the layer had 5 barriers more, and the others read each op's output
+  // from that member's cache before their share of the next product.
   const auto layers = [&]() {
+    auto& me = b.own[llamarun::t_team != nullptr ? llamarun::t_rank : 0];
+    const torch::Tensor* h = &xc;  // the residual stream: x, then (from the first add) me.out
     for (const auto& l : stack.layers) {
-      const auto& k_cache = l.k_cache;  // (no new references: see attend_to)
-      const auto& v_cache = l.v_cache;
       const auto& [qkv_p, o_p, up_p, down_p] = l.products;
-      const int64_t H = l.n_heads, HD = k_cache.size(3);
-      solo([&]() {
-        b.get(1, {T, qkv_p.N}, options);
-        b.get(2, {T, H, HD}, f32);
-        b.get(3, {T, H, HD}, f32);
-        if (x.scalar_type() != at::kFloat) b.get(4, {T, H * HD}, options);
-        b.get(5, {T, o_p.N}, options);
-        b.get(6, {T, up_p.N}, options);
-        b.get(7, {T, up_p.N / 2}, options);
-        b.get(8, {T, down_p.N}, options);
-        llamarun::rms_norm_into(h, l.attn_norm, l.eps, b.get(0, {T, D}, options));
-      });
-      const auto& [normed, qkv, q, y, heads_bf16, o, gate_up, hidden, down] = b.slot;
-      product(normed, qkv_p, qkv);
-      solo([&]() { rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, q); });
-      attend_to(q, k_cache, v_cache, rows, pos, l.scale, y);
-      solo([&]() {
-        if (x.scalar_type() != at::kFloat) {  // (rounded once, as .to() rounds)
-          store_bf16(y.data_ptr<float>(), y.numel(), heads_bf16.data_ptr<c10::BFloat16>());
-          if (!heads.is_same(heads_bf16)) heads = heads_bf16;
-        } else if (!heads.defined() || heads.data_ptr() != y.data_ptr() ||
-                   heads.size(1) != H * HD) {
-          heads = y.view({T, H * HD});  // (made again only where y is another tensor)
-        }
-      });
-      product(heads, o_p, o);
-      solo([&]() {
-        residual_add(h, o, out);
-        if (!h.is_same(out)) h = out;
-        llamarun::rms_norm_into(h, l.ffn_norm, l.eps, normed);
-      });
-      product(normed, up_p, gate_up);
-      solo([&]() { llamarun::silu_mul_into(gate_up, hidden); });
-      product(hidden, down_p, down);
-      solo([&]() { residual_add(h, down, out); });
+      llamarun::rms_norm_rows(h->data_ptr(), l.attn_norm.data_ptr(), bf16, T, D, l.eps,
+                              me.normed.data_ptr());
+      product(me.normed, dtype, qkv_p, b.qkv);
+      llamarun::rope_write_to(b.qkv, freqs, l.k_cache, l.v_cache, rows, pos, l.n_heads, b.q);
+      llamarun::attend_to(b.q, l.k_cache, l.v_cache, rows, pos, l.scale, b.y);
+      if (bf16)  // (rounded once, as .to() rounds)
+        store_bf16(b.y.data_ptr<float>(), b.y.numel(), me.heads.data_ptr<c10::BFloat16>());
+      product(bf16 ? me.heads : b.y, dtype, o_p, b.o);
+      residual_add(*h, b.o, me.out);
+      h = &me.out;
+      llamarun::rms_norm_rows(h->data_ptr(), l.ffn_norm.data_ptr(), bf16, T, D, l.eps,
+                              me.normed.data_ptr());
+      product(me.normed, dtype, up_p, b.gate_up);
+      llamarun::silu_mul_rows(b.gate_up.data_ptr(), bf16, T, up_p.N / 2, me.hidden.data_ptr());
+      product(me.hidden, dtype, down_p, b.down);
+      residual_add(*h, b.down, me.out);
     }
   };
   in_team(layers);
-  return h.view(x.sizes());
+  return b.own[0].out.view(x.sizes());
 }
 
 }  // namespace llamarun

@@ -65,21 +65,22 @@ LLAMARUN_AVX2 void silu_mul_row(const float* g, const float* u, int64_t H, float
   }
 }
 
-// Rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in float32,
-// written to out (x's dtype: bfloat16 results rounded once, from float32).
+// `rows` rows of x of width W (float32 or bfloat16) through f(float32 row, float32 out row) in
+// float32, written to out (rows OW apart, x's dtype: bfloat16 results rounded once, from
+// float32), `grain` rows a thread at least.
 template <typename F>
-void rows_in_float(const torch::Tensor& x, int64_t rows, int64_t W, int64_t OW,
-                   torch::Tensor& out, int64_t grain, F&& f) {
-  if (x.scalar_type() == at::kFloat) {
-    const float* xp = x.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+void rows_in_float(const void* x, bool bf16, int64_t rows, int64_t W, int64_t OW, void* out,
+                   int64_t grain, F&& f) {
+  if (!bf16) {
+    const float* xp = static_cast<const float*>(x);
+    float* op = static_cast<float*>(out);
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) f(xp + r * W, op + r * OW);
     });
     return;
   }
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const auto* xp = static_cast<const c10::BFloat16*>(x);
+  auto* op = static_cast<c10::BFloat16*>(out);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     float* xf = llamarun::scratch<float, struct RowIn>(W);
     float* of = llamarun::scratch<float, struct RowOut>(OW);
@@ -146,6 +147,29 @@ LLAMARUN_AVX2 int64_t argmax_row(const float* x, int64_t n, bool* nan) {
 
 namespace llamarun {
 
+void rms_norm_rows(const void* x, const void* w, bool bf16, int64_t rows, int64_t D, double eps,
+                   void* out) {
+  // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
+  // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
+  const float* wp;
+  if (!bf16) {
+    wp = static_cast<const float*>(w);
+  } else {
+    float* wf = llamarun::scratch<float, struct NormWeight>(D);
+    load_bf16(static_cast<const c10::BFloat16*>(w), D, wf);
+    wp = wf;
+  }
+  const float e = float(eps);
+  // A thread takes at least 16 rows: a decode pass's few rows stay on the calling thread.
+  rows_in_float(x, bf16, rows, D, D, out, 16,
+                [&](const float* row, float* o) { norm_row(row, wp, D, e, o); });
+}
+
+void silu_mul_rows(const void* x, bool bf16, int64_t rows, int64_t H, void* out) {
+  rows_in_float(x, bf16, rows, 2 * H, H, out, 4,
+                [&](const float* row, float* o) { silu_mul_row(row, row + H, H, o); });
+}
+
 // x (..., D) float32 or bfloat16, weight (D) of the same dtype: the norm of every row of x, in
 // x's shape and dtype (bfloat16 computed in float32, each value rounded once at the end).
 // out: output_of's.
@@ -161,20 +185,8 @@ torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight,
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
   auto out = llamarun::output_of(out_, xc.sizes(), xc.options(), "rms_norm");
-  // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
-  // than a decode row's norm (1.7 -> 1.1 us a call for the default model's 576 values)
-  const float* wp;
-  if (wc.scalar_type() == at::kFloat) {
-    wp = wc.data_ptr<float>();
-  } else {
-    float* wf = llamarun::scratch<float, struct NormWeight>(D);
-    load_bf16(wc.data_ptr<c10::BFloat16>(), D, wf);
-    wp = wf;
-  }
-  const float e = float(eps);
-  // A thread takes at least 16 rows: a decode pass's few rows stay on the calling thread.
-  rows_in_float(xc, xc.numel() / D, D, D, out, 16,
-                [&](const float* row, float* o) { norm_row(row, wp, D, e, o); });
+  rms_norm_rows(xc.data_ptr(), wc.data_ptr(), xc.scalar_type() == at::kBFloat16,
+                xc.numel() / D, D, eps, out.data_ptr());
   return out;
 }
 
@@ -194,8 +206,8 @@ torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out_) {
   auto sizes = xc.sizes().vec();
   sizes.back() = H;
   auto out = llamarun::output_of(out_, sizes, xc.options(), "silu_mul");
-  rows_in_float(xc, xc.numel() / (2 * H), 2 * H, H, out, 4,
-                [&](const float* row, float* o) { silu_mul_row(row, row + H, H, o); });
+  silu_mul_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, xc.numel() / (2 * H), H,
+                out.data_ptr());
   return out;
 }
 
