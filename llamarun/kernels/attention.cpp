@@ -360,31 +360,31 @@ void rope_units(const InT* x, int64_t W, const float* f, int64_t T, int64_t H, i
   });
 }
 
-// attend's work on checked operands (caches of float32 or bfloat16 CT; see attend).
-template <typename CT>
-void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* rp,
-                   const int64_t* pp, int64_t T, int64_t H, int64_t D, int64_t KVH, int64_t S,
-                   float scale, float* op) {
-  const int64_t group = H / KVH;
-  int64_t most = 1;  // the most parts (CHUNK keys) a token of the pass has
-  for (int64_t t = 0; t < T; ++t) most = std::max(most, (pp[t] + CHUNK) / CHUNK);
-  // Work items: (token, key/value head, part of its group, part of its keys). Where the pass
-  // has too few tokens to keep every thread busy (a decode row), a token's parts of keys go to
-  // items of their own (its heads sharing each key), and then, if still too few, its groups
-  // are cut (one decode row of 3 key/value heads and 1,024 keys or fewer on 2 threads).
-  const int64_t busy = 4 * at::get_num_threads();
-  // parts of keys a token's items take (in a team none: their combining needs a buffer shared by
-  // the members)
-  const int64_t split = T * KVH < busy && llamarun::t_team == nullptr ? most : 1;
-  int64_t G = std::min<int64_t>(group, 64);
-  while (G > 1 && T * KVH * ((group + G - 1) / G) * split < busy) G = (G + 1) / 2;
-  const int64_t parts = (group + G - 1) / G, slots = T * parts * split;
-  const int64_t stride = part_floats(G, D);
-  // split > 1: the partial results of each item's part of keys, combined after
-  float* partial = llamarun::scratch<float, struct AttendParts>(
-      split > 1 ? T * KVH * parts * split * stride : 0);
-  // (token, key/value head, part of group) of an item index within its head's items
-  auto locate = [&](int64_t i, int64_t& t, int64_t& kvh, int64_t& h0, int64_t& g) {
+// The work items of a pass's attention, (token, key/value head, part of its group, part of its
+// keys), and which query heads each computes: attend_tokens' plan, and attend_prefetch's.
+struct AttendItems {
+  int64_t T, H, KVH, group, most, split, G, parts, slots;
+  // For T tokens (their positions pp) of H query heads over KVH key/value heads.
+  AttendItems(int64_t T_, int64_t H_, int64_t KVH_, const int64_t* pp)
+      : T(T_), H(H_), KVH(KVH_), group(H_ / KVH_) {
+    most = 1;  // the most parts (CHUNK keys) a token of the pass has
+    for (int64_t t = 0; t < T; ++t) most = std::max(most, (pp[t] + CHUNK) / CHUNK);
+    // Where the pass has too few tokens to keep every thread busy (a decode row), a token's
+    // parts of keys go to items of their own (its heads sharing each key), and then, if still
+    // too few, its groups are cut (one decode row of 3 key/value heads and 1,024 keys or fewer
+    // on 2 threads).
+    const int64_t busy = 4 * at::get_num_threads();
+    // parts of keys a token's items take (in a team none: their combining needs a buffer shared
+    // by the members)
+    split = T * KVH < busy && llamarun::t_team == nullptr ? most : 1;
+    G = std::min<int64_t>(group, 64);
+    while (G > 1 && T * KVH * ((group + G - 1) / G) * split < busy) G = (G + 1) / 2;
+    parts = (group + G - 1) / G;
+    slots = T * parts * split;
+  }
+  int64_t count() const { return KVH * slots; }
+  // (token, key/value head, first query head, query heads) of item i
+  void locate(int64_t i, int64_t& t, int64_t& kvh, int64_t& h0, int64_t& g) const {
     // Items by key/value head, so that a thread's run of them reads one head's keys and
     // values (a long prompt's heads together outgrow the L2 cache), and within a head by
     // tokens from both ends in turn (t = 0, T - 1, 1, T - 2, ...: a prompt's later tokens
@@ -394,8 +394,21 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
     t = j % 2 == 0 ? j / 2 : T - 1 - j / 2;
     h0 = kvh * group + i % (parts * split) / split * G;
     g = std::min(G, (kvh + 1) * group - h0);
-  };
-  llamarun::split_for(0, KVH * slots, 1, [&](int64_t i0, int64_t i1) {
+  }
+};
+
+// attend's work on checked operands (caches of float32 or bfloat16 CT; see attend).
+template <typename CT>
+void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* rp,
+                   const int64_t* pp, int64_t T, int64_t H, int64_t D, int64_t KVH, int64_t S,
+                   float scale, float* op) {
+  const AttendItems items(T, H, KVH, pp);
+  const int64_t split = items.split, G = items.G, slots = items.slots, most = items.most;
+  const int64_t stride = part_floats(G, D);
+  // split > 1: the partial results of each item's part of keys, combined after
+  float* partial = llamarun::scratch<float, struct AttendParts>(
+      split > 1 ? T * KVH * items.parts * split * stride : 0);
+  llamarun::split_for(0, items.count(), 1, [&](int64_t i0, int64_t i1) {
     float* s = llamarun::scratch<float, struct AttendScores>(G * std::min<int64_t>(CHUNK, S + 7));
     float* acc = llamarun::scratch<float, struct AttendSums>(G * D);
     float* kf = llamarun::scratch<float, struct AttendRows>(
@@ -403,7 +416,7 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
     std::vector<float> own;  // (a token of more than CHUNK keys, its parts not split)
     for (int64_t i = i0; i < i1; ++i) {
       int64_t t, kvh, h0, g;
-      locate(i, t, kvh, h0, g);
+      items.locate(i, t, kvh, h0, g);
       const int64_t L = pp[t] + 1, base = (rp[t] * KVH + kvh) * S * D;
       const float* qh = qp + (t * H + h0) * D;
       if (split == 1 || L <= CHUNK) {  // the whole token (its one item when split)
@@ -424,7 +437,7 @@ void attend_tokens(const float* qp, const CT* kp, const CT* vp, const int64_t* r
       float* acc = llamarun::scratch<float, struct AttendSums>(D);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t t, kvh, h0, g;
-        locate(i * split, t, kvh, h0, g);
+        items.locate(i * split, t, kvh, h0, g);
         const int64_t L = pp[t] + 1;
         if (L > CHUNK)
           combine_parts(partial + i * split * stride, (L + CHUNK - 1) / CHUNK, stride, g,
