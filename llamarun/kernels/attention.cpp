@@ -542,6 +542,49 @@ void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
                   KVH, S, float(scale), op);
 }
 
+// attend_prefetch: at most this many bytes of keys, and as many of values, per token and
+// key/value head, and only for passes of up to PREFETCH_ROWS tokens (decode rows: a prompt's
+// attention is long enough to stream its keys at the memory's pace). A decode row's attention
+// read its keys and values from memory (evicted by the token's weights since they were last
+// read), 9-18 KB per head in SmolLM2's first 128 positions: short streams whose every line
+// waited the memory's latency, the hardware's prefetchers not yet started. Fetched by
+// decode_layers before the layer's first product, they arrive while it streams its weights.
+constexpr int64_t PREFETCH_BYTES = int64_t(16) << 10, PREFETCH_ROWS = 16;
+
+void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rows,
+                     const torch::Tensor& pos, int64_t H) {
+  const int64_t T = rows.numel();
+  // (a hint: operands attend_to would refuse are left to it)
+  if (T == 0 || T > PREFETCH_ROWS || pos.numel() != T || rows.scalar_type() != at::kLong ||
+      pos.scalar_type() != at::kLong || !rows.is_contiguous() || !pos.is_contiguous() ||
+      k.dim() != 4 || v.sizes() != k.sizes() || !k.is_contiguous() || !v.is_contiguous() ||
+      k.size(1) <= 0 || H % k.size(1) != 0)
+    return;
+  const int64_t R = k.size(0), KVH = k.size(1), S = k.size(2), row_bytes = k.size(3) *
+                                                                            k.element_size();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    if (rp[t] < 0 || rp[t] >= R || pp[t] < 0 || pp[t] >= S) return;
+  const AttendItems items(T, H, KVH, pp);
+  const auto [i0, i1] = llamarun::team_range(items.count());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  int64_t last = -1;
+  for (int64_t i = i0; i < i1; ++i) {
+    int64_t t, kvh, h0, g;
+    items.locate(i, t, kvh, h0, g);
+    const int64_t base = (rp[t] * KVH + kvh) * S * row_bytes;
+    if (base == last) continue;  // (the item before read the same head)
+    last = base;
+    const int64_t bytes = std::min((pp[t] + 1) * row_bytes, PREFETCH_BYTES);
+    for (int64_t o = 0; o < bytes; o += 64) {
+      _mm_prefetch(kp + base + o, _MM_HINT_T1);
+      _mm_prefetch(vp + base + o, _MM_HINT_T1);
+    }
+  }
+}
+
 torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                           const torch::Tensor& out_) {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 // Only the kernels carry target attributes: the module loads on any x86-64 CPU, and Python
@@ -184,14 +185,20 @@ struct Team {
 inline thread_local Team* t_team = nullptr;
 inline thread_local int64_t t_rank = 0;
 
-// In a team: f(b0, b1) over this member's equal share of [0, n), then the barrier.
+// This member's equal share [b0, b1) of [0, n) (outside a team all of it).
+inline std::pair<int64_t, int64_t> team_range(int64_t n) {
+  if (t_team == nullptr) return {0, n};
+  const int64_t size = t_team->size.load(std::memory_order_relaxed);
+  const int64_t chunk = (n + size - 1) / size, b0 = std::min(n, t_rank * chunk);
+  return {b0, std::min(n, b0 + chunk)};
+}
+
+// In a team: f(b0, b1) over this member's share of [0, n) (team_range), then the barrier.
 template <typename F>
 void team_share(int64_t n, F&& f) {
-  Team& team = *t_team;
-  const int64_t size = team.size.load(std::memory_order_relaxed);
-  const int64_t chunk = (n + size - 1) / size, b0 = t_rank * chunk, b1 = std::min(n, b0 + chunk);
+  const auto [b0, b1] = team_range(n);
   if (b0 < b1) f(b0, b1);
-  team.barrier();
+  t_team->barrier();
 }
 
 // at::parallel_for(begin, end, grain, f), or in a team each member's share.
@@ -325,6 +332,10 @@ torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const 
                           const torch::Tensor& out);
 // attend into out ((T, H, D) float32, contiguous), making no new reference to any operand (a
 // team's threads call it together: see contiguous_ref in attention.cpp)
+// and, called before, the first keys and values of the calling thread's share of its work
+// (attention.cpp says which) fetched into its cache: the same operands but for q, H its heads
+void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rows,
+                     const torch::Tensor& pos, int64_t H);
 void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                const torch::Tensor& out);

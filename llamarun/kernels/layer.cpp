@@ -192,6 +192,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
     const torch::Tensor* h = &xc;  // the residual stream: x, then (from the first add) me.out
     for (const auto& l : stack.layers) {
       const auto& [qkv_p, o_p, up_p, down_p] = l.products;
+      llamarun::attend_prefetch(l.k_cache, l.v_cache, rows, pos, l.n_heads);
       llamarun::rms_norm_rows(h->data_ptr(), l.attn_norm.data_ptr(), bf16, T, D, l.eps,
                               me.normed.data_ptr());
       product(me.normed, dtype, qkv_p, b.qkv);
