@@ -235,6 +235,16 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
         call(swapped)
     with pytest.raises(RuntimeError, match="4 products"):
         kernels._extension().LayerStack().add(*operands[:3], products[:3], *operands[4:])
+    # decode_layers makes its buffers for the first layer: a stack's layers are all alike
+    other = operands._replace(attn_norm=operands.attn_norm.bfloat16(),
+                              ffn_norm=operands.ffn_norm.bfloat16())
+    with pytest.raises(RuntimeError, match="of one shape and dtype"):
+        kernels.layer_stack([operands, other])
+    stack = kernels.layer_stack([operands])
+    with pytest.raises(RuntimeError, match="the layers' width and dtype"):
+        kernels.decode_layers(x.bfloat16(), stack, model.freqs[pos], rows, pos)
+    with pytest.raises(RuntimeError, match="the layers' width and dtype"):
+        kernels.decode_layers(x[:, :64], stack, model.freqs[pos], rows, pos)
 
 
 @pytest.fixture

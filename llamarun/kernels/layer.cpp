@@ -160,7 +160,7 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
                 first.attn_norm.size(0) == D && first.attn_norm.scalar_type() ==
                 attn_norm.scalar_type();
     for (int i = 0; i < 4; ++i) same = same && first.products[i].N == layer.products[i].N;
-    TORCH_CHECK(same, "decode_layers: a stack's layers are of one shape");
+    TORCH_CHECK(same, "decode_layers: a stack's layers are of one shape and dtype");
   }
   width = D;
   dtype = attn_norm.scalar_type();
