@@ -153,12 +153,12 @@ T* scratch(int64_t n) {
 
 // A team: the threads of one parallel region that run kernels.decode_layers' ops together,
 // each product's, rotation's and attention's work split between them and a barrier after it
-// (the other ops each member runs whole: see decode_layers), where each op would otherwise open
+// (the other ops: see decode_layers), where each op would otherwise open
 // and join a parallel region of its own (about 1.5 us each: 1.0 until the second thread
 // started, 0.4 joining, timed in SmolLM2's decode; 5 regions a layer). The team's threads
 // (member t_rank of t_team, set by decode_layers) call the same kernels with the same
 // arguments; pieces_for, blocks_for and split_for give each its share and wait at the barrier.
-// The ops each member runs whole call at::parallel_for, which runs inline in the region.
+// The row ops decode_layers runs call at::parallel_for, which runs inline in the region.
 struct TeamAbort {};  // a barrier's answer when another member failed
 struct Team {
   std::atomic<int64_t> size{1};

@@ -36,21 +36,30 @@ LLAMARUN_AVX2 void add_rows(const c10::BFloat16* a, const c10::BFloat16* b, int6
   for (; i < n; ++i) out[i] = c10::BFloat16(float(a[i]) + float(b[i]));
 }
 
-// out = a + b (out of a's shape and dtype, contiguous; a and b contiguous).
-void residual_add(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out) {
+// Rows [r0, r1) of t (a contiguous 2-D tensor).
+void* at_row(const torch::Tensor& t, int64_t r) {
+  return static_cast<char*>(t.data_ptr()) + r * t.size(1) * t.element_size();
+}
+
+// Rows [r0, r1) of out = a + b (out of a's shape and dtype, contiguous; a and b contiguous).
+void residual_add(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out,
+                  int64_t r0, int64_t r1) {
   TORCH_CHECK(a.sizes() == b.sizes(),
               "decode_layer: a product's outputs are not the layer's width");
+  const int64_t n = (r1 - r0) * a.size(1);
   if (a.scalar_type() == at::kFloat)
-    add_rows(a.data_ptr<float>(), b.data_ptr<float>(), a.numel(), out.data_ptr<float>());
+    add_rows(static_cast<const float*>(at_row(a, r0)), static_cast<const float*>(at_row(b, r0)),
+             n, static_cast<float*>(at_row(out, r0)));
   else
-    add_rows(a.data_ptr<c10::BFloat16>(), b.data_ptr<c10::BFloat16>(), a.numel(),
-             out.data_ptr<c10::BFloat16>());
+    add_rows(static_cast<const c10::BFloat16*>(at_row(a, r0)),
+             static_cast<const c10::BFloat16*>(at_row(b, r0)), n,
+             static_cast<c10::BFloat16*>(at_row(out, r0)));
 }
 
 // The outputs of a pass's ops, allocated before its first layer and reused by all (a tensor's
 // allocation cost a SmolLM2 decode layer about 0.4 us each). The products', the rotation's and
-// the attention's outputs, which the members of a team write a share each of, are shared; each
-// member has its own of the other ops' outputs (see decode_layers).
+// the attention's outputs, which the members of a team write a share each of, are shared; the
+// row ops' outputs are `own`, one set per member where each runs them whole (see decode_layers).
 struct Buffers {
   torch::Tensor qkv, q, y, o, gate_up, down;
   struct Own {
@@ -179,37 +188,63 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   const bool bf16 = dtype == at::kBFloat16;
   const int64_t D = x.size(-1), T = x.numel() / D;
   const auto xc = x.contiguous().view({T, D});
-  const int64_t members = team_size();
-  Buffers b(stack.layers[0], T, D, members, x.options());
   // The layers, by every member of a team alike (or by this thread alone). The products, the
-  // rotation and the attention are split between the members, a barrier after each; the norms,
-  // the residual adds, SwiGLU and the heads' rounding to bfloat16 each member runs whole, on its
-  // own copy of the residual stream (the same numbers in each): where one member ran them while
-  // the others waited, the layer had 5 barriers more, and the others read each op's output
-  // from that member's cache before their share of the next product.
+  // rotation and the attention are split between the members, a barrier after each. The other
+  // ops (the norms, the residual adds, SwiGLU, the heads' rounding to bfloat16) go by rows: in
+  // passes of fewer than WHOLE_ROWS tokens (decode) each member runs them on all rows, on its
+  // own copy of the residual stream (the same numbers in each); where one member ran them while
+  // the others waited, a layer had 5 barriers more, and the others read each op's output from
+  // that member's cache before their share of the next product (SmolLM2's decode 3-7% faster
+  // this way). Longer passes split their rows between the members, a barrier after each op
+  // (run whole, they cost a 512-token prefill 2%).
+  constexpr int64_t WHOLE_ROWS = 4;
+  const int64_t members = team_size();
+  const bool whole = T < WHOLE_ROWS;
+  Buffers b(stack.layers[0], T, D, whole ? members : 1, x.options());
   const auto layers = [&]() {
-    auto& me = b.own[llamarun::t_team != nullptr ? llamarun::t_rank : 0];
+    auto& me = b.own[whole && llamarun::t_team != nullptr ? llamarun::t_rank : 0];
+    // f(r0, r1) over the rows [0, T): all of them by each member, or a share each
+    const auto by_rows = [&](auto&& f) {
+      if (whole || llamarun::t_team == nullptr)
+        f(int64_t(0), T);
+      else
+        llamarun::team_share(T, f);
+    };
     const torch::Tensor* h = &xc;  // the residual stream: x, then (from the first add) me.out
+    const torch::Tensor* pending = nullptr;  // the last layer's down product, not yet added to h
     for (const auto& l : stack.layers) {
       const auto& [qkv_p, o_p, up_p, down_p] = l.products;
       llamarun::attend_prefetch(l.k_cache, l.v_cache, rows, pos, l.n_heads);
-      llamarun::rms_norm_rows(h->data_ptr(), l.attn_norm.data_ptr(), bf16, T, D, l.eps,
-                              me.normed.data_ptr());
+      by_rows([&](int64_t r0, int64_t r1) {
+        if (pending != nullptr) residual_add(*h, *pending, me.out, r0, r1);
+        llamarun::rms_norm_rows(at_row(*h, r0), l.attn_norm.data_ptr(), bf16, r1 - r0, D,
+                                l.eps, at_row(me.normed, r0));
+      });
       product(me.normed, dtype, qkv_p, b.qkv);
       llamarun::rope_write_to(b.qkv, freqs, l.k_cache, l.v_cache, rows, pos, l.n_heads, b.q);
       llamarun::attend_to(b.q, l.k_cache, l.v_cache, rows, pos, l.scale, b.y);
       if (bf16)  // (rounded once, as .to() rounds)
-        store_bf16(b.y.data_ptr<float>(), b.y.numel(), me.heads.data_ptr<c10::BFloat16>());
+        by_rows([&](int64_t r0, int64_t r1) {
+          const int64_t width = b.y.size(1) * b.y.size(2);
+          store_bf16(b.y.data_ptr<float>() + r0 * width, (r1 - r0) * width,
+                     static_cast<c10::BFloat16*>(at_row(me.heads, r0)));
+        });
       product(bf16 ? me.heads : b.y, dtype, o_p, b.o);
-      residual_add(*h, b.o, me.out);
+      by_rows([&](int64_t r0, int64_t r1) {
+        residual_add(*h, b.o, me.out, r0, r1);
+        llamarun::rms_norm_rows(at_row(me.out, r0), l.ffn_norm.data_ptr(), bf16, r1 - r0, D,
+                                l.eps, at_row(me.normed, r0));
+      });
       h = &me.out;
-      llamarun::rms_norm_rows(h->data_ptr(), l.ffn_norm.data_ptr(), bf16, T, D, l.eps,
-                              me.normed.data_ptr());
       product(me.normed, dtype, up_p, b.gate_up);
-      llamarun::silu_mul_rows(b.gate_up.data_ptr(), bf16, T, up_p.N / 2, me.hidden.data_ptr());
+      by_rows([&](int64_t r0, int64_t r1) {
+        llamarun::silu_mul_rows(at_row(b.gate_up, r0), bf16, r1 - r0, up_p.N / 2,
+                                at_row(me.hidden, r0));
+      });
       product(me.hidden, dtype, down_p, b.down);
-      residual_add(*h, b.down, me.out);
+      pending = &b.down;
     }
+    by_rows([&](int64_t r0, int64_t r1) { residual_add(*h, b.down, me.out, r0, r1); });
   };
   in_team(layers);
   return b.own[0].out.view(x.sizes());
