@@ -177,7 +177,7 @@ struct Team {
     for (int64_t spins = 0; phase.load(std::memory_order_acquire) == gen; ++spins) {
       if (failed.load(std::memory_order_relaxed)) throw TeamAbort{};
       _mm_pause();
-      // past ~50 us (a member descheduled, or a long solo op), the CPU to whoever wants it
+      // past ~50 us (a member descheduled, or another slower), the CPU to whoever wants it
       if (spins > (int64_t(1) << 11)) std::this_thread::yield();
     }
   }
@@ -332,13 +332,13 @@ torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const 
                           const torch::Tensor& out);
 // attend into out ((T, H, D) float32, contiguous), making no new reference to any operand (a
 // team's threads call it together: see contiguous_ref in attention.cpp)
-// and, called before, the first keys and values of the calling thread's share of its work
-// (attention.cpp says which) fetched into its cache: the same operands but for q, H its heads
-void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rows,
-                     const torch::Tensor& pos, int64_t H);
 void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                const torch::Tensor& rows, const torch::Tensor& pos, double scale,
                const torch::Tensor& out);
+// called before attend_to: the first keys and values of the calling thread's share of its work
+// (attention.cpp says which) fetched into its cache; the same operands but for q, H its heads
+void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rows,
+                     const torch::Tensor& pos, int64_t H);
 torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
                               const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,

@@ -36,7 +36,7 @@ LLAMARUN_AVX2 void add_rows(const c10::BFloat16* a, const c10::BFloat16* b, int6
   for (; i < n; ++i) out[i] = c10::BFloat16(float(a[i]) + float(b[i]));
 }
 
-// Rows [r0, r1) of t (a contiguous 2-D tensor).
+// Row r of t (a contiguous 2-D tensor).
 void* at_row(const torch::Tensor& t, int64_t r) {
   return static_cast<char*>(t.data_ptr()) + r * t.size(1) * t.element_size();
 }
