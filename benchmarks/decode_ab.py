@@ -7,10 +7,12 @@ decode and a memory read taken at another time. Here every round decodes --gen-t
 with each engine, back to back, and reads 1 GiB of memory (llamarun.memory_read's dot product
 in huge pages, where llamarun's weights are); the table gives per engine the median tok/s and
 weight GB/s, and the medians over rounds of its ratio to llama.cpp's decode and to the read of
-the same round. Each decode starts after the same 8-token prompt (compare.py's), greedy.
+the same round. Each decode starts after the same 8-token prompt (compare.py's; --prompt-tokens
+for a longer context), greedy.
 
     python benchmarks/decode_ab.py --models 1b --precisions bf16,q8_0,q4 [--rounds 7]
-        [--gen-tokens 32] [--engines llamarun,llamarun-compiled,llama.cpp] [--threads 2]
+        [--gen-tokens 32] [--prompt-tokens 8] [--engines llamarun,llamarun-compiled,llama.cpp]
+        [--threads 2]
         [--baseline REV | --baseline-tree REV]
 
 --baseline REV adds an engine "llamarun@REV": the eager decode of the same loaded model with
@@ -117,6 +119,7 @@ def with_kernels(ext: ModuleType, decode: Callable[[], float], model: Any) -> Ca
 
 def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
                      baseline: tuple[str, ModuleType] | None = None,
+                     prompt: int = compare.TG_PROMPT,
                      ) -> tuple[dict[str, Callable[[], float]], int]:
     """({engine: decode() -> tok/s}, weight bytes per token) for llamarun's engines on a file
     (all on one loaded checkpoint; "llamarun@SHA" with the baseline's kernels)."""
@@ -125,8 +128,8 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
     from llamarun.loaders import load_checkpoint
 
     ck = load_checkpoint(path, device="cpu", dtype=dtype, quantize="auto",
-                         max_seq_len=compare.TG_PROMPT + gen + 16)
-    ids = compare.prompt_ids(ck.args.vocab_size, compare.TG_PROMPT)
+                         max_seq_len=prompt + gen + 16)
+    ids = compare.prompt_ids(ck.args.vocab_size, prompt)
     out: dict[str, Callable[[], float]] = {}
     per_token = 0
     if baseline is not None:
@@ -149,12 +152,12 @@ def llamarun_decoder(path: Path, dtype: str, engines: list[str], gen: int,
 
 
 def tree_decoder(rev: str, path: Path, dtype: str, gen: int,
-                 threads: int) -> Callable[[], float]:
+                 threads: int, prompt: int = compare.TG_PROMPT) -> Callable[[], float]:
     """decode() -> tok/s of llamarun's eager decode at git revision rev (compare.baseline_tree),
     from a worker process (decode_worker) that loads the file once; decode.process is the
     worker (closing its stdin ends it)."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--decode-worker",
-                             str(path), dtype, str(gen)], stdin=subprocess.PIPE,
+                             str(path), dtype, str(gen), str(prompt)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,
                             env=compare.tree_env(compare.baseline_tree(rev), threads))
     assert proc.stdin is not None and proc.stdout is not None
@@ -174,23 +177,24 @@ def tree_decoder(rev: str, path: Path, dtype: str, gen: int,
     return decode
 
 
-def decode_worker(path: str, dtype: str, gen: int) -> None:
+def decode_worker(path: str, dtype: str, gen: int, prompt: int) -> None:
     """--decode-worker: load the file with the llamarun on sys.path (PYTHONPATH: a baseline tree),
     print "ready", then one decode's tok/s per line read from stdin."""
-    decode = llamarun_decoder(Path(path), dtype, ["llamarun"], gen)[0]["llamarun"]
+    decode = llamarun_decoder(Path(path), dtype, ["llamarun"], gen, prompt=prompt)[0]["llamarun"]
     print("ready", flush=True)
     for _ in sys.stdin:
         print(decode(), flush=True)
 
 
-def llama_cpp_decoder(path: Path, gen: int, threads: int) -> Callable[[], float]:
+def llama_cpp_decoder(path: Path, gen: int, threads: int,
+                      prompt: int = compare.TG_PROMPT) -> Callable[[], float]:
     """decode() -> tok/s of llama.cpp (llama-cpp-python) on the file, as compare.py times it."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=compare.TG_PROMPT + gen + 16,
-                          n_batch=compare.TG_PROMPT, n_threads=threads, n_threads_batch=threads,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt + gen + 16,
+                          n_batch=min(prompt, 512), n_threads=threads, n_threads_batch=threads,
                           verbose=False)
-    return compare.llama_cpp_decoder(llm, compare.prompt_ids(llm.n_vocab(), compare.TG_PROMPT),
+    return compare.llama_cpp_decoder(llm, compare.prompt_ids(llm.n_vocab(), prompt),
                                      gen)
 
 
@@ -219,13 +223,14 @@ def run(model: str, prec: str, a: argparse.Namespace, read: Callable[[], float])
     """The rows of one model x precision."""
     variant, dtype = compare.PRECISIONS[prec]
     path = compare.variant_files(model, (variant,))[variant]
-    decoders, per_token = llamarun_decoder(path, dtype, a.engines, a.gen_tokens, a.baseline_ext)
+    decoders, per_token = llamarun_decoder(path, dtype, a.engines, a.gen_tokens, a.baseline_ext,
+                                           a.prompt_tokens)
     if a.baseline_tree:
         decoders[f"llamarun@{compare.short_sha(a.baseline_tree)}"] = tree_decoder(
-            a.baseline_tree, path, dtype, a.gen_tokens, a.threads)
+            a.baseline_tree, path, dtype, a.gen_tokens, a.threads, a.prompt_tokens)
     bytes_per_token = {name: per_token for name in decoders}
     if "llama.cpp" in a.engines:
-        decoders["llama.cpp"] = llama_cpp_decoder(path, a.gen_tokens, a.threads)
+        decoders["llama.cpp"] = llama_cpp_decoder(path, a.gen_tokens, a.threads, a.prompt_tokens)
         bytes_per_token["llama.cpp"] = compare.gguf_facts(path)[1]
     for decode in decoders.values():  # warm-up (a compiled step runs slowly for a few seconds)
         start = time.perf_counter()
@@ -269,19 +274,22 @@ def main() -> None:
     ap.add_argument("--engines", type=compare._csv(ENGINES), default=list(ENGINES))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=compare.TG_PROMPT,
+                    help="the prompt before each decode (the context it attends)")
     ap.add_argument("--threads", type=int, default=2)
     base = ap.add_mutually_exclusive_group()
     base.add_argument("--baseline", default=None,
                       help="a git revision: also decode with llamarun's kernels built from it")
     base.add_argument("--baseline-tree", default=None,
                       help="a git revision: also decode with llamarun at it, in a worker process")
-    ap.add_argument("--decode-worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--decode-worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.decode_worker:
-        decode_worker(a.decode_worker[0], a.decode_worker[1], int(a.decode_worker[2]))
+        decode_worker(a.decode_worker[0], a.decode_worker[1], int(a.decode_worker[2]),
+                      int(a.decode_worker[3]))
         return
-    if a.rounds < 1 or a.gen_tokens < 1 or a.threads < 1:
-        ap.error("--rounds, --gen-tokens and --threads must be at least 1")
+    if a.rounds < 1 or a.gen_tokens < 1 or a.threads < 1 or a.prompt_tokens < 1:
+        ap.error("--rounds, --gen-tokens, --prompt-tokens and --threads must be at least 1")
     torch.set_num_threads(a.threads)
     from llamarun.device import device_name
 
@@ -289,7 +297,7 @@ def main() -> None:
 
     read = memory_reader()
     print(f"{device_name(torch.device('cpu'))}; torch {torch.__version__}; {a.threads} threads; "
-          f"tg{a.gen_tokens} after {compare.TG_PROMPT} tokens; {a.rounds} rounds, each engine "
+          f"tg{a.gen_tokens} after {a.prompt_tokens} tokens; {a.rounds} rounds, each engine "
           f"then a 1 GiB read; medians (ratios: of each round's)")
     print(f"{'model':8} {'precision':9} {'engine':17} {'tg tok/s':>8} {'GB/s':>6} "
           f"{'read GB/s':>9} {'GB/s vs read':>12} {'tg vs llama.cpp':>15} {'vs baseline':>11}")
