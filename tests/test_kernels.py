@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -732,12 +732,27 @@ ATTEND_CASES = [  # (tokens as (row, position), heads, kv heads, head_dim)
 ]
 
 
+@pytest.fixture(params=[8, 16], ids=["lanes8", "lanes16"])
+def attention_lanes(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The attention kernel's vector lanes for the test: 8 (AVX2), 16 (AVX-512, where the CPU has
+    it, and then its own choice), restored after."""
+    ext = kernels._extension()
+    try:
+        before = ext.attention_lanes(request.param)
+    except RuntimeError:
+        pytest.skip("no AVX-512 on this CPU")
+    yield request.param
+    ext.attention_lanes(before)
+
+
 @needs_attend
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", ATTEND_CASES)
 def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_heads: int,
-                                head_dim: int, cache_dtype: torch.dtype) -> None:
-    """Against float64 over the cache's values (a bfloat16 cache's widened exactly)."""
+                                head_dim: int, cache_dtype: torch.dtype,
+                                attention_lanes: int) -> None:
+    """Against float64 over the cache's values (a bfloat16 cache's widened exactly), at both
+    vector widths."""
     q, k, v, rows, pos = _attend_data(tokens, heads, kv_heads, head_dim)
     scale = head_dim ** -0.5
     y = kernels.attend(q, k.to(cache_dtype), v.to(cache_dtype), rows, pos, scale)
@@ -758,7 +773,8 @@ def test_attend_matches_float64(tokens: list[tuple[int, int]], heads: int, kv_he
 
 @needs_attend
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
-def test_attend_tokens_do_not_depend_on_the_pass(cache_dtype: torch.dtype) -> None:
+def test_attend_tokens_do_not_depend_on_the_pass(cache_dtype: torch.dtype,
+                                                 attention_lanes: int) -> None:
     tokens = [(0, 50), (1, 3), (1, 4), (1, 5), (2, 1000), (3, 0), (3, 1), (0, 2500), (2, 1024)]
     q, k, v, rows, pos = _attend_data(tokens, 9, 3, 64, seed=1)
     k, v = k.to(cache_dtype), v.to(cache_dtype)

@@ -1,4 +1,5 @@
-// Attention of packed tokens over their own cache rows on x86 CPUs (AVX2 + FMA): every token t
+// Attention of packed tokens over their own cache rows on x86 CPUs (AVX2 + FMA; the scores and
+// the values' sums 16 lanes wide where the CPU has AVX-512, see block_scores16): every token t
 // of a pass (decode rows, verifications, prompt chunks, whole prompts) attends positions
 // 0..pos[t] of cache row rows[t], one call for all the pass's rows and heads. (Against one
 // masked SDPA call per row it measured 1.0-1.3x SDPA's time for prompts of 512 and 2,048
@@ -122,6 +123,126 @@ LLAMARUN_AVX2 inline void weigh_rows(const float* p, const CT* v, int64_t ld, in
   }
 }
 
+// The scores of a block of n keys (rows kld apart) for G heads (q rows D apart) into s (head g's
+// at s + g * L8): 8 keys at a time by dot8, the tail by dot (the same sums).
+template <typename CT>
+LLAMARUN_AVX2 void block_scores(const float* q, int64_t G, int64_t D, const CT* kb, int64_t kld,
+                                int64_t n, float* s, int64_t L8) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int64_t g = 0; g < G; ++g) dot8(q + g * D, kb + t * kld, kld, D, s + g * L8 + t);
+  for (; t < n; ++t)
+    for (int64_t g = 0; g < G; ++g) s[g * L8 + t] = dot(q + g * D, kb + t * kld, D);
+}
+
+// The same with AVX-512 (16 lanes: half the multiply-adds and widenings a key; the sums' order
+// differs from the 8-lane code's, so a CPU's scores are always the one width's: attention_width).
+#define LLAMARUN_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// 16 values -> float32 (from bfloat16: its bits in the upper half), or 8 of them and 8 zeros.
+LLAMARUN_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LLAMARUN_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <typename T>
+LLAMARUN_AVX512 inline __m512 load8_of16(const T* p) {
+  return _mm512_zextps256_ps512(load8(p));
+}
+
+// A 16-lane sum: its halves added, then hsum8's tree.
+LLAMARUN_AVX512 inline __m256 halves(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// q . k over D values (a multiple of 8): chunks of 16 in order, a last 8 zero-padded.
+template <typename CT>
+LLAMARUN_AVX512 inline float dot16(const float* q, const CT* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(load16(q + d), load16(k + d), acc);
+  if (d < D) acc = _mm512_fmadd_ps(load8_of16(q + d), load8_of16(k + d), acc);
+  return hsum8(halves(acc));
+}
+
+// Eight keys at once; each result is what dot16 gives.
+template <typename CT>
+LLAMARUN_AVX512 inline void dot8x16(const float* q, const CT* k, int64_t ldk, int64_t D,
+                                    float* out) {
+  __m512 a[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 qv = load16(q + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qv, load16(k + j * ldk + d), a[j]);
+  }
+  if (d < D) {
+    const __m512 qv = load8_of16(q + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qv, load8_of16(k + j * ldk + d), a[j]);
+  }
+  __m256 h[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) h[j] = halves(a[j]);
+  _mm256_storeu_ps(out, hsum8x8(h));
+}
+
+template <typename CT>
+LLAMARUN_AVX512 void block_scores16(const float* q, int64_t G, int64_t D, const CT* kb,
+                                    int64_t kld, int64_t n, float* s, int64_t L8) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int64_t g = 0; g < G; ++g) dot8x16(q + g * D, kb + t * kld, kld, D, s + g * L8 + t);
+  for (; t < n; ++t)
+    for (int64_t g = 0; g < G; ++g) s[g * L8 + t] = dot16(q + g * D, kb + t * kld, D);
+}
+
+// acc (D values, a multiple of 8) += sum over t in [t0, t1) of p[t] v[t] (rows ld apart), in
+// position order, 16 lanes at a time: each value's multiply-adds are weigh_values' (the same
+// bits); N vectors of 16 and, with HALF, 8 values more, kept in registers through the range.
+template <int N, bool HALF, typename CT>
+LLAMARUN_AVX512 inline void weigh_values16(const float* p, const CT* v, int64_t ld, int64_t t0,
+                                           int64_t t1, float* acc) {
+  __m512 a[N > 0 ? N : 1];
+  __m256 b = HALF ? _mm256_loadu_ps(acc + 16 * N) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t t = t0; t < t1; ++t) {
+    const CT* vt = v + t * ld;
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i)
+      a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(vt + 16 * i), a[i]);
+    if constexpr (HALF) b = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(vt + 16 * N), b);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+  if constexpr (HALF) _mm256_storeu_ps(acc + 16 * N, b);
+}
+
+template <typename CT>
+LLAMARUN_AVX512 void weigh_rows16(const float* p, const CT* v, int64_t ld, int64_t D,
+                                  int64_t t0, int64_t t1, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 128 <= D; d0 += 128) weigh_values16<8, false>(p, v + d0, ld, t0, t1, acc + d0);
+  switch ((D - d0) / 8) {  // what is left of D: 8 to 120 values
+#define LLAMARUN_WEIGH(n8) \
+    case n8: weigh_values16<n8 / 2, n8 % 2 == 1>(p, v + d0, ld, t0, t1, acc + d0); break;
+    LLAMARUN_WEIGH(1) LLAMARUN_WEIGH(2) LLAMARUN_WEIGH(3) LLAMARUN_WEIGH(4) LLAMARUN_WEIGH(5)
+    LLAMARUN_WEIGH(6) LLAMARUN_WEIGH(7) LLAMARUN_WEIGH(8) LLAMARUN_WEIGH(9) LLAMARUN_WEIGH(10)
+    LLAMARUN_WEIGH(11) LLAMARUN_WEIGH(12) LLAMARUN_WEIGH(13) LLAMARUN_WEIGH(14)
+    LLAMARUN_WEIGH(15)
+#undef LLAMARUN_WEIGH
+    default: break;
+  }
+}
+
+// The attention's lanes: 16 where the CPU has AVX-512, else 8 (attention_lanes sets them).
+bool wide_supported() { return __builtin_cpu_supports("avx512f"); }
+std::atomic<int64_t> attention_width{wide_supported() ? 16 : 8};
+
 // s (L scores, room for L rounded up to 8) becomes exp(scale (s - max s)); returns their sum
 // and sets m to max s. The scale is applied once, after the max (scale > 0).
 LLAMARUN_AVX2 float softmax_weights(float* s, int64_t L, float scale, float& max_score) {
@@ -170,14 +291,22 @@ LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const CT* k, const CT*
   // (the same float32 values either way: the same bits)
   constexpr bool wide = std::is_same_v<CT, float>;
   const bool direct = wide || G == 1;
+  const bool lanes16 = attention_width.load(std::memory_order_relaxed) == 16;
+  // acc += the weighted values of rows [t0, t1) (rows ld apart): 16 lanes or 8, the same bits
+  const auto weigh = [&](const float* p, const auto* vb, int64_t vld, int64_t t0, int64_t t1,
+                         float* out) {
+    if (lanes16)
+      weigh_rows16(p, vb, vld, D, t0, t1, out);
+    else
+      weigh_rows(p, vb, vld, D, t0, t1, out);
+  };
   for (int64_t t0 = 0; t0 < L; t0 += block) {
     const int64_t n = std::min(block, L - t0);
     auto scores = [&](const auto* kb, int64_t kld) {  // the block's keys, rows kld apart
-      int64_t t = 0;
-      for (; t + 8 <= n; t += 8)
-        for (int64_t g = 0; g < G; ++g) dot8(q + g * D, kb + t * kld, kld, D, s + g * L8 + t0 + t);
-      for (; t < n; ++t)
-        for (int64_t g = 0; g < G; ++g) s[g * L8 + t0 + t] = dot(q + g * D, kb + t * kld, D);
+      if (lanes16)
+        block_scores16(q, G, D, kb, kld, n, s + t0, L8);
+      else
+        block_scores(q, G, D, kb, kld, n, s + t0, L8);
     };
     if constexpr (!wide) {
       if (!direct) {
@@ -196,12 +325,11 @@ LLAMARUN_AVX2 void attend_part(const float* q, int64_t G, const CT* k, const CT*
       if (!direct) {
         widen_rows(v + t0 * ld, ld, t1 - t0, D, kf);
         for (int64_t g = 0; g < G; ++g)
-          weigh_rows(s + g * L8 + t0, static_cast<const float*>(kf), D, D, 0, t1 - t0,
-                     acc + g * D);
+          weigh(s + g * L8 + t0, static_cast<const float*>(kf), D, 0, t1 - t0, acc + g * D);
         continue;
       }
     }
-    for (int64_t g = 0; g < G; ++g) weigh_rows(s + g * L8, v, ld, D, t0, t1, acc + g * D);
+    for (int64_t g = 0; g < G; ++g) weigh(s + g * L8, v, ld, t0, t1, acc + g * D);
   }
 }
 
@@ -507,6 +635,12 @@ torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
   return rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, {});
+}
+
+int64_t attention_lanes(int64_t lanes) {
+  TORCH_CHECK(lanes == 8 || (lanes == 16 && wide_supported()),
+              "attention_lanes: 8, or 16 on a CPU with AVX-512");
+  return attention_width.exchange(lanes);
 }
 
 bool attend_supported() {

@@ -321,6 +321,9 @@ torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
 namespace llamarun {
 
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
+// the attention's vector lanes from now on (8; 16 where the CPU has AVX-512, its choice: the
+// scores' sums differ in their last bits between the two), for tests; returns the lanes before
+int64_t attention_lanes(int64_t lanes);
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& rows, const torch::Tensor& pos, double scale);
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,

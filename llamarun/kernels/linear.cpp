@@ -1368,6 +1368,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dequant", &int8_dequant);
   m.def("f32_linear", &llamarun::f32_linear);
   m.def("f32_linear_by", &llamarun::f32_linear_by);
+  m.def("attention_lanes", &llamarun::attention_lanes);
   m.def("attend_supported", &llamarun::attend_supported);
   m.def("attend", &llamarun::attend);
   m.def("rope_write", &llamarun::rope_write);
