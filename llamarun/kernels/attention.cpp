@@ -618,23 +618,16 @@ void rope_write_to(const torch::Tensor& qkv, const torch::Tensor& freqs,
     write(xc.data_ptr<c10::BFloat16>());
 }
 
-// rope_write_to into q_out (output_of's: undefined, a new q)
-torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
-                              const torch::Tensor& q_out) {
-  TORCH_CHECK(k_cache.dim() == 4, "rope_write: caches");
-  const int64_t KVH = k_cache.size(1);
-  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
-  auto q = llamarun::output_of(q_out, {T, H, D}, qkv.options().dtype(at::kFloat), "rope_write");
-  rope_write_to(qkv, freqs, k_cache, v_cache, rows, pos, H, q);
-  return q;
-}
-
+// rope_write_to into a new q
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H) {
-  return rope_write_into(qkv, freqs, k_cache, v_cache, rows, pos, H, {});
+  TORCH_CHECK(k_cache.dim() == 4, "rope_write: caches");
+  const int64_t KVH = k_cache.size(1);
+  const int64_t T = rope_checks(qkv, freqs, H, KVH), D = qkv.size(1) / (H + 2 * KVH);
+  auto q = torch::empty({T, H, D}, qkv.options().dtype(at::kFloat));
+  rope_write_to(qkv, freqs, k_cache, v_cache, rows, pos, H, q);
+  return q;
 }
 
 int64_t attention_lanes(int64_t lanes) {
@@ -719,18 +712,13 @@ void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch
   }
 }
 
-torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
-                          const torch::Tensor& out_) {
-  TORCH_CHECK(q.dim() == 3, "attend: shapes");
-  auto out = out_.defined() ? out_ : torch::empty(q.sizes(), q.options());  // (attend_to checks)
-  attend_to(q, k, v, rows, pos, scale, out);
-  return out;
-}
-
+// attend_to into a new tensor
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const torch::Tensor& rows, const torch::Tensor& pos, double scale) {
-  return attend_into(q, k, v, rows, pos, scale, {});
+  TORCH_CHECK(q.dim() == 3, "attend: shapes");
+  auto out = torch::empty(q.sizes(), q.options());  // (attend_to checks the rest)
+  attend_to(q, k, v, rows, pos, scale, out);
+  return out;
 }
 
 }  // namespace llamarun

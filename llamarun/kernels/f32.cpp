@@ -97,21 +97,15 @@ bool f32_streams() {
   return stream;
 }
 
-static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
-                                   const torch::Tensor& out = {}) {
-  const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32", out);
+static torch::Tensor f32_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
+  const auto d = dense_operands(x, w, at::kFloat, "f32_linear", "float32");
   run_product(dense_plan(d.w, stream), d.x.data_ptr(), at::kFloat, d.M, d.y.data_ptr());
   return d.y;
 }
 
 // y (M, N) = x (M, K) @ w (N, K)^T, all float32 (a one-row pass in f32_streams' order).
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
-  return f32_linear_into(x, w, {});
-}
-
-torch::Tensor f32_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                              const torch::Tensor& out) {
-  return f32_linear_on(x, w, f32_streams(), out);
+  return f32_linear_on(x, w, f32_streams());
 }
 
 // f32_linear with a one-row pass's order given: "rows" or "blocks" (tests, benchmarks).

@@ -111,32 +111,22 @@ inline void check_output(const torch::Tensor& out, at::IntArrayRef sizes, at::Sc
               ": out of the result's shape (", sizes, "), contiguous, ", dtype);
 }
 
-// An op's output of `sizes` and `options`: a new tensor where `out` is undefined, else `out`
-// itself, checked (check_output): kernels.decode_layers passes buffers it keeps for all its
-// layers (a tensor's allocation cost a SmolLM2 decode layer about 0.4 us each).
-inline torch::Tensor output_of(const torch::Tensor& out, at::IntArrayRef sizes,
-                               const at::TensorOptions& options, const char* op) {
-  if (!out.defined()) return torch::empty(sizes, options);
-  check_output(out, sizes, options.dtype().toScalarType(), op);
-  return out;
-}
-
 // The operands of y (M, N) = x (M, K) @ w (N, K)^T with x and w both of `dtype`: checked
-// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y by output_of.
+// ("<op>: shapes", "<op>: <dtype_name> only"), made contiguous, and y allocated in x's options.
 struct DenseOperands {
   torch::Tensor x, w, y;
   int64_t M, K, N;
 };
 inline DenseOperands dense_operands(const torch::Tensor& x, const torch::Tensor& w,
                                     at::ScalarType dtype, const char* op,
-                                    const char* dtype_name, const torch::Tensor& out) {
+                                    const char* dtype_name) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op, ": shapes");
   TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, op, ": ", dtype_name,
               " only");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  return {xc, wc, output_of(out, {M, N}, xc.options(), op), M, K, N};
+  return {xc, wc, torch::empty({M, N}, xc.options()), M, K, N};
 }
 
 // n values of T for a thread's use within one call, kept from call to call (per thread and
@@ -310,14 +300,6 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& wscale);
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
                           const torch::Tensor& z, int64_t group, int64_t N);
-// the same products into `out` (output_of's)
-torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& out);
-torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& wscale, const torch::Tensor& out);
-torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& d, const torch::Tensor& z, int64_t group,
-                               int64_t N, const torch::Tensor& out);
 namespace llamarun {
 
 bool attend_supported();  // the CPU has what attend's code needs (AVX2, FMA)
@@ -329,10 +311,6 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 torch::Tensor rope_write(const torch::Tensor& qkv, const torch::Tensor& freqs,
                          torch::Tensor& k_cache, torch::Tensor& v_cache,
                          const torch::Tensor& rows, const torch::Tensor& pos, int64_t H);
-// the same into q / out ((T, H, D) float32, contiguous; undefined: a new tensor)
-torch::Tensor attend_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                          const torch::Tensor& rows, const torch::Tensor& pos, double scale,
-                          const torch::Tensor& out);
 // attend into out ((T, H, D) float32, contiguous), making no new reference to any operand (a
 // team's threads call it together: see contiguous_ref in attention.cpp)
 void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -342,11 +320,8 @@ void attend_to(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
 // (attention.cpp says which) fetched into its cache; the same operands but for q, H its heads
 void attend_prefetch(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rows,
                      const torch::Tensor& pos, int64_t H);
-torch::Tensor rope_write_into(const torch::Tensor& qkv, const torch::Tensor& freqs,
-                              const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                              const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
-                              const torch::Tensor& q);
-// the same into q (defined), making no new reference to any operand (as attend_to)
+// rope_write into q ((T, H, D) float32, contiguous), making no new reference to any operand (as
+// attend_to)
 void rope_write_to(const torch::Tensor& qkv, const torch::Tensor& freqs,
                    const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& rows, const torch::Tensor& pos, int64_t H,
@@ -354,10 +329,6 @@ void rope_write_to(const torch::Tensor& qkv, const torch::Tensor& freqs,
 // rowwise.cpp (run where attend_supported says so: the same features)
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul(const torch::Tensor& x);
-// the same into `out` (of the result's shape, contiguous, x's dtype; undefined: a new tensor)
-torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
-                            const torch::Tensor& out);
-torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out);
 // the same on rows of pointers (float32, or bfloat16: bf16), unchecked: x (rows, D), w (D) and
 // out (rows, D) for the norm; x (rows, 2H), out (rows, H) for SwiGLU
 void rms_norm_rows(const void* x, const void* w, bool bf16, int64_t rows, int64_t D, double eps,
@@ -366,8 +337,6 @@ void silu_mul_rows(const void* x, bool bf16, int64_t rows, int64_t H, void* out)
 torch::Tensor argmax_rows(const torch::Tensor& x);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor f32_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                              const torch::Tensor& out);
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);
 // layer.cpp: consecutive layers of a pass (where attend_supported says so), each by the
 // operands it keeps from pass to pass: its norms' weights, its 4 products (Q/K/V, output,

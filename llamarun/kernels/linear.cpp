@@ -1210,22 +1210,21 @@ void run_product(const ProductPlan& p, const void* x, at::ScalarType xtype, int6
 
 }  // namespace llamarun
 
-// y (M, N) = x (M, K) @ W^T by a plan of W, into out (output_of's; undefined: a new
-// tensor): x checked ("<op>: shapes", "<op>: x bfloat16 or float32").
+// y (M, N) = x (M, K) @ W^T by a plan of W, a new tensor: x checked ("<op>: shapes", "<op>: x
+// bfloat16 or float32").
 static torch::Tensor run_on(const llamarun::ProductPlan& p, const torch::Tensor& x,
-                            const torch::Tensor& out, const char* op) {
+                            const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == p.K, op, ": shapes");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op,
               ": x bfloat16 or float32");
   auto xc = x.contiguous();
-  auto y = llamarun::output_of(out, {xc.size(0), p.N}, xc.options(), op);
+  auto y = torch::empty({xc.size(0), p.N}, xc.options());
   llamarun::run_product(p, xc.data_ptr(), xc.scalar_type(), xc.size(0), y.data_ptr());
   return y;
 }
 
-static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream,
-                                    const torch::Tensor& out = {}) {
-  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16", out);
+static torch::Tensor bf16_linear_on(const torch::Tensor& x, const torch::Tensor& w, bool stream) {
+  auto d = llamarun::dense_operands(x, w, at::kBFloat16, "bf16_linear", "bfloat16");
   llamarun::run_product(llamarun::dense_plan(d.w, stream), d.x.data_ptr(), at::kBFloat16, d.M,
                         d.y.data_ptr());
   return d.y;
@@ -1236,20 +1235,14 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return bf16_linear_on(x, w, ROW_STREAM);
 }
 
-torch::Tensor bf16_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& out) {
-  return bf16_linear_on(x, w, ROW_STREAM, out);
-}
-
 torch::Tensor bf16_linear_by(const torch::Tensor& x, const torch::Tensor& w,
                              const std::string& order) {
   return bf16_linear_on(x, w, llamarun::rows_by_name(order, "bf16_linear_by"));
 }
 
 static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor& w,
-                                    const torch::Tensor& wscale, bool stream,
-                                    const torch::Tensor& out = {}) {
-  return run_on(llamarun::int8_plan(w, wscale, stream), x, out, "int8_linear");
+                                    const torch::Tensor& wscale, bool stream) {
+  return run_on(llamarun::int8_plan(w, wscale, stream), x, "int8_linear");
 }
 
 // y (M, N) = x (M, K) @ (w * wscale[:, None])^T with x quantized to int8 in blocks of QB;
@@ -1257,11 +1250,6 @@ static torch::Tensor int8_linear_on(const torch::Tensor& x, const torch::Tensor&
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& wscale) {
   return int8_linear_on(x, w, wscale, ROW_STREAM);
-}
-
-torch::Tensor int8_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& wscale, const torch::Tensor& out) {
-  return int8_linear_on(x, w, wscale, ROW_STREAM, out);
 }
 
 // int8_linear with a one-row pass's order given (AVX512-VNNI; AVX2 has one order).
@@ -1276,20 +1264,14 @@ torch::Tensor int8_linear_by(const torch::Tensor& x, const torch::Tensor& w,
 // by the rows, AMX from INT4_AMX_ROWS where it can, else VNNI where the CPU has it).
 static torch::Tensor int4_linear_on(const torch::Tensor& x, const torch::Tensor& w,
                                     const torch::Tensor& d, const torch::Tensor& z, int64_t group,
-                                    int64_t N, int code, const torch::Tensor& out = {}) {
+                                    int64_t N, int code) {
   TORCH_CHECK(x.dim() == 2, "int4_linear: shapes");
-  return run_on(llamarun::int4_plan(w, d, z, group, N, x.size(1), code), x, out, "int4_linear");
-}
-
-torch::Tensor int4_linear_into(const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& d, const torch::Tensor& z, int64_t group,
-                               int64_t N, const torch::Tensor& out) {
-  return int4_linear_on(x, w, d, z, group, N, -1, out);
+  return run_on(llamarun::int4_plan(w, d, z, group, N, x.size(1), code), x, "int4_linear");
 }
 
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
                           const torch::Tensor& z, int64_t group, int64_t N) {
-  return int4_linear_into(x, w, d, z, group, N, {});
+  return int4_linear_on(x, w, d, z, group, N, -1);
 }
 
 // int4_linear by the given code whatever the row count: "avx2", "vnni" or "amx" (tests compare

@@ -172,9 +172,7 @@ void silu_mul_rows(const void* x, bool bf16, int64_t rows, int64_t H, void* out)
 
 // x (..., D) float32 or bfloat16, weight (D) of the same dtype: the norm of every row of x, in
 // x's shape and dtype (bfloat16 computed in float32, each value rounded once at the end).
-// out: output_of's.
-torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps,
-                            const torch::Tensor& out_) {
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   weight.scalar_type() == x.scalar_type(),
               "rms_norm: float32 or bfloat16 only, x and weight alike");
@@ -184,19 +182,15 @@ torch::Tensor rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight,
   TORCH_CHECK(D > 0, "rms_norm: empty rows");
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
-  auto out = llamarun::output_of(out_, xc.sizes(), xc.options(), "rms_norm");
+  auto out = torch::empty(xc.sizes(), xc.options());
   rms_norm_rows(xc.data_ptr(), wc.data_ptr(), xc.scalar_type() == at::kBFloat16,
                 xc.numel() / D, D, eps, out.data_ptr());
   return out;
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  return rms_norm_into(x, weight, eps, {});
-}
-
 // x (..., 2H) float32 or bfloat16, gate then up: silu(x[..., :H]) * x[..., H:], shape (..., H),
 // x's dtype (bfloat16 computed in float32, each value rounded once at the end).
-torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out_) {
+torch::Tensor silu_mul(const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "silu_mul: float32 or bfloat16 only");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0 && x.size(-1) > 0,
@@ -205,13 +199,11 @@ torch::Tensor silu_mul_into(const torch::Tensor& x, const torch::Tensor& out_) {
   auto xc = x.contiguous();
   auto sizes = xc.sizes().vec();
   sizes.back() = H;
-  auto out = llamarun::output_of(out_, sizes, xc.options(), "silu_mul");
+  auto out = torch::empty(sizes, xc.options());
   silu_mul_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, xc.numel() / (2 * H), H,
                 out.data_ptr());
   return out;
 }
-
-torch::Tensor silu_mul(const torch::Tensor& x) { return silu_mul_into(x, {}); }
 
 // The index of each row's largest value of x (..., n) float32, the first where several tie: as
 // torch.max(x, -1).indices, which it replaces for greedy decoding (torch's measured 63 us for a
