@@ -21,8 +21,9 @@ so a sequence's logits do not depend on the rest of its decode batch.
 `attention.cpp` holds `attend`: float32 attention over a float32 or bfloat16 KV cache (and
 `rope_write`, which fills it), every token of a pass
 (decode rows, verifications, prompt chunks, whole prompts) over its own row's past, in one call
-(AVX2; AVX-512 for the scores and the values' sums where the CPU has it). `rowwise.cpp` holds the layers' other per-token ops (`rms_norm`, `silu_mul`; float32, and
-bfloat16 computed in float32).
+(AVX2; AVX-512 for the scores and the values' sums where the CPU has it). `rowwise.cpp` holds
+the layers' other per-token ops (`rms_norm`, `silu_mul`; float32, and bfloat16 computed in
+float32).
 With them, a float32 token's result on CPU does not depend on its pass, on how its prompt was
 cut into chunks, or on whether the pass ran compiled. `f32.cpp` (with `f32_kernel.h`, its code
 for both vector widths) holds the float32 product: AVX-512 where the CPU has it, else AVX2,

@@ -353,8 +353,6 @@ struct LayerStack {
     double scale;
   };
   std::vector<Layer> layers;
-  int64_t width = 0;                  // the layers' (their norms' size)
-  at::ScalarType dtype = at::kFloat;  // their norms' and activations'
   void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
            const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
            const torch::Tensor& v_cache, int64_t n_heads, double scale);

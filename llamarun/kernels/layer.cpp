@@ -101,18 +101,19 @@ int64_t cpus_allowed() {
   return std::max(1, CPU_COUNT(&set));
 }
 
-// f() by a team of the threads at::get_num_threads() allows, at most one per CPU this process
-// may use (one parallel region for all of f's ops), or by this thread alone where that is 1 or
-// a parallel region runs already. An error of a member ends the others at their next barrier and
-// is rethrown here. (More members than CPUs spin at barriers while the member they wait for
-// waits for a CPU: 4 threads on this 2-CPU machine decoded SmolLM2 at 2 tok/s before the bound.)
-// The members in_team's team would have (1: f() by this thread alone).
+// The members in_team's team would have: the threads at::get_num_threads() allows, at most one
+// per CPU this process may use (more members than CPUs spin at barriers while the member they
+// wait for waits for a CPU: 4 threads on this 2-CPU machine decoded SmolLM2 at 2 tok/s before
+// the bound); 1 where a parallel region runs already.
 int64_t team_size() {
   static const int64_t cpus = cpus_allowed();
   if (at::in_parallel_region()) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), cpus));
 }
 
+// f() by a team of team_size() members (one parallel region for all of f's ops), or by this
+// thread alone where that is 1. An error of a member ends the others at their next barrier and
+// is rethrown here.
 template <typename F>
 void in_team(F&& f) {
   const int64_t threads = team_size();
@@ -171,8 +172,6 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
     for (int i = 0; i < 4; ++i) same = same && first.products[i].N == layer.products[i].N;
     TORCH_CHECK(same, "decode_layers: a stack's layers are of one shape and dtype");
   }
-  width = D;
-  dtype = attn_norm.scalar_type();
   layers.push_back(std::move(layer));
 }
 
@@ -182,7 +181,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "decode_layers: x float32 or bfloat16");
   if (stack.layers.empty()) return x;
-  TORCH_CHECK(x.size(-1) == stack.width && x.scalar_type() == stack.dtype,
+  const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
+  TORCH_CHECK(x.size(-1) == norm.size(0) && x.scalar_type() == norm.scalar_type(),
               "decode_layers: x of the layers' width and dtype");
   const at::ScalarType dtype = x.scalar_type();
   const bool bf16 = dtype == at::kBFloat16;
