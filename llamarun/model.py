@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -296,7 +296,7 @@ class Transformer(nn.Module):
         # _parts' answer per kind of pass (kernels.layer_pass): the modules and their weights
         # never change after loading, so each kind is asked once (setup_caches forgets them:
         # the stacks hold the caches)
-        self._parts_by_kind: dict[tuple, list[Any]] = {}  # type: ignore[type-arg]
+        self._parts_by_kind: dict[tuple, tuple[list[Any], bool]] = {}  # type: ignore[type-arg]
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
@@ -399,28 +399,34 @@ class Transformer(nn.Module):
     def _run(self, tokens: torch.Tensor, freqs: torch.Tensor, step: Step | None,
              output_idx: torch.Tensor | None) -> torch.Tensor:
         h = self._embed(tokens)[None]  # (1, T, dim)
-        for part in self._parts(h, step):
+        parts, headed = self._parts(h, step)
+        for i, part in enumerate(parts):
             if isinstance(part, TransformerBlock):
                 h = part(h, freqs, step)
-            else:
-                assert step is not None
-                h = kernels.decode_layers(h, part, freqs, step.rows, step.pos)
+                continue
+            assert step is not None
+            if headed and output_idx is None and i == len(parts) - 1:  # and the head: logits
+                return kernels.decode_logits(h, part, freqs, step.rows, step.pos)[0]
+            h = kernels.decode_layers(h, part, freqs, step.rows, step.pos)
         if output_idx is not None:
             h = h[:, output_idx]
         return self._logits(h)[0]  # (T or len(output_idx), vocab)
 
-    def _parts(self, x: torch.Tensor, step: Step | None) -> Iterable[TransformerBlock | Any]:
+    def _parts(self, x: torch.Tensor,
+               step: Step | None) -> tuple[Sequence[TransformerBlock | Any], bool]:
         """The layers of a pass like x's in order, each run of consecutive layers that
         kernels.decode_layers can take (TransformerBlock.fused_operands) as one
         kernels.layer_stack in place of their modules: eager passes on CPU over a KV cache, one
-        call for all layers of a model whose every layer qualifies."""
+        call for all layers of a model whose every layer qualifies. And whether the last part is
+        such a stack holding the final norm and output product too (head_operands), for
+        kernels.decode_logits."""
         if step is None or step.window:
-            return self.layers
+            return self.layers, False
         key = kernels.layer_pass(x)
         if key is None:
-            return self.layers
-        parts = self._parts_by_kind.get(key)
-        if parts is None:  # the first pass of its kind: every later one reuses the answer
+            return self.layers, False
+        known = self._parts_by_kind.get(key)
+        if known is None:  # the first pass of its kind: every later one reuses the answer
             parts, run = [], []
             for layer in self.layers:
                 operands = layer.fused_operands(x)
@@ -431,10 +437,22 @@ class Transformer(nn.Module):
                     parts.append(kernels.layer_stack(run))
                     run = []
                 parts.append(layer)
+            head = self.head_operands(x) if run else None
             if run:
-                parts.append(kernels.layer_stack(run))
-            self._parts_by_kind[key] = parts
-        return parts
+                parts.append(kernels.layer_stack(run, head))
+            known = self._parts_by_kind[key] = (parts, head is not None)
+        return known
+
+    def head_operands(self, x: torch.Tensor) -> kernels.HeadOperands | None:
+        """The final norm and output product for kernels.decode_logits in passes like x's (a
+        layer's output), where _logits would run llamarun's kernels on them anyway; None where
+        it would not, or where a tensor-parallel rank gathers its part of the vocabulary."""
+        product = (self.output.kernel_product(x) if hasattr(self.output, "kernel_product")
+                   else None)
+        if self.vocab is not None or product is None or not kernels.serves_rowwise(
+                x, self.norm.weight):
+            return None
+        return kernels.HeadOperands(self.norm.weight, self.norm.eps, product)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:

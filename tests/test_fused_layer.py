@@ -60,30 +60,37 @@ def _model(folder: Path, dtype: str, quantize: str | None, group_size: int = 32)
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A counter, in a list of one, of the layers run by kernels.decode_layers from now on."""
-    calls = [0]
-    real = kernels.decode_layers
+    """Counters of the layers run by kernels.decode_layers or decode_logits from now on, and
+    of the heads run by decode_logits."""
+    calls = [0, 0]
 
-    def counted(x, stack, *args):  # type: ignore[no-untyped-def]
-        calls[0] += len(stack)
-        return real(x, stack, *args)
+    def counting(real, heads):  # type: ignore[no-untyped-def]
+        def counted(x, stack, *args):  # type: ignore[no-untyped-def]
+            calls[0] += len(stack)
+            calls[1] += heads
+            return real(x, stack, *args)
+        return counted
 
-    monkeypatch.setattr(kernels, "decode_layers", counted)
+    monkeypatch.setattr(kernels, "decode_layers", counting(kernels.decode_layers, 0))
+    monkeypatch.setattr(kernels, "decode_logits", counting(kernels.decode_logits, 1))
     return calls
 
 
-def _run(model: Transformer, fuse: bool,
-         monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[int]]:
-    """Every pass's logits, and how many layers each pass ran through decode_layers."""
+def _run(model: Transformer, fuse: bool, monkeypatch: pytest.MonkeyPatch,
+         heads: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Every pass's logits, and how many layers each pass ran through decode_layers or
+    decode_logits (appended to `heads`: whether decode_logits ran the pass's head)."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(kernels, "fuse_layers", fuse)
     model.reset_caches()
     logits, fused = [], []
     with torch.inference_mode():
         for spans, ids in PASSES:
-            before = calls[0]
+            before = list(calls)
             logits.append(model.forward_spans(torch.tensor(ids), spans))
-            fused.append(calls[0] - before)
+            fused.append(calls[0] - before[0])
+            if heads is not None:
+                heads.append(calls[1] - before[1])
     return logits, fused
 
 
@@ -98,15 +105,21 @@ def _caches(model: Transformer) -> list[torch.Tensor]:
 def test_fused_layers_give_the_op_by_op_numbers(folder: Path, dtype: str, quantize: str | None,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(folder, dtype, quantize)
-    fused_logits, fused_calls = _run(model, True, monkeypatch)
+    heads: list[int] = []
+    fused_logits, fused_calls = _run(model, True, monkeypatch, heads)
     fused_caches = _caches(model)
-    plain_logits, plain_calls = _run(model, False, monkeypatch)
-    assert plain_calls == [0] * len(PASSES)
+    plain_heads: list[int] = []
+    plain_logits, plain_calls = _run(model, False, monkeypatch, plain_heads)
+    assert plain_calls == [0] * len(PASSES) and plain_heads == [0] * len(PASSES)
     layers = len(model.layers)
     # Every pass is fused, but for bfloat16 dense weights the 10-token prefill (the bfloat16
-    # kernel takes up to kernels.MAX_ROWS rows: past that, oneDNN's GEMM, op by op).
+    # kernel takes up to kernels.MAX_ROWS rows: past that, oneDNN's GEMM, op by op). The
+    # fused passes end with the final norm and output product (every token's logits) in the
+    # same call, whether the rows' ops run whole by each thread (decode: 3 or 1 tokens) or
+    # split by rows (6 and 10 tokens).
     first = 0 if dtype == "bfloat16" and quantize is None else layers
     assert fused_calls == [first, layers, layers, layers]
+    assert heads == [int(first > 0), 1, 1, 1]
     for a, b in zip(fused_logits, plain_logits):
         assert torch.equal(a, b)
     for a, b in zip(fused_caches, _caches(model)):
@@ -146,9 +159,10 @@ def test_a_layer_asks_its_modules_once_per_kind_of_pass(folder: Path,
         model.forward_spans(torch.tensor([1, 2, 3]), [Span(0, 0, 3)])
         for i in range(3):
             model.forward_spans(torch.tensor([4 + i]), [Span(0, 3 + i, 1)])
-    per_layer = 4  # products a layer asks about
-    assert asked == [3] * per_layer * len(model.layers) + [1] * per_layer * len(model.layers)
-    assert calls[0] == 4 * len(model.layers)
+    assert type(model.output) is type(model.layers[0].attention.wqkv)  # (int8 too)
+    per_pass = 4 * len(model.layers) + 1  # products the layers ask about, and the head
+    assert asked == [3] * per_pass + [1] * per_pass
+    assert calls == [4 * len(model.layers), 4]  # each pass's logits by decode_logits
 
 
 def test_tensor_parallel_layers_run_op_by_op(folder: Path,
@@ -186,14 +200,12 @@ def test_layers_that_qualify_run_in_one_call_beside_those_that_do_not(
     first = model.layers[0].attention.wqkv
     monkeypatch.setattr(first, "kernel_product", lambda x: None)  # no kernel: layer 0 op by op
     monkeypatch.setattr(kernels, "fuse_layers", True)
-    stacks: list[int] = []
-    real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers",
-                        lambda x, stack, *a: stacks.append(len(stack)) or real(x, stack, *a))
+    calls = _count_calls(monkeypatch)
     model.reset_caches()
     with torch.inference_mode():
         logits = [model.forward_spans(torch.tensor(ids), spans) for spans, ids in PASSES]
-    assert stacks == [1] * len(PASSES)  # layer 1 alone, after layer 0 op by op, in every pass
+    # layer 1 alone (and the head), after layer 0 op by op, in every pass
+    assert calls == [len(PASSES), len(PASSES)]
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
     assert all(torch.equal(a, b) for a, b in zip(_caches(model), plain_caches))
 
@@ -241,6 +253,14 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
     with pytest.raises(RuntimeError, match="of one shape and dtype"):
         kernels.layer_stack([operands, other])
     stack = kernels.layer_stack([operands])
+    with pytest.raises(RuntimeError, match="the stack has no head"):
+        kernels.decode_logits(x, stack, model.freqs[pos], rows, pos)
+    head = model.head_operands(x)
+    assert head is not None
+    with pytest.raises(RuntimeError, match="the head's norm is not of the layers' width"):
+        stack.set_head(head.norm[:64], head.eps, head.product)
+    with pytest.raises(RuntimeError, match="the head's norm is not of the layers' width"):
+        stack.set_head(head.norm.bfloat16(), head.eps, head.product)
     with pytest.raises(RuntimeError, match="the layers' width and dtype"):
         kernels.decode_layers(x.bfloat16(), stack, model.freqs[pos], rows, pos)
     with pytest.raises(RuntimeError, match="the layers' width and dtype"):

@@ -686,13 +686,24 @@ class LayerOperands(NamedTuple):
     scale: float
 
 
-def layer_stack(layers: Sequence[LayerOperands]) -> Any:
+class HeadOperands(NamedTuple):
+    """The model's final norm and output product, for decode_logits."""
+
+    norm: torch.Tensor
+    eps: float
+    product: Product
+
+
+def layer_stack(layers: Sequence[LayerOperands], head: HeadOperands | None = None) -> Any:
     """Consecutive layers for decode_layers: an object of the extension holding each layer's
-    operands (made once per kind of pass: model.Transformer)."""
+    operands (made once per kind of pass: model.Transformer); with the model's `head` after
+    the last of them, for decode_logits too."""
     stack = _extension().LayerStack()
     for op in layers:
         stack.add(op.attn_norm, op.ffn_norm, op.eps, list(op.products), op.k_cache, op.v_cache,
                   op.n_heads, op.scale)
+    if head is not None:
+        stack.set_head(head.norm, head.eps, head.product)
     return stack
 
 
@@ -708,6 +719,16 @@ def decode_layers(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.
     one by one, README "How generation works"); one call for all layers instead of one a layer
     saves the Python between them. Eager passes only (layer_pass)."""
     return _extension().decode_layers(x, stack, freqs, rows, pos)
+
+
+def decode_logits(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+    """decode_layers, then the model's final norm and output product (the stack's head, see
+    layer_stack) in the same call: float32 logits (..., vocab) of every token of x, the same
+    numbers as rms_norm, the product and .float() one by one. Those three cost a SmolLM2
+    decode token about 60 us of Python and thread starts around the product's own time
+    (check serves_rowwise for the norm and the product's *_product, as for the layers)."""
+    return _extension().decode_logits(x, stack, freqs, rows, pos)
 
 
 def summary(device: torch.device) -> str:

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -353,11 +354,23 @@ struct LayerStack {
     double scale;
   };
   std::vector<Layer> layers;
+  // The model's final norm and output product, after the last layer (decode_logits)
+  struct Head {
+    torch::Tensor norm;
+    double eps;
+    ProductPlan product;
+  };
+  std::optional<Head> head;
   void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
            const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
            const torch::Tensor& v_cache, int64_t n_heads, double scale);
+  void set_head(const torch::Tensor& norm, double eps, const ProductArgs& product);
 };
 torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos);
+// decode_layers, then the stack's head: float32 logits (..., N) of x's rows
+torch::Tensor decode_logits(const torch::Tensor& x, const LayerStack& stack,
                             const torch::Tensor& freqs, const torch::Tensor& rows,
                             const torch::Tensor& pos);
 

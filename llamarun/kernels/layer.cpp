@@ -36,6 +36,13 @@ LLAMARUN_AVX2 void add_rows(const c10::BFloat16* a, const c10::BFloat16* b, int6
   for (; i < n; ++i) out[i] = c10::BFloat16(float(a[i]) + float(b[i]));
 }
 
+// out[i] = float(x[i]), n values.
+LLAMARUN_AVX2 void widen_rows(const c10::BFloat16* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+  for (; i < n; ++i) out[i] = float(x[i]);
+}
+
 // Row r of t (a contiguous 2-D tensor).
 void* at_row(const torch::Tensor& t, int64_t r) {
   return static_cast<char*>(t.data_ptr()) + r * t.size(1) * t.element_size();
@@ -62,12 +69,13 @@ void residual_add(const torch::Tensor& a, const torch::Tensor& b, const torch::T
 // row ops' outputs are `own`, one set per member where each runs them whole (see decode_layers).
 struct Buffers {
   torch::Tensor qkv, q, y, o, gate_up, down;
+  torch::Tensor logits, widened;  // the head's outputs (decode_logits), bfloat16 ones widened
   struct Own {
     torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
   };
   std::vector<Own> own;
   Buffers(const llamarun::LayerStack::Layer& l, int64_t T, int64_t D, int64_t members,
-          const at::TensorOptions& options) {
+          const at::TensorOptions& options, const llamarun::LayerStack::Head* head) {
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
     const int64_t H = l.n_heads, HD = l.k_cache.size(3);
     const auto f32 = options.dtype(at::kFloat);
@@ -77,6 +85,10 @@ struct Buffers {
     o = torch::empty({T, o_p.N}, options);
     gate_up = torch::empty({T, up_p.N}, options);
     down = torch::empty({T, down_p.N}, options);
+    if (head != nullptr) {
+      logits = torch::empty({T, head->product.N}, options);
+      widened = options.dtype() == at::kFloat ? logits : torch::empty_like(logits, f32);
+    }
     own.resize(members);
     for (auto& m : own) {
       m.normed = torch::empty({T, D}, options);
@@ -175,12 +187,25 @@ void LayerStack::add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_no
   layers.push_back(std::move(layer));
 }
 
-torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
-                            const torch::Tensor& freqs, const torch::Tensor& rows,
-                            const torch::Tensor& pos) {
+void LayerStack::set_head(const torch::Tensor& norm, double eps, const ProductArgs& product) {
+  TORCH_CHECK(!layers.empty() && norm.dim() == 1 && norm.sizes() == layers[0].attn_norm.sizes() &&
+                  norm.scalar_type() == layers[0].attn_norm.scalar_type(),
+              "decode_logits: the head's norm is not of the layers' width and dtype");
+  const auto& [kind, a, b, c, group, n] = product;
+  head = Head{norm.contiguous(), eps, plan_product(kind, a, b, c, group, n, norm.size(0))};
+}
+
+namespace {
+
+// decode_layers' work, then with `logits` the stack's head (decode_logits).
+torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
+                         const torch::Tensor& freqs, const torch::Tensor& rows,
+                         const torch::Tensor& pos, bool logits) {
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "decode_layers: x float32 or bfloat16");
   if (stack.layers.empty()) return x;
+  TORCH_CHECK(!logits || stack.head.has_value(), "decode_logits: the stack has no head");
+  const LayerStack::Head* head = logits ? &*stack.head : nullptr;
   const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
   TORCH_CHECK(x.size(-1) == norm.size(0) && x.scalar_type() == norm.scalar_type(),
               "decode_layers: x of the layers' width and dtype");
@@ -202,7 +227,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   constexpr int64_t WHOLE_ROWS = 4;
   const int64_t members = team_size();
   const bool whole = T < WHOLE_ROWS;
-  Buffers b(stack.layers[0], T, D, whole ? members : 1, x.options());
+  Buffers b(stack.layers[0], T, D, whole ? members : 1, x.options(), head);
   const auto layers = [&]() {
     auto& me = b.own[whole && llamarun::t_team != nullptr ? llamarun::t_rank : 0];
     // f(r0, r1) over the rows [0, T): all of them by each member, or a share each
@@ -246,10 +271,41 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
       product(me.hidden, dtype, down_p, b.down);
       pending = &b.down;
     }
-    by_rows([&](int64_t r0, int64_t r1) { residual_add(*h, b.down, me.out, r0, r1); });
+    by_rows([&](int64_t r0, int64_t r1) {
+      residual_add(*h, b.down, me.out, r0, r1);
+      if (head != nullptr)  // the final norm, as the model's RMSNorm calls it
+        llamarun::rms_norm_rows(at_row(me.out, r0), head->norm.data_ptr(), bf16, r1 - r0, D,
+                                head->eps, at_row(me.normed, r0));
+    });
+    if (head == nullptr) return;
+    product(me.normed, dtype, head->product, b.logits);
+    if (bf16) {  // widened as .float() does, each member a share of the columns of every row
+      const int64_t N = head->product.N;
+      const auto [c0, c1] = llamarun::team_range(N);
+      for (int64_t r = 0; r < T; ++r)
+        widen_rows(static_cast<const c10::BFloat16*>(at_row(b.logits, r)) + c0, c1 - c0,
+                   b.widened.data_ptr<float>() + r * N + c0);
+    }
   };
   in_team(layers);
-  return b.own[0].out.view(x.sizes());
+  if (head == nullptr) return b.own[0].out.view(x.sizes());
+  auto sizes = x.sizes().vec();
+  sizes.back() = head->product.N;
+  return b.widened.view(sizes);
+}
+
+}  // namespace
+
+torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos) {
+  return run_layers(x, stack, freqs, rows, pos, false);
+}
+
+torch::Tensor decode_logits(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos) {
+  return run_layers(x, stack, freqs, rows, pos, true);
 }
 
 }  // namespace llamarun

@@ -1362,6 +1362,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<llamarun::LayerStack>(m, "LayerStack", py::module_local())
       .def(py::init<>())
       .def("add", &llamarun::LayerStack::add)
+      .def("set_head", &llamarun::LayerStack::set_head)
       .def("__len__", [](const llamarun::LayerStack& s) { return s.layers.size(); });
   m.def("decode_layers", &llamarun::decode_layers);
+  m.def("decode_logits", &llamarun::decode_logits);
 }
