@@ -108,7 +108,11 @@ LLAMARUN_AVX512 void bf16_block(const uint16_t* x, int64_t ldx, const uint16_t* 
 }
 
 // One activation row over nrows weight rows, one row at a time (see ROW_STREAM): per output
-// bf16_block<1, NR>'s instructions in its order.
+// bf16_block<1, NR>'s instructions in its order. It prefetches 4 KiB ahead with the
+// non-temporal hint (see FAR_PREFETCH: a decode's weights then push less of what the rest of the
+// token reuses out of the caches): decode_ab --baseline, AMD EPYC (Zen 5), SmolLM2 BF16 1.039x,
+// 1.062x, 1.030x, the 1B shape 1.043x in a slow-memory minute, 0.978x in a fast one. (Without the
+// hint: 0.97 of the read against 0.95 for one product alone in a fast minute, so it had none.)
 LLAMARUN_AVX512 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t nrows, int64_t K,
                               float* out) {
   for (int64_t j = 0; j < nrows; ++j) {
@@ -117,9 +121,11 @@ LLAMARUN_AVX512 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t nrow
     int64_t k = 0;
     for (; k + 32 * STEP <= K; k += 32 * STEP)
 #pragma GCC unroll 4
-      for (int u = 0; u < STEP; ++u)
+      for (int u = 0; u < STEP; ++u) {
+        _mm_prefetch((const char*)(row + k + 32 * u) + PREFETCH, _MM_HINT_NTA);
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + k + 32 * u),
                                (__m512bh)_mm512_loadu_si512(row + k + 32 * u));
+      }
     for (; k + 32 <= K; k += 32)
       acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + k),
                              (__m512bh)_mm512_loadu_si512(row + k));
@@ -380,6 +386,12 @@ inline void prefetch_pair(const uint8_t* wp) {
 // read of 84-92 GB/s), 4 rows 52-59 -> 58-61 (AMD EPYC, Zen 5, 2 threads, 128 MiB of K = 2048,
 // 4096 and 8192 tiles in huge pages, scratch A/B in turns with the read; 6 KiB ahead in between,
 // 16 KiB and 2 KiB slower, no prefetch 65-70). Intel CPUs keep 4 KiB into L2 (measured there).
+// With the non-temporal hint (_MM_HINT_NTA) rather than T0: one product alone streams as fast
+// (0.98-1.005x), but a whole decode is faster, the weights no longer pushing out of the caches
+// what the rest of the token reuses (decode_ab --baseline, Zen 5: SmolLM2 Q4_0 1.061x, 1.024x,
+// 1.027x, the 1B shape 1.002x and 1.043x; 4 KiB ahead then 0.985x / 1.018x, 16 KiB 0.97x /
+// 0.98x; the int8 rows' prefetch with the hint 0.95-1.03x: they keep T0; float32 rows with a
+// prefetch 0.97-1.08x by the minute: they keep none).
 constexpr int64_t FAR_PREFETCH = 8192;
 
 // The rows' order in a tile's lanes (see int4_tile: what _mm256_hadd_epi32 makes of two vectors
@@ -476,7 +488,7 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
     // weights streamed from memory (Intel Xeon, 2 threads; 4 rows the same within 2%); FAR (AMD):
     // see FAR_PREFETCH
     if constexpr (FAR)
-      prefetch_pair<_MM_HINT_T0, FAR_PREFETCH>(wp);
+      prefetch_pair<_MM_HINT_NTA, FAR_PREFETCH>(wp);
     else
       prefetch_pair<_MM_HINT_T1>(wp);
     __m512i lo[4], hi[4];  // chunk c of blocks 2p (low nibbles) and 2p + 1 (high), row r in qword r
