@@ -343,7 +343,7 @@ class Transformer(nn.Module):
         if not self.has_kv_cache:
             if start != 0:
                 raise ValueError("without a KV cache, a forward pass starts at position 0")
-            return torch.stack([self._run(tokens[b], self.freqs[input_pos], None, output_idx)
+            return torch.stack([self._run(tokens[b], input_pos, None, output_idx)
                                 for b in range(bsz)])
         if row + bsz > self.max_batch_size:
             raise ValueError(f"a batch of {bsz} from row {row} exceeds the KV cache's "
@@ -394,39 +394,46 @@ class Transformer(nn.Module):
     def run_step(self, tokens: torch.Tensor, step: Step,
                  output_idx: torch.Tensor | None = None) -> torch.Tensor:
         """forward_spans with its Step made already (the function a compiled step traces)."""
-        return self._run(tokens, self.freqs[step.pos], step, output_idx)
+        return self._run(tokens, step.pos, step, output_idx)
 
-    def _run(self, tokens: torch.Tensor, freqs: torch.Tensor, step: Step | None,
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, step: Step | None,
              output_idx: torch.Tensor | None) -> torch.Tensor:
-        h = self._embed(tokens)[None]  # (1, T, dim)
-        parts, headed = self._parts(h, step)
+        """The pass over tokens at positions pos (their rows of the RoPE table)."""
+        parts, headed, embeds = self._parts(tokens, step)
+        # (1, T, dim), or the ids where the first layer stack embeds them
+        h = tokens[None] if embeds else self._embed(tokens)[None]
+        freqs = None  # the tokens' rows of the table, where a layer runs op by op
         for i, part in enumerate(parts):
             if isinstance(part, TransformerBlock):
+                if freqs is None:
+                    freqs = self.freqs[pos]
                 h = part(h, freqs, step)
                 continue
             assert step is not None
             if headed and output_idx is None and i == len(parts) - 1:  # and the head: logits
-                return kernels.decode_logits(h, part, freqs, step.rows, step.pos)[0]
-            h = kernels.decode_layers(h, part, freqs, step.rows, step.pos)
+                return kernels.decode_logits(h, part, self.freqs, step.rows, step.pos)[0]
+            h = kernels.decode_layers(h, part, self.freqs, step.rows, step.pos)
         if output_idx is not None:
             h = h[:, output_idx]
         return self._logits(h)[0]  # (T or len(output_idx), vocab)
 
-    def _parts(self, x: torch.Tensor,
-               step: Step | None) -> tuple[Sequence[TransformerBlock | Any], bool]:
-        """The layers of a pass like x's in order, each run of consecutive layers that
+    def _parts(self, tokens: torch.Tensor,
+               step: Step | None) -> tuple[Sequence[TransformerBlock | Any], bool, bool]:
+        """The layers of a pass over tokens in order, each run of consecutive layers that
         kernels.decode_layers can take (TransformerBlock.fused_operands) as one
         kernels.layer_stack in place of their modules: eager passes on CPU over a KV cache, one
         call for all layers of a model whose every layer qualifies. And whether the last part is
         such a stack holding the final norm and output product too (head_operands), for
-        kernels.decode_logits."""
+        kernels.decode_logits; and whether the first is one holding the embedding
+        (embedding_operands), which then takes the token ids."""
         if step is None or step.window:
-            return self.layers, False
-        key = kernels.layer_pass(x)
+            return self.layers, False, False
+        key = kernels.layer_pass(tokens, self.norm.weight.dtype)  # (the hidden states' dtype)
         if key is None:
-            return self.layers, False
+            return self.layers, False, False
         known = self._parts_by_kind.get(key)
         if known is None:  # the first pass of its kind: every later one reuses the answer
+            x = self._embed(tokens)[None]
             parts, run = [], []
             for layer in self.layers:
                 operands = layer.fused_operands(x)
@@ -440,8 +447,25 @@ class Transformer(nn.Module):
             head = self.head_operands(x) if run else None
             if run:
                 parts.append(kernels.layer_stack(run, head))
-            known = self._parts_by_kind[key] = (parts, head is not None)
+            embedding = self.embedding_operands(x)
+            if embedding is not None and not isinstance(parts[0], TransformerBlock):
+                parts[0].set_embedding(*embedding)  # (the first stack, which layer 0 begins)
+            else:
+                embedding = None
+            known = self._parts_by_kind[key] = (parts, head is not None, embedding is not None)
         return known
+
+    def embedding_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The embedding's (table, scales) for kernels.layer_stack, where its rows are x's
+        dtype (a plain table, or Int8Embedding's); None for a tensor-parallel rank's part of
+        the vocabulary."""
+        table = self.tok_embeddings
+        if self.vocab is not None:
+            return None
+        if type(table) is nn.Embedding:
+            return (table.weight, table.weight[:0]) if table.weight.dtype == x.dtype else None
+        kernel_table = getattr(table, "kernel_table", None)
+        return kernel_table(x.dtype) if kernel_table is not None else None
 
     def head_operands(self, x: torch.Tensor) -> kernels.HeadOperands | None:
         """The final norm and output product for kernels.decode_logits in passes like x's (a

@@ -60,14 +60,15 @@ def _model(folder: Path, dtype: str, quantize: str | None, group_size: int = 32)
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counters of the layers run by kernels.decode_layers or decode_logits from now on, and
-    of the heads run by decode_logits."""
-    calls = [0, 0]
+    """Counters of the layers run by kernels.decode_layers or decode_logits from now on, of
+    the heads run by decode_logits, and of the calls given token ids (the stack embeds them)."""
+    calls = [0, 0, 0]
 
     def counting(real, heads):  # type: ignore[no-untyped-def]
         def counted(x, stack, *args):  # type: ignore[no-untyped-def]
             calls[0] += len(stack)
             calls[1] += heads
+            calls[2] += x.dtype == torch.int64
             return real(x, stack, *args)
         return counted
 
@@ -79,7 +80,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def _run(model: Transformer, fuse: bool, monkeypatch: pytest.MonkeyPatch,
          heads: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Every pass's logits, and how many layers each pass ran through decode_layers or
-    decode_logits (appended to `heads`: whether decode_logits ran the pass's head)."""
+    decode_logits (appended to `heads`: whether decode_logits ran the pass's head, and whether
+    the pass's first layer stack took its token ids)."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(kernels, "fuse_layers", fuse)
     model.reset_caches()
@@ -90,7 +92,7 @@ def _run(model: Transformer, fuse: bool, monkeypatch: pytest.MonkeyPatch,
             logits.append(model.forward_spans(torch.tensor(ids), spans))
             fused.append(calls[0] - before[0])
             if heads is not None:
-                heads.append(calls[1] - before[1])
+                heads.append((calls[1] - before[1], calls[2] - before[2]))
     return logits, fused
 
 
@@ -105,21 +107,24 @@ def _caches(model: Transformer) -> list[torch.Tensor]:
 def test_fused_layers_give_the_op_by_op_numbers(folder: Path, dtype: str, quantize: str | None,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(folder, dtype, quantize)
-    heads: list[int] = []
+    heads: list[tuple[int, int]] = []
     fused_logits, fused_calls = _run(model, True, monkeypatch, heads)
     fused_caches = _caches(model)
-    plain_heads: list[int] = []
+    plain_heads: list[tuple[int, int]] = []
     plain_logits, plain_calls = _run(model, False, monkeypatch, plain_heads)
-    assert plain_calls == [0] * len(PASSES) and plain_heads == [0] * len(PASSES)
+    assert plain_calls == [0] * len(PASSES) and plain_heads == [(0, 0)] * len(PASSES)
     layers = len(model.layers)
     # Every pass is fused, but for bfloat16 dense weights the 10-token prefill (the bfloat16
     # kernel takes up to kernels.MAX_ROWS rows: past that, oneDNN's GEMM, op by op). The
-    # fused passes end with the final norm and output product (every token's logits) in the
-    # same call, whether the rows' ops run whole by each thread (decode: 3 or 1 tokens) or
-    # split by rows (6 and 10 tokens).
+    # fused passes begin with the embedding (a plain table, or int8 rows with quantized weights)
+    # and end with the final norm and output product (every token's logits) in the same call,
+    # whether the rows' ops run whole by each thread (decode: 3 or 1 tokens) or split by rows
+    # (6 and 10 tokens).
     first = 0 if dtype == "bfloat16" and quantize is None else layers
     assert fused_calls == [first, layers, layers, layers]
-    assert heads == [int(first > 0), 1, 1, 1]
+    assert heads == [(int(first > 0), int(first > 0))] + [(1, 1)] * 3
+    embedding = type(model.tok_embeddings).__name__
+    assert embedding == ("Embedding" if quantize is None else "Int8Embedding")
     for a, b in zip(fused_logits, plain_logits):
         assert torch.equal(a, b)
     for a, b in zip(fused_caches, _caches(model)):
@@ -162,7 +167,7 @@ def test_a_layer_asks_its_modules_once_per_kind_of_pass(folder: Path,
     assert type(model.output) is type(model.layers[0].attention.wqkv)  # (int8 too)
     per_pass = 4 * len(model.layers) + 1  # products the layers ask about, and the head
     assert asked == [3] * per_pass + [1] * per_pass
-    assert calls == [4 * len(model.layers), 4]  # each pass's logits by decode_logits
+    assert calls == [4 * len(model.layers), 4, 4]  # each pass's logits by decode_logits
 
 
 def test_tensor_parallel_layers_run_op_by_op(folder: Path,
@@ -204,8 +209,8 @@ def test_layers_that_qualify_run_in_one_call_beside_those_that_do_not(
     model.reset_caches()
     with torch.inference_mode():
         logits = [model.forward_spans(torch.tensor(ids), spans) for spans, ids in PASSES]
-    # layer 1 alone (and the head), after layer 0 op by op, in every pass
-    assert calls == [len(PASSES), len(PASSES)]
+    # layer 1 alone (and the head), after layer 0 op by op (and the embedding), in every pass
+    assert calls == [len(PASSES), len(PASSES), 0]
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
     assert all(torch.equal(a, b) for a, b in zip(_caches(model), plain_caches))
 
@@ -235,7 +240,7 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
     def call(products: list[list]) -> torch.Tensor:  # type: ignore[type-arg]
         stack = kernels.layer_stack([operands._replace(
             products=tuple(tuple(p) for p in products))])  # type: ignore[arg-type]
-        return kernels.decode_layers(x, stack, model.freqs[pos], rows, pos)
+        return kernels.decode_layers(x, stack, model.freqs, rows, pos)
 
     assert call(products).shape == x.shape
     bad_kind = [p.copy() for p in products]
@@ -254,7 +259,7 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
         kernels.layer_stack([operands, other])
     stack = kernels.layer_stack([operands])
     with pytest.raises(RuntimeError, match="the stack has no head"):
-        kernels.decode_logits(x, stack, model.freqs[pos], rows, pos)
+        kernels.decode_logits(x, stack, model.freqs, rows, pos)
     head = model.head_operands(x)
     assert head is not None
     with pytest.raises(RuntimeError, match="the head's norm is not of the layers' width"):
@@ -262,9 +267,30 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
     with pytest.raises(RuntimeError, match="the head's norm is not of the layers' width"):
         stack.set_head(head.norm.bfloat16(), head.eps, head.product)
     with pytest.raises(RuntimeError, match="the layers' width and dtype"):
-        kernels.decode_layers(x.bfloat16(), stack, model.freqs[pos], rows, pos)
+        kernels.decode_layers(x.bfloat16(), stack, model.freqs, rows, pos)
     with pytest.raises(RuntimeError, match="the layers' width and dtype"):
-        kernels.decode_layers(x[:, :64], stack, model.freqs[pos], rows, pos)
+        kernels.decode_layers(x[:, :64], stack, model.freqs, rows, pos)
+    # freqs: the RoPE table, whose row pos[t] token t takes
+    with pytest.raises(RuntimeError, match="a position past the RoPE table"):
+        kernels.decode_layers(x, stack, model.freqs[:5], rows, torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="the RoPE table"):
+        kernels.decode_layers(x, stack, model.freqs[:, :4], rows, pos)
+    # token ids, where the stack holds the embedding: their rows are the first layer's input
+    ids = torch.tensor([[3]])
+    with pytest.raises(RuntimeError, match="token ids, but no embedding"):
+        kernels.decode_layers(ids, stack, model.freqs, rows, pos)
+    table = model.embedding_operands(x)
+    assert table is not None
+    with pytest.raises(RuntimeError, match="not a table of the layers' width"):
+        stack.set_embedding(table[0][:, :64].contiguous(), table[1])
+    with pytest.raises(RuntimeError, match="nor int8 with a float32 scale each"):
+        stack.set_embedding(table[0].bfloat16(), table[1])
+    stack.set_embedding(*table)
+    with pytest.raises(RuntimeError, match="a token id past the embedding's 512 rows"):
+        kernels.decode_layers(torch.tensor([[512]]), stack, model.freqs, rows, pos)
+    assert torch.equal(kernels.decode_layers(ids, stack, model.freqs, rows, pos),
+                       kernels.decode_layers(model.tok_embeddings(ids), stack, model.freqs, rows,
+                                             pos))
 
 
 @pytest.fixture
@@ -313,12 +339,12 @@ def test_an_error_in_a_team_reaches_the_caller(folder: Path,
     assert operands is not None
     rows, pos = torch.tensor([0]), torch.tensor([0])
     good = kernels.layer_stack([operands])
-    first = kernels.decode_layers(x, good, model.freqs[pos], rows, pos)
+    first = kernels.decode_layers(x, good, model.freqs, rows, pos)
     q_kv = operands.products[0]
     bad = kernels.layer_stack([operands._replace(products=(q_kv, q_kv, *operands.products[2:]))])
     with pytest.raises(RuntimeError, match="layer's width"):
-        kernels.decode_layers(x, bad, model.freqs[pos], rows, pos)
-    assert torch.equal(kernels.decode_layers(x, good, model.freqs[pos], rows, pos), first)
+        kernels.decode_layers(x, bad, model.freqs, rows, pos)
+    assert torch.equal(kernels.decode_layers(x, good, model.freqs, rows, pos), first)
 
 
 @pytest.mark.slow

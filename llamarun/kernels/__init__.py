@@ -649,12 +649,13 @@ def int4_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
     return (INT4, weight, scales, zeros, group, n) if serves_int4(x) else None
 
 
-def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
+def layer_pass(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple | None:  # type: ignore[type-arg]
     """What decides, besides the model's own modules, whether a layer of x's pass can be one
     decode_layers call and with which products: None where none can (a compiled pass, the
     kernels off, fuse_layers off), else a key (dtype, device, rows, the pass's shortest part:
     see int4_gemm_serves) under which the model may keep its layers' answers
-    (model.Transformer._parts).
+    (model.Transformer._parts). x: the pass's hidden states (..., dim), or with `dtype` (theirs)
+    its token ids.
 
     Compiled passes keep the layer op by op: inductor's own code between the kernels (the
     rotation and cache write, the residual adds, in its reused buffers) measured 3-4% faster
@@ -662,7 +663,8 @@ def layer_pass(x: torch.Tensor) -> tuple | None:  # type: ignore[type-arg]
     same), with the same numbers."""
     if not fuse_layers or torch.compiler.is_compiling() or not enabled():
         return None
-    return x.dtype, x.device.type, _rows(x), getattr(_pass, "shortest", None)
+    rows = x.numel() if dtype is not None else _rows(x)
+    return dtype or x.dtype, x.device.type, rows, getattr(_pass, "shortest", None)
 
 
 def serves_layer(x: torch.Tensor, k_cache: torch.Tensor, *norms: torch.Tensor) -> bool:
@@ -694,16 +696,21 @@ class HeadOperands(NamedTuple):
     product: Product
 
 
-def layer_stack(layers: Sequence[LayerOperands], head: HeadOperands | None = None) -> Any:
+def layer_stack(layers: Sequence[LayerOperands], head: HeadOperands | None = None,
+                embedding: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
     """Consecutive layers for decode_layers: an object of the extension holding each layer's
     operands (made once per kind of pass: model.Transformer); with the model's `head` after
-    the last of them, for decode_logits too."""
+    the last of them, for decode_logits too; with its `embedding` (table, scales: rows of the
+    layers' dtype and no scales, or int8 rows and a float32 scale each) before the first, so
+    that decode_layers and decode_logits take the pass's token ids."""
     stack = _extension().LayerStack()
     for op in layers:
         stack.add(op.attn_norm, op.ffn_norm, op.eps, list(op.products), op.k_cache, op.v_cache,
                   op.n_heads, op.scale)
     if head is not None:
         stack.set_head(head.norm, head.eps, head.product)
+    if embedding is not None:
+        stack.set_embedding(*embedding)
     return stack
 
 
@@ -714,7 +721,11 @@ def decode_layers(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.
     product, the residual add, rms_norm, the gate/up product, silu_mul, the down product, the
     residual add: the same kernels in the same order as the model's modules call them, so the
     same numbers (check serves_layer, and that each product is the one its module computes:
-    model.TransformerBlock.fused_operands). One call instead of about 15 ops a layer: SmolLM2's
+    model.TransformerBlock.fused_operands). freqs is the RoPE table (positions, head size / 2,
+    2), of which token t takes row pos[t]. x may be the pass's token ids (int64) instead, where
+    the stack holds the embedding (layer_stack): their rows of it, as the model's embedding
+    module gives them, are the first layer's input (in Python the embedding's ops took 37 us of
+    a SmolLM2 decode token). One call instead of about 15 ops a layer: SmolLM2's
     eager decode measured 14-45% faster (float32 to Q4_0, benchmarks/compare.py against the ops
     one by one, README "How generation works"); one call for all layers instead of one a layer
     saves the Python between them. Eager passes only (layer_pass)."""

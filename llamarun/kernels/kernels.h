@@ -361,10 +361,17 @@ struct LayerStack {
     ProductPlan product;
   };
   std::optional<Head> head;
+  // The model's embedding table before the first layer (set_embedding: decode_layers then takes
+  // token ids): rows of the layers' dtype, or int8 rows with a float32 scale each
+  struct Embedding {
+    torch::Tensor table, scales;
+  };
+  std::optional<Embedding> embedding;
   void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
            const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
            const torch::Tensor& v_cache, int64_t n_heads, double scale);
   void set_head(const torch::Tensor& norm, double eps, const ProductArgs& product);
+  void set_embedding(const torch::Tensor& table, const torch::Tensor& scales);
 };
 torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
                             const torch::Tensor& freqs, const torch::Tensor& rows,

@@ -19,6 +19,8 @@
 #include <omp.h>
 #include <sched.h>
 
+#include <cstring>
+
 namespace {
 
 // out = a + b, elementwise, n values (out may be a: in place): float32, or bfloat16 added in
@@ -69,6 +71,7 @@ void residual_add(const torch::Tensor& a, const torch::Tensor& b, const torch::T
 // row ops' outputs are `own`, one set per member where each runs them whole (see decode_layers).
 struct Buffers {
   torch::Tensor qkv, q, y, o, gate_up, down;
+  torch::Tensor freqs;  // each token's row of the RoPE table
   torch::Tensor logits, widened;  // the head's outputs (decode_logits), bfloat16 ones widened
   struct Own {
     torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
@@ -79,6 +82,7 @@ struct Buffers {
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
     const int64_t H = l.n_heads, HD = l.k_cache.size(3);
     const auto f32 = options.dtype(at::kFloat);
+    freqs = torch::empty({T, HD / 2, 2}, f32);
     qkv = torch::empty({T, qkv_p.N}, options);
     q = torch::empty({T, H, HD}, f32);
     y = torch::empty({T, H, HD}, f32);
@@ -195,18 +199,69 @@ void LayerStack::set_head(const torch::Tensor& norm, double eps, const ProductAr
   head = Head{norm.contiguous(), eps, plan_product(kind, a, b, c, group, n, norm.size(0))};
 }
 
+void LayerStack::set_embedding(const torch::Tensor& table, const torch::Tensor& scales) {
+  TORCH_CHECK(!layers.empty() && table.dim() == 2 && table.is_contiguous() &&
+                  table.size(1) == layers[0].attn_norm.size(0),
+              "decode_layers: the embedding is not a table of the layers' width");
+  const bool int8 = table.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+                         scales.size(0) == table.size(0) && scales.is_contiguous()
+                   : table.scalar_type() == layers[0].attn_norm.scalar_type() &&
+                         scales.numel() == 0,
+              "decode_layers: the embedding's rows are not of the layers' dtype, nor int8 with a "
+              "float32 scale each");
+  embedding = Embedding{table, scales};
+}
+
 namespace {
+
+// The rows of e's table for the T ids (as the model's embedding module computes them: int8 rows
+// times their scale in x's dtype, scale rounded first, as Int8Embedding does).
+void embed_rows(const LayerStack::Embedding& e, const int64_t* ids, int64_t T,
+                const torch::Tensor& out) {
+  const int64_t V = e.table.size(0), D = e.table.size(1);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(ids[t] >= 0 && ids[t] < V, "decode_layers: a token id past the embedding's ",
+                V, " rows");
+    void* o = at_row(out, t);
+    if (e.scales.numel() == 0) {
+      std::memcpy(o, at_row(e.table, ids[t]), D * out.element_size());
+      continue;
+    }
+    const int8_t* q = static_cast<const int8_t*>(e.table.data_ptr()) + ids[t] * D;
+    const float s = e.scales.data_ptr<float>()[ids[t]];
+    if (bf16) {
+      const float sb = float(c10::BFloat16(s));
+      auto* ob = static_cast<c10::BFloat16*>(o);
+      for (int64_t d = 0; d < D; ++d) ob[d] = c10::BFloat16(float(q[d]) * sb);
+    } else {
+      auto* of = static_cast<float*>(o);
+      for (int64_t d = 0; d < D; ++d) of[d] = float(q[d]) * s;
+    }
+  }
+}
 
 // decode_layers' work, then with `logits` the stack's head (decode_logits).
 torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
                          const torch::Tensor& freqs, const torch::Tensor& rows,
                          const torch::Tensor& pos, bool logits) {
+  if (stack.layers.empty()) return x;
+  const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
+  if (x.scalar_type() == at::kLong) {  // token ids: their rows of the embedding first
+    TORCH_CHECK(stack.embedding.has_value(), "decode_layers: token ids, but no embedding");
+    auto sizes = x.sizes().vec();
+    sizes.push_back(norm.size(0));
+    auto embedded = torch::empty(sizes, norm.options());
+    const auto ids = x.contiguous();
+    embed_rows(*stack.embedding, ids.data_ptr<int64_t>(), ids.numel(),
+               embedded.view({-1, norm.size(0)}));
+    return run_layers(embedded, stack, freqs, rows, pos, logits);
+  }
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "decode_layers: x float32 or bfloat16");
-  if (stack.layers.empty()) return x;
   TORCH_CHECK(!logits || stack.head.has_value(), "decode_logits: the stack has no head");
   const LayerStack::Head* head = logits ? &*stack.head : nullptr;
-  const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
   TORCH_CHECK(x.size(-1) == norm.size(0) && x.scalar_type() == norm.scalar_type(),
               "decode_layers: x of the layers' width and dtype");
   const at::ScalarType dtype = x.scalar_type();
@@ -228,6 +283,20 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
   const int64_t members = team_size();
   const bool whole = T < WHOLE_ROWS;
   Buffers b(stack.layers[0], T, D, whole ? members : 1, x.options(), head);
+  // each token's (cos, sin) pairs: row pos[t] of the table (in Python an indexing op: 13 us of
+  // a SmolLM2 decode token, its caches cold after the weights' stream)
+  const int64_t half = b.freqs.size(1);
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.dim() == 3 && freqs.size(1) == half &&
+                  freqs.size(2) == 2 && freqs.is_contiguous(),
+              "decode_layers: freqs, the RoPE table (positions, head size / 2, 2) float32");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == T && pos.is_contiguous(),
+              "decode_layers: a position per token");
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t p = pos.data_ptr<int64_t>()[t];
+    TORCH_CHECK(p >= 0 && p < freqs.size(0), "decode_layers: a position past the RoPE table");
+    std::memcpy(b.freqs.data_ptr<float>() + t * half * 2, freqs.data_ptr<float>() + p * half * 2,
+                half * 2 * sizeof(float));
+  }
   const auto layers = [&]() {
     auto& me = b.own[whole && llamarun::t_team != nullptr ? llamarun::t_rank : 0];
     // f(r0, r1) over the rows [0, T): all of them by each member, or a share each
@@ -248,7 +317,7 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
                                 l.eps, at_row(me.normed, r0));
       });
       product(me.normed, dtype, qkv_p, b.qkv);
-      llamarun::rope_write_to(b.qkv, freqs, l.k_cache, l.v_cache, rows, pos, l.n_heads, b.q);
+      llamarun::rope_write_to(b.qkv, b.freqs, l.k_cache, l.v_cache, rows, pos, l.n_heads, b.q);
       llamarun::attend_to(b.q, l.k_cache, l.v_cache, rows, pos, l.scale, b.y);
       if (bf16)  // (rounded once, as .to() rounds)
         by_rows([&](int64_t r0, int64_t r1) {

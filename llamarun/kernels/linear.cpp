@@ -1375,6 +1375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def("add", &llamarun::LayerStack::add)
       .def("set_head", &llamarun::LayerStack::set_head)
+      .def("set_embedding", &llamarun::LayerStack::set_embedding)
       .def("__len__", [](const llamarun::LayerStack& s) { return s.layers.size(); });
   m.def("decode_layers", &llamarun::decode_layers);
   m.def("decode_logits", &llamarun::decode_logits);

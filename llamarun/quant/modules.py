@@ -263,6 +263,11 @@ class Int8Embedding(nn.Module):
         rows = F.embedding(tokens, self.weight).to(self.dtype)
         return rows * self.scales[tokens].to(self.dtype).unsqueeze(-1)
 
+    def kernel_table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table, scales) for kernels.layer_stack's embedding, which gives forward's rows in
+        `dtype` (None where forward's are of another dtype)."""
+        return (self.weight, self.scales) if dtype == self.dtype else None
+
 
 def int8_kernel(device: torch.device, in_features: int) -> str | None:
     """Int8Linear's kernel for a weight of `in_features` inputs on `device`: "cpu", "cuda" or
