@@ -20,7 +20,9 @@ llamarun's C++ kernels built from REV's sources (loaded beside this tree's, with
 operator registrations, and swapped in for its turns), with a "vs baseline" column: llamarun's
 eager decode over it, round by round. It compares kernel changes that keep the kernels'
 functions, arguments and weight layouts (compare.py --baseline runs a whole other tree in
-another process instead, minutes apart on a machine whose speed changes by the minute).
+another process instead, minutes apart on a machine whose speed changes by the minute); builds
+older than f91a69b lack the layer stacks' set_head and set_embedding, which this tree's model
+calls: compare those with --baseline-tree.
 
 --baseline-tree REV compares any change instead (Python too): "llamarun@REV" is the eager decode
 of llamarun at REV (a git worktree, compare.baseline_tree) in a worker process that loads the
