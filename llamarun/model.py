@@ -58,6 +58,9 @@ class Span:
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums partial results across tensor-parallel ranks
+# Transformer._parts' answer: the layers and layer stacks of a kind of pass, whether the last
+# stack holds the head and whether the first holds the embedding
+Parts = tuple[Sequence["TransformerBlock | Any"], bool, bool]
 
 
 class VocabShard(Protocol):
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
         # _parts' answer per kind of pass (kernels.layer_pass): the modules and their weights
         # never change after loading, so each kind is asked once (setup_caches forgets them:
         # the stacks hold the caches)
-        self._parts_by_kind: dict[tuple, tuple[list[Any], bool]] = {}  # type: ignore[type-arg]
+        self._parts_by_kind: dict[tuple, Parts] = {}  # type: ignore[type-arg]
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
@@ -417,8 +420,7 @@ class Transformer(nn.Module):
             h = h[:, output_idx]
         return self._logits(h)[0]  # (T or len(output_idx), vocab)
 
-    def _parts(self, tokens: torch.Tensor,
-               step: Step | None) -> tuple[Sequence[TransformerBlock | Any], bool, bool]:
+    def _parts(self, tokens: torch.Tensor, step: Step | None) -> Parts:
         """The layers of a pass over tokens in order, each run of consecutive layers that
         kernels.decode_layers can take (TransformerBlock.fused_operands) as one
         kernels.layer_stack in place of their modules: eager passes on CPU over a KV cache, one

@@ -649,7 +649,8 @@ def int4_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
     return (INT4, weight, scales, zeros, group, n) if serves_int4(x) else None
 
 
-def layer_pass(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple | None:  # type: ignore[type-arg]
+def layer_pass(x: torch.Tensor,
+               dtype: torch.dtype | None = None) -> tuple | None:  # type: ignore[type-arg]
     """What decides, besides the model's own modules, whether a layer of x's pass can be one
     decode_layers call and with which products: None where none can (a compiled pass, the
     kernels off, fuse_layers off), else a key (dtype, device, rows, the pass's shortest part:

@@ -373,6 +373,8 @@ struct LayerStack {
   void set_head(const torch::Tensor& norm, double eps, const ProductArgs& product);
   void set_embedding(const torch::Tensor& table, const torch::Tensor& scales);
 };
+// x (..., D): the pass's hidden states, or its token ids (int64, where the stack holds the
+// embedding); freqs the RoPE table (positions, head size / 2, 2), row pos[t] for token t
 torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
                             const torch::Tensor& freqs, const torch::Tensor& rows,
                             const torch::Tensor& pos);

@@ -12,7 +12,9 @@
 // kind 0 dense (a the weight; float32 or bfloat16 as x), 1 int8 (a the weight, b its scales),
 // 2 4-bit (a, b, c: int4_linear's weight, scales and zeros; n outputs). Python
 // (model.TransformerBlock.fused_operands) checks that each product is one its module would give
-// these kernels for the pass.
+// these kernels for the pass. A stack may also hold the model's embedding before its first layer
+// and its final norm and output product after its last (set_embedding, set_head: see
+// model.Transformer._parts): decode_logits then goes from a pass's token ids to its logits.
 
 #include "kernels.h"
 
