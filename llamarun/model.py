@@ -457,6 +457,16 @@ class Transformer(nn.Module):
             known = self._parts_by_kind[key] = (parts, head is not None, embedding is not None)
         return known
 
+    def fuses_decode(self) -> bool:
+        """Whether an eager pass of one decode token runs every layer, the embedding and the
+        head through llamarun's fused kernels (one kernels.decode_logits call: _parts)."""
+        if not self.has_kv_cache or self.freqs.numel() == 0:
+            return False
+        tokens = torch.zeros(1, dtype=torch.long, device=self.positions.device)
+        with torch.inference_mode(), kernels.shortest_part(1):  # (forward_spans' kind of pass)
+            parts, headed, embeds = self._parts(tokens, self.make_step([Span(0, 0, 1)]))
+        return headed and embeds and len(parts) == 1
+
     def embedding_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The embedding's (table, scales) for kernels.layer_stack, where its rows are x's
         dtype (a plain table, or Int8Embedding's); None for a tensor-parallel rank's part of

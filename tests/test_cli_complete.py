@@ -197,7 +197,9 @@ def test_generation_config_defaults_applied_and_overridden(tmp_path: Path) -> No
 def test_one_shot_commands_do_not_compile_in_the_background(
         one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """complete stays eager unless --compile (its tokens then never depend on whether a
-    background compile finished); chat compiles in the background."""
+    background compile finished); chat compiles in the background where that pays: not where
+    the eager decode step is one call of llamarun's fused CPU kernels."""
+    from llamarun import kernels
     from llamarun.cli.common import load_engine
     from llamarun.cli.options import ModelOptions
 
@@ -208,4 +210,9 @@ def test_one_shot_commands_do_not_compile_in_the_background(
     one_shot = load_engine(opts)
     assert started == [] and one_shot.compile_state == "off"
     chat = load_engine(opts, background=True)
-    assert started == [chat]
+    fused = chat.model.fuses_decode()
+    assert fused == (kernels.attend_available() and kernels.f32_available())
+    assert started == ([] if fused else [chat]) and chat.compile_pays is not fused
+    monkeypatch.setattr(kernels, "fuse_layers", False)  # op by op: a compiled step pays
+    unfused = load_engine(opts, background=True)
+    assert not unfused.model.fuses_decode() and started[-1] is unfused

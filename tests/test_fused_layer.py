@@ -170,6 +170,20 @@ def test_a_layer_asks_its_modules_once_per_kind_of_pass(folder: Path,
     assert calls == [4 * len(model.layers), 4, 4]  # each pass's logits by decode_logits
 
 
+def test_a_model_says_whether_its_decode_pass_is_one_fused_call(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transformer.fuses_decode: the embedding, every layer and the head of an eager one-token
+    pass in one decode_logits call (Engine.compile_pays then says a compiled step would not)."""
+    model = _model(folder, "float32", "int8")
+    assert model.fuses_decode()
+    monkeypatch.setattr(kernels, "fuse_layers", False)
+    assert not model.fuses_decode()
+    monkeypatch.setattr(kernels, "fuse_layers", True)
+    model._parts_by_kind.clear()
+    monkeypatch.setattr(model.layers[1].attention.wqkv, "kernel_product", lambda x: None)
+    assert not model.fuses_decode()  # layer 1 op by op after layer 0's stack: the head too
+
+
 def test_tensor_parallel_layers_run_op_by_op(folder: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank's layer sums its partial outputs between the ops (reduce): never fused."""

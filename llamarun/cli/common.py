@@ -66,9 +66,10 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
 
     With --compile the decode graphs are compiled here (unless warm_up is False), with a note,
     rather than as a long pause in the middle of the first reply. By default, commands that run
-    many generations (`background`: chat, serve) compile them in a background thread, and they
-    take over between generations; one-shot commands stay eager unless --compile, so that the
-    same command gives the same tokens whether or not a compile finished meanwhile.
+    many generations (`background`: chat, serve) compile them in a background thread where that
+    pays (Engine.compile_pays: not where the eager step is llamarun's fused CPU kernels), and
+    they take over between generations; one-shot commands stay eager unless --compile, so that
+    the same command gives the same tokens whether or not a compile finished meanwhile.
     """
     engine = _load(opts, slots)
     note = requantize_note(engine, opts.quantize)
@@ -80,7 +81,7 @@ def load_engine(opts: ModelOptions, *, warm_up: bool = True, slots: int = 1,
         console.note("compiling the decode step (about a minute the first time, "
                      "seconds once cached)...")
         engine.warmup()
-    elif opts.compile is None and background and engine.tp is None:
+    elif opts.compile is None and background and engine.tp is None and engine.compile_pays:
         # (Tensor-parallel ranks compile only when asked, all together: a background compile
         # would run collectives out of step with the other ranks.)
         engine.compile_in_background()

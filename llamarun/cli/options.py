@@ -139,8 +139,9 @@ _MODEL_PARAMS: list[tuple[str, Any, object]] = [  # (name, annotation, default)
         "--compile/--no-compile", envvar=COMPILE_ENV_VAR, show_default=False, panel=MODEL_PANEL,
         help="torch.compile the decode step. Default: chat and serve compile it in the "
              "background while replies start at once, and it takes over between replies "
-             "(cached for later runs); other commands stay eager. --compile: compile before "
-             "the first reply; --no-compile: never")], None),
+             "(cached for later runs), except on CPUs where llamarun's fused kernels run the "
+             "whole eager step (faster there); other commands stay eager. --compile: compile "
+             "before the first reply; --no-compile: never")], None),
     ("verbose", Annotated[bool, _opt(
         "--verbose", "-v", panel=MODEL_PANEL, help="Debug logging, and tracebacks on errors")],
      False),
