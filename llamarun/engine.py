@@ -248,6 +248,14 @@ class Engine:
             ids.insert(0, tok.bos_id)
         return ids
 
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Raise InvalidArgumentError unless every id is one of the model's tokens."""
+        vocab = self.args.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidArgumentError(f"token id {bad} is not in the model's vocabulary "
+                                       f"(ids 0 to {vocab - 1})")
+
     def check_fits(self, n_tokens: int) -> None:
         """Raise PromptTooLongError unless a prompt of n_tokens leaves room to generate."""
         if n_tokens >= self.max_seq_len:
@@ -293,6 +301,7 @@ class Engine:
         ids = list(prompt_ids)
         if not ids:
             raise InvalidArgumentError("the prompt has no tokens")
+        self.check_ids(ids)
         self.check_fits(len(ids))
         request = Request(ids, sampling or SamplingParams(), max_new_tokens, tuple(stop),
                           top_logprobs=0 if logprobs else None, constraint=constraint)
@@ -307,6 +316,7 @@ class Engine:
                      sampling: SamplingParams | None = None, reuse: bool = True) -> Iterator[TokenEvent]:
         """The raw token loop (ids, no text; stop ids do not end it): for benchmarks and tools.
         reuse=False prefills the whole prompt even where a slot holds it already."""
+        self.check_ids(prompt_ids)
         request = Request(list(prompt_ids), sampling or SamplingParams.greedy(), max_new_tokens,
                           reuse=reuse, stop_ids=False, text=False)
         ticket = self.scheduler.submit(request)
@@ -324,6 +334,7 @@ class Engine:
     def score(self, ids: Sequence[int], *, first: int) -> Scored:
         """Summed negative log-likelihood of ids[first:], each token given those before it
         (the window starts at position 0 of a slot; perplexity runs on this)."""
+        self.check_ids(ids)
         ticket = self.scheduler.submit(Request(list(ids), score_from=first))
         for event in self._events(ticket):
             if isinstance(event, Scored):

@@ -88,6 +88,19 @@ def test_echo_and_close(engine: Engine) -> None:
 def test_bad_arguments(engine: Engine) -> None:
     with pytest.raises(InvalidArgumentError):
         engine.complete(PROMPT, max_new_tokens=0)
+    # token ids outside the vocabulary: one message naming the id, before anything runs
+    vocab = engine.args.vocab_size
+    for ids, bad in (([1, vocab, 2], vocab), ([-1], -1)):
+        with pytest.raises(InvalidArgumentError,
+                           match=f"token id {bad} is not in the model's vocabulary"):
+            engine.complete(ids, max_new_tokens=2)
+        with pytest.raises(InvalidArgumentError, match=f"token id {bad} is not in"):
+            next(engine.token_events(ids, max_new_tokens=2))
+        with pytest.raises(InvalidArgumentError, match=f"token id {bad} is not in"):
+            engine.score([1, *ids], first=1)
+    edge = engine.complete([1, vocab - 1], max_new_tokens=2, sampling=GREEDY)
+    list(edge)
+    assert edge.result.prompt_tokens == 2 and edge.result.completion_tokens >= 1
 
 
 def test_chat_second_turn_prefills_only_new_tokens(engine: Engine) -> None:
