@@ -436,25 +436,27 @@ class Transformer(nn.Module):
         known = self._parts_by_kind.get(key)
         if known is None:  # the first pass of its kind: every later one reuses the answer
             x = self._embed(tokens)[None]
+            embedding = self.embedding_operands(x)
             parts, run = [], []
+
+            def stack(head: kernels.HeadOperands | None = None) -> Any:
+                # the embedding goes to the first part only, a stack where layer 0 begins one
+                return kernels.layer_stack(run, head, None if parts else embedding)
+
             for layer in self.layers:
                 operands = layer.fused_operands(x)
                 if operands is not None:
                     run.append(operands)
                     continue
                 if run:
-                    parts.append(kernels.layer_stack(run))
+                    parts.append(stack())
                     run = []
                 parts.append(layer)
             head = self.head_operands(x) if run else None
             if run:
-                parts.append(kernels.layer_stack(run, head))
-            embedding = self.embedding_operands(x)
-            if embedding is not None and not isinstance(parts[0], TransformerBlock):
-                parts[0].set_embedding(*embedding)  # (the first stack, which layer 0 begins)
-            else:
-                embedding = None
-            known = self._parts_by_kind[key] = (parts, head is not None, embedding is not None)
+                parts.append(stack(head))
+            embeds = embedding is not None and not isinstance(parts[0], TransformerBlock)
+            known = self._parts_by_kind[key] = (parts, head is not None, embeds)
         return known
 
     def fuses_decode(self) -> bool:

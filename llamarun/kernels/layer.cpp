@@ -40,13 +40,6 @@ LLAMARUN_AVX2 void add_rows(const c10::BFloat16* a, const c10::BFloat16* b, int6
   for (; i < n; ++i) out[i] = c10::BFloat16(float(a[i]) + float(b[i]));
 }
 
-// out[i] = float(x[i]), n values.
-LLAMARUN_AVX2 void widen_rows(const c10::BFloat16* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
-  for (; i < n; ++i) out[i] = float(x[i]);
-}
-
 // Row r of t (a contiguous 2-D tensor).
 void* at_row(const torch::Tensor& t, int64_t r) {
   return static_cast<char*>(t.data_ptr()) + r * t.size(1) * t.element_size();
@@ -354,8 +347,8 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
       const int64_t N = head->product.N;
       const auto [c0, c1] = llamarun::team_range(N);
       for (int64_t r = 0; r < T; ++r)
-        widen_rows(static_cast<const c10::BFloat16*>(at_row(b.logits, r)) + c0, c1 - c0,
-                   b.widened.data_ptr<float>() + r * N + c0);
+        load_bf16(static_cast<const c10::BFloat16*>(at_row(b.logits, r)) + c0, c1 - c0,
+                  b.widened.data_ptr<float>() + r * N + c0);
     }
   };
   in_team(layers);
