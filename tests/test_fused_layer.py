@@ -307,6 +307,37 @@ def test_decode_layers_checks_its_products(folder: Path) -> None:
                                              pos))
 
 
+@pytest.mark.parametrize("dtype,quantize", [("float32", "int4"), ("bfloat16", "int8")])
+def test_what_a_pass_returns_stays_the_callers(folder: Path, dtype: str,
+                                               quantize: str | None) -> None:
+    """A layer stack keeps its decode passes' buffers for its next pass of as many tokens, but
+    not the tensor a pass returns: logits (float32, or bfloat16 widened) and a stack's output
+    stay as they were after later passes, which give the numbers of passes run on new
+    buffers."""
+    model = _model(folder, dtype, quantize)
+    x = model.tok_embeddings(torch.tensor([[5]]))
+    operands = model.layers[0].fused_operands(x)
+    assert operands is not None
+    stack = kernels.layer_stack([operands])
+    rows, pos = torch.tensor([0]), torch.tensor([0])
+    first = kernels.decode_layers(x, stack, model.freqs, rows, pos)
+    kept = first.clone()
+    again = kernels.decode_layers(x, stack, model.freqs, rows, pos)
+    assert torch.equal(first, kept) and torch.equal(again, kept) and first.data_ptr() != \
+        again.data_ptr()
+    model.reset_caches()
+    with torch.inference_mode():
+        passes = [model.forward_spans(torch.tensor([t]), [Span(0, p, 1)])
+                  for p, t in enumerate([5, 9, 11])]
+        copies = [p.clone() for p in passes]
+        model.forward_spans(torch.tensor([7, 3]), [Span(0, 3, 1), Span(1, 0, 1)])
+    assert all(torch.equal(a, b) for a, b in zip(passes, copies))
+    fresh = _model(folder, dtype, quantize)  # new stacks: new buffers for every pass
+    with torch.inference_mode():
+        for p, (t, logits) in enumerate(zip([5, 9, 11], copies)):
+            assert torch.equal(fresh.forward_spans(torch.tensor([t]), [Span(0, p, 1)]), logits)
+
+
 @pytest.fixture
 def threads() -> Callable[[int], None]:
     """set(n): torch's thread count for the test (restored after)."""

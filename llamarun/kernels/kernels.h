@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <tuple>
@@ -367,6 +369,11 @@ struct LayerStack {
     torch::Tensor table, scales;
   };
   std::optional<Embedding> embedding;
+  // The buffers of the stack's last decode pass (layer.cpp's Buffers), which the next pass of
+  // as many tokens reuses: a pass is one call at a time per stack (the mutex: a second caller
+  // meanwhile allocates its own)
+  mutable std::shared_ptr<void> scratch;
+  mutable std::mutex scratch_mutex;
   void add(const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
            const std::vector<ProductArgs>& products, const torch::Tensor& k_cache,
            const torch::Tensor& v_cache, int64_t n_heads, double scale);

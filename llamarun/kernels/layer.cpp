@@ -61,10 +61,13 @@ void residual_add(const torch::Tensor& a, const torch::Tensor& b, const torch::T
 }
 
 // The outputs of a pass's ops, allocated before its first layer and reused by all (a tensor's
-// allocation cost a SmolLM2 decode layer about 0.4 us each). The products', the rotation's and
-// the attention's outputs, which the members of a team write a share each of, are shared; the
-// row ops' outputs are `own`, one set per member where each runs them whole (see decode_layers).
+// allocation cost a SmolLM2 decode layer about 0.4 us each), and by the stack's next decode pass
+// of as many tokens (Buffers::reused). The products', the rotation's and the attention's outputs,
+// which the members of a team write a share each of, are shared; the row ops' outputs are `own`,
+// one set per member where each runs them whole (see decode_layers). The tensor a pass returns
+// (its logits, or the last layer's output) is the caller's: fresh() allocates it anew each pass.
 struct Buffers {
+  torch::Tensor embedded;  // the token ids' rows of the embedding (a stack that holds one)
   torch::Tensor qkv, q, y, o, gate_up, down;
   torch::Tensor freqs;  // each token's row of the RoPE table
   torch::Tensor logits, widened;  // the head's outputs (decode_logits), bfloat16 ones widened
@@ -72,11 +75,17 @@ struct Buffers {
     torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
   };
   std::vector<Own> own;
+  int64_t tokens, members;
+  at::ScalarType dtype;
+  bool headed;
   Buffers(const llamarun::LayerStack::Layer& l, int64_t T, int64_t D, int64_t members,
-          const at::TensorOptions& options, const llamarun::LayerStack::Head* head) {
+          const at::TensorOptions& options, const llamarun::LayerStack::Head* head)
+      : tokens(T), members(members), dtype(options.dtype().toScalarType()),
+        headed(head != nullptr) {
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
     const int64_t H = l.n_heads, HD = l.k_cache.size(3);
     const auto f32 = options.dtype(at::kFloat);
+    embedded = torch::empty({T, D}, options);
     freqs = torch::empty({T, HD / 2, 2}, f32);
     qkv = torch::empty({T, qkv_p.N}, options);
     q = torch::empty({T, H, HD}, f32);
@@ -84,10 +93,9 @@ struct Buffers {
     o = torch::empty({T, o_p.N}, options);
     gate_up = torch::empty({T, up_p.N}, options);
     down = torch::empty({T, down_p.N}, options);
-    if (head != nullptr) {
-      logits = torch::empty({T, head->product.N}, options);
+    if (head != nullptr) logits = torch::empty({T, head->product.N}, options);
+    if (head != nullptr)
       widened = options.dtype() == at::kFloat ? logits : torch::empty_like(logits, f32);
-    }
     own.resize(members);
     for (auto& m : own) {
       m.normed = torch::empty({T, D}, options);
@@ -96,7 +104,47 @@ struct Buffers {
       m.out = torch::empty({T, D}, options);
     }
   }
+  // A new tensor for what the next pass returns, the caller's own (the others are reused).
+  void fresh() {
+    if (!headed) {
+      own[0].out = torch::empty_like(own[0].out);
+      return;
+    }
+    if (dtype == at::kFloat) logits = torch::empty_like(logits);
+    widened = dtype == at::kFloat ? logits : torch::empty_like(widened);
+  }
+  // Whether a pass of T tokens by `members`, of dtype, with or without the head, fits these.
+  bool fits(int64_t T, int64_t members_, at::ScalarType dtype_, bool headed_) const {
+    return tokens == T && members == members_ && dtype == dtype_ && headed == headed_;
+  }
+  // Decode passes (at most this many tokens) keep their buffers in the stack for the next: in
+  // a SmolLM2 decode token the ~17 allocations cost about 1% (their code's caches cold after
+  // the weights' stream); a prompt chunk's (many MB for the 8B shape's) are freed after it.
+  static constexpr int64_t REUSED = 8;
 };
+
+// The buffers of a pass of T tokens through `stack`: its last pass's where they fit and nobody
+// uses them (then held by `lock` until the pass ends), else new ones (kept for the next pass
+// where T is a decode pass's).
+std::shared_ptr<Buffers> buffers_for(const llamarun::LayerStack& stack, int64_t T, int64_t D,
+                                     int64_t members, const at::TensorOptions& options,
+                                     const llamarun::LayerStack::Head* head,
+                                     std::unique_lock<std::mutex>& lock) {
+  if (T <= Buffers::REUSED) {
+    lock = std::unique_lock<std::mutex>(stack.scratch_mutex, std::try_to_lock);
+    if (lock.owns_lock()) {
+      auto kept = std::static_pointer_cast<Buffers>(stack.scratch);
+      if (kept && kept->fits(T, members, options.dtype().toScalarType(), head != nullptr)) {
+        kept->fresh();
+        return kept;
+      }
+      auto made = std::make_shared<Buffers>(stack.layers[0], T, D, members, options, head);
+      stack.scratch = made;
+      return made;
+    }
+  }
+  return std::make_shared<Buffers>(stack.layers[0], T, D, members, options, head);
+}
 
 // y = x @ W^T for a product of the stack (x: rows of the plan's inputs, of dtype), into out.
 void product(const torch::Tensor& x, at::ScalarType dtype, const llamarun::ProductPlan& p,
@@ -243,26 +291,20 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
                          const torch::Tensor& pos, bool logits) {
   if (stack.layers.empty()) return x;
   const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
-  if (x.scalar_type() == at::kLong) {  // token ids: their rows of the embedding first
-    TORCH_CHECK(stack.embedding.has_value(), "decode_layers: token ids, but no embedding");
-    auto sizes = x.sizes().vec();
-    sizes.push_back(norm.size(0));
-    auto embedded = torch::empty(sizes, norm.options());
-    const auto ids = x.contiguous();
-    embed_rows(*stack.embedding, ids.data_ptr<int64_t>(), ids.numel(),
-               embedded.view({-1, norm.size(0)}));
-    return run_layers(embedded, stack, freqs, rows, pos, logits);
-  }
-  TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+  const bool ids = x.scalar_type() == at::kLong;  // token ids: their rows of the embedding first
+  TORCH_CHECK(!ids || stack.embedding.has_value(), "decode_layers: token ids, but no embedding");
+  TORCH_CHECK(ids || (x.dim() >= 1 && (x.scalar_type() == at::kFloat ||
+                                       x.scalar_type() == at::kBFloat16)),
               "decode_layers: x float32 or bfloat16");
   TORCH_CHECK(!logits || stack.head.has_value(), "decode_logits: the stack has no head");
   const LayerStack::Head* head = logits ? &*stack.head : nullptr;
-  TORCH_CHECK(x.size(-1) == norm.size(0) && x.scalar_type() == norm.scalar_type(),
+  TORCH_CHECK(ids || (x.size(-1) == norm.size(0) && x.scalar_type() == norm.scalar_type()),
               "decode_layers: x of the layers' width and dtype");
-  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType dtype = norm.scalar_type();
   const bool bf16 = dtype == at::kBFloat16;
-  const int64_t D = x.size(-1), T = x.numel() / D;
-  const auto xc = x.contiguous().view({T, D});
+  const int64_t D = norm.size(0), T = ids ? x.numel() : x.numel() / D;
+  auto sizes = x.sizes().vec();  // the hidden states' (..., D)
+  if (ids) sizes.push_back(D);
   // The layers, by every member of a team alike (or by this thread alone). The products, the
   // rotation and the attention are split between the members, a barrier after each. The other
   // ops (the norms, the residual adds, SwiGLU, the heads' rounding to bfloat16) go by rows: in
@@ -277,7 +319,17 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
   constexpr int64_t WHOLE_ROWS = 4;
   const int64_t members = team_size();
   const bool whole = T < WHOLE_ROWS;
-  Buffers b(stack.layers[0], T, D, whole ? members : 1, x.options(), head);
+  std::unique_lock<std::mutex> lock;
+  const auto kept = buffers_for(stack, T, D, whole ? members : 1, norm.options(), head, lock);
+  Buffers& b = *kept;
+  torch::Tensor xc;
+  if (ids) {
+    const auto idc = x.contiguous();
+    embed_rows(*stack.embedding, idc.data_ptr<int64_t>(), T, b.embedded);
+    xc = b.embedded;
+  } else {
+    xc = x.contiguous().view({T, D});
+  }
   // each token's (cos, sin) pairs: row pos[t] of the table (in Python an indexing op: 13 us of
   // a SmolLM2 decode token, its caches cold after the weights' stream)
   const int64_t half = b.freqs.size(1);
@@ -352,8 +404,7 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
     }
   };
   in_team(layers);
-  if (head == nullptr) return b.own[0].out.view(x.sizes());
-  auto sizes = x.sizes().vec();
+  if (head == nullptr) return b.own[0].out.view(sizes);
   sizes.back() = head->product.N;
   return b.widened.view(sizes);
 }
