@@ -300,6 +300,8 @@ class Transformer(nn.Module):
         # never change after loading, so each kind is asked once (setup_caches forgets them:
         # the stacks hold the caches)
         self._parts_by_kind: dict[tuple, Parts] = {}  # type: ignore[type-arg]
+        self._kv_cached = False  # setup_caches allocated KV caches (has_kv_cache: a plain bool,
+        # read by every pass; the layers' modules take four lookups)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, *,
                      use_kv_cache: bool = True) -> None:
@@ -313,6 +315,7 @@ class Transformer(nn.Module):
         self.freqs = rope_cache(max_seq_len, a.head_dim, a.rope_theta, a.rope_scaling,
                                 device=weight.device)
         self.positions = torch.arange(max_seq_len, device=weight.device)
+        self._kv_cached = use_kv_cache
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
             if use_kv_cache:
@@ -329,7 +332,7 @@ class Transformer(nn.Module):
     @property
     def has_kv_cache(self) -> bool:
         """Whether setup_caches() allocated a KV cache."""
-        return self.layers[0].attention.kv_cache is not None
+        return self._kv_cached
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
                 output_idx: torch.Tensor | None = None, kv_len: int | None = None,
@@ -380,7 +383,7 @@ class Transformer(nn.Module):
         forward serves prefill (a span of many tokens), decoding (many spans of one) and
         verification (spans of a few).
         """
-        if not self.has_kv_cache or self.freqs.numel() == 0:
+        if not self._kv_cached:  # (setup_caches made the RoPE table too)
             raise RuntimeError("call setup_caches() with a KV cache before forward_spans()")
         total = sum(s.length for s in spans)
         if tokens.shape != (total,):

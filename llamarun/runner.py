@@ -179,11 +179,13 @@ class Runner:
         """Positions per slot."""
         return self.model.max_seq_len
 
-    @torch.inference_mode()
     def run(self, writes: Sequence[Write], *, compiled: bool = False) -> torch.Tensor:
         """Write each slot's ids after what it holds, in one forward pass; return the logits
         (sum of the wanted counts, vocab) asked for, in order. With `compiled`, a pass of
         one-token writes runs the compiled graph of its bucket (it must be ready)."""
+        if not torch.is_inference_mode_enabled():  # (the scheduler's passes run in it already:
+            with torch.inference_mode():  # entering it again cost a decode token 0.2%)
+                return self.run(writes, compiled=compiled)
         spans = []
         for w in writes:
             start = len(w.slot.ids)

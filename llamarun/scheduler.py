@@ -339,7 +339,7 @@ class Scheduler:
         self.batched_rows += len(batch)
         for a in batch:
             a.steps += 1
-        self._take(batch, logits[:len(batch)])
+        self._take(batch, logits if chunk is None else logits[:len(batch)])
         if chunk is not None:
             self.prefill_passes += 1
             a, write, _ = chunk
