@@ -62,7 +62,7 @@ void residual_add(const torch::Tensor& a, const torch::Tensor& b, const torch::T
 
 // The outputs of a pass's ops, allocated before its first layer and reused by all (a tensor's
 // allocation cost a SmolLM2 decode layer about 0.4 us each), and by the stack's next decode pass
-// of as many tokens (Buffers::reused). The products', the rotation's and the attention's outputs,
+// of as many tokens (buffers_for). The products', the rotation's and the attention's outputs,
 // which the members of a team write a share each of, are shared; the row ops' outputs are `own`,
 // one set per member where each runs them whole (see decode_layers). The tensor a pass returns
 // (its logits, or the last layer's output) is the caller's: fresh() allocates it anew each pass.
@@ -93,9 +93,10 @@ struct Buffers {
     o = torch::empty({T, o_p.N}, options);
     gate_up = torch::empty({T, up_p.N}, options);
     down = torch::empty({T, down_p.N}, options);
-    if (head != nullptr) logits = torch::empty({T, head->product.N}, options);
-    if (head != nullptr)
+    if (head != nullptr) {
+      logits = torch::empty({T, head->product.N}, options);
       widened = options.dtype() == at::kFloat ? logits : torch::empty_like(logits, f32);
+    }
     own.resize(members);
     for (auto& m : own) {
       m.normed = torch::empty({T, D}, options);
