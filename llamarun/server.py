@@ -364,9 +364,10 @@ def _top_logprobs(k: int | None, name: str, most: int = MAX_TOP_LOGPROBS) -> int
 def _completion_prompt(engine: Engine, prompt: str | list[str] | list[int]) -> tuple[str, list[int]]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         ids = [int(p) for p in prompt]
-        vocab = engine.args.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        try:
+            engine.check_ids(ids)
+        except InvalidArgumentError as e:
+            raise APIError(400, str(e), param="prompt") from None
         return engine.tokenizer.decode(ids), ids
     if isinstance(prompt, list):
         if len(prompt) != 1:

@@ -328,6 +328,20 @@ def test_invalid_fields_name_the_field(server: Any) -> None:
     assert assert_openai_error(status, body, 400)["param"] == "max_tokens"
 
 
+def test_prompt_token_ids_outside_the_vocabulary_are_refused(server: Any, engine: Engine) -> None:
+    """A prompt of token ids is checked by Engine.check_ids: an id past the vocabulary (or
+    negative) is a 400 naming it and the prompt field; ids inside it complete."""
+    vocab = engine.args.vocab_size
+    for bad in (vocab, -1):
+        raw = json.dumps({"prompt": [1, bad], "max_tokens": 2}).encode()
+        status, _, body = request(server.port, post("/v1/completions", raw))
+        error = assert_openai_error(status, body, 400)
+        assert error["param"] == "prompt" and f"token id {bad} " in error["message"]
+    raw = json.dumps({"prompt": [1, vocab - 1], "max_tokens": 2}).encode()
+    status, _, body = request(server.port, post("/v1/completions", raw))
+    assert status == 200, body
+
+
 @pytest.mark.parametrize("body", [
     {"prompt": "Once\ud800 upon", "max_tokens": 3, "echo": True},
     {"prompt": ["\udcff"], "max_tokens": 2, "stop": ["\ud800"]},
