@@ -465,7 +465,7 @@ class Transformer(nn.Module):
     def fuses_decode(self) -> bool:
         """Whether an eager pass of one decode token runs every layer, the embedding and the
         head through llamarun's fused kernels (one kernels.decode_logits call: _parts)."""
-        if not self.has_kv_cache or self.freqs.numel() == 0:
+        if not self._kv_cached:  # (setup_caches made the RoPE table too)
             return False
         tokens = torch.zeros(1, dtype=torch.long, device=self.positions.device)
         with torch.inference_mode(), kernels.shortest_part(1):  # (forward_spans' kind of pass)

@@ -75,13 +75,8 @@ struct Buffers {
     torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
   };
   std::vector<Own> own;
-  int64_t tokens, members;
-  at::ScalarType dtype;
-  bool headed;
   Buffers(const llamarun::LayerStack::Layer& l, int64_t T, int64_t D, int64_t members,
-          const at::TensorOptions& options, const llamarun::LayerStack::Head* head)
-      : tokens(T), members(members), dtype(options.dtype().toScalarType()),
-        headed(head != nullptr) {
+          const at::TensorOptions& options, const llamarun::LayerStack::Head* head) {
     const auto& [qkv_p, o_p, up_p, down_p] = l.products;
     const int64_t H = l.n_heads, HD = l.k_cache.size(3);
     const auto f32 = options.dtype(at::kFloat);
@@ -107,16 +102,18 @@ struct Buffers {
   }
   // A new tensor for what the next pass returns, the caller's own (the others are reused).
   void fresh() {
-    if (!headed) {
+    if (!logits.defined()) {  // (no head)
       own[0].out = torch::empty_like(own[0].out);
       return;
     }
-    if (dtype == at::kFloat) logits = torch::empty_like(logits);
-    widened = dtype == at::kFloat ? logits : torch::empty_like(widened);
+    const bool f32 = logits.scalar_type() == at::kFloat;
+    if (f32) logits = torch::empty_like(logits);
+    widened = f32 ? logits : torch::empty_like(widened);
   }
   // Whether a pass of T tokens by `members`, of dtype, with or without the head, fits these.
-  bool fits(int64_t T, int64_t members_, at::ScalarType dtype_, bool headed_) const {
-    return tokens == T && members == members_ && dtype == dtype_ && headed == headed_;
+  bool fits(int64_t T, int64_t members, at::ScalarType dtype, bool headed) const {
+    return qkv.size(0) == T && int64_t(own.size()) == members && qkv.scalar_type() == dtype &&
+           logits.defined() == headed;
   }
   // Decode passes (at most this many tokens) keep their buffers in the stack for the next: in
   // a SmolLM2 decode token the ~17 allocations cost about 1% (their code's caches cold after
