@@ -464,12 +464,27 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
 // about half int4_tile's instructions per weight.
 //
 // The high nibbles stay in place (x & 0xF0: 16 q, at most 240, a sum of four products at most
-// 4 * 240 * 127 in magnitude), their block's doublewords start at 16 times the -4 sum(a), and
-// one arithmetic shift by 4 per row and pair (exact: every term is a multiple of 16) gives the
-// same int32 as shifting each chunk's bytes first: 3 instructions fewer per pair and row (of about
-// 50 vector ones). Measured on an AMD EPYC (Zen 5, 2 threads; the old and new builds in one
-// process, in turns, 8-10 rounds of 32 tokens, each between two reads): decode 8B Q4_0 +5.0%
-// (15.3 -> 16.0 tok/s, 0.77 -> 0.81 of the read; faster in every round), 1B Q4_0 +3.1%.
+// 4 * 240 * 127 in magnitude), and one arithmetic shift by 4 per row and pair (exact: every term
+// is a multiple of 16) gives the same int32 as shifting each chunk's bytes first: 3 instructions
+// fewer per pair and row (of about 50 vector ones). Measured on an AMD EPYC (Zen 5, 2 threads;
+// the old and new builds in one process, in turns, 8-10 rounds of 32 tokens, each between two
+// reads): decode 8B Q4_0 +5.0% (15.3 -> 16.0 tok/s, 0.77 -> 0.81 of the read; faster in every
+// round), 1B Q4_0 +3.1%.
+//
+// The sums start at 0 and a pair's work after them is done for both blocks at once, in 16 lanes
+// (lane 2r row r's block 2p, 2r + 1 its block 2p + 1): one blend-shuffle-add sums each row's two
+// doublewords of both blocks, one variable shift of the two blocks' sum(a) (one 8-byte load)
+// makes the offsets taken off (8 and, for the high block, 16 * 8 times sum(a)), a masked shift
+// brings the high block's sums back, one conversion makes them float, and one product the two
+// blocks' d * s (their scales one 32-byte load where groups are of 32 values). Before, the
+// offsets went into each block's initial sums (two scalar products and broadcasts a pair and
+// row: scalar work and moves from general registers), and the scales' conversion a block each.
+// About as many vector instructions after the sums (17 a pair and row), now none waiting for
+// scalar ones. The same int32 and the same float multiply-adds in the same order (the same
+// bits). `python benchmarks/decode_ab.py --models smollm2,1b --precisions q4
+// --engines llamarun --rounds 6 --gen-tokens 32 --baseline 81939a8` (AMD EPYC, Zen 5): SmolLM2
+// Q4_0 694.1 -> 722.1 tok/s (1.047x; 0.73 -> 0.76 of an 84.3 GB/s read), 1B Q4_0 1.015x (a slow
+// minute's 54.5 GB/s read, 0.94 -> 0.96 of it).
 template <int MR, bool FAR>
 LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const int32_t* as,
                                          int64_t lda, const uint8_t* w, const uint16_t* dt,
@@ -481,6 +496,10 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
   // doubleword 2r holds row r's low-nibble block sum, 2r + 1 its high one; lanes 0-7 take the
   // first block's in LANE_ROW order, lanes 8-15 the second's
   const __m512i order = _mm512_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14, 1, 3, 9, 11, 5, 7, 13, 15);
+  // the 16 scales of a pair: lanes 0-7 block 2p's (s_b), 8-15 block 2p + 1's
+  const __m512i sidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  // 8 sum(a) of block 2p in a row's low doubleword, 128 sum(a) of 2p + 1 (16 times) in its high
+  const __m512i offset_shift = _mm512_set1_epi64((int64_t(7) << 32) | 3);
   const int64_t nb = lda / Q4B;
   for (int64_t p = 0; p < pairs; ++p) {
     const uint8_t* wp = w + p * 256;
@@ -499,15 +518,17 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
       hi[c] = _mm512_and_si512(x, high);  // 16 q: the high nibbles left in place (see below)
     }
     const int64_t b = 2 * p;
-    const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * NB)));
-    const __m256 dhi =
-        _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + ((b + 1) >> shift) * NB)));
+    // lanes 0-7 block 2p's scales, 8-15 block 2p + 1's (the next 8 in the layout where groups
+    // are of 32 values, else the same group's)
+    const uint16_t* d0 = dt + (b >> shift) * NB;
+    const __m256i dh = shift == 0
+                           ? _mm256_loadu_si256((const __m256i*)d0)
+                           : _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)d0));
+    const __m512 d16 = _mm512_cvtph_ps(dh);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int8_t* ab = a + i * lda + b * Q4B;
-      // -4 sum(a) in both doublewords of a row: their sum then is (q - 8) . a, as int4_tile's
-      __m512i sl = _mm512_set1_epi32(-4 * as[i * nb + b]);
-      __m512i sh = _mm512_set1_epi32(-64 * as[i * nb + b + 1]);  // 16 times, as hi's values
+      __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         int64_t cl, ch;
@@ -516,15 +537,23 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
         sl = _mm512_dpbusd_epi32(sl, lo[c], _mm512_set1_epi64(cl));
         sh = _mm512_dpbusd_epi32(sh, hi[c], _mm512_set1_epi64(ch));
       }
-      sh = _mm512_srai_epi32(sh, 4);  // exact: each doubleword's terms are multiples of 16
-      const __m512i both = _mm512_mask_blend_epi32(
-          0xAAAA, _mm512_add_epi32(sl, _mm512_srli_epi64(sl, 32)),
-          _mm512_add_epi32(sh, _mm512_slli_epi64(sh, 32)));
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(order, both));
-      const __m256 flo = _mm512_castps512_ps256(f);
-      const __m256 fhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
-      acc[i] = _mm256_fmadd_ps(flo, _mm256_mul_ps(dlo, _mm256_set1_ps(s[i * nb + b])), acc[i]);
-      acc[i] = _mm256_fmadd_ps(fhi, _mm256_mul_ps(dhi, _mm256_set1_ps(s[i * nb + b + 1])), acc[i]);
+      // row r's two doublewords of each block summed: 2r block 2p's (sl), 2r + 1 block 2p + 1's
+      const __m512i x = _mm512_mask_blend_epi32(0xAAAA, sl, sh);
+      const __m512i y =
+          _mm512_shuffle_epi32(_mm512_mask_blend_epi32(0xAAAA, sh, sl), _MM_PERM_CDAB);
+      int64_t pair;  // the two blocks' sum(a), int32 each
+      std::memcpy(&pair, as + i * nb + b, 8);
+      __m512i v = _mm512_sub_epi32(_mm512_add_epi32(x, y),
+                                   _mm512_sllv_epi32(_mm512_set1_epi64(pair), offset_shift));
+      v = _mm512_mask_srai_epi32(v, 0xAAAA, v, 4);  // exact: its terms are multiples of 16
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(order, v));
+      std::memcpy(&pair, s + i * nb + b, 8);  // the two blocks' scales
+      const __m512 ds = _mm512_mul_ps(
+          d16, _mm512_permutexvar_ps(sidx, _mm512_castsi512_ps(_mm512_set1_epi64(pair))));
+      acc[i] = _mm256_fmadd_ps(_mm512_castps512_ps256(f), _mm512_castps512_ps256(ds), acc[i]);
+      acc[i] = _mm256_fmadd_ps(
+          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)),
+          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ds), 1)), acc[i]);
     }
   }
 #pragma GCC unroll 8
