@@ -58,6 +58,22 @@ constexpr int64_t STEP = 4;  // cache lines of a weight row per step of the *_ro
 // bytes ahead in a weight stream (a row, or a 4-bit tile's run; past its end: harmless)
 constexpr int64_t PREFETCH = 4096;
 
+// A block's count (at most NB) float32 results -> y as OutT, each times scale[j] where there are
+// scales: 8 at once for a whole block (load8 / store8: the same product and rounding as
+// OutT(out[j] * float(scale[j])) one at a time, which the scalar conversions made 5-10% of a
+// SmolLM2 decode product's instructions).
+template <typename OutT, typename ScaleT = float>
+LLAMARUN_AVX2 void store_block(const float* out, int64_t count, OutT* y,
+                               const ScaleT* scale = nullptr) {
+  if (count == NB) {
+    const __m256 v = _mm256_loadu_ps(out);
+    store8(y, scale != nullptr ? _mm256_mul_ps(v, load8(scale)) : v);
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j)
+    y[j] = OutT(scale != nullptr ? out[j] * float(scale[j]) : out[j]);
+}
+
 // ---- bf16 weights x bf16 activations, float32 accumulation (vdpbf16ps) ----
 
 template <int MR, int NR>
@@ -171,7 +187,7 @@ void bf16_linear_impl(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
             (m0 == 0 && nrows == NB && n0 + 2 * NB <= N) ? w + (n0 + NB) * K : nullptr;
         bf16_pass(mrows, x + m0 * K, K, w + n0 * K, nrows, K, next, stream, out);
         for (int64_t i = 0; i < mrows; ++i)
-          for (int64_t j = 0; j < nrows; ++j) y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j]);
+          store_block(out + i * NB, nrows, y + (m0 + i) * N + n0);
       }
     }
   };
@@ -344,8 +360,7 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
         int8_pass(mrows, xu + m0 * ldx, xs + m0 * (ldx / QB), ldx, w + n0 * K,
                   nrows, K, next, stream, out);
         for (int64_t i = 0; i < mrows; ++i)
-          for (int64_t j = 0; j < nrows; ++j)
-            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * float(wscale[n0 + j]));
+          store_block(out + i * NB, nrows, y + (m0 + i) * N + n0, wscale + n0);
       }
     }
   };
@@ -729,8 +744,7 @@ void int8_avx2_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* wsca
           int8_avx2_block<mr(), nr()>(a0, s0, ldk, w + (n0 + j0) * K, left, K, out + j0);
         });
         for (int64_t i = 0; i < mrows; ++i)
-          for (int64_t j = 0; j < nrows; ++j)
-            y[(m0 + i) * N + n0 + j] = OutT(out[i * NB + j] * float(wscale[n0 + j]));
+          store_block(out + i * NB, nrows, y + (m0 + i) * N + n0, wscale + n0);
       }
     }
   });
@@ -754,6 +768,23 @@ inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, const int3
     int4_tile_vnni<MR, false>(a, s, as, lda, w, dt, shift, pairs, out);
   else
     int4_tile<MR>(a, s, as, lda, w, dt, shift, pairs, out);
+}
+
+// A tile's outputs of one activation row (lane l: row LANE_ROW[l]), plus the zeros' terms where
+// there are any (in the same lanes) -> its first count rows of y as OutT: a whole tile 8 at once
+// (the same float additions and roundings as one at a time).
+template <typename OutT>
+LLAMARUN_AVX2 void store_lanes(const float* out, const float* terms, int64_t count, OutT* y) {
+  __m256 v = _mm256_loadu_ps(out);
+  if (terms != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(terms));
+  // row r from lane LANE_ROW[r] (the order is its own inverse)
+  v = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(LANE_ROW[0], LANE_ROW[1], LANE_ROW[2],
+                                                    LANE_ROW[3], LANE_ROW[4], LANE_ROW[5],
+                                                    LANE_ROW[6], LANE_ROW[7]));
+  if (count == NB) return store8(y, v);
+  alignas(32) float o[NB];
+  _mm256_store_ps(o, v);
+  for (int64_t r = 0; r < count; ++r) y[r] = OutT(o[r]);
 }
 
 template <typename InT, typename OutT>
@@ -788,13 +819,8 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
           default: int4_tile_any<4>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
         }
         for (int64_t i = 0; i < mrows; ++i) {
-          if (zt != nullptr) {
-            zero_terms(zt, xsum + (m0 + i) * G, G, terms);
-            for (int l = 0; l < NB; ++l) out[i * NB + l] += terms[l];
-          }
-          for (int l = 0; l < NB; ++l)
-            if (LANE_ROW[l] < nrows)
-              y[(m0 + i) * N + n0 + LANE_ROW[l]] = OutT(out[i * NB + l]);
+          if (zt != nullptr) zero_terms(zt, xsum + (m0 + i) * G, G, terms);
+          store_lanes(out + i * NB, zt != nullptr ? terms : nullptr, nrows, y + (m0 + i) * N + n0);
         }
       }
     }
