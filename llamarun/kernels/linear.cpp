@@ -62,7 +62,7 @@ constexpr int64_t PREFETCH = 4096;
 // scales: 8 at once for a whole block (load8 / store8: the same product and rounding as
 // OutT(out[j] * float(scale[j])) one at a time, which the compiler left scalar). `python
 // benchmarks/decode_ab.py --models smollm2 --baseline 2b91072` (AMD EPYC, Zen 5, fast minutes,
-// with store_lanes): Q4_0 1.029x and 1.042x, Q8_0 1.032x, BF16 1.018x.
+// with store_tile): Q4_0 1.029x and 1.042x, Q8_0 1.032x, BF16 1.018x.
 template <typename OutT, typename ScaleT = float>
 LLAMARUN_AVX2 void store_block(const float* out, int64_t count, OutT* y,
                                const ScaleT* scale = nullptr) {
@@ -771,17 +771,23 @@ inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, const int3
     int4_tile<MR>(a, s, as, lda, w, dt, shift, pairs, out);
 }
 
-// A tile's outputs of one activation row (lane l: row LANE_ROW[l]), plus the zeros' terms where
-// there are any (in the same lanes) -> its first count rows of y as OutT: a whole tile 8 at once
-// (the same float additions and roundings as one at a time).
+// One activation row's 8 outputs of a tile -> y[0..count) as OutT, plus the zeros' terms where
+// zt is given: acc in the tile's lane order (lanes: lane l row LANE_ROW[l], as the 4-bit tiles
+// leave them) or in the rows' (the AMX panels'). A whole tile 8 at once, the same float
+// additions and roundings as one output at a time.
 template <typename OutT>
-LLAMARUN_AVX2 void store_lanes(const float* out, const float* terms, int64_t count, OutT* y) {
-  __m256 v = _mm256_loadu_ps(out);
-  if (terms != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(terms));
-  // row r from lane LANE_ROW[r] (the order is its own inverse)
-  v = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(LANE_ROW[0], LANE_ROW[1], LANE_ROW[2],
-                                                    LANE_ROW[3], LANE_ROW[4], LANE_ROW[5],
-                                                    LANE_ROW[6], LANE_ROW[7]));
+LLAMARUN_AVX2 void store_tile(const float* acc, bool lanes, const uint16_t* zt,
+                              const float* xsum, int64_t G, OutT* y, int64_t count) {
+  // row r from lane LANE_ROW[r] (the order is its own inverse: an exchange of lane pairs)
+  const __m256i rows = _mm256_setr_epi32(LANE_ROW[0], LANE_ROW[1], LANE_ROW[2], LANE_ROW[3],
+                                         LANE_ROW[4], LANE_ROW[5], LANE_ROW[6], LANE_ROW[7]);
+  __m256 v = _mm256_loadu_ps(acc);
+  if (lanes) v = _mm256_permutevar8x32_ps(v, rows);
+  if (zt != nullptr) {
+    alignas(32) float terms[NB];
+    zero_terms(zt, xsum, G, terms);  // (in lane order)
+    v = _mm256_add_ps(v, _mm256_permutevar8x32_ps(_mm256_load_ps(terms), rows));
+  }
   if (count == NB) return store8(y, v);
   alignas(32) float o[NB];
   _mm256_store_ps(o, v);
@@ -802,7 +808,7 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   quantize_rows_q4(x, M, K, ldk, group, a, s, asum, xsum);
   const int64_t tiles = (N + NB - 1) / NB;
   llamarun::blocks_for(tiles, tiles * NB * ldw, [&](int64_t t0, int64_t t1) {
-    float out[MB * NB], terms[NB];
+    float out[MB * NB];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
       const uint16_t* dt = d + t * Gp * NB;
@@ -819,10 +825,9 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
           case 3: int4_tile_any<3>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
           default: int4_tile_any<4>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
         }
-        for (int64_t i = 0; i < mrows; ++i) {
-          if (zt != nullptr) zero_terms(zt, xsum + (m0 + i) * G, G, terms);
-          store_lanes(out + i * NB, zt != nullptr ? terms : nullptr, nrows, y + (m0 + i) * N + n0);
-        }
+        for (int64_t i = 0; i < mrows; ++i)
+          store_tile(out + i * NB, true, zt, xsum + (m0 + i) * G, G, y + (m0 + i) * N + n0,
+                     nrows);
       }
     }
   });
@@ -966,28 +971,6 @@ LLAMARUN_AMX void amx_panel_rows(const int8_t* a, const float* s, int64_t ldk, c
   for (int i = 0; i < AMX_M; ++i) _mm512_storeu_ps(out + i * AMX_N, acc[i]);
 }
 
-// One row's 8 outputs of a tile, acc in the rows' order (plus the zeros' terms, zt not null) ->
-// y[0..count), as int4_linear_impl stores them (the same float additions and roundings).
-template <typename OutT>
-LLAMARUN_AVX2 void amx_store_tile(const float* acc, const uint16_t* zt, const float* xsum,
-                                  int64_t G, OutT* y, int64_t count) {
-  __m256 v = _mm256_loadu_ps(acc);
-  if (zt != nullptr) {
-    alignas(32) float terms[NB];
-    zero_terms(zt, xsum, G, terms);  // (lane l: row LANE_ROW[l], an exchange of lane pairs)
-    const __m256i rows = _mm256_setr_epi32(LANE_ROW[0], LANE_ROW[1], LANE_ROW[2], LANE_ROW[3],
-                                           LANE_ROW[4], LANE_ROW[5], LANE_ROW[6], LANE_ROW[7]);
-    v = _mm256_add_ps(v, _mm256_permutevar8x32_ps(_mm256_load_ps(terms), rows));
-  }
-  if (count == NB) {
-    store8(y, v);
-    return;
-  }
-  alignas(32) float o[NB];
-  _mm256_store_ps(o, v);
-  for (int64_t r = 0; r < count; ++r) y[r] = OutT(o[r]);
-}
-
 LLAMARUN_AMX void amx_load_config(const TileConfig* c) { _tile_loadconfig(c); }
 LLAMARUN_AMX void amx_release() { _tile_release(); }
 
@@ -1010,7 +993,6 @@ void int4_amx_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
     std::vector<int8_t> B(nb * AMX_TILE_BYTES);
     std::vector<float> dn(Gp * AMX_N);
     alignas(64) float out[AMX_M * AMX_N];
-    float terms[NB];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t t0 = p * tpp, ntiles = std::min(tpp, tiles - t0);
       amx_unpack(w + t0 * NB * ldw, ldw, ntiles, pairs, B.data());
@@ -1021,10 +1003,9 @@ void int4_amx_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
         for (int64_t i = 0; i < std::min(AMX_M, M - m0); ++i)
           for (int64_t t = 0; t < ntiles; ++t) {
             const int64_t n0 = (t0 + t) * NB;
-            amx_store_tile(out + i * AMX_N + t * NB,
-                           z != nullptr ? z + (t0 + t) * Gp * NB : nullptr,
-                           xsum.data() + (m0 + i) * G, G, y + (m0 + i) * N + n0,
-                           std::min(NB, N - n0));
+            store_tile(out + i * AMX_N + t * NB, false,
+                       z != nullptr ? z + (t0 + t) * Gp * NB : nullptr, xsum.data() + (m0 + i) * G,
+                       G, y + (m0 + i) * N + n0, std::min(NB, N - n0));
           }
       }
     }
