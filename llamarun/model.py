@@ -417,7 +417,8 @@ class Transformer(nn.Module):
                 continue
             assert step is not None
             if headed and output_idx is None and i == len(parts) - 1:  # and the head: logits
-                return kernels.decode_logits(h, part, self.freqs, step.rows, step.pos)[0]
+                # (T, vocab): the tensor kernels.argmax knows (see decode_logits)
+                return kernels.decode_logits(h[0], part, self.freqs, step.rows, step.pos)
             h = kernels.decode_layers(h, part, self.freqs, step.rows, step.pos)
         if output_idx is not None:
             h = h[:, output_idx]

@@ -424,3 +424,56 @@ def test_compiled_step_gets_the_fused_layers_numbers(folder: Path,
         torch._dynamo.reset()
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_logits_finds_each_rows_argmax(folder: Path, dtype: str) -> None:
+    """A pass through decode_logits finds each row's argmax (each thread in its share of the
+    columns): kernels.argmax gives it for that pass's logits, as torch.max would, the first
+    index where values tie (here across the threads' shares), None where a row holds NaN (then
+    torch.max's), and sees the logits changed in place."""
+    model = _model(folder, dtype, None)
+    weight = model.output.weight
+    assert weight.shape[0] == 512 and model.output.kernel_product(
+        torch.zeros(1, 128, dtype=weight.dtype)) is not None
+    spans, ids = PASSES[1][0], torch.tensor(PASSES[1][1])  # 3 decode rows
+
+    def decode(row: torch.Tensor) -> torch.Tensor:
+        """The pass's logits after rows 7 and 300 (either thread's share) of the output product
+        are `row` and every other row is 0."""
+        with torch.no_grad():
+            weight.zero_()
+            weight[7] = row
+            weight[300] = row
+        model.reset_caches()
+        with torch.no_grad():
+            return model.forward_spans(ids, spans)
+
+    row = torch.randn(128).to(weight.dtype)
+    logits = decode(row)
+    if logits[0, 7] < 0:
+        row = -row
+        logits = decode(row)
+    assert (logits[0, 7] > 0) and torch.equal(logits[:, 7], logits[:, 300])
+    assert kernels._found is not None and kernels._found[0] is logits
+    found = kernels.argmax(logits)
+    assert found is kernels._found[2]  # the pass's, not found again
+    assert torch.equal(found, logits.max(dim=-1).indices)
+    assert found[0] == 7  # tied with 300: the first
+    # row 0's values 0 but for two negative ones: its first 0
+    negative = decode(-row)
+    assert negative[0, 7] < 0 and negative[0, 0] == 0
+    assert torch.equal(kernels.argmax(negative), negative.max(dim=-1).indices)
+    assert kernels.argmax(negative)[0] == 0
+    # changed in place: the pass's argmax no longer holds
+    negative[1, 511] = 1e30
+    assert kernels.argmax(negative)[1] == 511
+    # NaN: no argmax from the pass; torch.max's index of the NaN
+    with torch.no_grad():
+        weight[13] = float("nan")
+    model.reset_caches()
+    with torch.no_grad():
+        nan = model.forward_spans(ids, spans)
+    assert kernels._found is None
+    assert torch.equal(kernels.argmax(nan), nan.max(dim=-1).indices)
+    assert kernels.argmax(nan)[0] == 13
