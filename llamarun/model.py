@@ -417,8 +417,7 @@ class Transformer(nn.Module):
                 continue
             assert step is not None
             if headed and output_idx is None and i == len(parts) - 1:  # and the head: logits
-                # (T, vocab): the tensor kernels.argmax knows (see decode_logits)
-                return kernels.decode_logits(h[0], part, self.freqs, step.rows, step.pos)
+                return kernels.decode_logits(h, part, self.freqs, step.rows, step.pos)[0]
             h = kernels.decode_layers(h, part, self.freqs, step.rows, step.pos)
         if output_idx is not None:
             h = h[:, output_idx]

@@ -623,13 +623,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     """logits.max(dim=-1).indices (the first index where several values tie; NaN the largest)
     by the kernel where it serves (float32 on CPU, eager), else None. torch's took 63 us for a
     128,256-entry row and up to three times that right after the head's product (AMD EPYC),
-    1.5-2.5% of a 1B-shaped model's decode token; the kernel's 13. For the very tensor the last
-    decode_logits returned: the argmaxes that pass found (unless changed in place since, where
-    torch counts versions: not for inference-mode tensors; edit a copy or a view of those)."""
-    found = _found
-    if found is not None and found[0] is logits and (
-            found[1] is None or logits._version == found[1]):
-        return found[2]
+    1.5-2.5% of a 1B-shaped model's decode token; the kernel's 13."""
     if (logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() < 1
             or logits.shape[-1] == 0 or torch.compiler.is_compiling() or not attend_available()):
         return None
@@ -745,26 +739,14 @@ def decode_layers(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.
     return _extension().decode_layers(x, stack, freqs, rows, pos)
 
 
-# (logits, their version (None: an inference tensor, which keeps none), their argmaxes): what
-# the last decode_logits returned, for argmax
-_found: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
-
-
 def decode_logits(x: torch.Tensor, stack: Any, freqs: torch.Tensor, rows: torch.Tensor,
                   pos: torch.Tensor) -> torch.Tensor:
     """decode_layers, then the model's final norm and output product (the stack's head, see
     layer_stack) in the same call: float32 logits (..., vocab) of every token of x, the same
     numbers as rms_norm, the product and .float() one by one. Those three cost a SmolLM2
     decode token about 60 us of Python and thread starts around the product's own time
-    (check serves_rowwise for the norm and the product's *_product, as for the layers).
-    The pass also finds each row's argmax (each member in its share of the columns while they
-    are in its caches), which argmax gives for these logits until they change: greedy
-    decoding's choice, 40-55 us of a SmolLM2 decode token after the pass (AMD EPYC, Zen 4)."""
-    global _found
-    logits, ids = _extension().decode_logits(x, stack, freqs, rows, pos)
-    _found = None if ids is None else (
-        logits, None if logits.is_inference() else logits._version, ids)
-    return logits
+    (check serves_rowwise for the norm and the product's *_product, as for the layers)."""
+    return _extension().decode_logits(x, stack, freqs, rows, pos)
 
 
 def summary(device: torch.device) -> str:

@@ -338,8 +338,6 @@ void rms_norm_rows(const void* x, const void* w, bool bf16, int64_t rows, int64_
                    void* out);
 void silu_mul_rows(const void* x, bool bf16, int64_t rows, int64_t H, void* out);
 torch::Tensor argmax_rows(const torch::Tensor& x);
-// the index of the largest of x's n values, the first where several tie; *nan where one is NaN
-int64_t argmax_span(const float* x, int64_t n, bool* nan);
 // f32.cpp (AVX-512 where the CPU has it, else AVX2 + FMA, as attend)
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor f32_linear_by(const torch::Tensor& x, const torch::Tensor& w, const std::string& order);
@@ -387,12 +385,9 @@ struct LayerStack {
 torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
                             const torch::Tensor& freqs, const torch::Tensor& rows,
                             const torch::Tensor& pos);
-// decode_layers, then the stack's head: float32 logits (..., N) of x's rows, and each row's
-// argmax (..., as torch.max(logits, -1).indices; undefined, None in Python, where one is NaN)
-std::tuple<torch::Tensor, torch::Tensor> decode_logits(const torch::Tensor& x,
-                                                       const LayerStack& stack,
-                                                       const torch::Tensor& freqs,
-                                                       const torch::Tensor& rows,
-                                                       const torch::Tensor& pos);
+// decode_layers, then the stack's head: float32 logits (..., N) of x's rows
+torch::Tensor decode_logits(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos);
 
 }  // namespace llamarun

@@ -71,10 +71,6 @@ struct Buffers {
   torch::Tensor qkv, q, y, o, gate_up, down;
   torch::Tensor freqs;  // each token's row of the RoPE table
   torch::Tensor logits, widened;  // the head's outputs (decode_logits), bfloat16 ones widened
-  // each member's argmax of its share of each row's logits (value, index: -1 for none; NaN)
-  std::vector<float> best;
-  std::vector<int64_t> best_at;
-  std::vector<char> nan;
   struct Own {
     torch::Tensor normed, heads, hidden, out;  // (heads: bfloat16 passes)
   };
@@ -287,35 +283,10 @@ void embed_rows(const LayerStack::Embedding& e, const int64_t* ids, int64_t T,
   }
 }
 
-// Row r's argmax from the members' argmaxes of their shares (run_layers): the largest value,
-// the first member's where several tie (members' shares lie in column order, each member's
-// index the first in its share); undefined where a row holds NaN (torch.max's to decide).
-torch::Tensor merge_argmax(const Buffers& b, int64_t T, int64_t members,
-                           const at::IntArrayRef sizes) {
-  auto ids = torch::empty(sizes, at::TensorOptions().dtype(at::kLong));
-  int64_t* out = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < T; ++r) {
-    int64_t at = -1;
-    float best = 0.0f;
-    for (int64_t m = 0; m < members; ++m) {
-      const int64_t i = m * T + r;
-      if (b.nan[i]) return torch::Tensor();
-      if (b.best_at[i] >= 0 && (at < 0 || b.best[i] > best)) {
-        at = b.best_at[i];
-        best = b.best[i];
-      }
-    }
-    out[r] = at;
-  }
-  return ids;
-}
-
-// decode_layers' work, then with `logits` the stack's head (decode_logits; its argmaxes into
-// *argmaxes).
+// decode_layers' work, then with `logits` the stack's head (decode_logits).
 torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
                          const torch::Tensor& freqs, const torch::Tensor& rows,
-                         const torch::Tensor& pos, bool logits,
-                         torch::Tensor* argmaxes = nullptr) {
+                         const torch::Tensor& pos, bool logits) {
   if (stack.layers.empty()) return x;
   const auto& norm = stack.layers[0].attn_norm;  // (every layer's of one size and dtype)
   const bool ids = x.scalar_type() == at::kLong;  // token ids: their rows of the embedding first
@@ -349,11 +320,6 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
   std::unique_lock<std::mutex> lock;
   const auto kept = buffers_for(stack, T, D, whole ? members : 1, norm.options(), head, lock);
   Buffers& b = *kept;
-  if (head != nullptr) {  // (a member the team lacks finds no argmax)
-    b.best.assign(members * T, 0.0f);
-    b.best_at.assign(members * T, -1);
-    b.nan.assign(members * T, 0);
-  }
   torch::Tensor xc;
   if (ids) {
     const auto idc = x.contiguous();
@@ -427,28 +393,17 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
     });
     if (head == nullptr) return;
     product(me.normed, dtype, head->product, b.logits);
-    // Each member: its share of the columns of every row widened as .float() does (bfloat16
-    // logits), and their argmax for greedy decoding (kernels.argmax), its share still in its
-    // caches: torch.max's after the pass, in Python, cost a SmolLM2 decode token 40-55 us.
-    const int64_t N = head->product.N;
-    const auto [c0, c1] = llamarun::team_range(N);
-    const int64_t rank = llamarun::t_team != nullptr ? llamarun::t_rank : 0;
-    for (int64_t r = 0; r < T && c0 < c1 && rank < members; ++r) {
-      float* row = b.widened.data_ptr<float>() + r * N;
-      if (bf16)
-        load_bf16(static_cast<const c10::BFloat16*>(at_row(b.logits, r)) + c0, c1 - c0, row + c0);
-      bool nan = false;
-      const int64_t at = c0 + llamarun::argmax_span(row + c0, c1 - c0, &nan);
-      b.best[rank * T + r] = row[at];
-      b.best_at[rank * T + r] = at;
-      b.nan[rank * T + r] = nan;
+    if (bf16) {  // widened as .float() does, each member a share of the columns of every row
+      const int64_t N = head->product.N;
+      const auto [c0, c1] = llamarun::team_range(N);
+      for (int64_t r = 0; r < T; ++r)
+        load_bf16(static_cast<const c10::BFloat16*>(at_row(b.logits, r)) + c0, c1 - c0,
+                  b.widened.data_ptr<float>() + r * N + c0);
     }
   };
   in_team(layers);
   if (head == nullptr) return b.own[0].out.view(sizes);
   sizes.back() = head->product.N;
-  if (argmaxes != nullptr)
-    *argmaxes = merge_argmax(b, T, members, at::IntArrayRef(sizes).slice(0, sizes.size() - 1));
   return b.widened.view(sizes);
 }
 
@@ -460,14 +415,10 @@ torch::Tensor decode_layers(const torch::Tensor& x, const LayerStack& stack,
   return run_layers(x, stack, freqs, rows, pos, false);
 }
 
-std::tuple<torch::Tensor, torch::Tensor> decode_logits(const torch::Tensor& x,
-                                                       const LayerStack& stack,
-                                                       const torch::Tensor& freqs,
-                                                       const torch::Tensor& rows,
-                                                       const torch::Tensor& pos) {
-  torch::Tensor ids;
-  auto logits = run_layers(x, stack, freqs, rows, pos, true, &ids);
-  return {logits, ids};
+torch::Tensor decode_logits(const torch::Tensor& x, const LayerStack& stack,
+                            const torch::Tensor& freqs, const torch::Tensor& rows,
+                            const torch::Tensor& pos) {
+  return run_layers(x, stack, freqs, rows, pos, true);
 }
 
 }  // namespace llamarun

@@ -147,8 +147,6 @@ LLAMARUN_AVX2 int64_t argmax_row(const float* x, int64_t n, bool* nan) {
 
 namespace llamarun {
 
-int64_t argmax_span(const float* x, int64_t n, bool* nan) { return argmax_row(x, n, nan); }
-
 void rms_norm_rows(const void* x, const void* w, bool bf16, int64_t rows, int64_t D, double eps,
                    void* out) {
   // a bfloat16 weight widened here (exact), not by weight.to(float): a PyTorch op costs more
