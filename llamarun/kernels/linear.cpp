@@ -52,6 +52,7 @@ constexpr int64_t MB = 4;     // activation rows per pass over a block
 // weight row at a time measured slower there (the activations' reloads). Intel CPUs keep the
 // blocks too: measured there, not here. (llamarun::ROW_STREAM, kernels.h: f32.cpp's AVX-512
 // code does the same.)
+using llamarun::ROW_PREFETCH;
 using llamarun::ROW_STREAM;
 constexpr int64_t STEP = 4;  // cache lines of a weight row per step of the *_row functions
 
@@ -130,6 +131,8 @@ LLAMARUN_AVX512 void bf16_block(const uint16_t* x, int64_t ldx, const uint16_t* 
 // token reuses out of the caches): decode_ab --baseline, AMD EPYC (Zen 5), SmolLM2 BF16 1.039x,
 // 1.062x, 1.030x, the 1B shape 1.043x in a slow-memory minute, 0.978x in a fast one. (Without the
 // hint: 0.97 of the read against 0.95 for one product alone in a fast minute, so it had none.)
+// Without PREFETCH_AHEAD none (kernels.h's ROW_PREFETCH: AMD Zen 4).
+template <bool PREFETCH_AHEAD>
 LLAMARUN_AVX512 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t nrows, int64_t K,
                               float* out) {
   for (int64_t j = 0; j < nrows; ++j) {
@@ -139,7 +142,8 @@ LLAMARUN_AVX512 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t nrow
     for (; k + 32 * STEP <= K; k += 32 * STEP)
 #pragma GCC unroll 4
       for (int u = 0; u < STEP; ++u) {
-        _mm_prefetch((const char*)(row + k + 32 * u) + PREFETCH, _MM_HINT_NTA);
+        if constexpr (PREFETCH_AHEAD)
+          _mm_prefetch((const char*)(row + k + 32 * u) + PREFETCH, _MM_HINT_NTA);
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + k + 32 * u),
                                (__m512bh)_mm512_loadu_si512(row + k + 32 * u));
       }
@@ -160,7 +164,9 @@ LLAMARUN_AVX512 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t nrow
 void bf16_pass(int64_t mrows, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t nrows,
                int64_t K, const uint16_t* next, bool stream, float* out) {
   if (mrows == 1)
-    return stream ? bf16_row(x, w, nrows, K, out) : bf16_block<1, 8>(x, ldx, w, nrows, K, next, out);
+    return !stream         ? bf16_block<1, 8>(x, ldx, w, nrows, K, next, out)
+           : ROW_PREFETCH ? bf16_row<true>(x, w, nrows, K, out)
+                          : bf16_row<false>(x, w, nrows, K, out);
   for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
     const uint16_t* wj = w + j0 * K;
     const uint16_t* nj = next != nullptr ? next + j0 * K : nullptr;
@@ -260,7 +266,9 @@ LLAMARUN_AVX512 void int8_block(const uint8_t* xu, const float* xs, int64_t ldx,
 // up for it. Measured on an AMD EPYC (Zen 5, 2 threads, the 65 products of a 1B-shaped model,
 // 1.2 GB in huge pages, in turns with a plain read of 83-85 GB/s, medians of 15): 75-76 ->
 // 80-81 GB/s (0.90 -> 0.96 of the read); 2 KiB ahead 76, 6 KiB 78, 8 KiB 79, two rows streamed
-// at once (no prefetch) 81. bf16_row measured 0.97 of the read without and 0.95 with.
+// at once (no prefetch) 81. bf16_row measured 0.97 of the read without and 0.95 with. Without
+// PREFETCH_AHEAD none (kernels.h's ROW_PREFETCH: AMD Zen 4).
+template <bool PREFETCH_AHEAD>
 LLAMARUN_AVX512 void int8_row(const uint8_t* xu, const float* xs, const int8_t* w, int64_t nrows,
                               int64_t K, float* out) {
   const __m512i zero = _mm512_setzero_si512();
@@ -272,7 +280,8 @@ LLAMARUN_AVX512 void int8_row(const uint8_t* xu, const float* xs, const int8_t* 
     for (; k + QB * STEP <= K; k += QB * STEP)
 #pragma GCC unroll 4
       for (int u = 0; u < STEP; ++u) {
-        _mm_prefetch((const char*)(row + k + QB * u + PREFETCH), _MM_HINT_T0);
+        if constexpr (PREFETCH_AHEAD)
+          _mm_prefetch((const char*)(row + k + QB * u + PREFETCH), _MM_HINT_T0);
         const __m512i wv = _mm512_loadu_si512(row + k + QB * u);
         const __m512i corr = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wv));
         const __m512i dot = _mm512_dpbusd_epi32(corr, _mm512_loadu_si512(xu + k + QB * u), wv);
@@ -292,8 +301,9 @@ LLAMARUN_AVX512 void int8_row(const uint8_t* xu, const float* xs, const int8_t* 
 void int8_pass(int64_t mrows, const uint8_t* xu, const float* xs, int64_t ldx, const int8_t* w,
                int64_t nrows, int64_t K, const int8_t* next, bool stream, float* out) {
   if (mrows == 1)
-    return stream ? int8_row(xu, xs, w, nrows, K, out)
-                  : int8_block<1, 8>(xu, xs, ldx, w, nrows, K, next, out);
+    return !stream         ? int8_block<1, 8>(xu, xs, ldx, w, nrows, K, next, out)
+           : ROW_PREFETCH ? int8_row<true>(xu, xs, w, nrows, K, out)
+                          : int8_row<false>(xu, xs, w, nrows, K, out);
   for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
     const int8_t* wj = w + j0 * K;
     const int8_t* nj = next != nullptr ? next + j0 * K : nullptr;
