@@ -19,10 +19,12 @@ Kernels:
 two halves), timed in the same turns. For one row, "ours rows" and "ours blocks" are the bf16, int8 and float32 kernels with the weight
 rows taken one at a time or 8 (float32: 12) at once; "ours" is the order this CPU uses (rows on
 AMD CPUs, kernels.h's ROW_STREAM). --huge-pages puts the weights in huge pages, as a loaded
-model's are (llamarun.hugepages).
+model's are (llamarun.hugepages). --hot times each kernel on one copy of the weights that it has
+just read (from the CPU's caches, where they fit in them: the L3 of the AMD EPYC Zen 4 holds 32
+MiB): what the kernel computes at most, the ceiling its decode meets where memory reads faster.
 
     python benchmarks/products.py [--models smollm2,1b] [--rows 1,2,4,8] [--reps 15] [--compile]
-        [--threads N] [--pool MiB] [--huge-pages]
+        [--threads N] [--pool MiB] [--huge-pages] [--hot]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from llamarun import hugepages, kernels
 from llamarun.device import _onednn_linear
 
 _ARENA: hugepages.Arena | None = None  # --huge-pages: where the weights go
+_HOT = False  # --hot: every timing on one copy of the weights, just read (see the docstring)
+HOT_CALLS = 8  # calls timed per turn with --hot
 
 
 def _placed(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,13 @@ def _interleaved(runs: list[tuple[Callable[[int], object], int]], reps: int) -> 
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(reps):
         for j, (fn, copies) in enumerate(runs):
+            if _HOT:  # one copy, read just before: from the caches where it fits
+                fn(0)
+                t0 = time.perf_counter()
+                for _ in range(HOT_CALLS):
+                    fn(0)
+                times[j].append((time.perf_counter() - t0) / HOT_CALLS)
+                continue
             t0 = time.perf_counter()
             for i in range(copies):
                 fn(i)
@@ -77,7 +88,7 @@ def _interleaved(runs: list[tuple[Callable[[int], object], int]], reps: int) -> 
 
 
 def _copies(nbytes: int, pool_mib: int) -> int:
-    return max(1, -(-pool_mib * 2**20 // nbytes))
+    return 1 if _HOT else max(1, -(-pool_mib * 2**20 // nbytes))
 
 
 def bench_shape(n: int, k: int, rows: list[int], *, reps: int, pool: int,
@@ -184,7 +195,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also the compiled mul+sum form")
     parser.add_argument("--huge-pages", action="store_true",
                         help="weights in huge pages (llamarun.hugepages), as a loaded model's")
+    parser.add_argument("--hot", action="store_true",
+                        help="one copy of the weights, read just before each timing (cached)")
     args = parser.parse_args()
+    global _HOT
+    _HOT = args.hot
     if args.huge_pages:
         global _ARENA
         _ARENA = hugepages.Arena()
