@@ -287,20 +287,20 @@ def test_int4_products_of_8_mb_and_more_give_the_same_outputs(m: int) -> None:
 def test_int4_layout_round_trip(n: int, k: int) -> None:
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
     packed = kernels.int4_pack(q)
-    rows = -(-n // 8) * 8  # tiles of 8 rows, zero rows after the last
+    rows = -(-n // 16) * 16  # tiles of 16 rows, zero rows after the last
     assert packed.shape == (rows, -(-k // 64) * 32)
     unpacked = kernels.int4_unpack(packed, k)
     assert torch.equal(unpacked[:n], q) and not unpacked[n:].any()
 
 
 def test_int4_layout_places_each_value_as_documented() -> None:
-    # row 13 = tile 1, h 1, row 1 of its half; column 64 + 32 + 8 * 2 + 5: pair 1, high
-    # nibble, chunk c = 2, u = 5 -> byte 256 * 1 + 32 * (2 * 2 + 1) + 8 * 1 + 5 of tile 1
-    q = torch.zeros(16, 128, dtype=torch.uint8)
-    q[13, 64 + 32 + 16 + 5] = 11
-    q[2, 3] = 7  # tile 0, h 0, row 2, pair 0, low nibble, c 0, u 3 -> byte 8 * 2 + 3
+    # row 29 = tile 1, row 13 of it; column 64 + 32 + 4 * 5 + 2: pair 1, high nibble, vector
+    # v = 5, byte j = 2 -> byte 512 * 1 + 64 * 5 + 4 * 13 + 2 of tile 1
+    q = torch.zeros(32, 128, dtype=torch.uint8)
+    q[29, 64 + 32 + 20 + 2] = 11
+    q[2, 7] = 7  # tile 0, row 2, pair 0, low nibble, v 1, j 3 -> byte 64 * 1 + 4 * 2 + 3
     flat = kernels.int4_pack(q).view(2, -1)  # per tile
-    assert flat[1, 256 + 32 * 5 + 8 + 5] == 11 << 4 and flat[0, 16 + 3] == 7
+    assert flat[1, 512 + 64 * 5 + 4 * 13 + 2] == 11 << 4 and flat[0, 64 + 8 + 3] == 7
     assert flat.count_nonzero() == 2
 
 
@@ -310,20 +310,20 @@ def test_int4_layout_places_each_value_as_documented() -> None:
 def test_int4_groups_layout_round_trip(n: int, k: int, group: int, padded: int) -> None:
     t = torch.randn(n, k // group, generator=torch.Generator().manual_seed(n)).half()
     packed = kernels.int4_pack_groups(t, k)
-    assert packed.shape == (-(-n // 8), padded, 8)
+    assert packed.shape == (-(-n // 16), padded, 16)
     assert packed.dtype == torch.float16 and packed.count_nonzero() == t.count_nonzero()
     assert torch.equal(kernels.int4_unpack_groups(packed, n, k // group), t)
 
 
 def test_int4_groups_layout_places_each_value_as_documented() -> None:
-    # row 13 = tile 1, row 5 of it, which lane 3 holds (lanes: rows 0, 1, 4, 5, 2, 3, 6, 7);
-    # K = 96 has a zero group 3 past the last (the kernel's last 64-value pair ends past K)
-    t = torch.zeros(16, 3, dtype=torch.float16)
-    t[13, 2] = 1.5
-    t[2, 0] = 2.0  # tile 0, group 0, lane 4
+    # row 29 = tile 1, row 13 of it, in lane 13; K = 96 has a zero group 3 past the last (the
+    # kernel's last 64-value pair ends past K)
+    t = torch.zeros(32, 3, dtype=torch.float16)
+    t[29, 2] = 1.5
+    t[2, 0] = 2.0  # tile 0, group 0, lane 2
     packed = kernels.int4_pack_groups(t, 96)
-    assert packed.shape == (2, 4, 8)
-    assert packed[1, 2, 3] == 1.5 and packed[0, 0, 4] == 2.0 and packed.count_nonzero() == 2
+    assert packed.shape == (2, 4, 16)
+    assert packed[1, 2, 13] == 1.5 and packed[0, 0, 2] == 2.0 and packed.count_nonzero() == 2
 
 
 needs_int4_vnni = pytest.mark.skipif(not (kernels.int4_available() and kernels._features()[1]),
@@ -1069,3 +1069,4 @@ def test_summary_names_each_kernels_row_limit(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(kernels.ENV, "0")
     assert kernels.summary(torch.device("cpu")) == f"PyTorch's ({kernels.ENV}=0)"
     assert kernels.summary(torch.device("meta")) == "PyTorch's"
+

@@ -58,9 +58,10 @@ from llamarun.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
+
 ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
 MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured up to 8 only)
-# The AVX2 4-bit kernel also serves prefill: on tiles of 8 rows it measured 1.8-1.9x faster than
+# The AVX2 4-bit kernel also serves prefill: on its tiles (of 8 rows then) it measured 1.8-1.9x faster than
 # dequantizing the weight into PyTorch's float32 GEMM for 512- and 1,024-token passes of the
 # default model (README "CPU kernels"). Every pass the scheduler makes (at most 512 rows) runs it,
 # so a token's products never depend on how many others its pass holds (a pass over the limit
@@ -348,33 +349,26 @@ def int4_layout(group_size: int) -> bool:
     return group_size >= 32 and group_size & (group_size - 1) == 0 and int4_available()
 
 
-INT4_TILE = 8  # weight rows the 4-bit kernel computes together (its layout's tiles)
+INT4_TILE = 16  # weight rows the 4-bit kernel computes together (its layout's tiles)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) uint8 values 0..15 -> int4_linear's layout, (ceil(N / 8) * 8, ceil(K / 64) * 32)
-    uint8: rows in tiles of 8 (zero rows pad N), K padded with zeros to a multiple of 64; each
-    tile a run of 256 bytes per 64 values p, 8 vectors of 32 bytes, vector 2c + h holding for
-    rows 4h..4h+3 of the tile 8 bytes each: values 64p + 8c + u (u < 8) in the low nibbles and
-    64p + 32 + 8c + u in the high ones (see linear.cpp)."""
+    """q (N, K) uint8 values 0..15 -> int4_linear's layout, (ceil(N / 16) * 16, ceil(K / 64) * 32)
+    uint8: rows in tiles of 16 (zero rows pad N), K padded with zeros to a multiple of 64; each
+    tile a run of 512 bytes per 64 values p, 8 vectors of 64 bytes, vector v holding row r's
+    doubleword at byte 4r: its byte j has value 64p + 4v + j in the low nibble and 64p + 32 +
+    4v + j in the high one (see linear.cpp)."""
     n, k = q.shape
-    ldk, n8 = -(-k // 64) * 64, -(-n // INT4_TILE)
-    padded = torch.zeros(n8 * INT4_TILE, ldk, dtype=torch.uint8, device=q.device)
+    ldk, tiles = -(-k // 64) * 64, -(-n // INT4_TILE)
+    padded = torch.zeros(tiles * INT4_TILE, ldk, dtype=torch.uint8, device=q.device)
     padded[:n, :k] = q
-    # (tile, h, row in half, p, nibble half, c, u)
-    v = padded.view(n8, 2, 4, ldk // 64, 2, 4, 8)
-    packed = v[:, :, :, :, 0] | (v[:, :, :, :, 1] << 4)  # (tile, h, r, p, c, u)
-    return packed.permute(0, 3, 4, 1, 2, 5).reshape(n8 * INT4_TILE, ldk // 2).contiguous()
-
-
-# The rows' order in a tile's lanes (linear.cpp's LANE_ROW: what the kernel's horizontal adds make
-# of two vectors of four rows' pairs of partial sums).
-_LANE_ROW = (0, 1, 4, 5, 2, 3, 6, 7)
-_ROW_LANE = tuple(_LANE_ROW.index(r) for r in range(len(_LANE_ROW)))  # the lane of each row
+    v = padded.view(tiles, INT4_TILE, ldk // 64, 2, 8, 4)  # (tile, r, p, nibble half, v, j)
+    packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # (tile, r, p, v, j)
+    return packed.permute(0, 2, 3, 1, 4).reshape(tiles * INT4_TILE, ldk // 2).contiguous()
 
 
 def int4_groups_shape(n: int, k: int, group: int) -> tuple[int, int, int]:
-    """The shape of int4_pack_groups' layout for an (n, k) weight: (tiles, G', 8), G' the groups
+    """The shape of int4_pack_groups' layout for an (n, k) weight: (tiles, G', 16), G' the groups
     of K padded to a multiple of 64 (the kernel reads 64 values at a time)."""
     padded_k = -(-k // 64) * 64
     return -(-n // INT4_TILE), -(-padded_k // group), INT4_TILE
@@ -382,29 +376,27 @@ def int4_groups_shape(n: int, k: int, group: int) -> tuple[int, int, int]:
 
 def int4_pack_groups(t: torch.Tensor, k: int) -> torch.Tensor:
     """Scales or zeros t (N, G) of 4-bit weights with K = k -> int4_linear's layout, float16
-    (tiles, G', 8) (int4_groups_shape): per tile of 8 rows, group-major, row _LANE_ROW[l] in
-    lane l (one 16-byte load per block in the kernel); zero rows pad N, zero groups G."""
+    (tiles, G', 16) (int4_groups_shape): per tile of 16 rows, group-major, row r in lane r (one
+    32-byte load per block in the kernel); zero rows pad N, zero groups G."""
     n, g = t.shape
     tiles, gp, _ = int4_groups_shape(n, k, k // g)
     padded = torch.zeros(tiles * INT4_TILE, gp, dtype=torch.float16, device=t.device)
     padded[:n, :g] = t
-    lanes = torch.tensor(_LANE_ROW, device=t.device)
-    return padded.view(tiles, INT4_TILE, gp)[:, lanes].transpose(1, 2).contiguous()
+    return padded.view(tiles, INT4_TILE, gp).transpose(1, 2).contiguous()
 
 
 def int4_unpack_groups(packed: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     """int4_pack_groups' inverse: (n, groups) float16 (also traceable by torch.compile)."""
-    rows = packed.transpose(1, 2)[:, list(_ROW_LANE)]  # (tiles, 8, G')
-    return rows.reshape(-1, packed.shape[1])[:n, :groups]
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n, :groups]
 
 
 def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """int4_pack's inverse, padding rows included: (ceil(N / 8) * 8, K) uint8 values 0..15
+    """int4_pack's inverse, padding rows included: (ceil(N / 16) * 16, K) uint8 values 0..15
     (also traceable by torch.compile)."""
     rows, half = packed.shape
-    n8, pairs = rows // INT4_TILE, half // 32
-    v = packed.view(n8, pairs, 4, 2, 4, 8).permute(0, 3, 4, 1, 2, 5)  # (tile, h, r, p, c, u)
-    q = torch.stack([v & 0x0F, v >> 4], dim=4)  # (tile, h, r, p, nibble half, c, u)
+    tiles, pairs = rows // INT4_TILE, half // 32
+    v = packed.view(tiles, pairs, 8, INT4_TILE, 4).permute(0, 3, 1, 2, 4)  # (tile, r, p, v, j)
+    q = torch.stack([v & 0x0F, v >> 4], dim=3)  # (tile, r, p, nibble half, v, j)
     return q.reshape(rows, pairs * 64)[:, :k]
 
 

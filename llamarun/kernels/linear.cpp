@@ -388,23 +388,36 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
 // second a short dot product over groups, left out for a weight without zeros. vpmaddubsw multiplies
 // the unsigned nibbles by the signed activations (|pair sum| <= 2 * 15 * 127: no saturation).
 //
-// Layout (kernels.int4_pack in Python): rows in tiles of NB = 8 (N padded with zero rows), each
-// row's K padded to a multiple of 64. A tile is a run of 256-byte pairs, one per 64 values p:
-// 8 vectors of 32 bytes, vector 2c + h holding, for rows 4h..4h+3 of the tile (8 bytes each),
-// values 64p + 8c + u (u < 8) in the low nibbles and 64p + 32 + 8c + u in the high ones. So a
-// vector's low nibbles times 8 activations broadcast to its four quarters gives four rows'
-// partial sums at once (vpmaddubsw), and a tile streams as one contiguous run. The scales d and
-// zeros z are float16, per tile (G', NB) with row LANE_ROW[l] in lane l (kernels.int4_pack_groups:
-// one 16-byte load and one conversion a block, nothing to rearrange per call), G' the groups of
-// the padded K (a zero group past the last when K % 64 == 32: the last pair's upper block).
+// Layout (kernels.int4_pack in Python): rows in tiles of T4 = 16 (N padded with zero rows), each
+// row's K padded to a multiple of 64. A tile is a run of 512-byte pairs, one per 64 values p: 8
+// vectors of 64 bytes, vector v holding for row r of the tile the doubleword at byte 4r, whose
+// byte j has value 64p + 4v + j in its low nibble and 64p + 32 + 4v + j in its high one. So a
+// vector's low nibbles times 4 activations broadcast to every doubleword make the 16 rows'
+// partial sums at once, each in its row's lane (vpdpbusd; AVX2: vpmaddubsw on each 32-byte half,
+// 8 rows), a block's 32 products of a row end in that row's lane with nothing to rearrange, and a
+// tile streams as one contiguous run. The scales d and zeros z are float16, per tile (G', T4),
+// row r in lane r (kernels.int4_pack_groups: one load and one conversion a block), G' the groups
+// of the padded K (a zero group past the last when K % 64 == 32: the last pair's upper block).
+//
+// Before 2026-12-06 a tile held 8 rows, each row's 8 values of a chunk in a quadword: a pair
+// then needed the activations broadcast 8 bytes at a time (a separate instruction each) and
+// about 17 instructions a row to bring each row's two doublewords of both blocks together and in
+// order. Measured on an AMD EPYC Zen 4 (which runs each AVX-512 instruction in two 256-bit
+// halves; one thread, weights in L2, scratch copies of both tiles, the same bits): 0.69-0.75 of
+// the cycles this way. With the weights in cache (benchmarks/products.py --hot) that tile
+// computed 45-54 GB/s of the 1B shape's weights on 2 threads, less than a fast minute's read of
+// 55-64 GB/s there: it bound the 4-bit decode, not the memory.
+constexpr int64_t T4 = 16;              // weight rows per 4-bit tile
+constexpr int64_t PAIR_BYTES = T4 * 32;  // a tile's bytes per 64 values
 
 constexpr int64_t Q4B = 32;
 
-// The 4 cache lines of the 64-value pair AHEAD bytes after wp (a 4-bit tile's run), into the
+// The 8 cache lines of the 64-value pair AHEAD bytes after wp (a 4-bit tile's run), into the
 // cache level HINT says.
 template <enum _mm_hint HINT, int64_t AHEAD = PREFETCH>
 inline void prefetch_pair(const uint8_t* wp) {
-  for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)(wp + AHEAD + 64 * line), HINT);
+  for (int line = 0; line < PAIR_BYTES / 64; ++line)
+    _mm_prefetch((const char*)(wp + AHEAD + 64 * line), HINT);
 }
 
 // On AMD CPUs (kernels.h's ROW_STREAM: the same test) int4_tile_vnni prefetches twice as far
@@ -417,66 +430,73 @@ inline void prefetch_pair(const uint8_t* wp) {
 // what the rest of the token reuses (decode_ab --baseline, Zen 5: SmolLM2 Q4_0 1.061x, 1.024x,
 // 1.027x, the 1B shape 1.002x and 1.043x; 4 KiB ahead then 0.985x / 1.018x, 16 KiB 0.97x /
 // 0.98x; the int8 rows' prefetch with the hint 0.95-1.03x: they keep T0; float32 rows with a
-// prefetch 0.97-1.08x by the minute: they keep none).
+// prefetch 0.97-1.08x by the minute: they keep none). (Measured with the 8-row tiles.)
 constexpr int64_t FAR_PREFETCH = 8192;
 
-// The rows' order in a tile's lanes (see int4_tile: what _mm256_hadd_epi32 makes of two vectors
-// of four rows' pairs of partial sums).
-constexpr int LANE_ROW[NB] = {0, 1, 4, 5, 2, 3, 6, 7};
-
-// MR activation rows x one tile of NB = 8 weight rows, over every pair of blocks (layout: see
-// above): out[i * NB + l] = sum_b d[row(l), g(b)] s[i, b] (q . a - 8 as[i, b]) for the row in
-// lane l (as: the sum of the block's activations). Within a block the 32 products of a row are
-// summed in int32 (exact: vpmaddubsw pair sums of at most 2 * 15 * 127, four of them added in
-// int16, then vpmaddwd, then the -8 as), so each block costs a row one
-// float multiply-add, and the 8 rows share every instruction (one lane each). Each output's lane
-// sees the same instructions in the same order whatever MR is, so a row's result does not
-// depend on the batch.
+// MR activation rows x one tile of T4 = 16 weight rows, over every pair of blocks (layout: see
+// above): out[i * T4 + r] = sum_b d[r, g(b)] s[i, b] (q . a - 8 as[i, b]) (as: the sum of the
+// block's activations). Within a block the 32 products of a row are summed in int32 (exact:
+// vpmaddubsw pair sums of at most 2 * 15 * 127, eight of them added in int16, then vpmaddwd,
+// then the -8 as), so each block costs a row one float multiply-add, and the 8 rows of a half
+// share every instruction (one lane each). Each output's lane sees the same instructions in the
+// same order whatever MR is, so a row's result does not depend on the batch.
 template <int MR>
 LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as, int64_t lda,
-                             const uint8_t* w, const uint16_t* dt /* (G', NB), lanes */, int shift,
-                             int64_t pairs, float* out /* (MR, NB) */) {
-  __m256 acc[MR];
+                             const uint8_t* w, const uint16_t* dt /* (G', T4) */, int shift,
+                             int64_t pairs, float* out /* (MR, T4) */) {
+  __m256 acc[MR][2];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = lda / Q4B;
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint8_t* wp = w + p * 256;
+    const uint8_t* wp = w + p * PAIR_BYTES;
     prefetch_pair<_MM_HINT_T0>(wp);
+    const int64_t b = 2 * p;  // block b (low nibbles) and b + 1 (high)
 #pragma GCC unroll 2
-    for (int half = 0; half < 2; ++half) {  // block 2p (low nibbles), then 2p + 1 (high)
-      const int64_t b = 2 * p + half;
-      __m256i wv[8];  // vector 2c + h: values 8c..8c+7 of the block for rows 4h..4h+3
+    for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7: the vectors' 32-byte halves h
+      __m256i lo16[MR], hi16[MR];
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) lo16[i] = hi16[i] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
-        const __m256i x = _mm256_loadu_si256((const __m256i*)(wp + 32 * v));
-        wv[v] = _mm256_and_si256(half ? _mm256_srli_epi16(x, 4) : x, low);
-      }
-      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * NB)));
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(wp + 64 * v + 32 * h));
+        const __m256i ql = _mm256_and_si256(x, low);
+        const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const int8_t* ab = a + i * lda + b * Q4B;
-        __m256i lo4 = _mm256_setzero_si256(), hi4 = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-          int64_t chunk;
-          std::memcpy(&chunk, ab + 8 * c, 8);
-          const __m256i ac = _mm256_set1_epi64x(chunk);
-          lo4 = _mm256_add_epi16(lo4, _mm256_maddubs_epi16(wv[2 * c], ac));
-          hi4 = _mm256_add_epi16(hi4, _mm256_maddubs_epi16(wv[2 * c + 1], ac));
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* ab = a + i * lda + b * Q4B + 4 * v;
+          int32_t cl, ch;
+          std::memcpy(&cl, ab, 4);
+          std::memcpy(&ch, ab + Q4B, 4);
+          lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(ql, _mm256_set1_epi32(cl)));
+          hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(qh, _mm256_set1_epi32(ch)));
         }
-        const __m256i sums = _mm256_sub_epi32(
-            _mm256_hadd_epi32(_mm256_madd_epi16(lo4, ones), _mm256_madd_epi16(hi4, ones)),
-            _mm256_set1_epi32(8 * as[i * nb + b]));  // q . a - 8 sum(a): (q - 8) . a
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
-                                 _mm256_mul_ps(dv, _mm256_set1_ps(s[i * nb + b])), acc[i]);
+      }
+      const __m256 d0 =
+          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * T4 + 8 * h)));
+      const __m256 d1 =
+          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + ((b + 1) >> shift) * T4 + 8 * h)));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {  // q . a - 8 sum(a): (q - 8) . a
+        const __m256i sl = _mm256_sub_epi32(_mm256_madd_epi16(lo16[i], ones),
+                                            _mm256_set1_epi32(8 * as[i * nb + b]));
+        const __m256i sh = _mm256_sub_epi32(_mm256_madd_epi16(hi16[i], ones),
+                                            _mm256_set1_epi32(8 * as[i * nb + b + 1]));
+        acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl),
+                                    _mm256_mul_ps(d0, _mm256_set1_ps(s[i * nb + b])), acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(sh), _mm256_mul_ps(d1, _mm256_set1_ps(s[i * nb + b + 1])),
+            acc[i][h]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * NB, acc[i]);
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out + i * T4, acc[i][0]);
+    _mm256_storeu_ps(out + i * T4 + 8, acc[i][1]);
+  }
 }
 
 #define LLAMARUN_AVX512_VNNI \
@@ -484,51 +504,25 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
 
 // int4_tile with AVX512-VNNI, giving the same bits: a block's 32 products of a row are the same
 // int32 (vpdpbusd sums four products exactly where vpmaddubsw sums two), and each block then
-// costs the row the same float multiply-add, in the same block order. A 64-byte load is one
-// chunk c of 8 values for all 8 rows (vectors 2c and 2c + 1: row r in quadword r), so one
-// vpdpbusd multiplies the chunk of 8 rows by the 8 activations broadcast to every quadword:
-// about half int4_tile's instructions per weight.
+// costs the row the same float multiply-add, in the same block order. A 64-byte vector is a
+// chunk of 4 values of a block for all 16 rows, so one vpdpbusd multiplies it by the 4
+// activations broadcast to every doubleword (the broadcast a load of the instruction's own).
 //
 // The high nibbles stay in place (x & 0xF0: 16 q, at most 240, a sum of four products at most
-// 4 * 240 * 127 in magnitude), and one arithmetic shift by 4 per row and pair (exact: every term
-// is a multiple of 16) gives the same int32 as shifting each chunk's bytes first: 3 instructions
-// fewer per pair and row (of about 50 vector ones). Measured on an AMD EPYC (Zen 5, 2 threads;
-// the old and new builds in one process, in turns, 8-10 rounds of 32 tokens, each between two
-// reads): decode 8B Q4_0 +5.0% (15.3 -> 16.0 tok/s, 0.77 -> 0.81 of the read; faster in every
-// round), 1B Q4_0 +3.1%.
-//
-// The sums start at 0 and a pair's work after them is done for both blocks at once, in 16 lanes
-// (lane 2r row r's block 2p, 2r + 1 its block 2p + 1): one blend-shuffle-add sums each row's two
-// doublewords of both blocks, one variable shift of the two blocks' sum(a) (one 8-byte load)
-// makes the offsets taken off (8 and, for the high block, 16 * 8 times sum(a)), a masked shift
-// brings the high block's sums back, one conversion makes them float, and one product the two
-// blocks' d * s (their scales one 32-byte load where groups are of 32 values). Before, the
-// offsets went into each block's initial sums (two scalar products and broadcasts a pair and
-// row: scalar work and moves from general registers), and the scales' conversion a block each.
-// About as many vector instructions after the sums (17 a pair and row), now none waiting for
-// scalar ones. The same int32 and the same float multiply-adds in the same order (the same
-// bits). `python benchmarks/decode_ab.py --models smollm2,1b --precisions q4
-// --engines llamarun --rounds 6 --gen-tokens 32 --baseline 81939a8` (AMD EPYC, Zen 5): SmolLM2
-// Q4_0 694.1 -> 722.1 tok/s (1.047x; 0.73 -> 0.76 of an 84.3 GB/s read), 1B Q4_0 1.015x (a slow
-// minute's 54.5 GB/s read, 0.94 -> 0.96 of it).
+// 4 * 240 * 127 in magnitude), and one arithmetic shift by 4 per block and row, after the
+// offset 16 * 8 * sum(a) is taken off (exact: every term is a multiple of 16), gives the same
+// int32 as shifting each vector's bytes first.
 template <int MR, bool FAR>
 LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const int32_t* as,
                                          int64_t lda, const uint8_t* w, const uint16_t* dt,
-                                         int shift, int64_t pairs, float* out /* (MR, NB) */) {
-  __m256 acc[MR];
+                                         int shift, int64_t pairs, float* out /* (MR, T4) */) {
+  __m512 acc[MR];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
-  // doubleword 2r holds row r's low-nibble block sum, 2r + 1 its high one; lanes 0-7 take the
-  // first block's in LANE_ROW order, lanes 8-15 the second's
-  const __m512i order = _mm512_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14, 1, 3, 9, 11, 5, 7, 13, 15);
-  // the 16 scales of a pair: lanes 0-7 block 2p's (s_b), 8-15 block 2p + 1's
-  const __m512i sidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  // 8 sum(a) of block 2p in a row's low doubleword, 128 sum(a) of 2p + 1 (16 times) in its high
-  const __m512i offset_shift = _mm512_set1_epi64((int64_t(7) << 32) | 3);
   const int64_t nb = lda / Q4B;
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint8_t* wp = w + p * 256;
+    const uint8_t* wp = w + p * PAIR_BYTES;
     // into L2, not L1 as int4_tile does: one row 0.87-0.89 -> 0.80-0.82 ms for 16384 x 2048
     // weights streamed from memory (Intel Xeon, 2 threads; 4 rows the same within 2%); FAR (AMD):
     // see FAR_PREFETCH
@@ -536,54 +530,41 @@ LLAMARUN_AVX512_VNNI void int4_tile_vnni(const int8_t* a, const float* s, const 
       prefetch_pair<_MM_HINT_NTA, FAR_PREFETCH>(wp);
     else
       prefetch_pair<_MM_HINT_T1>(wp);
-    __m512i lo[4], hi[4];  // chunk c of blocks 2p (low nibbles) and 2p + 1 (high), row r in qword r
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const __m512i x = _mm512_loadu_si512((const void*)(wp + 64 * c));
-      lo[c] = _mm512_and_si512(x, low);
-      hi[c] = _mm512_and_si512(x, high);  // 16 q: the high nibbles left in place (see below)
+    const int64_t b = 2 * p;  // block b (low nibbles) and b + 1 (high)
+    __m512i sl[MR], sh[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) sl[i] = sh[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {
+      const __m512i x = _mm512_loadu_si512((const void*)(wp + 64 * v));
+      const __m512i ql = _mm512_and_si512(x, low);
+      const __m512i qh = _mm512_and_si512(x, high);  // 16 q: the high nibbles left in place
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* ab = a + i * lda + b * Q4B + 4 * v;
+        int32_t cl, ch;
+        std::memcpy(&cl, ab, 4);
+        std::memcpy(&ch, ab + Q4B, 4);
+        sl[i] = _mm512_dpbusd_epi32(sl[i], ql, _mm512_set1_epi32(cl));
+        sh[i] = _mm512_dpbusd_epi32(sh[i], qh, _mm512_set1_epi32(ch));
+      }
     }
-    const int64_t b = 2 * p;
-    // lanes 0-7 block 2p's scales, 8-15 block 2p + 1's (the next 8 in the layout where groups
-    // are of 32 values, else the same group's)
-    const uint16_t* d0 = dt + (b >> shift) * NB;
-    const __m256i dh = shift == 0
-                           ? _mm256_loadu_si256((const __m256i*)d0)
-                           : _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)d0));
-    const __m512 d16 = _mm512_cvtph_ps(dh);
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + (b >> shift) * T4)));
+    const __m512 d1 =
+        _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + ((b + 1) >> shift) * T4)));
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const int8_t* ab = a + i * lda + b * Q4B;
-      __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-        int64_t cl, ch;
-        std::memcpy(&cl, ab + 8 * c, 8);
-        std::memcpy(&ch, ab + Q4B + 8 * c, 8);
-        sl = _mm512_dpbusd_epi32(sl, lo[c], _mm512_set1_epi64(cl));
-        sh = _mm512_dpbusd_epi32(sh, hi[c], _mm512_set1_epi64(ch));
-      }
-      // row r's two doublewords of each block summed: 2r block 2p's (sl), 2r + 1 block 2p + 1's
-      const __m512i x = _mm512_mask_blend_epi32(0xAAAA, sl, sh);
-      const __m512i y =
-          _mm512_shuffle_epi32(_mm512_mask_blend_epi32(0xAAAA, sh, sl), _MM_PERM_CDAB);
-      int64_t pair;  // the two blocks' sum(a), int32 each
-      std::memcpy(&pair, as + i * nb + b, 8);
-      __m512i v = _mm512_sub_epi32(_mm512_add_epi32(x, y),
-                                   _mm512_sllv_epi32(_mm512_set1_epi64(pair), offset_shift));
-      v = _mm512_mask_srai_epi32(v, 0xAAAA, v, 4);  // exact: its terms are multiples of 16
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(order, v));
-      std::memcpy(&pair, s + i * nb + b, 8);  // the two blocks' scales
-      const __m512 ds = _mm512_mul_ps(
-          d16, _mm512_permutexvar_ps(sidx, _mm512_castsi512_ps(_mm512_set1_epi64(pair))));
-      acc[i] = _mm256_fmadd_ps(_mm512_castps512_ps256(f), _mm512_castps512_ps256(ds), acc[i]);
-      acc[i] = _mm256_fmadd_ps(
-          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)),
-          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ds), 1)), acc[i]);
+      const __m512i l = _mm512_sub_epi32(sl[i], _mm512_set1_epi32(8 * as[i * nb + b]));
+      const __m512i hh = _mm512_srai_epi32(
+          _mm512_sub_epi32(sh[i], _mm512_set1_epi32(128 * as[i * nb + b + 1])), 4);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                               _mm512_mul_ps(d0, _mm512_set1_ps(s[i * nb + b])), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hh),
+                               _mm512_mul_ps(d1, _mm512_set1_ps(s[i * nb + b + 1])), acc[i]);
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + i * NB, acc[i]);
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + i * T4, acc[i]);
 }
 
 // Calls block(MR, NR, j0, left) (MR and NR as std::integral_constant) over the nrows weight rows
@@ -604,18 +585,19 @@ void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
   }
 }
 
-// sum_g z[g] x[g], the zeros' term of one activation row, for a tile's NB = 8 outputs at once
-// (one per lane; zt the tile's float16 zeros, (G', NB)): per output, the same sum in group order
-// whatever the tile or the batch holds.
+// sum_g z[g] x[g], the zeros' term of one activation row, for a tile's T4 = 16 outputs (one per
+// lane, 8 at a time; zt the tile's float16 zeros, (G', T4)): per output, the same sum in group
+// order whatever the tile or the batch holds.
 LLAMARUN_AVX2 void zero_terms(const uint16_t* zt, const float* x, int64_t G,
-                              float* out /* (NB) */) {
-  static_assert(NB == 8, "one output per lane");
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * NB)));
-    acc = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), acc);
+                              float* out /* (T4) */) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * T4 + 8 * h)));
+      acc = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), acc);
+    }
+    _mm256_storeu_ps(out + 8 * h, acc);
   }
-  _mm256_storeu_ps(out, acc);
 }
 
 // One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
@@ -781,27 +763,25 @@ inline void int4_tile_any(bool vnni, const int8_t* a, const float* s, const int3
     int4_tile<MR>(a, s, as, lda, w, dt, shift, pairs, out);
 }
 
-// One activation row's 8 outputs of a tile -> y[0..count) as OutT, plus the zeros' terms where
-// zt is given: acc in the tile's lane order (lanes: lane l row LANE_ROW[l], as the 4-bit tiles
-// leave them) or in the rows' (the AMX panels'). A whole tile 8 at once, the same float
-// additions and roundings as one output at a time.
+// One activation row's T4 = 16 outputs of a tile, in the rows' order (as the 4-bit tiles and the
+// AMX panels leave them) -> y[0..count) as OutT, plus the zeros' terms where zt is given. 8 at
+// once, the same float additions and roundings as one output at a time.
 template <typename OutT>
-LLAMARUN_AVX2 void store_tile(const float* acc, bool lanes, const uint16_t* zt,
-                              const float* xsum, int64_t G, OutT* y, int64_t count) {
-  // row r from lane LANE_ROW[r] (the order is its own inverse: an exchange of lane pairs)
-  const __m256i rows = _mm256_setr_epi32(LANE_ROW[0], LANE_ROW[1], LANE_ROW[2], LANE_ROW[3],
-                                         LANE_ROW[4], LANE_ROW[5], LANE_ROW[6], LANE_ROW[7]);
-  __m256 v = _mm256_loadu_ps(acc);
-  if (lanes) v = _mm256_permutevar8x32_ps(v, rows);
-  if (zt != nullptr) {
-    alignas(32) float terms[NB];
-    zero_terms(zt, xsum, G, terms);  // (in lane order)
-    v = _mm256_add_ps(v, _mm256_permutevar8x32_ps(_mm256_load_ps(terms), rows));
+LLAMARUN_AVX2 void store_tile(const float* acc, const uint16_t* zt, const float* xsum, int64_t G,
+                              OutT* y, int64_t count) {
+  alignas(32) float terms[T4];
+  if (zt != nullptr) zero_terms(zt, xsum, G, terms);
+  for (int64_t h = 0; h < 2 && 8 * h < count; ++h) {
+    __m256 v = _mm256_loadu_ps(acc + 8 * h);
+    if (zt != nullptr) v = _mm256_add_ps(v, _mm256_load_ps(terms + 8 * h));
+    if (count >= 8 * (h + 1)) {
+      store8(y + 8 * h, v);
+      continue;
+    }
+    alignas(32) float o[8];
+    _mm256_store_ps(o, v);
+    for (int64_t r = 8 * h; r < count; ++r) y[r] = OutT(o[r - 8 * h]);
   }
-  if (count == NB) return store8(y, v);
-  alignas(32) float o[NB];
-  _mm256_store_ps(o, v);
-  for (int64_t r = 0; r < count; ++r) y[r] = OutT(o[r]);
 }
 
 template <typename InT, typename OutT>
@@ -816,14 +796,14 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
   float* xsum = llamarun::scratch<float, struct Q4GroupSums>(M * G);
   int32_t* asum = llamarun::scratch<int32_t, struct Q4Sums>(M * nb);
   quantize_rows_q4(x, M, K, ldk, group, a, s, asum, xsum);
-  const int64_t tiles = (N + NB - 1) / NB;
-  llamarun::blocks_for(tiles, tiles * NB * ldw, [&](int64_t t0, int64_t t1) {
-    float out[MB * NB];
+  const int64_t tiles = (N + T4 - 1) / T4;
+  llamarun::blocks_for(tiles, tiles * T4 * ldw, [&](int64_t t0, int64_t t1) {
+    alignas(64) float out[MB * T4];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NB, nrows = std::min(NB, N - n0);
-      const uint16_t* dt = d + t * Gp * NB;
-      const uint16_t* zt = z != nullptr ? z + t * Gp * NB : nullptr;
-      const uint8_t* wt = w + t * NB * ldw;
+      const int64_t n0 = t * T4, nrows = std::min(T4, N - n0);
+      const uint16_t* dt = d + t * Gp * T4;
+      const uint16_t* zt = z != nullptr ? z + t * Gp * T4 : nullptr;
+      const uint8_t* wt = w + t * T4 * ldw;
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mrows = std::min(MB, M - m0);
         const int8_t* a0 = a + m0 * ldk;
@@ -836,8 +816,7 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
           default: int4_tile_any<4>(vnni, a0, s0, q0, ldk, wt, dt, shift, pairs, out); break;
         }
         for (int64_t i = 0; i < mrows; ++i)
-          store_tile(out + i * NB, true, zt, xsum + (m0 + i) * G, G, y + (m0 + i) * N + n0,
-                     nrows);
+          store_tile(out + i * T4, zt, xsum + (m0 + i) * G, G, y + (m0 + i) * N + n0, nrows);
       }
     }
   });
@@ -851,9 +830,9 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
 // pass's row count) changes nothing in it: a prompt's numbers do not depend on the size of the
 // pass that carries it.
 //
-// The weights of a panel of AMX_N = 16 outputs (2 of the layout's tiles) are unpacked once per
+// The weights of a panel of AMX_N = 16 outputs (one of the layout's tiles) are unpacked once per
 // call into B tiles, 8 rows of 64 bytes per block of 32 values, row r holding per output the
-// block's values 4r..4r+3; the activations are A tiles read straight from the quantized rows
+// block's values 4r..4r+3 (the layout's vector r, its nibbles made q - 8); the activations are A tiles read straight from the quantized rows
 // (16 rows of a block's 32 bytes). A C tile (16 x 16 int32) goes through memory to the float
 // multiply-adds, whose accumulators stay in registers; the next block's tile product runs
 // meanwhile (two sets of tiles, alternating).
@@ -897,44 +876,30 @@ TileConfig amx_config() {
   return c;
 }
 
-// A panel's weights (ntiles <= 2 of the layout's tiles from wt; a missing one as zeros) as B
-// tiles of q - 8, (blocks, 8, 64) bytes.
-LLAMARUN_AMX void amx_unpack(const uint8_t* wt, int64_t ldw, int64_t ntiles, int64_t pairs,
-                             int8_t* B) {
+static_assert(AMX_N == T4, "an AMX panel is one tile of the 4-bit layout");
+
+// A panel's weights (one tile of the layout from wt) as B tiles of q - 8, (blocks, 8, 64) bytes:
+// the layout's vector v of pair p, its low nibbles row v of block 2p's B tile, its high ones row
+// v of block 2p + 1's.
+LLAMARUN_AMX void amx_unpack(const uint8_t* wt, int64_t pairs, int8_t* B) {
   const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  // qword R of a 64-byte chunk c: row R of the tile, values 8c..8c+7 of a block (low nibbles:
-  // block 2p, high ones: 2p + 1); its dwords 2R and 2R + 1 go to the B rows 2c and 2c + 1
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t p = 0; p < pairs; ++p) {
     int8_t* blo = B + 2 * p * AMX_TILE_BYTES;
     int8_t* bhi = blo + AMX_TILE_BYTES;
-    for (int c = 0; c < 4; ++c) {
-      const __m512i x0 = _mm512_loadu_si512((const void*)(wt + p * 256 + 64 * c));
-      const __m512i x1 = ntiles > 1
-          ? _mm512_loadu_si512((const void*)(wt + NB * ldw + p * 256 + 64 * c))
-          : _mm512_set1_epi8(0x88);  // (q = 8: a zero weight)
-      const __m512i l0 = _mm512_sub_epi8(_mm512_and_si512(x0, low), eight);
-      const __m512i l1 = _mm512_sub_epi8(_mm512_and_si512(x1, low), eight);
-      const __m512i h0 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(x0, 4), low), eight);
-      const __m512i h1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(x1, 4), low), eight);
-      _mm512_storeu_si512((void*)(blo + 128 * c), _mm512_permutex2var_epi32(l0, even, l1));
-      _mm512_storeu_si512((void*)(blo + 128 * c + 64), _mm512_permutex2var_epi32(l0, odd, l1));
-      _mm512_storeu_si512((void*)(bhi + 128 * c), _mm512_permutex2var_epi32(h0, even, h1));
-      _mm512_storeu_si512((void*)(bhi + 128 * c + 64), _mm512_permutex2var_epi32(h0, odd, h1));
+    for (int v = 0; v < 8; ++v) {
+      const __m512i x = _mm512_loadu_si512((const void*)(wt + p * PAIR_BYTES + 64 * v));
+      _mm512_storeu_si512((void*)(blo + 64 * v), _mm512_sub_epi8(_mm512_and_si512(x, low), eight));
+      _mm512_storeu_si512((void*)(bhi + 64 * v),
+                          _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(x, 4), low), eight));
     }
   }
 }
 
-// A panel's scales (ntiles <= 2 tiles of int4_pack_groups' layout from dt) as float, (G', AMX_N)
-// in the outputs' order (zeros for a missing tile).
-LLAMARUN_AMX void amx_panel_scales(const uint16_t* dt, int64_t Gp, int64_t ntiles, float* dn) {
+// A panel's scales (one tile of int4_pack_groups' layout from dt) as float, (G', AMX_N).
+LLAMARUN_AMX void amx_panel_scales(const uint16_t* dt, int64_t Gp, float* dn) {
   for (int64_t g = 0; g < Gp; ++g)
-    for (int64_t col = 0; col < AMX_N; ++col) {
-      const int64_t t = col / NB, l = col % NB;  // lane l of tile t: its row LANE_ROW[l]
-      dn[g * AMX_N + t * NB + LANE_ROW[l]] =
-          t < ntiles ? _cvtsh_ss(dt[t * Gp * NB + g * NB + l]) : 0.f;
-    }
+    _mm512_storeu_ps(dn + g * AMX_N,
+                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + g * T4))));
 }
 
 // acc[i] += (d * s[i, b]) times row i of buf (block b's sums), as int4_tile_vnni's lanes do.
@@ -995,28 +960,23 @@ void int4_amx_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t* d,
   std::vector<float> s(Mp * nb, 0.f), xsum(M * G);
   std::vector<int32_t> asum(Mp * nb, 0);
   quantize_rows_q4(x, M, K, ldk, group, a.data(), s.data(), asum.data(), xsum.data());
-  const int64_t tiles = (N + NB - 1) / NB, tpp = AMX_N / NB;
-  const int64_t panels = (tiles + tpp - 1) / tpp;
+  const int64_t tiles = (N + T4 - 1) / T4;  // = panels
   static const TileConfig config = amx_config();
-  pieces_for(panels, tpp * NB * ldw, [&](int64_t p0, int64_t p1) {
+  pieces_for(tiles, T4 * ldw, [&](int64_t p0, int64_t p1) {
     amx_load_config(&config);
     std::vector<int8_t> B(nb * AMX_TILE_BYTES);
     std::vector<float> dn(Gp * AMX_N);
     alignas(64) float out[AMX_M * AMX_N];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t0 = p * tpp, ntiles = std::min(tpp, tiles - t0);
-      amx_unpack(w + t0 * NB * ldw, ldw, ntiles, pairs, B.data());
-      amx_panel_scales(d + t0 * Gp * NB, Gp, ntiles, dn.data());
+      const int64_t n0 = p * T4;
+      amx_unpack(w + p * T4 * ldw, pairs, B.data());
+      amx_panel_scales(d + p * Gp * T4, Gp, dn.data());
       for (int64_t m0 = 0; m0 < M; m0 += AMX_M) {
         amx_panel_rows(a.data() + m0 * ldk, s.data() + m0 * nb, ldk, B.data(), dn.data(), shift,
                        out);
         for (int64_t i = 0; i < std::min(AMX_M, M - m0); ++i)
-          for (int64_t t = 0; t < ntiles; ++t) {
-            const int64_t n0 = (t0 + t) * NB;
-            store_tile(out + i * AMX_N + t * NB, false,
-                       z != nullptr ? z + (t0 + t) * Gp * NB : nullptr, xsum.data() + (m0 + i) * G,
-                       G, y + (m0 + i) * N + n0, std::min(NB, N - n0));
-          }
+          store_tile(out + i * AMX_N, z != nullptr ? z + p * Gp * T4 : nullptr,
+                     xsum.data() + (m0 + i) * G, G, y + (m0 + i) * N + n0, std::min(T4, N - n0));
       }
     }
     amx_release();
@@ -1033,35 +993,35 @@ LLAMARUN_AVX2 inline __m128i to_bf16(__m256 v) {
 }
 
 // The weight of int4_linear's layout as bfloat16 rows (N, K): for products of many rows, where a
-// bfloat16 GEMM of the CPU's own (AMX) beats the kernel's stream. Each run of 8 bytes of a row in
-// a 64-value block holds 8 consecutive values in its low nibbles and the 8 values 32 further on in
-// its high ones (see the layout above); 8 consecutive values never straddle a group.
+// bfloat16 GEMM of the CPU's own (AMX) beats the kernel's stream. A row's doublewords in
+// vectors v and v + 1 of a pair (v even) hold 8 consecutive values of a block in their low
+// nibbles and the 8 values 32 further on in their high ones (see the layout above); 8
+// consecutive values never straddle a group.
 LLAMARUN_AVX2 void int4_dequant_tile(const uint8_t* wt, const uint16_t* dt, const uint16_t* zt,
                                      int64_t n0, int64_t N, int64_t K, int shift, uint16_t* out) {
   const int64_t pairs = (K + 63) / 64;
   const __m256i low = _mm256_set1_epi32(0x0F);
   const __m256 eight = _mm256_set1_ps(8.0f);
-  for (int lane = 0; lane < NB; ++lane) {
-    const int64_t row = n0 + LANE_ROW[lane];
-    if (row >= N) continue;
-    const int h = LANE_ROW[lane] / 4, r = LANE_ROW[lane] % 4;
-    uint16_t* o = out + row * K;
+  for (int64_t r = 0; r < T4 && n0 + r < N; ++r) {
+    uint16_t* o = out + (n0 + r) * K;
     for (int64_t p = 0; p < pairs; ++p) {
-      for (int c = 0; c < 4; ++c) {
-        const int64_t k = 64 * p + 8 * c;
-        if (k >= K) break;
+      for (int v = 0; v < 8; v += 2) {
+        const int64_t k = 64 * p + 4 * v;
+        uint32_t first, second;
+        std::memcpy(&first, wt + p * PAIR_BYTES + 64 * v + 4 * r, 4);
+        std::memcpy(&second, wt + p * PAIR_BYTES + 64 * (v + 1) + 4 * r, 4);
         const __m256i bytes = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i*)(wt + p * 256 + (2 * c + h) * 32 + r * 8)));
+            _mm_cvtsi64_si128(int64_t(first) | (int64_t(second) << 32)));
         const __m256i qs[2] = {_mm256_and_si256(bytes, low), _mm256_srli_epi32(bytes, 4)};
         for (int half = 0; half < 2; ++half) {
           const int64_t kk = k + 32 * half;
           if (kk >= K) break;
           const int64_t g = kk >> (5 + shift);  // group = 32 << shift
-          const __m256 v = _mm256_fmadd_ps(
+          const __m256 val = _mm256_fmadd_ps(
               _mm256_sub_ps(_mm256_cvtepi32_ps(qs[half]), eight),
-              _mm256_set1_ps(_cvtsh_ss(dt[g * NB + lane])),
-              zt != nullptr ? _mm256_set1_ps(_cvtsh_ss(zt[g * NB + lane])) : _mm256_setzero_ps());
-          _mm_storeu_si128((__m128i*)(o + kk), to_bf16(v));
+              _mm256_set1_ps(_cvtsh_ss(dt[g * T4 + r])),
+              zt != nullptr ? _mm256_set1_ps(_cvtsh_ss(zt[g * T4 + r])) : _mm256_setzero_ps());
+          _mm_storeu_si128((__m128i*)(o + kk), to_bf16(val));
         }
       }
     }
@@ -1087,11 +1047,11 @@ LLAMARUN_AVX2 void int8_dequant_rows(const int8_t* q, const float* s, int64_t r0
 
 void int4_dequant_impl(const uint8_t* w, const uint16_t* d, const uint16_t* z, int64_t Gp,
                        int64_t N, int64_t K, int shift, uint16_t* out) {
-  const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + NB - 1) / NB;
-  pieces_for(tiles, NB * ldw, [&](int64_t t0, int64_t t1) {
+  const int64_t ldw = (K + 63) / 64 * 32, tiles = (N + T4 - 1) / T4;
+  pieces_for(tiles, T4 * ldw, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      int4_dequant_tile(w + t * NB * ldw, d + t * Gp * NB, z != nullptr ? z + t * Gp * NB : nullptr,
-                        t * NB, N, K, shift, out);
+      int4_dequant_tile(w + t * T4 * ldw, d + t * Gp * T4, z != nullptr ? z + t * Gp * T4 : nullptr,
+                        t * T4, N, K, shift, out);
   });
 }
 
@@ -1121,14 +1081,14 @@ int64_t int4_amx_rows() { return INT4_AMX_ROWS; }
 static int64_t check_int4_operands(const torch::Tensor& w, const torch::Tensor& d,
                                    const torch::Tensor& z, int64_t group, int64_t N, int64_t K,
                                    const char* op) {
-  const int64_t tiles = (N + NB - 1) / NB;
+  const int64_t tiles = (N + T4 - 1) / T4;
   const int64_t ldk = (K + 63) / 64 * 64, Gp = (ldk + group - 1) / group;
   TORCH_CHECK(w.dim() == 2 && d.dim() == 3 && w.scalar_type() == at::kByte, op, ": shapes");
   TORCH_CHECK(group >= Q4B && group % Q4B == 0 && (group & (group - 1)) == 0 && K % group == 0 &&
-                  N > 0 && w.size(1) == ldk / 2 && w.size(0) == tiles * NB,
+                  N > 0 && w.size(1) == ldk / 2 && w.size(0) == tiles * T4,
               op, ": group (32 times a power of two), K and N");
   TORCH_CHECK(d.scalar_type() == at::kHalf && z.scalar_type() == at::kHalf &&
-                  d.size(0) == tiles && d.size(1) == Gp && d.size(2) == NB &&
+                  d.size(0) == tiles && d.size(1) == Gp && d.size(2) == T4 &&
                   (z.numel() == 0 || z.sizes() == d.sizes()),
               op, ": float16 scales and zeros in tiles (kernels.int4_pack_groups; no zeros: "
               "an empty tensor)");

@@ -94,7 +94,7 @@ class Int4Linear(nn.Module):
     Four layouts, chosen once at load (int4_layout): on CUDA PyTorch's tensor-core kernel's
     ("tinygemm", `_weight_int4pack_mm`, int32 tiles made by `_convert_weight_to_int4pack`,
     bfloat16 scales and zeros); on CPUs where llamarun's 4-bit kernel serves
-    (kernels.int4_layout: AVX2 or AVX-512) its own ("llamarun": nibbles in tiles of 8 rows
+    (kernels.int4_layout: AVX2 or AVX-512) its own ("llamarun": nibbles in tiles of 16 rows
     and blocks of 64 values, see kernels.int4_pack; float16 scales and zeros in the same tiles,
     see kernels.int4_pack_groups; a symmetric weight's zeros, all 0, as an empty tensor: neither
     stored nor read); on other CPUs PyTorch's int4pack ("int4pack",
