@@ -1070,3 +1070,18 @@ def test_summary_names_each_kernels_row_limit(monkeypatch: pytest.MonkeyPatch) -
     assert kernels.summary(torch.device("cpu")) == f"PyTorch's ({kernels.ENV}=0)"
     assert kernels.summary(torch.device("meta")) == "PyTorch's"
 
+
+def test_no_cuda_runtime_notice_of_cpp_extension_is_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA build of PyTorch on a machine without a GPU warns as torch.utils.cpp_extension
+    loads (every command: the kernels build or load through it); llamarun drops that one record
+    and lets the logger's others through."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addHandler(caplog.handler)  # (the CLI's tests may stop propagation to the root)
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+            logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+            logger.warning("Error checking compiler version for %s", "c++")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records] == ["Error checking compiler version for c++"]

@@ -59,10 +59,24 @@ from llamarun.errors import InvalidArgumentError
 log = logging.getLogger(__name__)
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch.utils.cpp_extension's import-time warning "No CUDA runtime is found, using
+    CUDA_HOME=...": a CUDA build of PyTorch (what `pip install torch` gives on Linux) on a
+    machine without a GPU but with a CUDA toolkit logs it whenever the kernels load (every
+    `llamarun` command) or torch.compile builds; there nothing is wrong, the CPU serves, and
+    stderr is for llamarun's own one-line messages. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+# (before anything imports torch.utils.cpp_extension: the warning comes with the import)
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
+
 ENV = "LLAMARUN_KERNELS"  # "0": PyTorch's kernels only; "1" or unset: ours where they serve
 MAX_ROWS = 8  # decode batches; larger products go to PyTorch's GEMMs (measured up to 8 only)
-# The AVX2 4-bit kernel also serves prefill: on its tiles (of 8 rows then) it measured 1.8-1.9x faster than
-# dequantizing the weight into PyTorch's float32 GEMM for 512- and 1,024-token passes of the
+# The AVX2 4-bit kernel also serves prefill: on its tiles (8 rows then) it measured 1.8-1.9x faster
+# than dequantizing the weight into PyTorch's float32 GEMM for 512- and 1,024-token passes of the
 # default model (README "CPU kernels"). Every pass the scheduler makes (at most 512 rows) runs it,
 # so a token's products never depend on how many others its pass holds (a pass over the limit
 # would round its activations differently: greedy tokens of a prompt prefilled together with 7
