@@ -430,8 +430,10 @@ inline void prefetch_pair(const uint8_t* wp) {
 // what the rest of the token reuses (decode_ab --baseline, Zen 5: SmolLM2 Q4_0 1.061x, 1.024x,
 // 1.027x, the 1B shape 1.002x and 1.043x; 4 KiB ahead then 0.985x / 1.018x, 16 KiB 0.97x /
 // 0.98x; the int8 rows' prefetch with the hint 0.95-1.03x: they keep T0; float32 rows with a
-// prefetch 0.97-1.08x by the minute: they keep none). (Measured with the 8-row tiles.)
-constexpr int64_t FAR_PREFETCH = 8192;
+// prefetch 0.97-1.08x by the minute: they keep none). Those were the 8-row tiles' numbers, 8
+// KiB ahead. The 16-row tiles (AMD EPYC Zen 4, 2 threads, decode_ab --baseline 04b7e45, 8 rounds
+// in turns): 4 KiB ahead against 8, 1B Q4_0 1.025x, SmolLM2 Q4_0 1.054x (slow minutes).
+constexpr int64_t FAR_PREFETCH = 4096;
 
 // MR activation rows x one tile of T4 = 16 weight rows, over every pair of blocks (layout: see
 // above): out[i * T4 + r] = sum_b d[r, g(b)] s[i, b] (q . a - 8 as[i, b]) (as: the sum of the
