@@ -403,10 +403,12 @@ void int8_linear_impl(const InT* x, int64_t M, const int8_t* w, const ScaleT* ws
 // then needed the activations broadcast 8 bytes at a time (a separate instruction each) and
 // about 17 instructions a row to bring each row's two doublewords of both blocks together and in
 // order. Measured on an AMD EPYC Zen 4 (which runs each AVX-512 instruction in two 256-bit
-// halves; one thread, weights in L2, scratch copies of both tiles, the same bits): 0.69-0.75 of
-// the cycles this way. With the weights in cache (benchmarks/products.py --hot) that tile
-// computed 45-54 GB/s of the 1B shape's weights on 2 threads, less than a fast minute's read of
-// 55-64 GB/s there: it bound the 4-bit decode, not the memory.
+// halves), the old and new builds in turns in one process, the same outputs: the VNNI tiles
+// 1.37-1.68x for 4-512 rows (prefill: SmolLM2 Q4_0 pp512 1.35x, the 1B shape's pp128 1.22x,
+// benchmarks/compare.py), one row 1.19-1.27x from the cache; decoding from memory about the same
+// (decode_ab --baseline-tree: 1B Q4_0 1.032x in a fast minute, SmolLM2 Q4_0 0.991x in a slow
+// one). On an AMD EPYC Zen 5 a scratch build of this layout had measured no faster from memory
+// (README).
 constexpr int64_t T4 = 16;              // weight rows per 4-bit tile
 constexpr int64_t PAIR_BYTES = T4 * 32;  // a tile's bytes per 64 values
 
