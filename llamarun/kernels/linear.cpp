@@ -463,8 +463,10 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
 #pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {  // block 2p (low nibbles), then 2p + 1 (high)
       const int64_t b = 2 * p + half;
-      const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * T4)));
-      const __m256 d1 =
+      // the block's scales of rows 0-7 and 8-15
+      const __m256 d_rows0 =
+          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * T4)));
+      const __m256 d_rows8 =
           _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + (b >> shift) * T4 + 8)));
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
@@ -486,10 +488,10 @@ LLAMARUN_AVX2 void int4_tile(const int8_t* a, const float* s, const int32_t* as,
         const __m256 ds = _mm256_set1_ps(s[i * nb + b]);
         acc[i][0] = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(s0, ones), offset)),
-            _mm256_mul_ps(d0, ds), acc[i][0]);
+            _mm256_mul_ps(d_rows0, ds), acc[i][0]);
         acc[i][1] = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(s1, ones), offset)),
-            _mm256_mul_ps(d1, ds), acc[i][1]);
+            _mm256_mul_ps(d_rows8, ds), acc[i][1]);
       }
     }
   }
