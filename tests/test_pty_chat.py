@@ -106,10 +106,33 @@ def test_keys_typed_during_a_reply_wait_at_the_prompt_and_ctrl_d_ends_after_it()
     assert child.exitstatus == 0
 
 
+def waiting_for_input(child, timeout: float = 10.0) -> None:  # noqa: ANN001 (pexpect.spawn)
+    """Return once the chat's main thread sleeps in its read of the terminal.
+
+    CPython's readline shows the prompt, then waits in select(): a SIGINT landing between the
+    two is taken only at the next key (Modules/readline.c, readline_until_enter_or_signal),
+    which no person can hit but a test sending Ctrl-C the moment ">>> " appears does, now and
+    then. Where /proc tells, wait for the sleep; elsewhere give it a moment."""
+    import time
+
+    wchan = f"/proc/{child.pid}/wchan"
+    if not os.path.exists(wchan):
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(wchan) as f:
+            if any(w in f.read() for w in ("poll", "select")):
+                return
+        time.sleep(0.01)
+    raise AssertionError("the chat never waited for input")
+
+
 def test_ctrl_c_at_the_prompt_exits_130() -> None:
     child = spawn_chat()
     try:
         child.expect_exact(">>> ")
+        waiting_for_input(child)
         child.sendintr()
         child.expect(pexpect.EOF)
     finally:
