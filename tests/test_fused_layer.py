@@ -374,6 +374,43 @@ def test_a_team_of_threads_gives_one_threads_numbers(folder: Path, dtype: str,
         assert all(torch.equal(a, b) for a, b in zip(one_caches, team_caches))
 
 
+# Products of 1 MB and more, which a team's members take in pieces (kernels.h: team_pieces):
+# the 4-bit gate/up product is 1.5 MB, the int8 head 1.5 MB, the bfloat16 ones 2-6 MB.
+BIG_PARAMS = {**PARAMS, "dim": 768, "n_heads": 12, "n_kv_heads": 4, "vocab_size": 2048}
+BIG_ARGS = ModelArgs(dim=768, n_layers=2, n_heads=12, n_kv_heads=4, vocab_size=2048,
+                     hidden_dim=2048, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_meta_folder(tmp_path_factory.mktemp("fused-big") / "m", BIG_PARAMS,
+                             [random_meta_state_dict(BIG_ARGS, seed=5)])
+
+
+@pytest.mark.parametrize("dtype,quantize", [("float32", "int4"), ("bfloat16", "int8"),
+                                            ("bfloat16", None), ("float32", None)])
+def test_a_team_taking_pieces_of_large_products_gives_one_threads_numbers(
+        big_folder: Path, dtype: str, quantize: str | None,
+        threads: Callable[[int], None]) -> None:
+    """Products of 1 MB of weights or more are claimed piece by piece by a team's members (a
+    member done with its share takes the other's pieces left), whichever member computes a
+    piece: 24 decode passes give one thread's logits, bit for bit."""
+    model = _model(big_folder, dtype, quantize)
+    model.setup_caches(1, 64)
+    prompt = torch.randint(1, 2048, (9,), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for n in (1, 2):
+        threads(n)
+        model.reset_caches()
+        with torch.inference_mode():
+            logits = [model.forward_spans(prompt, [Span(0, 0, 9)])[-1:]]
+            for p in range(9, 33):
+                token = logits[-1].argmax(-1)
+                logits.append(model.forward_spans(token, [Span(0, p, 1)]))
+        runs.append(logits)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_an_error_in_a_team_reaches_the_caller(folder: Path,
                                                threads: Callable[[int], None]) -> None:
     """A check failing inside the team's ops raises here, and the next call runs as before."""

@@ -176,6 +176,8 @@ void in_team(F&& f) {
   const int64_t threads = team_size();
   if (threads <= 1) return f();
   llamarun::Team team;
+  std::vector<llamarun::TeamClaim> claims(threads);
+  team.claims = claims.data();
   std::exception_ptr error;
   std::atomic<bool> caught{false};
 #pragma omp parallel num_threads(threads)
@@ -183,6 +185,7 @@ void in_team(F&& f) {
     team.size.store(omp_get_num_threads(), std::memory_order_relaxed);
     llamarun::t_team = &team;
     llamarun::t_rank = omp_get_thread_num();
+    llamarun::t_products = 0;
     try {
       f();
     } catch (const llamarun::TeamAbort&) {
