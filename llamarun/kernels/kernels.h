@@ -183,6 +183,7 @@ struct Team {
   alignas(128) std::atomic<int64_t> phase{0};
   std::atomic<bool> failed{false};
   TeamClaim* claims = nullptr;  // one per member (decode_layers' in_team provides them)
+  bool pieces = false;  // large products by team_pieces (passes of few rows), else in halves
   // Waits until every member arrived (throws TeamAbort where one failed instead).
   void barrier() {
     const int64_t gen = phase.load(std::memory_order_acquire);
@@ -278,7 +279,8 @@ void team_pieces(int64_t n, int64_t block_bytes, F&& f) {
 
 template <typename F>
 void pieces_for(int64_t n, int64_t block_bytes, F&& f) {
-  if (t_team != nullptr) return team_pieces(n, block_bytes, f);
+  if (t_team != nullptr)
+    return t_team->pieces ? team_pieces(n, block_bytes, f) : team_share(n, f);
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + GRAIN - 1) / GRAIN);
   if (threads <= 1 || at::in_parallel_region()) {
     f(int64_t(0), n);
@@ -314,7 +316,7 @@ constexpr int64_t PIECES_BYTES = int64_t(8) << 20;
 constexpr int64_t TEAM_PIECES_BYTES = int64_t(1) << 20;
 template <typename F>
 void blocks_for(int64_t n, int64_t bytes, F&& f) {
-  if (t_team != nullptr && bytes >= TEAM_PIECES_BYTES)
+  if (t_team != nullptr && t_team->pieces && bytes >= TEAM_PIECES_BYTES)
     team_pieces(n, bytes / n, f);
   else if (t_team != nullptr)
     team_share(n, f);

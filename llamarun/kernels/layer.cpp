@@ -170,14 +170,15 @@ int64_t team_size() {
 
 // f() by a team of team_size() members (one parallel region for all of f's ops), or by this
 // thread alone where that is 1. An error of a member ends the others at their next barrier and
-// is rethrown here.
+// is rethrown here. `pieces`: the team takes products of 1 MB and more in pieces (Team::pieces).
 template <typename F>
-void in_team(F&& f) {
+void in_team(F&& f, bool pieces) {
   const int64_t threads = team_size();
   if (threads <= 1) return f();
   llamarun::Team team;
   std::vector<llamarun::TeamClaim> claims(threads);
   team.claims = claims.data();
+  team.pieces = pieces;
   std::exception_ptr error;
   std::atomic<bool> caught{false};
 #pragma omp parallel num_threads(threads)
@@ -317,7 +318,7 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
   // (whole, every member would repeat a prompt's row ops, in buffers of its own: a 512-token
   // chunk of the 8B shape's 14,336-wide SwiGLU is 14 MB; a 512-token prefill of SmolLM2 Q8_0,
   // separate processes in turns, measured the same either way).
-  constexpr int64_t WHOLE_ROWS = 4;
+  constexpr int64_t WHOLE_ROWS = 4, PIECES_ROWS = 8;
   const int64_t members = team_size();
   const bool whole = T < WHOLE_ROWS;
   std::unique_lock<std::mutex> lock;
@@ -404,7 +405,10 @@ torch::Tensor run_layers(const torch::Tensor& x, const LayerStack& stack,
                   b.widened.data_ptr<float>() + r * N + c0);
     }
   };
-  in_team(layers);
+  // Products of passes of a few rows stream their weights from memory, in pieces: see
+  // kernels.h's team_pieces. A prompt chunk's compute, and measured slower in pieces (SmolLM2
+  // BF16 pp512 0.96-0.97x), keep the halves.
+  in_team(layers, T <= PIECES_ROWS);
   if (head == nullptr) return b.own[0].out.view(sizes);
   sizes.back() = head->product.N;
   return b.widened.view(sizes);
