@@ -313,6 +313,8 @@ void pieces_for(int64_t n, int64_t block_bytes, F&& f) {
 // cold weights, the old and new builds in turns): the halves of a 4-16 MB int8 product ended
 // 1-3 us apart; with pieces 8-32 MB products ran 1-2% faster and 1-2 MB ones 1-3% slower.
 constexpr int64_t PIECES_BYTES = int64_t(8) << 20;
+// In a team whose pass takes pieces (Team::pieces), products of this many bytes of weights or
+// more go by team_pieces (README: "Products of 1 MB and more in pieces inside the team").
 constexpr int64_t TEAM_PIECES_BYTES = int64_t(1) << 20;
 template <typename F>
 void blocks_for(int64_t n, int64_t bytes, F&& f) {
