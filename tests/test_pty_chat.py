@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -13,6 +14,17 @@ from engine_util import REPO, stories_meta
 pexpect = pytest.importorskip("pexpect")
 
 
+def as_at_a_terminal() -> None:
+    """In the chat's process before it starts: SIGINT as a shell at a terminal leaves it (the
+    default action, not blocked). Otherwise the test process's own state would pass on: an
+    ignored SIGINT stays ignored across exec, and Python then installs no KeyboardInterrupt for
+    it. (The chat takes SIGINT over during a reply, but at the prompt relies on Python's.) The
+    suite run as a background job of a non-interactive shell (`... &`) starts with SIGINT
+    ignored: there Ctrl-C at the prompt did nothing, and this test timed out."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_reply_then_next_message_is_answered() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TERM": "dumb",
            "COLUMNS": "200"}
@@ -21,7 +33,7 @@ def test_ctrl_c_stops_reply_then_next_message_is_answered() -> None:
     child = pexpect.spawn(sys.executable, ["-m", "llamarun", "chat", "-m", str(stories_meta()),
                                            "-t", "0", "-n", "4000", "--max-seq-len", "4096"],
                           env=env, cwd=str(REPO), encoding="utf-8", timeout=60,
-                          dimensions=(40, 200))
+                          dimensions=(40, 200), preexec_fn=as_at_a_terminal)
     try:
         child.expect_exact(">>> ")
         child.sendline("Tell me a story")
@@ -50,7 +62,7 @@ def spawn_chat(*args: str):  # noqa: ANN201 (pexpect.spawn)
     return pexpect.spawn(sys.executable, ["-m", "llamarun", "chat", "-m", str(stories_meta()),
                                           "--no-compile", *args],
                          env=env, cwd=str(REPO), encoding="utf-8", timeout=60,
-                         dimensions=(40, 200))
+                         dimensions=(40, 200), preexec_fn=as_at_a_terminal)
 
 
 def test_stats_after_ctrl_c_counts_the_tokens_shown() -> None:
@@ -127,13 +139,27 @@ def waiting_for_input(child, timeout: float = 5.0) -> None:  # noqa: ANN001 (pex
         time.sleep(0.01)
 
 
+def signal_state(child) -> str:  # noqa: ANN001 (pexpect.spawn)
+    """The chat's signal masks and each thread's wait, from /proc (for a failure's message)."""
+    try:
+        status = open(f"/proc/{child.pid}/status").read().splitlines()
+        tasks = sorted(os.listdir(f"/proc/{child.pid}/task"))
+        waits = [open(f"/proc/{child.pid}/task/{t}/wchan").read() for t in tasks]
+    except OSError as e:
+        return f"no /proc state ({e})"
+    return f"{[line for line in status if line.startswith('Sig')]}, threads waiting in {waits}"
+
+
 def test_ctrl_c_at_the_prompt_exits_130() -> None:
     child = spawn_chat()
     try:
         child.expect_exact(">>> ")
         waiting_for_input(child)
         child.sendintr()
-        child.expect(pexpect.EOF)
+        try:
+            child.expect(pexpect.EOF)
+        except pexpect.TIMEOUT:
+            raise AssertionError(f"Ctrl-C at the prompt did not end the chat: {signal_state(child)}")
     finally:
         child.close(force=True)
     assert child.exitstatus == 130 and "Traceback" not in child.before
