@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,10 +142,10 @@ def waiting_for_input(child, timeout: float = 5.0) -> None:  # noqa: ANN001 (pex
 
 def signal_state(child) -> str:  # noqa: ANN001 (pexpect.spawn)
     """The chat's signal masks and each thread's wait, from /proc (for a failure's message)."""
+    proc = Path(f"/proc/{child.pid}")
     try:
-        status = open(f"/proc/{child.pid}/status").read().splitlines()
-        tasks = sorted(os.listdir(f"/proc/{child.pid}/task"))
-        waits = [open(f"/proc/{child.pid}/task/{t}/wchan").read() for t in tasks]
+        status = (proc / "status").read_text().splitlines()
+        waits = [(task / "wchan").read_text() for task in sorted((proc / "task").iterdir())]
     except OSError as e:
         return f"no /proc state ({e})"
     return f"{[line for line in status if line.startswith('Sig')]}, threads waiting in {waits}"
@@ -159,7 +160,8 @@ def test_ctrl_c_at_the_prompt_exits_130() -> None:
         try:
             child.expect(pexpect.EOF)
         except pexpect.TIMEOUT:
-            raise AssertionError(f"Ctrl-C at the prompt did not end the chat: {signal_state(child)}")
+            raise AssertionError(
+                f"Ctrl-C at the prompt did not end the chat: {signal_state(child)}") from None
     finally:
         child.close(force=True)
     assert child.exitstatus == 130 and "Traceback" not in child.before
