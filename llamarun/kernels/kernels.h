@@ -106,8 +106,9 @@ inline const bool ROW_STREAM = rows_one_at_a_time();
 // need), whose hardware prefetcher follows one row's stream alone and whose software prefetches
 // only slow it (`python benchmarks/decode_ab.py --baseline`, AMD EPYC Zen 4: 1B BF16 1.141x,
 // SmolLM2 BF16 1.135x, 1B Q8_0 1.085x, SmolLM2 Q8_0 1.076x without them; a scratch bf16_row over
-// 1 GiB: 0.90 -> 1.00 of a fast minute's read). Zen 5 (family 1Ah) measured the other way and keeps them, as do later
-// families, unmeasured. (The 4-bit tile keeps its prefetch everywhere: Zen 4 without it 0.97-0.98x.)
+// 1 GiB: 0.90 -> 1.00 of a fast minute's read). Zen 5 (family 1Ah) measured the other way and
+// keeps them, as do later families, unmeasured. (The 4-bit tile keeps its prefetch everywhere:
+// Zen 4 without it 0.97-0.98x.)
 inline bool rows_prefetched() {
   __builtin_cpu_init();
   unsigned a = 0, b = 0, c = 0, d = 0;

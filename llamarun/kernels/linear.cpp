@@ -593,14 +593,16 @@ void avx2_pass(int64_t mrows, int64_t nrows, Block&& block) {
 // order whatever the tile or the batch holds.
 LLAMARUN_AVX2 void zero_terms(const uint16_t* zt, const float* x, int64_t G,
                               float* out /* (T4) */) {
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * T4 + 8 * h)));
-      acc = _mm256_fmadd_ps(z, _mm256_set1_ps(x[g]), acc);
-    }
-    _mm256_storeu_ps(out + 8 * h, acc);
+  __m256 acc0 = _mm256_setzero_ps(), acc8 = _mm256_setzero_ps();  // rows 0-7, rows 8-15
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 xg = _mm256_set1_ps(x[g]);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * T4))), xg,
+                           acc0);
+    acc8 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zt + g * T4 + 8))),
+                           xg, acc8);
   }
+  _mm256_storeu_ps(out, acc0);
+  _mm256_storeu_ps(out + 8, acc8);
 }
 
 // One activation row -> int8 values a (ldk, zero past K) in blocks of Q4B with a scale each
@@ -835,8 +837,8 @@ void int4_linear_impl(const InT* x, int64_t M, const uint8_t* w, const uint16_t*
 //
 // The weights of a panel of AMX_N = 16 outputs (one of the layout's tiles) are unpacked once per
 // call into B tiles, 8 rows of 64 bytes per block of 32 values, row r holding per output the
-// block's values 4r..4r+3 (the layout's vector r, its nibbles made q - 8); the activations are A tiles read straight from the quantized rows
-// (16 rows of a block's 32 bytes). A C tile (16 x 16 int32) goes through memory to the float
+// block's values 4r..4r+3 (the layout's vector r, its nibbles made q - 8); the activations are
+// A tiles read straight from the quantized rows (16 rows of a block's 32 bytes). A C tile (16 x 16 int32) goes through memory to the float
 // multiply-adds, whose accumulators stay in registers; the next block's tile product runs
 // meanwhile (two sets of tiles, alternating).
 
